@@ -1,0 +1,143 @@
+"""Words file -> vocabulary -> train/dev/test contexts, exactly as in the makemore lecture.
+
+The start/end token is index 0 and is *not* a character: the lecture writes it `.`, but a
+data file may well contain `.` (or any other character), so the token is kept out of the
+character table altogether and can never collide with data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bnfold.errors import BnfoldError
+
+END = 0  # index of the reserved start/end token
+END_DISPLAY = "."  # how the lecture prints it; display only, never used to encode
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """Index 0 is the reserved start/end token; index i >= 1 is ``chars[i - 1]``."""
+
+    chars: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if len(set(self.chars)) != len(self.chars) or any(len(c) != 1 for c in self.chars):
+            raise BnfoldError("vocabulary must be distinct single characters")
+        object.__setattr__(self, "_stoi", {c: i + 1 for i, c in enumerate(self.chars)})
+
+    @classmethod
+    def from_words(cls, words: list[str]) -> Vocab:
+        return cls(tuple(sorted(set("".join(words)))))
+
+    @property
+    def size(self) -> int:
+        return len(self.chars) + 1
+
+    def stoi(self, ch: str) -> int:
+        try:
+            return self._stoi[ch]  # type: ignore[attr-defined]
+        except KeyError:
+            raise BnfoldError(f"character {ch!r} is not in the vocabulary") from None
+
+    def encode(self, word: str) -> list[int]:
+        return [self.stoi(c) for c in word]
+
+    def decode(self, ids: list[int]) -> str:
+        """Characters for ids >= 1; the end token (0) is not a character and is refused."""
+        if any(i <= 0 or i > len(self.chars) for i in ids):
+            raise BnfoldError(f"ids {ids} contain the end token or fall outside the vocabulary")
+        return "".join(self.chars[i - 1] for i in ids)
+
+    def unknown_chars(self, text: str) -> list[str]:
+        return sorted({c for c in text if c not in self._stoi})  # type: ignore[attr-defined]
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_words(path: str | Path) -> list[str]:
+    """One word per line, UTF-8; surrounding white space stripped, blank lines skipped."""
+    p = Path(path)
+    if not p.exists():
+        raise BnfoldError(f"{p}: no such file (give a UTF-8 text file with one word per line)")
+    if p.is_dir():
+        raise BnfoldError(f"{p}: is a directory, not a words file (e.g. data/names.txt)")
+    raw = p.read_bytes()
+    words = []
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BnfoldError(
+                f"{p}:{lineno}: byte {line[e.start]:#04x} at column {e.start + 1} is not UTF-8;"
+                " re-save the file as UTF-8"
+            ) from None
+        word = text.strip()
+        if word:
+            words.append(word)
+    if not words:
+        raise BnfoldError(f"{p}: contains no words (expected one word per line)")
+    return words
+
+
+def split_words(words: list[str], seed: int = 42) -> tuple[list[str], list[str], list[str]]:
+    """The lecture's split: ``random.seed(42); random.shuffle(words)``, then 80/10/10.
+
+    A private ``random.Random`` gives the same shuffle as the global one without touching
+    global state.
+    """
+    shuffled = list(words)
+    random.Random(seed).shuffle(shuffled)
+    n1, n2 = int(0.8 * len(shuffled)), int(0.9 * len(shuffled))
+    return shuffled[:n1], shuffled[n1:n2], shuffled[n2:]
+
+
+def build_contexts(
+    words: list[str], vocab: Vocab, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sliding window over ``END * block_size + word + END``: X is (N, block_size), Y is (N,)."""
+    xs: list[list[int]] = []
+    ys: list[int] = []
+    for w in words:
+        context = [END] * block_size
+        for ix in [*vocab.encode(w), END]:
+            xs.append(context)
+            ys.append(ix)
+            context = [*context[1:], ix]
+    x = torch.tensor(xs, dtype=torch.long).reshape(len(xs), block_size)
+    return x, torch.tensor(ys, dtype=torch.long)
+
+
+@dataclass
+class Dataset:
+    """Everything training needs from a words file."""
+
+    path: Path
+    sha256: str
+    vocab: Vocab
+    words: tuple[list[str], list[str], list[str]]  # train, dev, test
+    splits: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def load_dataset(path: str | Path, block_size: int = 3, seed: int = 42) -> Dataset:
+    if block_size < 1:
+        raise BnfoldError(f"block_size must be >= 1, got {block_size}")
+    words = read_words(path)
+    vocab = Vocab.from_words(words)
+    train, dev, test = split_words(words, seed)
+    splits = {
+        name: build_contexts(ws, vocab, block_size)
+        for name, ws in (("train", train), ("dev", dev), ("test", test))
+    }
+    return Dataset(Path(path), file_sha256(path), vocab, (train, dev, test), splits)

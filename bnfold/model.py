@@ -1,0 +1,90 @@
+"""The makemore BatchNorm MLP as an ordinary ``nn.Module``.
+
+Embedding -> flatten -> n_layers x (Linear(bias=False) -> BatchNorm1d -> Tanh)
+-> Linear(bias=False) -> BatchNorm1d(vocab). Built only from stock torch modules so that
+torch's fusion utilities and the ONNX exporter understand it. With ``batchnorm=False`` the
+same class describes the folded network: Linear(bias=True) -> Tanh blocks, no BatchNorm.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+from bnfold.errors import BnfoldError
+
+TANH_GAIN = 5 / 3  # torch.nn.init.calculate_gain("tanh")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 27
+    block_size: int = 3
+    n_embd: int = 10
+    n_hidden: int = 100
+    n_layers: int = 5  # hidden Linear -> BN -> Tanh blocks, as in the lecture's deep net
+    batchnorm: bool = True  # False: the folded network (Linear with bias, no BN)
+
+    def __post_init__(self) -> None:
+        for f in ("vocab_size", "block_size", "n_embd", "n_hidden", "n_layers"):
+            if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
+                raise BnfoldError(f"{f.replace('_', '-')} must be a positive integer")
+        if self.vocab_size < 2:
+            raise BnfoldError("vocab_size must be at least 2 (end token + one character)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        bn = config.batchnorm
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        layers: list[nn.Module] = []
+        fan_in = config.n_embd * config.block_size
+        for _ in range(config.n_layers):
+            layers.append(nn.Linear(fan_in, config.n_hidden, bias=not bn))
+            if bn:
+                layers.append(nn.BatchNorm1d(config.n_hidden))
+            layers.append(nn.Tanh())
+            fan_in = config.n_hidden
+        layers.append(nn.Linear(fan_in, config.vocab_size, bias=not bn))
+        if bn:
+            layers.append(nn.BatchNorm1d(config.vocab_size))
+        self.net = nn.Sequential(*layers)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The lecture's init: N(0,1) embedding, fan-in scaled Linears with tanh gain 5/3 on
+        hidden layers, and the last BN's gamma x 0.1 so the first predictions are nearly
+        uniform (initial loss ~ ln(vocab))."""
+        nn.init.normal_(self.tok_emb.weight)
+        linears = [m for m in self.net if isinstance(m, nn.Linear)]
+        for i, lin in enumerate(linears):
+            gain = 1.0 if i == len(linears) - 1 else TANH_GAIN
+            nn.init.normal_(lin.weight, std=gain / math.sqrt(lin.in_features))
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        last = self.net[-1]
+        if isinstance(last, nn.BatchNorm1d):
+            last.weight.mul_(0.1)
+        else:  # no BN to damp the output: scale the last Linear instead
+            linears[-1].weight.mul_(0.1)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, block_size) int64 contexts -> (B, vocab_size) logits."""
+        return self.net(self.tok_emb(idx).flatten(1))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
