@@ -8,6 +8,7 @@ clear ``BnfoldError`` naming the file. Writes are atomic: temp file + fsync + re
 from __future__ import annotations
 
 import os
+import re
 import platform
 import tempfile
 from collections.abc import Callable
@@ -38,7 +39,11 @@ class Checkpoint:
 
 
 def library_versions() -> dict[str, str]:
-    return {"bnfold": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    return {
+        "bnfold": __version__,
+        "torch": str(torch.__version__),
+        "python": platform.python_version(),
+    }
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
@@ -81,7 +86,12 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for bad files; all mean the same here
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = str(e).strip()
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if unsafe:
+            reason = f"it holds a {unsafe.group(1)} object, which could run code"
+        else:
+            reason = text.splitlines()[0] if text else type(e).__name__
         raise BnfoldError(
             f"{path}: not a readable checkpoint (truncated, corrupt or unsafe): {reason[:160]}"
         ) from None

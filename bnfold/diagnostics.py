@@ -1,0 +1,569 @@
+"""Training diagnostics: the makemore lecture's health statistics, recorded cheaply.
+
+``Diagnostics`` is a ``TrainObserver``. Every ``interval`` steps (the *recorded* steps) it
+records, as in the lecture:
+
+- per Tanh layer: activation mean/std and saturation (share of ``|tanh| > 0.97``), and the
+  mean/std of the loss gradient at the Tanh output (a tensor hook, installed only on
+  recorded steps);
+- per 2-D weight (the embedding table and every Linear): gradient mean/std and the
+  grad:data ratio ``std(grad) / std(weight)``;
+- per parameter: ``log10(std(update) / std(data))``. The *update* is the parameter's actual
+  change in that step (a copy before ``opt.step()`` minus the value after), not the
+  lecture's ``lr * grad``: with AdamW the step is ``lr * m_hat / (sqrt(v_hat) + eps)`` plus
+  weight decay, so ``lr * grad`` would not be the update at all. ``data`` is the parameter
+  after the step, as in the lecture. A parameter that does not train
+  (``requires_grad=False``, no gradient, or an update of exactly zero) is reported as
+  *frozen* with no ratio, never as ``-inf``/NaN.
+
+Every step it keeps the minibatch train loss (a detached scalar: no sync, no copy), and it
+keeps every dev loss the training loop reports through ``on_eval``. Histograms are built
+from the tensors of the last recorded step only, when the report is written.
+
+``finalize(model, x_train)`` runs once after training: one eval-mode pass over the whole
+training set that counts *dead* units (saturated on every training example) and the
+saturation over the set. ``save(dir)`` writes ``diagnostics.json``, the figures and
+``index.html``; ``bnfold report DIR`` reads the JSON back (``load_report``/``verdict``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bnfold.checkpoint import atomic_write
+from bnfold.errors import BnfoldError
+
+FORMAT = "bnfold-diagnostics"
+FORMAT_VERSION = 1
+SATURATION = 0.97  # |tanh| above this counts as saturated (the lecture's threshold)
+GUIDE_LOG10 = -3.0  # the lecture's ~1e-3 update:data guide line
+FAR_DECADES = 1.0  # "far from 1e-3": median log10 ratio outside [-4, -2]
+HIST_BINS = 60
+REPORT_JSON = "diagnostics.json"
+UPDATE_RATIO_DEFINITION = (
+    "log10(std(actual change of the parameter in the step) / std(parameter after the step)); "
+    "the actual change is measured (not lr*grad) because AdamW rescales the gradient"
+)
+
+
+def default_interval(steps: int, records: int = 200) -> int:
+    """Record about ``records`` times over a run of ``steps`` steps."""
+    return max(1, steps // records)
+
+
+def default_eval_interval(steps: int, evals: int = 20) -> int:
+    return max(1, steps // evals)
+
+
+def tanh_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's Tanh modules with their qualified names, in forward order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Tanh)]
+
+
+def _std(t: torch.Tensor) -> torch.Tensor:
+    return t.std() if t.numel() > 1 else t.new_zeros(())
+
+
+# ---------------------------------------------------------------- statistics (pure) --
+
+
+def activation_stats(t: torch.Tensor, threshold: float = SATURATION) -> dict:
+    """Mean, std and saturation (share of ``|t| > threshold``) of a Tanh output."""
+    t = t.detach().float()
+    mean, std, sat = torch.stack(
+        [t.mean(), _std(t), (t.abs() > threshold).float().mean()]
+    ).tolist()
+    return {"mean": mean, "std": std, "saturation": sat}
+
+
+def gradient_stats(g: torch.Tensor) -> dict:
+    g = g.detach().float()
+    mean, std = torch.stack([g.mean(), _std(g)]).tolist()
+    return {"mean": mean, "std": std}
+
+
+def is_frozen(p: torch.Tensor) -> bool:
+    """No gradient reaches the parameter (``requires_grad=False`` or unused)."""
+    return not p.requires_grad or p.grad is None
+
+
+def weight_grad_stats(p: torch.Tensor) -> dict:
+    """The lecture's per-weight line: grad mean, grad std and grad:data = std(grad)/std(w).
+
+    A parameter without a gradient is ``{"frozen": True}`` with ``None`` statistics.
+    """
+    if is_frozen(p):
+        return {"frozen": True, "grad_mean": None, "grad_std": None, "grad_data_ratio": None}
+    g, w = p.grad.detach().float(), p.detach().float()
+    mean, gstd, wstd = torch.stack([g.mean(), _std(g), _std(w)]).tolist()
+    ratio = gstd / wstd if wstd > 0 else None
+    return {"frozen": False, "grad_mean": mean, "grad_std": gstd, "grad_data_ratio": ratio}
+
+
+def update_ratio(before: torch.Tensor, after: torch.Tensor) -> dict:
+    """``log10(std(after - before) / std(after))`` of one step's actual update.
+
+    An update of exactly zero means the parameter did not train: ``{"frozen": True,
+    "log10": None}`` (the ratio would be ``-inf``). A parameter whose values are all equal
+    after the step (std 0) has no defined ratio: ``log10`` is ``None``, not frozen.
+    """
+    after = after.detach().float()
+    delta = after - before.detach().float()
+    ustd, dstd, moved = torch.stack([_std(delta), _std(after), delta.abs().max()]).tolist()
+    if moved == 0:
+        return {"frozen": True, "log10": None}
+    if dstd == 0 or ustd == 0:  # constant parameter, or a uniform shift of all its values
+        return {"frozen": False, "log10": None}
+    return {"frozen": False, "log10": math.log10(ustd / dstd)}
+
+
+def histogram(t: torch.Tensor, bins: int = HIST_BINS, lo=None, hi=None) -> dict:
+    """Density histogram ``{"edges": [...], "density": [...]}`` (as the lecture plots)."""
+    t = t.detach().float().flatten()
+    lo = float(t.min()) if lo is None else lo
+    hi = float(t.max()) if hi is None else hi
+    if not hi > lo:
+        lo, hi = lo - 0.5, hi + 0.5  # constant tensor: one visible bar, not a crash
+    counts = torch.histc(t, bins, lo, hi)
+    width = (hi - lo) / bins
+    density = counts / max(float(counts.sum()) * width, 1e-30)
+    edges = torch.linspace(lo, hi, bins + 1)
+    return {"edges": _round(edges.tolist()), "density": _round(density.tolist())}
+
+
+@torch.no_grad()
+def saturation_census(
+    model: nn.Module, x: torch.Tensor, threshold: float = SATURATION, chunk: int = 65536
+) -> dict:
+    """One eval-mode pass over ``x``: per Tanh layer, the units saturated on *every*
+    example (dead: their gradient is ~0 whatever the input) and the saturated share.
+    """
+    layers = tanh_layers(model)
+    n = len(x)
+    always = [None] * len(layers)
+    counts = [0] * len(layers)
+
+    def hook(i):
+        def fn(module, inputs, out):
+            sat = out.abs() > threshold
+            rows = sat.all(0)
+            always[i] = rows if always[i] is None else always[i] & rows
+            counts[i] += int(sat.sum())
+
+        return fn
+
+    handles = [m.register_forward_hook(hook(i)) for i, (_, m) in enumerate(layers)]
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, n, chunk):
+            model(x[i : i + chunk])
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    out = []
+    for (name, _), dead, c in zip(layers, always, counts, strict=True):
+        units = 0 if dead is None else dead.numel()
+        dead_idx = [] if dead is None else dead.nonzero().flatten().tolist()
+        share = c / (n * units) if n and units else 0.0
+        out.append({"module": name, "units": units, "dead": dead_idx, "saturation": share})
+    return {"examples": n, "threshold": threshold, "layers": out}
+
+
+def _round(xs: list[float], digits: int = 6) -> list[float]:
+    return [float(f"{x:.{digits}g}") for x in xs]
+
+
+def _clean(x):
+    """JSON-safe: non-finite floats become None (JSON has no inf/NaN)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_clean(v) for v in x]
+    return x
+
+
+# ---------------------------------------------------------------------- observers --
+
+
+class Observers:
+    """Fan one training loop's observer calls out to several observers."""
+
+    def __init__(self, *observers):
+        self.observers = [o for o in observers if o is not None]
+
+    def before_step(self, step, model):
+        for o in self.observers:
+            o.before_step(step, model)
+
+    def after_backward(self, step, model, loss):
+        for o in self.observers:
+            o.after_backward(step, model, loss)
+
+    def after_update(self, step, model, lr):
+        for o in self.observers:
+            o.after_update(step, model, lr)
+
+    def on_eval(self, step, split, loss):
+        for o in self.observers:
+            o.on_eval(step, split, loss)
+
+
+class Diagnostics:
+    """A ``TrainObserver`` recording the lecture's statistics every ``interval`` steps."""
+
+    def __init__(self, interval: int = 100, threshold: float = SATURATION, bins: int = HIST_BINS):
+        if interval < 1:
+            raise BnfoldError("diagnostics interval must be >= 1")
+        self.interval, self.threshold, self.bins = interval, threshold, bins
+        self.losses: list[torch.Tensor] = []  # every step, detached 0-d tensors
+        self.evals: list[dict] = []
+        self.steps: list[int] = []
+        self.lrs: list[float] = []
+        self.layers: list[dict] = []  # per Tanh layer: name + per-record series
+        self.weights: dict[str, dict] = {}  # 2-D parameters: grad series
+        self.updates: dict[str, dict] = {}  # every parameter: update-ratio series
+        self.census: dict | None = None
+        self.fold: dict | None = None
+        self.last: dict = {}  # tensors of the last recorded step, for the histograms
+        self._hooks: list = []
+        self._acts: dict[int, torch.Tensor] = {}
+        self._grads: dict[int, torch.Tensor] = {}
+        self._before: dict[str, torch.Tensor] = {}
+        self._wstats: dict[str, dict] = {}
+
+    def recording(self, step: int) -> bool:
+        return step % self.interval == 0
+
+    # -- TrainObserver ------------------------------------------------------------------
+
+    def before_step(self, step: int, model: nn.Module) -> None:
+        if not self.recording(step):
+            return
+        self._remove_hooks()
+        self._acts, self._grads = {}, {}
+        for i, (_, m) in enumerate(tanh_layers(model)):
+            self._hooks.append(m.register_forward_hook(self._capture(i)))
+
+    def _capture(self, i: int):
+        def hook(module, inputs, out):
+            self._acts[i] = out.detach()
+            if out.requires_grad:
+
+                def keep_grad(g, i=i):
+                    self._grads[i] = g.detach()
+
+                out.register_hook(keep_grad)
+
+        return hook
+
+    def after_backward(self, step: int, model: nn.Module, loss: torch.Tensor) -> None:
+        self.losses.append(loss.detach())
+        if not self.recording(step):
+            return
+        self._remove_hooks()
+        self._wstats = {}
+        self._before = {}
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                self._wstats[name] = weight_grad_stats(p)
+            self._before[name] = p.detach().clone()
+        self.last = {
+            "step": step,
+            "acts": dict(self._acts),
+            "grads": dict(self._grads),
+            "wgrads": {
+                n: p.grad.detach().clone()
+                for n, p in model.named_parameters()
+                if p.ndim == 2 and not is_frozen(p)
+            },
+        }
+
+    def after_update(self, step: int, model: nn.Module, lr: float) -> None:
+        self._remove_hooks()
+        if not self._before:
+            return
+        names = [n for n, _ in tanh_layers(model)]
+        if not self.layers:
+            self.layers = [{"module": n} for n in names]
+        for i, layer in enumerate(self.layers):
+            a, g = self._acts.get(i), self._grads.get(i)
+            s = activation_stats(a, self.threshold) if a is not None else {}
+            gs = gradient_stats(g) if g is not None else {}
+            for key in ("mean", "std", "saturation"):
+                layer.setdefault(key, []).append(s.get(key))
+            layer.setdefault("grad_mean", []).append(gs.get("mean"))
+            layer.setdefault("grad_std", []).append(gs.get("std"))
+        for name, p in model.named_parameters():
+            if name in self._wstats:
+                w = self.weights.setdefault(name, {"shape": list(p.shape)})
+                for key, value in self._wstats[name].items():
+                    w.setdefault(key, []).append(value)
+            u = self.updates.setdefault(name, {"shape": list(p.shape)})
+            if not p.requires_grad:
+                r = {"frozen": True, "log10": None}
+            else:
+                r = update_ratio(self._before[name], p)
+            u.setdefault("log10", []).append(r["log10"])
+            u.setdefault("frozen", []).append(r["frozen"])
+        self.steps.append(step)
+        self.lrs.append(lr)
+        self._before, self._wstats = {}, {}
+
+    def on_eval(self, step: int, split: str, loss: float) -> None:
+        self.evals.append({"step": step, "split": split, "loss": float(loss)})
+
+    def _remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    # -- after training -----------------------------------------------------------------
+
+    def finalize(self, model: nn.Module, x_train: torch.Tensor) -> None:
+        """Dead units and saturation over the whole training set (eval mode, one pass)."""
+        self.census = saturation_census(model, x_train, self.threshold)
+
+    def to_dict(self) -> dict:
+        snapshot = {"step": self.last.get("step")}
+        acts, grads = self.last.get("acts", {}), self.last.get("grads", {})
+        snapshot["layers"] = [
+            {
+                "act_hist": histogram(acts[i], self.bins, -1.0, 1.0) if i in acts else None,
+                "grad_hist": histogram(grads[i], self.bins) if i in grads else None,
+            }
+            for i in range(len(self.layers))
+        ]
+        snapshot["weights"] = {
+            n: histogram(g, self.bins) for n, g in self.last.get("wgrads", {}).items()
+        }
+        losses = torch.stack(self.losses).tolist() if self.losses else []
+        for i, layer in enumerate(self.layers):
+            layer["name"] = f"layer {i + 1} (Tanh)"
+        return _clean(
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "saturation_threshold": self.threshold,
+                "interval": self.interval,
+                "update_ratio_definition": UPDATE_RATIO_DEFINITION,
+                "train_loss": _round(losses),
+                "evals": self.evals,
+                "steps": self.steps,
+                "lr": _round(self.lrs),
+                "layers": self.layers,
+                "weights": self.weights,
+                "updates": self.updates,
+                "snapshot": snapshot,
+                "census": self.census,
+                "fold_comparison": self.fold,
+            }
+        )
+
+    def save(self, report_dir: str | Path, meta: dict | None = None) -> Path:
+        """Write ``diagnostics.json``, the figures and ``index.html``; returns the index."""
+        report = self.to_dict()
+        if meta:
+            report["meta"] = meta
+        return write_report(report, report_dir)
+
+
+# ------------------------------------------------------------------- report files --
+
+
+def write_report(report: dict, report_dir: str | Path, extra_figures=()) -> Path:
+    """Render the figures of ``report`` into ``report_dir`` and write JSON + index."""
+    from bnfold import plots  # matplotlib is only imported when a report is written
+
+    out = Path(report_dir)
+    if out.exists() and not out.is_dir():
+        raise BnfoldError(f"{out}: exists and is not a directory (give a report directory)")
+    out.mkdir(parents=True, exist_ok=True)
+    figures = plots.training_figures(report, out)
+    figures.extend(extra_figures)
+    report["figures"] = figures
+    _write_json(report, out / REPORT_JSON)
+    return write_index(report, out)
+
+
+def _write_json(report: dict, path: Path) -> None:
+    text = json.dumps(_clean(report), allow_nan=False)
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+    atomic_write(path, write)
+
+
+def load_report(report_dir: str | Path) -> dict:
+    d = Path(report_dir)
+    path = d / REPORT_JSON if d.is_dir() else d
+    if not path.exists():
+        raise BnfoldError(
+            f"{path}: no such report (write one with `bnfold train --report {report_dir}`)"
+        )
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BnfoldError(f"{path}: not a readable diagnostics report: {e}") from None
+    if not isinstance(report, dict) or report.get("format") != FORMAT:
+        raise BnfoldError(f"{path}: not a bnfold diagnostics report (no '{FORMAT}' marker)")
+    if report.get("format_version") != FORMAT_VERSION:
+        raise BnfoldError(
+            f"{path}: report format version {report.get('format_version')!r} is not supported"
+        )
+    return report
+
+
+def add_fold_comparison(report_dir: str | Path, bn_model: nn.Module, folded: nn.Module) -> Path:
+    """Add the BN-vs-folded comparison (figure + numbers) to a saved report."""
+    from bnfold import plots
+
+    out = Path(report_dir)
+    report = load_report(out)
+    stats, figure = plots.fold_comparison_figure(bn_model, folded, out)
+    report["fold_comparison"] = stats
+    report["figures"] = [f for f in report.get("figures", []) if f["file"] != figure["file"]]
+    report["figures"].append(figure)
+    _write_json(report, out / REPORT_JSON)
+    return write_index(report, out)
+
+
+def write_index(report: dict, out: Path) -> Path:
+    import html
+
+    lines = verdict_lines(report)
+    items = "\n".join(
+        f'<figure><img src="{html.escape(f["file"])}" alt="{html.escape(f["caption"])}">'
+        f"<figcaption>{html.escape(f['caption'])}</figcaption></figure>"
+        for f in report.get("figures", [])
+    )
+    summary = "\n".join(f"<li>{html.escape(line)}</li>" for line in lines)
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>bnfold training report</title>
+<style>
+body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; }}
+figure {{ margin: 2em 0; }} img {{ max-width: 100%; border: 1px solid #ddd; }}
+figcaption {{ color: #444; margin-top: .3em; }}
+</style></head><body>
+<h1>bnfold training report</h1>
+<ul>
+{summary}
+</ul>
+<p><a href="{REPORT_JSON}">{REPORT_JSON}</a> holds every number behind these figures.</p>
+{items}
+</body></html>
+"""
+    path = out / "index.html"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+    return path
+
+
+# ------------------------------------------------------------------------ verdict --
+
+
+def _median(xs: list[float]) -> float:
+    s = sorted(xs)
+    m = len(s) // 2
+    return s[m] if len(s) % 2 else (s[m - 1] + s[m]) / 2
+
+
+def verdict(report: dict) -> dict:
+    """The numbers behind ``bnfold report``: saturation, update ratios, dead units, fold."""
+    layers = report.get("layers", [])
+    steps = report.get("steps", [])
+    census = report.get("census")
+    sat_last = []
+    for layer in layers:
+        vals = [v for v in layer.get("saturation", []) if v is not None]
+        sat_last.append(vals[-1] if vals else None)
+    worst = None
+    if census:
+        i = max(range(len(census["layers"])), key=lambda k: census["layers"][k]["saturation"])
+        worst = {"layer": i + 1, "saturation": census["layers"][i]["saturation"], "on": "train set"}
+    elif any(s is not None for s in sat_last):
+        i = max((k for k, s in enumerate(sat_last) if s is not None), key=lambda k: sat_last[k])
+        worst = {"layer": i + 1, "saturation": sat_last[i], "on": f"batch at step {steps[-1]}"}
+    far, frozen = [], []
+    for name, u in report.get("updates", {}).items():
+        vals = [v for v in u.get("log10", []) if v is not None]
+        if u.get("frozen") and all(u["frozen"]):
+            frozen.append(name)
+            continue
+        if not vals:
+            continue
+        med = _median(vals)
+        if abs(med - GUIDE_LOG10) > FAR_DECADES:
+            far.append(
+                {"param": name, "shape": u.get("shape"), "median_log10": med,
+                 "direction": "too slow" if med < GUIDE_LOG10 else "too fast"}
+            )  # fmt: skip
+    dead = None
+    if census:
+        dead = [
+            {"layer": i + 1, "dead": len(lay["dead"]), "units": lay["units"]}
+            for i, lay in enumerate(census["layers"])
+        ]
+    evals = [e for e in report.get("evals", []) if e.get("split") == "dev"]
+    return {
+        "steps": len(report.get("train_loss", [])),
+        "records": len(steps),
+        "final_dev_loss": evals[-1]["loss"] if evals else None,
+        "saturation_last_step": sat_last,
+        "worst_saturation": worst,
+        "update_ratio_far": far,
+        "frozen": frozen,
+        "dead_units": dead,
+        "examples": census["examples"] if census else None,
+        "fold": report.get("fold_comparison"),
+    }
+
+
+def verdict_lines(report: dict) -> list[str]:
+    v = verdict(report)
+    dev = f", final dev loss {v['final_dev_loss']:.4f}" if v["final_dev_loss"] is not None else ""
+    lines = [
+        f"{v['steps']} training steps, statistics recorded at {v['records']} steps"
+        f" (every {report.get('interval')}){dev}"
+    ]
+    w = v["worst_saturation"]
+    if w:
+        verdict_word = "ok" if w["saturation"] < 0.05 else "high (lecture: aim for ~5% or less)"
+        lines.append(
+            f"worst saturation: layer {w['layer']} at {100 * w['saturation']:.1f}%"
+            f" (|tanh| > {report.get('saturation_threshold')}, {w['on']}): {verdict_word}"
+        )
+    if v["update_ratio_far"]:
+        parts = [
+            f"{f['param']} {tuple(f['shape'])} median 1e{f['median_log10']:.1f} ({f['direction']})"
+            for f in v["update_ratio_far"]
+        ]
+        lines.append("update:data ratio far from 1e-3 (over a decade): " + "; ".join(parts))
+    elif report.get("updates"):
+        lines.append("update:data ratio: every trained parameter's median within a decade of 1e-3")
+    if v["frozen"]:
+        lines.append("frozen (never updated): " + ", ".join(v["frozen"]))
+    if v["dead_units"] is not None:
+        total = sum(d["dead"] for d in v["dead_units"])
+        if total:
+            per = ", ".join(
+                f"layer {d['layer']}: {d['dead']}/{d['units']}" for d in v["dead_units"] if d["dead"]
+            )
+            lines.append(f"dead neurons (saturated on all {v['examples']:,} train examples): {per}")
+        else:
+            lines.append(f"dead neurons: none (checked on all {v['examples']:,} train examples)")
+    f = v["fold"]
+    if f:
+        lines.append(
+            f"folded vs BN network: max |logit difference| {f['max_abs_logit_diff']:.2e}"
+            f" over {f['contexts']:,} contexts ({f['domain']})"
+        )
+    return lines
