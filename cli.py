@@ -89,6 +89,13 @@ def train_options(fn):
             help="Context length in characters.",
         ),
         click.option("--seed", type=click.IntRange(min=0), default=42, show_default=True),
+        click.option(
+            "--report",
+            type=click.Path(path_type=Path, file_okay=False),
+            default=None,
+            help="Record training diagnostics and write a report (figures, index.html,"
+            " diagnostics.json) to this directory; read it back with `bnfold report DIR`.",
+        ),
         click.option("--json", "as_json", is_flag=True, help="Print a JSON summary."),
     ]
     for option in reversed(options):
@@ -103,7 +110,19 @@ def main() -> None:
 
 
 def run_training(
-    data, out, preset, steps, batch_size, lr, n_embd, n_hidden, n_layers, block_size, seed, quiet
+    data,
+    out,
+    preset,
+    steps,
+    batch_size,
+    lr,
+    n_embd,
+    n_hidden,
+    n_layers,
+    block_size,
+    seed,
+    quiet,
+    report=None,
 ):
     """Train and save ``OUT/bn.pt``; returns (checkpoint path, summary dict)."""
     from bnfold.pipeline import train_to_checkpoint
@@ -121,6 +140,7 @@ def run_training(
         block_size=block_size,
         seed=seed,
         progress=None if not quiet else False,
+        report_dir=report,
     )
 
 
@@ -128,7 +148,19 @@ def run_training(
 @train_options
 @clear_errors
 def train(
-    data, out, preset, steps, batch_size, lr, n_embd, n_hidden, n_layers, block_size, seed, as_json
+    data,
+    out,
+    preset,
+    steps,
+    batch_size,
+    lr,
+    n_embd,
+    n_hidden,
+    n_layers,
+    block_size,
+    seed,
+    report,
+    as_json,
 ):
     """Train the BatchNorm MLP and write OUT/bn.pt."""
     path, summary = run_training(
@@ -144,6 +176,7 @@ def train(
         block_size,
         seed,
         quiet=as_json,
+        report=report,
     )
     if as_json:
         print_json(summary)
@@ -158,8 +191,488 @@ def format_train_summary(s: dict, path: Path) -> str:
         f"{s['params']:,} parameters{note}\n"
         f"loss (eval mode)  train {s['train_loss']:.4f}  dev {s['dev_loss']:.4f}  "
         f"test {s['test_loss']:.4f}\n"
-        f"wrote {path}"
+        f"wrote {path}" + (f"\nwrote report {s['report']}" if s.get("report") else "")
     )
+
+
+@main.command()
+@click.argument("report_dir", metavar="DIR", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict's numbers as JSON.")
+@clear_errors
+def report(report_dir, as_json):
+    """Print a short verdict on a training report written by `train --report DIR`:
+    worst saturation, weights whose update:data ratio stays far from 1e-3, dead neurons."""
+    from bnfold.diagnostics import load_report, verdict, verdict_lines
+
+    saved = load_report(report_dir)
+    if as_json:
+        print_json(verdict(saved))
+    else:
+        click.echo(f"report {report_dir}")
+        for line in verdict_lines(saved):
+            click.echo(f"  {line}")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Output directory (default: the checkpoint's folder).",
+)
+@click.option(
+    "--tolerance",
+    type=click.FloatRange(min=0),
+    default=1e-5,
+    show_default=True,
+    help="Largest allowed |logit difference| between ONNX Runtime and torch.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+@clear_errors
+def export(checkpoint, out, tolerance, as_json):
+    """Export CHECKPOINT (bn.pt) to OUT/bn.onnx (with its BatchNorm nodes) and
+    OUT/folded.onnx (BNs folded), after checking both in ONNX Runtime against torch on every
+    possible context."""
+    from bnfold.export import export_checkpoint
+
+    result = export_checkpoint(checkpoint, out, tolerance=tolerance)
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        click.echo(result.format())
+
+
+@main.command()
+@click.option(
+    "--models",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_MODELS,
+    show_default=True,
+    help="Directory with bn.pt (and folded.pt, bn.onnx, folded.onnx; made if missing).",
+)
+@click.option(
+    "--repeats",
+    type=positive,
+    default=20_000,
+    show_default=True,
+    help="Single-example calls timed per network.",
+)
+@click.option(
+    "--names",
+    "n_names",
+    type=positive,
+    default=20_000,
+    show_default=True,
+    help="Names drawn for the batched names/s figure.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@clear_errors
+def bench(models, repeats, n_names, as_json):
+    """Benchmark torch BN, torch folded, ONNX BN and ONNX folded on one thread: p50/p99
+    single-example latency, rows/s at batch 1024, names/s, and the ratios between them."""
+    from bnfold.bench import format_bench, run_bench
+
+    result = run_bench(models, repeats=repeats, n_names=n_names, progress=not as_json)
+    if as_json:
+        print_json(result)
+    else:
+        click.echo(format_bench(result))
+
+
+# --- fold / verify / train-fold ---------------------------------------------------------
+
+
+def verify_options(fn):
+    """Verification options shared by ``fold``, ``verify`` and ``train-fold``."""
+    options = [
+        click.option(
+            "--tolerance",
+            type=click.FloatRange(min=0),
+            default=1e-5,
+            show_default=True,
+            help="Largest allowed absolute logit difference.",
+        ),
+        click.option(
+            "--max-exhaustive",
+            type=positive,
+            default=4_000_000,
+            show_default=True,
+            help="Check every context when vocab^block_size is at most this; otherwise a"
+            " seeded random sample plus every dev/test context.",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Folded checkpoint to write  [default: folded.pt next to CHECKPOINT]",
+)
+@verify_options
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_DATA,
+    show_default=True,
+    help="Words file for dev/test contexts (used only when the domain is sampled).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the fold and verification as JSON.")
+@clear_errors
+def fold(checkpoint, out, tolerance, max_exhaustive, data, as_json):
+    """Fold every BatchNorm of CHECKPOINT into its Linear, verify, write the result.
+
+    Exit code 1 (and nothing written) when verification fails."""
+    from bnfold.pipeline import fold_checkpoint
+
+    path, fold_report, verification = fold_checkpoint(
+        checkpoint, out, tolerance=tolerance, data_path=data, max_exhaustive=max_exhaustive
+    )
+    if as_json:
+        print_json(
+            {
+                "path": str(path) if path else None,
+                "fold": fold_report.to_dict(),
+                "verification": verification.to_dict(),
+                "passed": verification.passed,
+            }
+        )
+    else:
+        click.echo(fold_report.format())
+        click.echo(verification.format())
+        click.echo(f"wrote {path}" if path else "verification failed: nothing written")
+    if not verification.passed:
+        sys.exit(1)
+
+
+@main.command("verify")
+@click.argument("reference", type=click.Path(path_type=Path))
+@click.argument("candidate", type=click.Path(path_type=Path))
+@verify_options
+@click.option(
+    "--float64-reference",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="BatchNorm checkpoint evaluated in float64 as ground truth  [default: a side that"
+    " is a BN .pt, else the source a folded .pt records]",
+)
+@click.option("--sample-size", type=positive, default=1_000_000, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_DATA,
+    show_default=True,
+    help="Words file for dev/test contexts (used only when the domain is sampled).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@clear_errors
+def verify_command(
+    reference,
+    candidate,
+    tolerance,
+    max_exhaustive,
+    float64_reference,
+    sample_size,
+    seed,
+    data,
+    as_json,
+):
+    """Prove CANDIDATE computes the same logits as REFERENCE (.pt or .onnx) over every
+    context (or a large sample). Exit code 1 when it does not."""
+    from bnfold.verify import verify_paths
+
+    result = verify_paths(
+        reference,
+        candidate,
+        data_path=data,
+        tolerance=tolerance,
+        max_exhaustive=max_exhaustive,
+        float64_reference=float64_reference,
+        sample_size=sample_size,
+        seed=seed,
+    )
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        click.echo(result.format())
+    if not result.passed:
+        sys.exit(1)
+
+
+def format_stage_table(rows: list[dict]) -> str:
+    """One row per pipeline stage: ``{"stage", "status", "details", "output"}``."""
+    cols = ("stage", "status", "details", "output")
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
+    line = "  ".join(c.ljust(widths[c]) for c in cols).rstrip()
+    out = [line, "  ".join("-" * widths[c] for c in cols)]
+    for r in rows:
+        out.append("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols).rstrip())
+    return "\n".join(out)
+
+
+def train_stage_row(summary: dict, path: Path) -> dict:
+    return {
+        "stage": "train",
+        "status": "interrupted" if summary.get("interrupted") else "ok",
+        "details": f"{summary['steps']} steps, {summary['seconds']:.1f} s;"
+        f" dev loss {summary['dev_loss']:.4f}, test {summary['test_loss']:.4f}",
+        "output": str(path),
+    }
+
+
+def fold_stage_rows(path, fold_report, verification) -> list[dict]:
+    v = verification
+    f64 = (
+        f"; vs float64 BN {v.reference_vs_float64:.1e}, folded {v.candidate_vs_float64:.1e}"
+        if v.float64_reference is not None
+        else ""
+    )
+    return [
+        {
+            "stage": "fold",
+            "status": "ok" if fold_report.complete else "partial",
+            "details": f"{len(fold_report.folded)} BatchNorms folded, {len(fold_report.skipped)}"
+            f" left, {fold_report.seconds:.2f} s",
+            "output": str(path) if path else "(not written)",
+        },
+        {
+            "stage": "verify",
+            "status": "PASS" if v.passed else "FAIL",
+            "details": f"{v.contexts_checked:,} contexts"
+            f" ({'exhaustive' if v.exhaustive else 'sampled'}): max |dlogit|"
+            f" {v.max_abs_logit_error:.1e} (tol {v.tolerance:.0e}), argmax"
+            f" {v.argmax_agreement:.4%}{f64}, {v.seconds:.2f} s",
+            "output": "",
+        },
+    ]
+
+
+@main.command("train-fold")
+@train_options
+@verify_options
+@clear_errors
+def train_fold(as_json, tolerance, max_exhaustive, **train_args):
+    """The main job: train the BN MLP, fold every BatchNorm, verify over the whole input
+    domain; ends with one summary table. Exit code 1 when verification fails."""
+    from bnfold.pipeline import fold_checkpoint
+
+    bn_path, summary = run_training(**train_args, quiet=as_json)
+    rows = [train_stage_row(summary, bn_path)]
+    path, fold_report, verification = fold_checkpoint(
+        bn_path,
+        Path(train_args["out"]) / "folded.pt",
+        tolerance=tolerance,
+        data_path=train_args["data"],
+        max_exhaustive=max_exhaustive,
+    )
+    rows += fold_stage_rows(path, fold_report, verification)
+    exported = networks = None
+    if verification.passed:  # export bn.onnx + folded.onnx, then all four side by side
+        from bnfold.bench import format_four_networks, four_networks
+        from bnfold.export import export_checkpoint
+
+        exported = export_checkpoint(
+            bn_path, train_args["out"], tolerance=tolerance, folded_checkpoint=path
+        )
+        rows.append(exported.stage_row())
+        networks = four_networks(bn_path, path, exported.paths["bn"], exported.paths["folded"])
+    if as_json:
+        print_json(
+            {
+                "stages": rows,
+                "train": summary,
+                "fold": fold_report.to_dict(),
+                "verification": verification.to_dict(),
+                "export": exported.to_dict() if exported else None,
+                "networks": networks,
+                "passed": verification.passed,
+            }
+        )
+    else:
+        click.echo(format_stage_table(rows))
+        if networks:
+            click.echo("\n" + format_four_networks(networks))
+    if not verification.passed:
+        sys.exit(1)
+
+
+# --- sample -----------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.option("-n", "--count", type=int, default=10, show_default=True, help="Names to sample.")
+@click.option("--seed", type=int, default=42, show_default=True, help="Random seed.")
+@click.option(
+    "--temperature", type=float, default=1.0, show_default=True, help="0 = greedy (argmax)."
+)
+@click.option("--top-k", type=int, help="Sample only among the K most likely tokens.")
+@click.option("--top-p", type=float, help="Nucleus sampling: the smallest set of mass >= P.")
+@click.option("--prefix", default="", help="Start every name with these characters.")
+@click.option(
+    "--min-length", type=int, default=1, show_default=True, help="Characters, prefix included."
+)
+@click.option(
+    "--max-length", type=int, default=50, show_default=True, help="Characters, prefix included."
+)
+@click.option("--new-only", is_flag=True, help="Only names in none of train / dev / test.")
+@click.option(
+    "--words",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_DATA,
+    show_default=True,
+    help="The model's training words file, for the train/dev/test/new labels.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Columns: name, label, log-probability.")
+@click.option(
+    "--batch-size",
+    type=int,
+    default=4096,
+    show_default=True,
+    help="Names in flight per forward pass (speed only: never changes the names).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print names, labels and log-probs as JSON.")
+@clear_errors
+def sample(model, words, verbose, batch_size, as_json, **options):
+    """Sample names from MODEL (.onnx or .pt; default: the shipped models/folded.onnx).
+
+    The same model, seed and options give the same names whatever --batch-size. The
+    log-probability is the model's, at temperature 1, of the whole name and its end token.
+    """
+    from bnfold.infer import load_predictor
+    from bnfold.sample import SampleOptions, label_counts, load_labeler, sample_names
+
+    if model is None:
+        model = DEFAULT_MODELS / "folded.onnx"
+        if not model.exists():
+            raise BnfoldError(
+                f"no MODEL given and the shipped model {model} is missing: pass a .onnx or"
+                " .pt file, or make models/ with `bnfold train-fold`"
+            )
+    predictor = load_predictor(model)
+    opts = SampleOptions(**options).check(predictor.vocab)
+    labeler = None
+    if verbose or as_json or opts.new_only:
+        labeler = load_labeler(predictor, words)
+        if not labeler.verified:
+            click.echo(
+                f"note: {model} does not record the sha256 of its training words; the labels"
+                f" assume it is {words}",
+                err=True,
+            )
+    names = sample_names(predictor, opts, labeler, batch_size=batch_size)
+    if as_json:
+        from bnfold.data import file_sha256
+
+        print_json(
+            {
+                "model": str(model),
+                "model_sha256": getattr(predictor, "sha256", None) or file_sha256(model),
+                "backend": predictor.backend,
+                "seed": opts.seed,
+                "options": opts.to_dict(),
+                "words": {
+                    "file": str(words),
+                    "sha256": labeler.sha256,
+                    "verified": labeler.verified,
+                },
+                "label_counts": label_counts(names),
+                "names": [s.to_dict() for s in names],
+            }
+        )
+    elif verbose:
+        width = max(len(s.name) for s in names)
+        for s in names:
+            click.echo(f"{s.name:<{width}}  {s.label:<5}  {s.logprob:9.4f}")
+    else:
+        click.echo("\n".join(s.name for s in names))
+
+
+# --- serve ------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option(
+    "--workers",
+    type=positive,
+    default=1,
+    show_default=True,
+    help="Worker processes; each loads its own ONNX Runtime session (one thread).",
+)
+@click.option(
+    "--words",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_DATA,
+    show_default=True,
+    help="The model's training words file, for the train/dev/test/new labels.",
+)
+@click.option(
+    "--max-count", type=positive, default=1000, show_default=True, help="Names per request cap."
+)
+@click.option(
+    "--queue-size",
+    type=positive,
+    default=256,
+    show_default=True,
+    help="Requests admitted at once per worker (waiting or running); beyond: 429.",
+)
+@click.option(
+    "--deadline",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds a request may take before it is answered 504.",
+)
+@click.option(
+    "--max-body", type=positive, default=16_384, show_default=True, help="Request body bytes."
+)
+@click.option(
+    "--batching",
+    type=click.Choice(["on", "off"]),
+    default="on",
+    show_default=True,
+    help="on: run every request's rows in one forward step; off: one request at a time.",
+)
+@click.option(
+    "--max-rows", type=positive, default=8192, show_default=True, help="Rows per forward step."
+)
+@click.option("--log-level", default="info", show_default=True)
+@clear_errors
+def serve(model, host, port, workers, words, max_count, queue_size, deadline, max_body,
+          batching, max_rows, log_level):  # fmt: skip
+    """Serve names over HTTP from MODEL (default: the shipped models/folded.onnx):
+    POST/GET /v1/names, /v1/model, /livez, /readyz, /metrics and a web page at /."""
+    from bnfold.serve import ServeSettings, load_model, run_server
+
+    if model is None:
+        model = DEFAULT_MODELS / "folded.onnx"
+        if not model.exists():
+            raise BnfoldError(
+                f"no MODEL given and the shipped model {model} is missing: pass a .onnx or"
+                " .pt file, or make models/ with `bnfold train-fold`"
+            )
+    settings = ServeSettings(
+        model=str(Path(model).resolve()),
+        words=str(Path(words).resolve()),
+        max_count=max_count,
+        queue_size=queue_size,
+        deadline=deadline,
+        max_body=max_body,
+        batching=batching == "on",
+        max_rows=max_rows,
+    ).check()
+    load_model(settings)  # fail here, with one clear line, rather than in every worker
+    click.echo(f"serving {model} on http://{host}:{port}/ ({workers} worker(s))", err=True)
+    run_server(settings, host=host, port=port, workers=workers, log_level=log_level)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ clear ``BnfoldError`` naming the file. Writes are atomic: temp file + fsync + re
 from __future__ import annotations
 
 import os
-import re
 import platform
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field

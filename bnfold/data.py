@@ -11,10 +11,12 @@ import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from bnfold.errors import BnfoldError
+
+if TYPE_CHECKING:  # torch is imported lazily: sampling and serving ONNX models never need it
+    import torch
 
 END = 0  # index of the reserved start/end token
 END_DISPLAY = "."  # how the lecture prints it; display only, never used to encode
@@ -107,6 +109,8 @@ def build_contexts(
     words: list[str], vocab: Vocab, block_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sliding window over ``END * block_size + word + END``: X is (N, block_size), Y is (N,)."""
+    import torch
+
     xs: list[list[int]] = []
     ys: list[int] = []
     for w in words:

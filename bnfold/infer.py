@@ -10,9 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from bnfold.checkpoint import load_checkpoint
 from bnfold.data import END, Vocab
 from bnfold.errors import BnfoldError
 
@@ -58,6 +56,8 @@ class TorchPredictor(Predictor):
     backend = "torch"
 
     def __init__(self, path: str | Path):
+        from bnfold.checkpoint import load_checkpoint  # torch only when a .pt is used
+
         ckpt = load_checkpoint(path)
         self.path = Path(path)
         self.checkpoint = ckpt
@@ -66,10 +66,11 @@ class TorchPredictor(Predictor):
         self.block_size = ckpt.config.block_size
         self.folded = not ckpt.config.batchnorm
 
-    @torch.inference_mode()
     def logits(self, contexts: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(self.check_contexts(contexts))
-        return self.model(x).numpy()
+        import torch
+
+        with torch.inference_mode():
+            return self.model(torch.from_numpy(self.check_contexts(contexts))).numpy()
 
 
 def load_predictor(path: str | Path) -> Predictor:
@@ -78,7 +79,7 @@ def load_predictor(path: str | Path) -> Predictor:
     if p.suffix == ".pt":
         return TorchPredictor(p)
     if p.suffix == ".onnx":
-        from bnfold.onnx_runtime import OnnxPredictor  # noqa: F401  (added by the export work)
+        from bnfold.onnx_runtime import OnnxPredictor  # onnxruntime only when an .onnx is used
 
         return OnnxPredictor(p)
     raise BnfoldError(f"{p}: unknown model type (expected a .pt checkpoint or an .onnx file)")

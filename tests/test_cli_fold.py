@@ -1,0 +1,122 @@
+"""The fold / verify / train-fold commands, end to end on a short-trained checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bnfold.checkpoint import load_checkpoint, save_checkpoint
+from cli import main
+
+REQUIRED = (
+    "contexts_checked",
+    "exhaustive",
+    "max_abs_logit_error",
+    "max_abs_prob_error",
+    "argmax_agreement",
+    "passed",
+)
+
+
+@pytest.fixture()
+def bn(trained_checkpoint, tmp_path):
+    return shutil.copy(trained_checkpoint, tmp_path / "bn.pt")
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_fold_writes_verified_checkpoint(bn, tmp_path):
+    r = run("fold", bn)
+    assert r.exit_code == 0, r.output
+    assert "PASSED" in r.output and "19,683" in r.output
+    ckpt = load_checkpoint(tmp_path / "folded.pt")
+    assert not ckpt.config.batchnorm
+    assert ckpt.meta["verification"]["passed"] and ckpt.meta["verification"]["exhaustive"]
+    assert len(ckpt.meta["fold_report"]["folded"]) == 6
+    assert ckpt.meta["folded_from"]["path"] == str(bn.resolve())
+
+
+def test_fold_json_and_out(bn, tmp_path):
+    out = tmp_path / "sub" / "f.pt"
+    r = run("fold", bn, "--out", out, "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["path"] == str(out) and out.exists() and d["passed"]
+    assert d["fold"]["complete"] and all(k in d["verification"] for k in REQUIRED)
+
+
+def test_fold_that_fails_verification_exits_1_and_writes_nothing(bn, tmp_path):
+    r = run("fold", bn, "--tolerance", "1e-12")
+    assert r.exit_code == 1
+    assert "FAILED" in r.output and "nothing written" in r.output
+    assert not (tmp_path / "folded.pt").exists()
+
+
+def test_verify_json(bn, tmp_path):
+    assert run("fold", bn).exit_code == 0
+    r = run("verify", bn, tmp_path / "folded.pt", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert all(k in d for k in REQUIRED)
+    assert d["contexts_checked"] == 19683 and d["exhaustive"] and d["passed"]
+    assert d["argmax_agreement"] == 1.0 and d["max_abs_logit_error"] <= 1e-5
+
+
+def test_verify_fails_on_corrupted_folded_weight(bn, tmp_path):
+    assert run("fold", bn).exit_code == 0
+    ckpt = load_checkpoint(tmp_path / "folded.pt")
+    with torch.no_grad():
+        ckpt.model.net[4].weight[0, 0] += 0.05  # a deliberately corrupted folded weight
+    bad = save_checkpoint(ckpt, tmp_path / "bad.pt")
+    r = run("verify", bn, bad, "--json")
+    assert r.exit_code == 1
+    d = json.loads(r.output)
+    assert not d["passed"] and d["max_abs_logit_error"] > 1e-5
+    r = run("verify", bn, bad)
+    assert r.exit_code == 1 and "FAILED" in r.output
+
+
+def test_errors_are_one_line(bn, tmp_path):
+    assert run("fold", bn).exit_code == 0
+    r = run("fold", tmp_path / "folded.pt")
+    assert r.exit_code == 2 and r.output.strip().count("\n") == 0
+    assert "already folded" in r.output
+    r = run("verify", bn, tmp_path / "missing.pt")
+    assert r.exit_code == 2 and "no such checkpoint" in r.output
+    r = run("verify", bn, tmp_path / "model.txt")
+    assert r.exit_code == 2 and "unknown model type" in r.output
+
+
+def test_train_fold_main_job(tmp_path):
+    r = run("train-fold", "--steps", "30", "--out", tmp_path, "--n-hidden", "16")
+    assert r.exit_code == 0, r.output
+    lines = r.output.strip().splitlines()
+    table = lines[lines.index(next(ln for ln in lines if ln.startswith("stage"))) :]
+    table = table[: table.index("")]  # the stage table ends at the four-networks table
+    assert [ln.split()[0] for ln in table[2:]] == ["train", "fold", "verify", "export"]
+    assert "PASS" in table[-2] and "exhaustive" in table[-2]
+    assert "PASS" in table[-1] and "bn.onnx (6 BN nodes)" in table[-1]
+    assert "the four networks" in r.output and "ONNX folded" in r.output
+    assert (tmp_path / "bn.pt").exists() and (tmp_path / "folded.pt").exists()
+    assert (tmp_path / "bn.onnx").exists() and (tmp_path / "folded.onnx").exists()
+    r = run("train-fold", "--steps", "30", "--out", tmp_path, "--n-hidden", "16", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["passed"] and [s["stage"] for s in d["stages"]] == [
+        "train",
+        "fold",
+        "verify",
+        "export",
+    ]
+    assert d["export"]["passed"] and set(d["networks"]["latency_us"]) == {
+        "torch BN",
+        "torch folded",
+        "ONNX BN",
+        "ONNX folded",
+    }

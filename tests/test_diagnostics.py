@@ -1,0 +1,352 @@
+"""Training diagnostics: statistics with known answers, the report files, `bnfold report`."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from torch import nn
+
+from bnfold.diagnostics import (
+    Diagnostics,
+    activation_stats,
+    distinct_rows,
+    load_report,
+    saturation_census,
+    update_ratio,
+    verdict,
+    weight_grad_stats,
+    write_report,
+)
+from bnfold.errors import BnfoldError
+from bnfold.model import MLP, ModelConfig
+from bnfold.plots import fold_comparison_figure, fold_comparison_stats, input_domain
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TRAINING_FIGURES = [
+    "loss.png",
+    "activations.png",
+    "gradients.png",
+    "weight_gradients.png",
+    "update_ratio.png",
+]
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the IHDR chunk; fails unless the file starts like a PNG."""
+    head = path.read_bytes()[:24]
+    assert head[:8] == PNG_MAGIC, f"{path.name} is not a PNG"
+    assert head[12:16] == b"IHDR"
+    return struct.unpack(">II", head[16:24])
+
+
+def small_model(seed: int = 0, **kw) -> MLP:
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=7, block_size=2, n_embd=4, n_hidden=16, n_layers=3)
+    return MLP(ModelConfig(**{**cfg, **kw}))
+
+
+def run_steps(model: MLP, diag, steps: int = 4, batch: int = 64, opt=None, seed: int = 0):
+    """The training loop's observer protocol, on random data, in train mode."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = opt or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for step in range(steps):
+        x = torch.randint(
+            0, model.config.vocab_size, (batch, model.config.block_size), generator=gen
+        )
+        y = torch.randint(0, model.config.vocab_size, (batch,), generator=gen)
+        diag.before_step(step, model)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        diag.after_backward(step, model, loss)
+        opt.step()
+        diag.after_update(step, model, 1e-2)
+
+
+# ---------------------------------------------------------------- known answers --
+
+
+def test_activation_stats_known_values():
+    t = torch.tensor([0.99, -0.98, 0.97, 0.5, 0.0, -0.2, 1.0, -1.0])
+    s = activation_stats(t)
+    assert s["saturation"] == pytest.approx(4 / 8)  # 0.97 itself is not > 0.97
+    assert s["mean"] == pytest.approx(float(t.mean()), abs=1e-7)
+    assert s["std"] == pytest.approx(float(t.std()), abs=1e-7)
+
+
+def test_update_ratio_known_value_and_frozen():
+    after = torch.tensor([1.0, -1.0, 2.0, -2.0])
+    delta = torch.tensor([0.01, -0.01, 0.01, -0.01])
+    r = update_ratio(after - delta, after)
+    assert not r["frozen"]
+    assert r["log10"] == pytest.approx(math.log10(float(delta.std() / after.std())), abs=1e-5)
+    still = update_ratio(after.clone(), after)
+    assert still == {"frozen": True, "log10": None}
+
+
+def test_forced_saturation_recorded_per_layer():
+    model = small_model()
+    with torch.no_grad():  # layer 2's BN outputs a constant +-5: every unit saturated
+        bn = model.net[4]
+        bn.weight.zero_()
+        bn.bias.copy_(torch.tensor([5.0, -5.0]).repeat(8))
+    diag = Diagnostics(interval=2)
+    run_steps(model, diag, steps=4)
+    assert diag.steps == [0, 2]
+    sat = [layer["saturation"] for layer in diag.layers]
+    assert sat[1][0] == 1.0  # step 0 is recorded before any update
+    assert sat[0][0] < 0.5 and sat[2][0] < 0.5
+    # tanh'(5) is tiny, so the saturated layer passes almost no gradient to layer 1
+    assert diag.layers[0]["grad_std"][0] < 1e-2 * diag.layers[2]["grad_std"][0]
+
+
+def test_recorded_gradients_match_retain_grad():
+    model = small_model(1)
+    diag = Diagnostics(interval=1)
+    kept = []
+
+    def keep(module, inputs, out):
+        out.retain_grad()
+        kept.append(out)
+
+    handles = [m.register_forward_hook(keep) for m in model.net if isinstance(m, nn.Tanh)]
+    run_steps(model, diag, steps=1)
+    for h in handles:
+        h.remove()
+    for layer, out in zip(diag.layers, kept, strict=True):
+        assert layer["grad_mean"][0] == pytest.approx(float(out.grad.mean()), rel=1e-5)
+        assert layer["grad_std"][0] == pytest.approx(float(out.grad.std()), rel=1e-5)
+        assert layer["std"][0] == pytest.approx(float(out.detach().std()), rel=1e-5)
+    # grad:data of each 2-D weight, and the update is the parameter's actual change
+    model2 = small_model(1)
+    p = model2.net[0].weight
+    x = torch.randint(0, 7, (64, 2), generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 7, (64,), generator=torch.Generator().manual_seed(0))
+    F.cross_entropy(model2.train()(x), y).backward()
+    s = weight_grad_stats(p)
+    ratio = float(p.grad.std() / p.detach().std())
+    assert s["grad_data_ratio"] == pytest.approx(ratio, rel=1e-5)
+    assert s["grad_std"] == pytest.approx(float(p.grad.std()), rel=1e-5)
+
+
+def test_update_ratio_is_actual_adamw_change_not_lr_times_grad():
+    model = small_model(2)
+    diag = Diagnostics(interval=1)
+    before = model.net[0].weight.detach().clone()
+    run_steps(model, diag, steps=1)
+    after = model.net[0].weight.detach()
+    expected = math.log10(float((after - before).std() / after.std()))
+    assert diag.updates["net.0.weight"]["log10"][0] == pytest.approx(expected, abs=1e-5)
+
+
+def test_frozen_parameter_is_reported_not_nan():
+    model = small_model(3)
+    model.tok_emb.weight.requires_grad_(False)
+    diag = Diagnostics(interval=1)
+    run_steps(model, diag, steps=3)
+    u = diag.updates["tok_emb.weight"]
+    assert u["frozen"] == [True, True, True] and u["log10"] == [None, None, None]
+    assert diag.weights["tok_emb.weight"]["frozen"] == [True, True, True]
+    assert diag.weights["tok_emb.weight"]["grad_data_ratio"] == [None, None, None]
+    assert all(v is not None for v in diag.updates["net.0.weight"]["log10"])
+    diag.finalize(model, torch.randint(0, 7, (50, 2)))
+    report = diag.to_dict()
+    json.dumps(report, allow_nan=False)  # no inf/NaN anywhere
+    v = verdict(report)
+    assert v["frozen"] == ["tok_emb.weight"]
+    assert all(f["param"] != "tok_emb.weight" for f in v["update_ratio_far"])
+
+
+def test_census_finds_units_saturated_on_every_example():
+    model = small_model(4)
+    with torch.no_grad():
+        bn = model.net[1]  # layer 1: units 0, 1 and 5 pinned at tanh(+-6)
+        bn.weight[[0, 1, 5]] = 0.0
+        bn.bias[[0, 1, 5]] = torch.tensor([6.0, -6.0, 6.0])
+        bn.weight[2] = 0.0  # unit 2 sits at tanh(0): constant, but not saturated
+        bn.bias[2] = 0.0
+    model.eval()
+    x = torch.randint(0, 7, (500, 2), generator=torch.Generator().manual_seed(1))
+    census = saturation_census(model, x)
+    assert census["examples"] == 500
+    assert census["layers"][0]["dead"] == [0, 1, 5]
+    # the saturated share counts every example, duplicates included
+    with torch.no_grad():
+        t = torch.tanh(model.net[1](model.net[0](model.tok_emb(x).flatten(1))))
+    assert census["layers"][0]["saturation"] == pytest.approx(
+        float((t.abs() > 0.97).float().mean())
+    )
+    assert model.training is False
+
+
+def test_distinct_rows_matches_unique():
+    x = torch.randint(0, 27, (3000, 3), generator=torch.Generator().manual_seed(0))
+    rows, counts = distinct_rows(x)
+    r2, c2 = torch.unique(x, dim=0, return_counts=True)
+    assert torch.equal(rows, r2) and torch.equal(counts, c2)
+
+
+# ------------------------------------------------------------- BN vs folded figure --
+
+
+def hand_fold(bn_model: MLP) -> MLP:
+    """Fold by the textbook formula, independent of bnfold.fold."""
+    folded = MLP(replace(bn_model.config, batchnorm=False)).eval()
+    src = list(bn_model.net)
+    pairs = [(m, src[i + 1]) for i, m in enumerate(src) if isinstance(m, nn.Linear)]
+    dst = [m for m in folded.net if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        folded.tok_emb.weight.copy_(bn_model.tok_emb.weight)
+        for (lin, bn), out in zip(pairs, dst, strict=True):
+            s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            out.weight.copy_(lin.weight * s[:, None])
+            out.bias.copy_(bn.bias - bn.running_mean * s)
+    return folded
+
+
+def bn_model_with_stats(seed: int = 5) -> MLP:
+    model = small_model(seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.net:
+            if isinstance(m, nn.BatchNorm1d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g))
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.3)
+                m.weight.copy_(torch.randn(n, generator=g))
+                m.bias.copy_(torch.randn(n, generator=g))
+    return model.eval()
+
+
+def test_fold_comparison_on_hand_folded_model(tmp_path):
+    bn = bn_model_with_stats()
+    folded = hand_fold(bn)
+    stats, fig = fold_comparison_figure(bn, folded, tmp_path)
+    assert stats["contexts"] == 7**2 and stats["domain"] == "all 49 contexts"
+    assert stats["max_abs_logit_diff"] < 1e-4
+    assert len(stats["max_abs_preactivation_diff"]) == 3
+    assert max(stats["max_abs_preactivation_diff"]) < 1e-4
+    assert stats["argmax_agreement"] == 1.0
+    w, h = png_size(tmp_path / fig["file"])
+    assert w >= 800 and h >= 300
+
+
+def test_fold_comparison_detects_a_wrong_fold():
+    bn = bn_model_with_stats()
+    wrong = hand_fold(bn)
+    with torch.no_grad():
+        [m for m in wrong.net if isinstance(m, nn.Linear)][1].bias.add_(0.5)
+    stats, _, _ = fold_comparison_stats(bn, wrong)
+    assert stats["max_abs_preactivation_diff"][0] < 1e-4
+    assert stats["max_abs_preactivation_diff"][1] == pytest.approx(0.5, abs=1e-4)
+    assert stats["max_abs_logit_diff"] > 1e-3
+    with pytest.raises(BnfoldError):
+        fold_comparison_stats(bn, small_model(n_layers=2, batchnorm=False))
+
+
+def test_input_domain_enumerates_every_context_once():
+    x, desc = input_domain(5, 3)
+    assert x.shape == (125, 3) and len(distinct_rows(x)[0]) == 125
+    big, desc = input_domain(27, 5)
+    assert len(big) < 27**5 and "random" in desc
+
+
+# --------------------------------------------------------- report files and CLI --
+
+
+@pytest.fixture(scope="module")
+def cli_report(tmp_path_factory, names_path) -> Path:
+    """`bnfold train --report DIR` on a short run (the files every later test reads)."""
+    from cli import main
+
+    out = tmp_path_factory.mktemp("trained_report")
+    result = CliRunner().invoke(
+        main,
+        ["train", "--data", str(names_path), "--out", str(out), "--steps", "120",
+         "--report", str(out / "report"), "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["report"] == str(out / "report" / "index.html")
+    return out / "report"
+
+
+def test_report_files_are_pngs_of_sensible_size(cli_report):
+    for name in TRAINING_FIGURES:
+        w, h = png_size(cli_report / name)
+        assert 500 <= w <= 3000 and 250 <= h <= 2000, (name, w, h)
+        assert (cli_report / name).stat().st_size > 10_000
+    index = (cli_report / "index.html").read_text()
+    report = load_report(cli_report)
+    for fig in report["figures"]:
+        assert f'src="{fig["file"]}"' in index
+        png_size(cli_report / fig["file"])
+    assert [f["file"] for f in report["figures"]][:5] == TRAINING_FIGURES
+
+
+def test_report_json_contents(cli_report):
+    report = json.loads((cli_report / "diagnostics.json").read_text())
+    assert len(report["train_loss"]) == 120
+    assert report["interval"] == 1 and report["steps"] == list(range(120))
+    dev = [e for e in report["evals"] if e["split"] == "dev"]
+    assert [e["step"] for e in dev] == [12 * k for k in range(1, 11)] + [120]
+    assert [layer["name"] for layer in report["layers"]] == [
+        f"layer {i} (Tanh)" for i in range(1, 6)
+    ]
+    assert set(report["weights"]) == {"tok_emb.weight", *(f"net.{3 * i}.weight" for i in range(6))}
+    for u in report["updates"].values():
+        assert len(u["log10"]) == 120 and not any(u["frozen"])
+    census = report["census"]
+    assert census["examples"] == 182625 and census["distinct"] < census["examples"]
+    if report.get("fold_comparison"):  # present when bnfold.fold folds the model
+        assert report["fold_comparison"]["max_abs_logit_diff"] < 1e-3
+
+
+def test_bnfold_report_command(cli_report):
+    from cli import main
+
+    result = CliRunner().invoke(main, ["report", str(cli_report)])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "worst saturation: layer" in out
+    assert "update:data ratio" in out
+    assert "dead neurons" in out and "182,625 train examples" in out
+    as_json = CliRunner().invoke(main, ["report", str(cli_report), "--json"])
+    v = json.loads(as_json.output)
+    assert v["steps"] == 120 and len(v["dead_units"]) == 5
+
+
+def test_bnfold_report_names_saturated_and_dead_layers(tmp_path):
+    from cli import main
+
+    model = small_model(6)
+    with torch.no_grad():
+        model.net[7].weight[:4] = 0.0  # layer 3: four units pinned at tanh(7)
+        model.net[7].bias[:4] = 7.0
+    diag = Diagnostics(interval=1)
+    run_steps(model, diag, steps=3, opt=torch.optim.SGD(model.parameters(), lr=1e-4))
+    diag.finalize(model, torch.randint(0, 7, (300, 2)))
+    write_report(diag.to_dict(), tmp_path)
+    result = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "layer 3: 4/16" in result.output
+    assert "too slow" in result.output  # lr 1e-4, SGD: update:data ~1e-5
+
+
+def test_bnfold_report_on_missing_or_bad_dir(tmp_path):
+    from cli import main
+
+    result = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "no such report" in result.output
+    (tmp_path / "diagnostics.json").write_text("{not json")
+    result = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "not a readable diagnostics report" in result.output

@@ -1,0 +1,522 @@
+"""The HTTP service: endpoints and errors, same names as the CLI sampler, determinism under
+concurrent load, readiness during start-up and drain, backpressure (429, 504), SIGTERM,
+several workers, and schemathesis fuzzing of the API from its own OpenAPI schema."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bnfold.serve import ServeSettings, _load_and_warm, create_app
+
+REPO = Path(__file__).resolve().parent.parent
+NAMES = REPO / "data" / "names.txt"
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def onnx_model(trained_checkpoint, tmp_path_factory) -> Path:
+    """``folded.onnx`` exported from the session's short-trained checkpoint."""
+    from bnfold.export import export_checkpoint
+
+    out = tmp_path_factory.mktemp("onnx")
+    return export_checkpoint(trained_checkpoint, out).paths["folded"]
+
+
+def settings_for(model: Path, **kw) -> ServeSettings:
+    return ServeSettings(model=str(model), words=str(NAMES), **kw)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def live(app, ready: bool = True):
+    """Run ``app`` under uvicorn in a background thread on 127.0.0.1:<free port>."""
+    import uvicorn
+
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    if ready:
+        wait_ready(url)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def wait_ready(url: str, timeout: float = 60) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"{url} not ready after {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def server(onnx_model):
+    with live(create_app(settings_for(onnx_model, max_count=2000))) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def reference(onnx_model):
+    """The CLI's sampler on the same model: what the service must return."""
+    from bnfold.infer import load_predictor
+    from bnfold.sample import SampleOptions, load_labeler, sample_names
+
+    predictor = load_predictor(onnx_model)
+    labeler = load_labeler(predictor, NAMES)
+
+    def names(**options):
+        got = sample_names(predictor, SampleOptions(**options), labeler)
+        return [{"name": s.name, "label": s.label, "logprob": s.logprob} for s in got]
+
+    return names
+
+
+def strip(items):
+    return [{k: d[k] for k in ("name", "label", "logprob")} for d in items]
+
+
+# ------------------------------------------------------------------------------ endpoints
+
+
+def test_post_and_get_match_the_cli_sampler(server, reference, onnx_model):
+    from bnfold.data import file_sha256
+
+    opts = {"count": 7, "seed": 11, "prefix": "ma", "temperature": 0.8, "top_k": 10}
+    r = httpx.post(server + "/v1/names", json=opts)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["seed"] == 11 and body["count"] == 7
+    assert body["model_sha256"] == file_sha256(onnx_model)
+    assert strip(body["names"]) == reference(**opts)
+    assert [d["index"] for d in body["names"]] == list(range(7))
+    assert all(d["name"].startswith("ma") for d in body["names"])
+    g = httpx.get(server + "/v1/names", params=opts)
+    assert g.status_code == 200 and g.json()["names"] == body["names"]
+
+
+def test_json_without_content_type_is_accepted(server):
+    r = httpx.post(server + "/v1/names", content=b'{"count": 2, "seed": 5}')
+    assert r.status_code == 200 and r.json()["count"] == 2
+
+
+def test_random_seed_is_reported_and_replays(server):
+    a = httpx.post(server + "/v1/names", json={"count": 5}).json()
+    b = httpx.post(server + "/v1/names", json={"count": 5}).json()
+    assert 0 <= a["seed"] < 2**53 and a["seed"] != b["seed"]
+    again = httpx.post(server + "/v1/names", json={"count": 5, "seed": a["seed"]}).json()
+    assert again["names"] == a["names"]
+
+
+def test_new_only_matches_the_cli(server, reference):
+    opts = {"count": 20, "seed": 3, "new_only": True}
+    r = httpx.post(server + "/v1/names", json=opts)
+    assert r.status_code == 200, r.text
+    assert strip(r.json()["names"]) == reference(**opts)
+    assert {d["label"] for d in r.json()["names"]} == {"new"}
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "words"),
+    [
+        ({"prefix": "Zq1"}, "prefix", ["outside the model's vocabulary", "'1'", "'Z'"]),
+        ({"count": 2001}, "count", ["at most 2000", "max-count"]),
+        ({"count": 0}, "count", ["greater than or equal to 1"]),
+        ({"temperature": -0.5}, "temperature", ["greater than or equal to 0"]),
+        ({"top_p": 0}, "top_p", ["greater than 0"]),
+        ({"top_k": 0}, "top_k", ["greater than or equal to 1"]),
+        ({"seed": -1}, "seed", ["greater than or equal to 0"]),
+        ({"seed": 2**64}, "seed", ["less than or equal to"]),
+        ({"min_length": 9, "max_length": 3}, "min_length", ["greater than max-length 3"]),
+        ({"prefix": "abcd", "max_length": 3}, "prefix", ["more than max-length 3"]),
+        ({"colour": "red"}, "colour", ["Extra inputs are not permitted"]),
+        ({"new_only": "perhaps"}, "new_only", ["valid boolean"]),
+    ],
+)
+def test_invalid_options_get_clear_422(server, body, field, words):
+    r = httpx.post(server + "/v1/names", json=body)
+    assert r.status_code == 422, r.text
+    (err,) = r.json()["detail"]
+    assert err["loc"] == ["body", field]
+    for w in words:
+        assert w in err["msg"], err["msg"]
+
+
+def test_invalid_query_and_json(server):
+    r = httpx.get(server + "/v1/names", params={"count": "many"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "count"]
+    r = httpx.post(
+        server + "/v1/names", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 422
+
+
+def test_body_size_limit(server):
+    big = {"prefix": "a" * 20_000}
+    r = httpx.post(server + "/v1/names", json=big)
+    assert r.status_code == 413 and "larger than 16384 bytes" in r.json()["detail"]
+
+    def chunks():  # no content-length: the limit is enforced while reading
+        for _ in range(40):
+            yield b" " * 1000
+
+    r = httpx.post(server + "/v1/names", content=chunks())
+    assert r.status_code == 413
+
+
+def test_model_info(server, onnx_model):
+    import onnx
+
+    info = httpx.get(server + "/v1/model").json()
+    proto = onnx.load(str(onnx_model))
+    weights = sum(int(__import__("numpy").prod(t.dims)) for t in proto.graph.initializer)
+    assert info["parameters"] == weights > 0
+    assert info["folded"] is True and info["block_size"] == 3
+    assert info["vocabulary"] == list("abcdefghijklmnopqrstuvwxyz") and info["vocab_size"] == 27
+    assert len(info["sha256"]) == 64
+    v = info["verification"]["torch_same"]
+    assert v["passed"] is True and v["exhaustive"] is True and v["max_abs_logit_error"] < 1e-5
+    assert info["words"]["verified"] is True
+    assert info["service"]["batching"] == "step" and info["service"]["ort_threads"] == 1
+
+
+def test_page_and_probes(server):
+    page = httpx.get(server + "/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert 'id="generate"' in page.text and "/v1/names" in page.text
+    assert httpx.get(server + "/livez").json() == {"status": "alive"}
+    assert httpx.get(server + "/readyz").json()["status"] == "ready"
+
+
+def test_metrics(server):
+    httpx.post(server + "/v1/names", json={"count": 3, "seed": 1})
+    httpx.post(server + "/v1/names", json={"count": 0})
+    text = httpx.get(server + "/metrics").text
+    assert 'bnfold_request_seconds_bucket{endpoint="/v1/names",le="0.05",status="200"}' in text
+    assert 'bnfold_request_seconds_count{endpoint="/v1/names",status="422"}' in text
+    assert 'bnfold_rejections_total{reason="invalid"}' in text
+    for name in ("bnfold_names_generated_total", "bnfold_queue_depth", "bnfold_batch_rows_bucket"):
+        assert name in text
+    names = float(
+        next(ln for ln in text.splitlines() if ln.startswith("bnfold_names_gen")).split()[1]
+    )
+    assert names >= 3
+
+
+# -------------------------------------------------------------------------- concurrency
+
+
+def test_same_names_under_concurrent_load(server, reference):
+    """64 requests at once, varied options and repeated seeds: every answer equals the one it
+    gets alone, and the CLI sampler's; the metrics show requests really shared steps."""
+
+    def requests():
+        for i in range(64):
+            yield {
+                "count": 1 + (i * 7) % 40,
+                "seed": i % 9,
+                "prefix": ["", "a", "jo", "k"][i % 4],
+                "temperature": [1.0, 0.7, 1.3][i % 3],
+                **({"top_p": 0.9} if i % 5 == 0 else {}),
+            }
+
+    before = _batch_max(httpx.get(server + "/metrics").text)
+
+    async def fire():
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=server, limits=limits, timeout=30) as c:
+            rs = await asyncio.gather(*(c.post("/v1/names", json=b) for b in requests()))
+        return [r.json() for r in rs]
+
+    crowd = asyncio.run(fire())
+    after = _batch_max(httpx.get(server + "/metrics").text)
+    assert after[1] > before[1], "no forward step ran more than one request at once"
+    for body, got in zip(requests(), crowd, strict=True):
+        alone = httpx.post(server + "/v1/names", json=body).json()
+        assert got["names"] == alone["names"]
+        assert strip(got["names"]) == reference(**body)
+
+
+def _batch_max(text: str) -> tuple[float, float]:
+    """(steps with one request, steps with more) from the batch-requests histogram."""
+    buckets = {}
+    for ln in text.splitlines():
+        if ln.startswith("bnfold_batch_requests_bucket{"):
+            le = ln.split('le="')[1].split('"')[0]
+            buckets[le] = float(ln.split()[-1])
+    return buckets["1.0"], buckets["+Inf"] - buckets["1.0"]
+
+
+class Gate:
+    """Wrap a loaded model so that forward steps block while the gate is closed."""
+
+    def __init__(self):
+        self.open = threading.Event()
+        self.open.set()
+
+    def loader(self, settings):
+        model = _load_and_warm(settings)
+        inner = model.predictor.logits
+        gate = self.open
+
+        def logits(x):
+            gate.wait(30)
+            return inner(x)
+
+        model.predictor.logits = logits
+        return model
+
+
+def test_queue_full_gets_429_at_once_and_deadline_504(onnx_model):
+    gate = Gate()
+    app = create_app(settings_for(onnx_model, queue_size=2, deadline=1.5), loader=gate.loader)
+    with live(app) as url:
+        gate.open.clear()  # the batcher stalls: admitted requests stay in flight
+
+        async def scenario():
+            async with httpx.AsyncClient(base_url=url, timeout=10) as c:
+                slow = [asyncio.create_task(c.post("/v1/names", json={"count": 3})) for _ in "ab"]
+                while True:  # both admitted?
+                    m = (await c.get("/metrics")).text
+                    if "bnfold_inflight_requests 2.0" in m:
+                        break
+                    await asyncio.sleep(0.01)
+                t0 = time.perf_counter()
+                r = await c.post("/v1/names", json={"count": 1})
+                fast = time.perf_counter() - t0
+                return r, fast, await asyncio.gather(*slow)
+
+        r, fast, slow = asyncio.run(scenario())
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert "queue full" in r.json()["detail"] and fast < 0.5
+        assert [s.status_code for s in slow] == [504, 504]  # the gate stayed shut past 1.5 s
+        assert "deadline of 1.5 s exceeded" in slow[0].json()["detail"]
+        gate.open.set()
+        ok = httpx.post(url + "/v1/names", json={"count": 2, "seed": 1})
+        assert ok.status_code == 200  # the queue emptied: served again
+        text = httpx.get(url + "/metrics").text
+        assert 'bnfold_rejections_total{reason="queue_full"} 1.0' in text
+        assert 'bnfold_rejections_total{reason="deadline"} 2.0' in text
+
+
+def test_readiness_during_startup_and_drain(onnx_model):
+    from fastapi.testclient import TestClient
+
+    loaded = threading.Event()
+
+    def slow_loader(settings):
+        loaded.wait(30)
+        return _load_and_warm(settings)
+
+    app = create_app(settings_for(onnx_model), loader=slow_loader)
+    with TestClient(app) as c:
+        assert c.get("/livez").status_code == 200
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["detail"] == "loading"
+        r = c.post("/v1/names", json={"count": 1})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert c.get("/v1/model").status_code == 503
+        loaded.set()
+        t0 = time.monotonic()
+        while c.get("/readyz").status_code != 200:
+            assert time.monotonic() - t0 < 30
+            time.sleep(0.02)
+        assert c.post("/v1/names", json={"count": 1}).status_code == 200
+        app.state.service.begin_drain()
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["detail"] == "draining"
+        assert c.post("/v1/names", json={"count": 1}).status_code == 503
+
+
+def test_load_failure_is_reported(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not onnx")
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(settings_for(bad))) as c:
+        t0 = time.monotonic()
+        while c.get("/livez").status_code == 200:
+            assert time.monotonic() - t0 < 30
+            time.sleep(0.02)
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "not a readable ONNX model" in r.json()["detail"]
+
+
+def test_batching_off_gives_the_same_names(onnx_model, reference):
+    settings = settings_for(onnx_model, batching=False)
+    with live(create_app(settings)) as url:
+        opts = {"count": 12, "seed": 4, "prefix": "e"}
+        r = httpx.post(url + "/v1/names", json=opts)
+        assert r.status_code == 200 and strip(r.json()["names"]) == reference(**opts)
+        assert httpx.get(url + "/v1/model").json()["service"]["batching"] == "off"
+
+
+# ------------------------------------------------------------------- the real command
+
+
+def _spawn(model: Path, *extra: str):
+    port = free_port()
+    cmd = [sys.executable, str(REPO / "cli.py"), "serve", str(model), "--port", str(port)]
+    cmd += ["--log-level", "warning", *extra]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def test_sigterm_finishes_in_flight_requests_then_exits(onnx_model):
+    proc, url = _spawn(onnx_model, "--max-count", "100000", "--deadline", "60")
+    try:
+        wait_ready(url)
+        results = {}
+
+        def big():
+            results["r"] = httpx.post(
+                url + "/v1/names", json={"count": 100000, "seed": 2}, timeout=60
+            )
+
+        t = threading.Thread(target=big)
+        t.start()
+        t0 = time.monotonic()
+        while "bnfold_inflight_requests 1.0" not in httpx.get(url + "/metrics").text:
+            assert time.monotonic() - t0 < 10
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(httpx.ConnectError):  # no longer accepting
+            httpx.get(url + "/livez", timeout=2)
+        t.join(60)
+        r = results["r"]
+        assert r.status_code == 200 and r.json()["count"] == 100000  # finished, not cut
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_workers_each_load_their_own_session(onnx_model):
+    proc, url = _spawn(onnx_model, "--workers", "2")
+    try:
+        wait_ready(url)
+        pids = set()
+        t0 = time.monotonic()
+        while len(pids) < 2 and time.monotonic() - t0 < 20:
+            with contextlib.suppress(httpx.HTTPError):  # a fresh connection each time
+                r = httpx.get(url + "/readyz", headers={"connection": "close"}, timeout=5)
+                if r.status_code == 200:
+                    pids.add(r.json()["pid"])
+        assert len(pids) == 2 and proc.pid not in pids
+        a = httpx.post(url + "/v1/names", json={"count": 9, "seed": 8}).json()
+        b = httpx.post(url + "/v1/names", json={"count": 9, "seed": 8}).json()
+        assert a["names"] == b["names"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_refuses_a_missing_model(tmp_path):
+    r = subprocess.run(
+        [sys.executable, str(REPO / "cli.py"), "serve", str(tmp_path / "nope.onnx")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "no such ONNX file" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------------------- fuzzing
+
+
+def test_openapi_fuzzing_no_server_errors(onnx_model):
+    """schemathesis generates requests (valid and invalid) for every operation of the app's
+    own OpenAPI schema; no answer may be a 5xx, and answers must match the schema."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, settings
+    from schemathesis.checks import (
+        content_type_conformance,
+        not_a_server_error,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    checks = [
+        not_a_server_error,
+        status_code_conformance,
+        content_type_conformance,
+        response_schema_conformance,
+    ]
+    with live(create_app(settings_for(onnx_model, max_count=30))) as url:
+        schema = schemathesis.openapi.from_url(url + "/openapi.json")
+        failures = []
+        ops = 0
+        for result in schema.get_all_operations():
+            op = result.ok()
+            ops += 1
+
+            @settings(
+                max_examples=40,
+                deadline=None,
+                derandomize=True,
+                suppress_health_check=list(HealthCheck),
+                database=None,
+            )
+            @schemathesis.given(case=op.as_strategy())
+            def run(case, op=op):
+                try:
+                    case.call_and_validate(checks=checks)
+                except Exception as e:  # collect: report every failing operation
+                    failures.append(f"{op.label}: {e}")
+                    raise
+
+            with contextlib.suppress(Exception):
+                run()
+        assert ops >= 7
+        assert not failures, "\n\n".join(failures[:3])
+        text = httpx.get(url + "/metrics").text
+        assert 'status="5' not in text.replace('status="503"', "")
+
+
+def test_settings_from_env_round_trip(onnx_model, monkeypatch):
+    s = settings_for(onnx_model, queue_size=7, batching=False)
+    monkeypatch.setenv("BNFOLD_SERVE_SETTINGS", s.to_env())
+    assert ServeSettings.from_env() == s
+    with pytest.raises(Exception, match="queue-size must be an integer >= 1"):
+        settings_for(onnx_model, queue_size=0).check()
+    env = json.loads(s.to_env())
+    assert env["model"] == str(onnx_model) and os.path.isabs(env["words"])
