@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -32,6 +33,22 @@ def clear_errors(fn):
             sys.exit(130)
 
     return wrapper
+
+
+def command_line(ctx: click.Context) -> str:
+    """The command as a user would retype it: ``bnfold NAME`` plus every option that was
+    given explicitly (not left at its default), whatever ``sys.argv`` looks like."""
+    words = ["bnfold", ctx.info_name or ""]
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name)
+        if source in (None, click.core.ParameterSource.DEFAULT) or param.name not in ctx.params:
+            continue
+        value, flag = ctx.params[param.name], param.opts[0]
+        if getattr(param, "is_flag", False):
+            words += [flag] if value else []
+        else:
+            words += [flag, str(value)]
+    return shlex.join(words)
 
 
 def print_json(obj: dict) -> None:
@@ -109,74 +126,25 @@ def main() -> None:
     """Train a BatchNorm MLP, fold its BatchNorms, verify, export to ONNX, sample, serve."""
 
 
-def run_training(
-    data,
-    out,
-    preset,
-    steps,
-    batch_size,
-    lr,
-    n_embd,
-    n_hidden,
-    n_layers,
-    block_size,
-    seed,
-    quiet,
-    report=None,
-):
-    """Train and save ``OUT/bn.pt``; returns (checkpoint path, summary dict)."""
-    from bnfold.pipeline import train_to_checkpoint
-
-    return train_to_checkpoint(
-        data_path=data,
-        out_dir=out,
-        preset=preset,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        n_embd=n_embd,
-        n_hidden=n_hidden,
-        n_layers=n_layers,
-        block_size=block_size,
-        seed=seed,
-        progress=None if not quiet else False,
-        report_dir=report,
-    )
+def pipeline_train_args(options: dict) -> dict:
+    """Map the shared training options to ``bnfold.pipeline.train_to_checkpoint`` keywords."""
+    options = dict(options)
+    options["data_path"] = options.pop("data")
+    return options
 
 
 @main.command()
 @train_options
 @clear_errors
-def train(
-    data,
-    out,
-    preset,
-    steps,
-    batch_size,
-    lr,
-    n_embd,
-    n_hidden,
-    n_layers,
-    block_size,
-    seed,
-    report,
-    as_json,
-):
+def train(out, report, as_json, **train_args):
     """Train the BatchNorm MLP and write OUT/bn.pt."""
-    path, summary = run_training(
-        data,
-        out,
-        preset,
-        steps,
-        batch_size,
-        lr,
-        n_embd,
-        n_hidden,
-        n_layers,
-        block_size,
-        seed,
-        quiet=as_json,
-        report=report,
+    from bnfold.pipeline import train_to_checkpoint
+
+    path, summary = train_to_checkpoint(
+        out_dir=out,
+        report_dir=report,
+        progress=False if as_json else None,
+        **pipeline_train_args(train_args),
     )
     if as_json:
         print_json(summary)
@@ -405,100 +373,32 @@ def verify_command(
         sys.exit(1)
 
 
-def format_stage_table(rows: list[dict]) -> str:
-    """One row per pipeline stage: ``{"stage", "status", "details", "output"}``."""
-    cols = ("stage", "status", "details", "output")
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
-    line = "  ".join(c.ljust(widths[c]) for c in cols).rstrip()
-    out = [line, "  ".join("-" * widths[c] for c in cols)]
-    for r in rows:
-        out.append("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols).rstrip())
-    return "\n".join(out)
-
-
-def train_stage_row(summary: dict, path: Path) -> dict:
-    return {
-        "stage": "train",
-        "status": "interrupted" if summary.get("interrupted") else "ok",
-        "details": f"{summary['steps']} steps, {summary['seconds']:.1f} s;"
-        f" dev loss {summary['dev_loss']:.4f}, test {summary['test_loss']:.4f}",
-        "output": str(path),
-    }
-
-
-def fold_stage_rows(path, fold_report, verification) -> list[dict]:
-    v = verification
-    f64 = (
-        f"; vs float64 BN {v.reference_vs_float64:.1e}, folded {v.candidate_vs_float64:.1e}"
-        if v.float64_reference is not None
-        else ""
-    )
-    return [
-        {
-            "stage": "fold",
-            "status": "ok" if fold_report.complete else "partial",
-            "details": f"{len(fold_report.folded)} BatchNorms folded, {len(fold_report.skipped)}"
-            f" left, {fold_report.seconds:.2f} s",
-            "output": str(path) if path else "(not written)",
-        },
-        {
-            "stage": "verify",
-            "status": "PASS" if v.passed else "FAIL",
-            "details": f"{v.contexts_checked:,} contexts"
-            f" ({'exhaustive' if v.exhaustive else 'sampled'}): max |dlogit|"
-            f" {v.max_abs_logit_error:.1e} (tol {v.tolerance:.0e}), argmax"
-            f" {v.argmax_agreement:.4%}{f64}, {v.seconds:.2f} s",
-            "output": "",
-        },
-    ]
-
-
 @main.command("train-fold")
 @train_options
 @verify_options
 @clear_errors
 def train_fold(as_json, tolerance, max_exhaustive, **train_args):
     """The main job: train the BN MLP, fold every BatchNorm, verify over the whole input
-    domain; ends with one summary table. Exit code 1 when verification fails."""
-    from bnfold.pipeline import fold_checkpoint
+    domain, export both networks to ONNX and write a model card (OUT/README.md); ends with
+    one summary table. Exit code 1 when verification fails."""
+    from bnfold.pipeline import run_main_job
 
-    bn_path, summary = run_training(**train_args, quiet=as_json)
-    rows = [train_stage_row(summary, bn_path)]
-    path, fold_report, verification = fold_checkpoint(
-        bn_path,
-        Path(train_args["out"]) / "folded.pt",
+    out = train_args.pop("out")
+    report = train_args.pop("report") or Path(out) / "report"
+    result = run_main_job(
+        out,
         tolerance=tolerance,
-        data_path=train_args["data"],
         max_exhaustive=max_exhaustive,
+        command=command_line(click.get_current_context()),
+        report_dir=report,
+        progress=False if as_json else None,
+        **pipeline_train_args(train_args),
     )
-    rows += fold_stage_rows(path, fold_report, verification)
-    exported = networks = None
-    if verification.passed:  # export bn.onnx + folded.onnx, then all four side by side
-        from bnfold.bench import format_four_networks, four_networks
-        from bnfold.export import export_checkpoint
-
-        exported = export_checkpoint(
-            bn_path, train_args["out"], tolerance=tolerance, folded_checkpoint=path
-        )
-        rows.append(exported.stage_row())
-        networks = four_networks(bn_path, path, exported.paths["bn"], exported.paths["folded"])
     if as_json:
-        print_json(
-            {
-                "stages": rows,
-                "train": summary,
-                "fold": fold_report.to_dict(),
-                "verification": verification.to_dict(),
-                "export": exported.to_dict() if exported else None,
-                "networks": networks,
-                "passed": verification.passed,
-            }
-        )
+        print_json(result.to_dict())
     else:
-        click.echo(format_stage_table(rows))
-        if networks:
-            click.echo("\n" + format_four_networks(networks))
-    if not verification.passed:
+        click.echo(result.format())
+    if not result.passed:
         sys.exit(1)
 
 

@@ -320,7 +320,8 @@ def main() -> None:
     lines = [
         f"bnfold serve load test: {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs,"
         f" load generator {tool}, {args.duration:g} s per scenario, loopback {HOST}",
-        f"model {Path(args.model).name}; one worker, uvloop + httptools, access log off",
+        f"model {Path(args.model).name}; one worker, uvloop + httptools, access log off;"
+        f" load average at start {os.getloadavg()[0]:.2f} (other jobs on the cores skew figures)",
     ]
     print("\n".join(lines), flush=True)
     runs = [
@@ -353,6 +354,8 @@ def main() -> None:
             code = server.stop()
             lines.append(f"{'':24}SIGTERM -> exit code {code}")
             print(lines[-1], flush=True)
+    lines.append(f"load average at end {os.getloadavg()[0]:.2f}")
+    print(lines[-1])
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(lines) + "\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from bnfold.checkpoint import Checkpoint, save_checkpoint
@@ -141,3 +142,216 @@ def fold_checkpoint(
         if not torch.equal(written[k], v):
             raise BnfoldError(f"{path}: the written checkpoint differs from the verified model")
     return path, report, vr
+
+
+# --------------------------------------------------------------------------- the main job
+
+
+def format_stage_table(rows: list[dict]) -> str:
+    """One row per pipeline stage: ``{"stage", "status", "details", "output"}``."""
+    cols = ("stage", "status", "details", "output")
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
+    out = [
+        "  ".join(c.ljust(widths[c]) for c in cols).rstrip(),
+        "  ".join("-" * widths[c] for c in cols),
+    ]
+    for r in rows:
+        out.append("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols).rstrip())
+    return "\n".join(out)
+
+
+def train_stage_row(summary: dict, path: Path) -> dict:
+    return {
+        "stage": "train",
+        "status": "interrupted" if summary.get("interrupted") else "ok",
+        "details": f"{summary['steps']} steps, {summary['seconds']:.1f} s;"
+        f" dev loss {summary['dev_loss']:.4f}, test {summary['test_loss']:.4f}",
+        "output": str(path),
+    }
+
+
+def fold_stage_rows(path: Path | None, fold_report, verification) -> list[dict]:
+    v = verification
+    f64 = (
+        f"; vs float64 BN {v.reference_vs_float64:.1e}, folded {v.candidate_vs_float64:.1e}"
+        if v.float64_reference is not None
+        else ""
+    )
+    return [
+        {
+            "stage": "fold",
+            "status": "ok" if fold_report.complete else "partial",
+            "details": f"{len(fold_report.folded)} BatchNorms folded,"
+            f" {len(fold_report.skipped)} left, {fold_report.seconds:.2f} s",
+            "output": str(path) if path else "(not written)",
+        },
+        {
+            "stage": "verify",
+            "status": "PASS" if v.passed else "FAIL",
+            "details": f"{v.contexts_checked:,} contexts"
+            f" ({'exhaustive' if v.exhaustive else 'sampled'}): max |dlogit|"
+            f" {v.max_abs_logit_error:.1e} (tol {v.tolerance:.0e}), argmax"
+            f" {v.argmax_agreement:.4%}{f64}, {v.seconds:.2f} s",
+            "output": "",
+        },
+    ]
+
+
+@dataclass
+class MainJobResult:
+    """What ``bnfold train-fold`` did: one row per stage plus every stage's own report."""
+
+    rows: list[dict]
+    train: dict
+    fold: object  # FoldReport
+    verification: object  # VerifyReport
+    export: object | None = None  # ExportResult, when verification passed
+    networks: dict | None = None  # the four networks side by side
+    model_card: Path | None = None
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.verification.passed and (self.export is None or self.export.passed))
+
+    def to_dict(self) -> dict:
+        return {
+            "stages": self.rows,
+            "train": self.train,
+            "fold": self.fold.to_dict(),
+            "verification": self.verification.to_dict(),
+            "export": self.export.to_dict() if self.export else None,
+            "networks": self.networks,
+            "model_card": str(self.model_card) if self.model_card else None,
+            "passed": self.passed,
+        }
+
+    def format(self) -> str:
+        from bnfold.bench import format_four_networks
+
+        text = format_stage_table(self.rows)
+        if self.networks:
+            text += "\n\n" + format_four_networks(self.networks)
+        return text
+
+
+def run_main_job(
+    out_dir: str | Path,
+    *,
+    tolerance: float | None = None,
+    max_exhaustive: int | None = None,
+    command: str = "bnfold train-fold",
+    **train_args,
+) -> MainJobResult:
+    """train -> fold -> verify -> export -> model card, all into ``out_dir``.
+
+    ``train_args`` go to :func:`train_to_checkpoint` (``report_dir`` defaults to
+    ``out_dir/report``). Stops after verification when it fails: nothing unverified is
+    exported. ``command`` is recorded in the model card so the run can be repeated.
+    """
+    from bnfold.bench import four_networks
+    from bnfold.export import export_checkpoint
+
+    out_dir = Path(out_dir)
+    train_args.setdefault("report_dir", out_dir / "report")
+    bn_path, summary = train_to_checkpoint(out_dir=out_dir, **train_args)
+    rows = [train_stage_row(summary, bn_path)]
+    verify_options = {} if max_exhaustive is None else {"max_exhaustive": max_exhaustive}
+    folded_path, fold_report, verification = fold_checkpoint(
+        bn_path,
+        out_dir / "folded.pt",
+        tolerance=tolerance,
+        data_path=train_args.get("data_path"),
+        **verify_options,
+    )
+    rows += fold_stage_rows(folded_path, fold_report, verification)
+    result = MainJobResult(rows, summary, fold_report, verification)
+    if not verification.passed:
+        return result
+    result.export = export_checkpoint(
+        bn_path, out_dir, tolerance=tolerance, folded_checkpoint=folded_path
+    )
+    rows.append(result.export.stage_row())
+    paths = result.export.paths
+    result.networks = four_networks(bn_path, folded_path, paths["bn"], paths["folded"])
+    result.model_card = write_model_card(out_dir, result, command, train_args.get("seed", 42))
+    rows.append(
+        {
+            "stage": "card",
+            "status": "ok",
+            "details": "model card with sha256 of each file",
+            "output": str(result.model_card),
+        }
+    )
+    return result
+
+
+def write_model_card(out_dir: Path, job: MainJobResult, command: str, seed: int) -> Path:
+    """``out_dir/README.md``: how the models were made, how good they are, and checksums."""
+    import platform
+
+    import torch
+
+    from bnfold import __version__
+    from bnfold.checkpoint import atomic_write
+    from bnfold.data import file_sha256
+
+    t, v, n = job.train, job.verification, job.networks
+    files = ["bn.pt", "folded.pt", "bn.onnx", "folded.onnx"]
+    pair = n["pairwise_max_abs_logit_diff"] if n else {}
+    lines = [
+        "# bnfold default models",
+        "",
+        "Produced by the main job, from the repository root:",
+        "",
+        f"```bash\n{command}\n```",
+        "",
+        f"bnfold {__version__}, torch {torch.__version__}, Python {platform.python_version()};"
+        f" preset `{t['preset']}`, seed {seed}.",
+        "",
+        "## Training (eval-mode cross-entropy, running BatchNorm statistics)",
+        "",
+        "| split | loss |",
+        "| --- | --- |",
+        *(f"| {s} | {t[f'{s}_loss']:.4f} |" for s in ("train", "dev", "test")),
+        "",
+        f"{t['steps']:,} steps in {t['seconds']:.1f} s on this machine; {t['params']:,}"
+        " parameters.",
+        "",
+        "## Verification (folded vs BatchNorm network)",
+        "",
+        f"- contexts checked: {v.contexts_checked:,}"
+        f" ({'every possible context' if v.exhaustive else 'a seeded sample'})",
+        f"- max / mean |logit difference|: {v.max_abs_logit_error:.2e} /"
+        f" {v.mean_abs_logit_error:.2e} (tolerance {v.tolerance:.0e}): "
+        f"{'PASS' if v.passed else 'FAIL'}",
+        f"- max |probability difference|: {v.max_abs_prob_error:.2e}",
+        f"- argmax agreement: {v.argmax_agreement:.4%}",
+    ]
+    if v.float64_reference is not None:
+        lines.append(
+            "- error against a float64 evaluation of the BN network:"
+            f" BN {v.reference_vs_float64:.2e}, folded {v.candidate_vs_float64:.2e}"
+        )
+    if pair:
+        names = list(pair)
+        lines += [
+            "",
+            "## The four networks: max |logit difference| over every context",
+            "",
+            "| | " + " | ".join(names) + " |",
+            "| --- |" + " --- |" * len(names),
+            *(
+                f"| {a} | "
+                + " | ".join("-" if a == b else f"{pair[a][b]:.1e}" for b in names)
+                + " |"
+                for a in names
+            ),
+        ]
+    lines += ["", "## Files", "", "| file | bytes | sha256 |", "| --- | --- | --- |"]
+    for name in files:
+        p = out_dir / name
+        lines.append(f"| `{name}` | {p.stat().st_size:,} | `{file_sha256(p)}` |")
+    lines.append("")
+    path = out_dir / "README.md"
+    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines), encoding="utf-8"))
+    return path

@@ -80,6 +80,7 @@ ENV_SETTINGS = "BNFOLD_SERVE_SETTINGS"  # JSON ServeSettings, read by each worke
 SEED_LIMIT = 2**53  # random seeds stay exact in JavaScript numbers (the web page)
 MAX_SEED = 2**64 - 1
 MAX_TEMPERATURE = 100.0
+MIN_TEMPERATURE = 1e-3  # above 0 (greedy): smaller ones underflow float32 in the sampler
 MAX_TOP_K = 1_000_000
 RETRY_AFTER = "1"  # seconds, for 429 and 503
 
@@ -653,7 +654,13 @@ def request_model(max_count: int) -> type[BaseModel]:
         ),
         temperature=(
             float,
-            Field(1.0, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False, description="0 = greedy."),
+            Field(
+                1.0,
+                ge=0,
+                le=MAX_TEMPERATURE,
+                allow_inf_nan=False,
+                description=f"0 = greedy; otherwise at least {MIN_TEMPERATURE:g}.",
+            ),
         ),
         top_k=(int | None, Field(None, ge=1, le=MAX_TOP_K)),
         top_p=(float | None, Field(None, gt=0, le=1, allow_inf_nan=False)),
@@ -873,6 +880,13 @@ def create_app(settings: ServeSettings, *, loader=None) -> EdgeMiddleware:
         if svc.inflight >= settings.queue_size:
             m.rejections.labels("queue_full").inc()
             return _error(429, f"queue full ({settings.queue_size} requests in flight)", retry=True)
+        if 0 < req.temperature < MIN_TEMPERATURE:
+            m.rejections.labels("invalid").inc()
+            return _invalid(
+                f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got"
+                f" {req.temperature!r}",
+                where,
+            )
         model = svc.model
         seed = req.seed if req.seed is not None else secrets.randbelow(SEED_LIMIT)
         try:
@@ -1008,6 +1022,10 @@ def app_from_env():
     return create_app(ServeSettings.from_env())
 
 
+def _exit_quietly(signum, frame):
+    raise SystemExit(0)
+
+
 def run_server(
     settings: ServeSettings,
     host: str = "127.0.0.1",
@@ -1022,6 +1040,8 @@ def run_server(
 
     settings.check()
     os.environ[ENV_SETTINGS] = settings.to_env()
+    # uvicorn re-raises SIGTERM/SIGINT once it has shut down gracefully: exit 0 then
+    signal.signal(signal.SIGTERM, _exit_quietly)
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     http = "httptools" if importlib.util.find_spec("httptools") else "h11"
     uvicorn.run(

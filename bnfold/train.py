@@ -31,9 +31,12 @@ class TrainConfig:
     warmup_steps: int = 0
     min_lr_frac: float = 0.0  # cosine floor, as a fraction of lr
     weight_decay: float = 0.0
+    adam_beta2: float = 0.999  # AdamW's second-moment decay (beta1 stays 0.9)
+    sampling: str = "random"  # "random": i.i.d. indices per step | "epoch": reshuffle each epoch
+    bn_momentum: float | None = None  # BN running-stat momentum while training (None: 0.1)
     calibrate_bn: bool = False  # recompute running stats over the whole train set at the end
     seed: int = 42
-    threads: int = 1  # small matmuls: one thread beats two, and fixes the reduction order
+    threads: int = 1  # two are faster on an idle machine, but collapse when cores are shared
     eval_interval: int = 0  # steps between dev-loss evaluations (0: only at the end)
 
     def __post_init__(self) -> None:
@@ -46,8 +49,14 @@ class TrainConfig:
             raise BnfoldError(f"unknown optimizer {self.optimizer!r}")
         if self.schedule not in ("step", "cosine"):
             raise BnfoldError(f"unknown schedule {self.schedule!r}")
+        if self.sampling not in ("random", "epoch"):
+            raise BnfoldError(f"unknown sampling {self.sampling!r} (choose random, epoch)")
         if not self.lr > 0:
             raise BnfoldError("lr must be > 0")
+        if not 0 <= self.adam_beta2 < 1:
+            raise BnfoldError("adam-beta2 must be in [0, 1)")
+        if self.bn_momentum is not None and not 0 < self.bn_momentum <= 1:
+            raise BnfoldError("bn-momentum must be in (0, 1]")
 
     @classmethod
     def from_preset(cls, preset: str = "fast", **overrides) -> TrainConfig:
@@ -71,14 +80,16 @@ PRESETS: dict[str, dict] = {
     "lecture": dict(steps=200_000, batch_size=32, optimizer="sgd", lr=0.1, schedule="step"),
     # Engineered for time-to-dev-loss on a 2-core CPU (see benchmarks/train_presets.py).
     "fast": dict(
-        steps=12_000,
-        batch_size=256,
+        steps=1_200,
+        batch_size=2048,  # one thread: big batches cost ~25% less per example than 256
         optimizer="adamw",
-        lr=1e-2,
+        lr=4e-2,
+        adam_beta2=0.99,
         schedule="cosine",
         warmup_steps=200,
         min_lr_frac=0.01,
-        calibrate_bn=True,
+        sampling="epoch",  # without replacement: ~0.007 lower dev loss than i.i.d. draws
+        bn_momentum=0.01,  # running stats as good as a calibration pass, 1.3 s cheaper
     ),
 }
 
@@ -113,7 +124,7 @@ class TrainResult:
         }
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def split_loss(model: MLP, x: torch.Tensor, y: torch.Tensor, chunk: int = 65536) -> float:
     """Mean cross-entropy in eval mode (BatchNorm uses its running statistics)."""
     was_training = model.training
@@ -202,8 +213,16 @@ def _train(data, model_config, cfg, observer, progress) -> TrainResult:
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+        opt = _adamw(params, cfg)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    saved_momentum = [bn.momentum for bn in bns]
+    if cfg.bn_momentum is not None:
+        # A slow running average over the last ~1/momentum batches, taken while the lr has
+        # decayed to almost nothing, matches a full calibration pass at no cost.
+        for bn in bns:
+            bn.momentum = cfg.bn_momentum
     gen = torch.Generator().manual_seed(cfg.seed)
+    n, order, pos = len(xtr), None, 0
     losses = torch.zeros(cfg.steps)
     bar = Progress(cfg.steps, "train", enabled=progress)
     model.train()
@@ -213,8 +232,14 @@ def _train(data, model_config, cfg, observer, progress) -> TrainResult:
         for step in range(cfg.steps):
             if stop.requested:
                 break
-            # Batches are drawn per step from one seeded generator: same seed, same batches.
-            ix = torch.randint(0, len(xtr), (cfg.batch_size,), generator=gen)
+            # Batches are drawn from one seeded generator: same seed, same batches.
+            if cfg.sampling == "random":
+                ix = torch.randint(0, n, (cfg.batch_size,), generator=gen)
+            else:  # "epoch": without replacement, a fresh permutation each epoch
+                if order is None or pos + cfg.batch_size > len(order):
+                    order, pos = torch.randperm(n, generator=gen), 0
+                ix = order[pos : pos + cfg.batch_size]
+                pos += cfg.batch_size
             lr = cfg.lr_at(step)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -235,6 +260,8 @@ def _train(data, model_config, cfg, observer, progress) -> TrainResult:
             if bar.enabled:
                 bar.update(steps_done, loss=float(losses[max(0, step - 99) : step + 1].mean()))
     bar.close()
+    for bn, m in zip(bns, saved_momentum, strict=True):
+        bn.momentum = m
     if cfg.calibrate_bn and steps_done:
         calibrate_batchnorm(model, xtr)
     seconds = time.perf_counter() - t0
@@ -245,6 +272,14 @@ def _train(data, model_config, cfg, observer, progress) -> TrainResult:
     return TrainResult(
         model, cfg, steps_done, seconds, stop.requested, losses[:steps_done], metrics
     )
+
+
+def _adamw(params, cfg: TrainConfig) -> torch.optim.AdamW:
+    kw = dict(lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    try:  # the fused CPU kernel (torch >= 2.4) takes ~0.3 ms off every step
+        return torch.optim.AdamW(params, fused=True, **kw)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(params, foreach=True, **kw)
 
 
 def train_config_dict(cfg: TrainConfig) -> dict:

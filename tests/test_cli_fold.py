@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from bnfold.checkpoint import load_checkpoint, save_checkpoint
+from bnfold.data import file_sha256
 from cli import main
 
 REQUIRED = (
@@ -99,9 +100,14 @@ def test_train_fold_main_job(tmp_path):
     lines = r.output.strip().splitlines()
     table = lines[lines.index(next(ln for ln in lines if ln.startswith("stage"))) :]
     table = table[: table.index("")]  # the stage table ends at the four-networks table
-    assert [ln.split()[0] for ln in table[2:]] == ["train", "fold", "verify", "export"]
-    assert "PASS" in table[-2] and "exhaustive" in table[-2]
-    assert "PASS" in table[-1] and "bn.onnx (6 BN nodes)" in table[-1]
+    assert [ln.split()[0] for ln in table[2:]] == ["train", "fold", "verify", "export", "card"]
+    assert "PASS" in table[-3] and "exhaustive" in table[-3]
+    assert "PASS" in table[-2] and "bn.onnx (6 BN nodes)" in table[-2]
+    card = (tmp_path / "README.md").read_text()
+    for name in ("bn.pt", "folded.pt", "bn.onnx", "folded.onnx"):
+        assert f"`{name}`" in card and file_sha256(tmp_path / name) in card
+    assert "bnfold train-fold" in card and "seed 42" in card
+    assert (tmp_path / "report" / "index.html").exists()
     assert "the four networks" in r.output and "ONNX folded" in r.output
     assert (tmp_path / "bn.pt").exists() and (tmp_path / "folded.pt").exists()
     assert (tmp_path / "bn.onnx").exists() and (tmp_path / "folded.onnx").exists()
@@ -113,6 +119,7 @@ def test_train_fold_main_job(tmp_path):
         "fold",
         "verify",
         "export",
+        "card",
     ]
     assert d["export"]["passed"] and set(d["networks"]["latency_us"]) == {
         "torch BN",
