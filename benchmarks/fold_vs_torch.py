@@ -30,8 +30,9 @@ sys.path.insert(0, str(REPO))
 
 from bnfold.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
 from bnfold.fold import fold_batchnorm  # noqa: E402
+from bnfold.infer import TorchPredictor  # noqa: E402
 from bnfold.model import MLP  # noqa: E402
-from bnfold.verify import CheckpointPredictor, all_contexts, verify  # noqa: E402
+from bnfold.verify import all_contexts, verify  # noqa: E402
 
 
 def torch_fused(model: MLP) -> MLP:
@@ -91,7 +92,7 @@ def main(path: Path) -> None:
     for _ in range(5):
         t0 = time.perf_counter()
         folded, _ = fold_batchnorm(ckpt.model)
-        r = verify(CheckpointPredictor(ckpt), CheckpointPredictor(Checkpoint(folded, ckpt.vocab)))
+        r = verify(TorchPredictor(ckpt), TorchPredictor(Checkpoint(folded, ckpt.vocab)))
         times.append(time.perf_counter() - t0)
     print(
         f"bnfold fold + exhaustive verify (warm, in process): median"

@@ -62,7 +62,6 @@ def load_networks(models_dir: str | Path, work_dir: Path, progress: bool = False
     from bnfold.fold import fold_batchnorm
     from bnfold.infer import TorchPredictor
     from bnfold.onnx_runtime import OnnxPredictor
-    from bnfold.verify import CheckpointPredictor
 
     models = Path(models_dir)
     notes: list[str] = []
@@ -91,7 +90,7 @@ def load_networks(models_dir: str | Path, work_dir: Path, progress: bool = False
     if folded is None:
         ck = nets["torch BN"].checkpoint  # type: ignore[attr-defined]
         model, _ = fold_batchnorm(ck.model)
-        folded = CheckpointPredictor(Checkpoint(model, ck.vocab), "folded (in memory)")
+        folded = TorchPredictor(Checkpoint(model, ck.vocab), "folded (in memory)")
         notes.append("torch folded: bn.pt folded in memory (no matching folded.pt)")
     nets["torch folded"] = folded
 

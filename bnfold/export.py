@@ -261,7 +261,8 @@ def export_checkpoint(
     (see :func:`bnfold.verify.verify`); the figures are stored in each file's metadata.
     """
     from bnfold.fold import fold_batchnorm
-    from bnfold.verify import DEFAULT_TOLERANCE, CheckpointPredictor, verify
+    from bnfold.infer import TorchPredictor
+    from bnfold.verify import DEFAULT_TOLERANCE, verify
 
     t0 = time.perf_counter()
     tol = DEFAULT_TOLERANCE if tolerance is None else tolerance
@@ -273,9 +274,9 @@ def export_checkpoint(
         raise BnfoldError(f"{out}: exists and is not a directory")
     notes: list[str] = []
 
-    torch_nets: dict[str, CheckpointPredictor] = {}
+    torch_nets: dict[str, TorchPredictor] = {}
     if ckpt.config.batchnorm:
-        torch_nets["bn"] = CheckpointPredictor(ckpt, f"{src.name} (torch)")
+        torch_nets["bn"] = TorchPredictor(ckpt, f"{src.name} (torch)")
         if folded_checkpoint is not None:  # e.g. train-fold's verified folded.pt
             fpath = Path(folded_checkpoint)
             folded_ckpt = load_checkpoint(fpath)
@@ -284,15 +285,15 @@ def export_checkpoint(
                 raise BnfoldError(
                     f"{fpath}: not the folded form of {src} (its folded_from sha256 differs)"
                 )
-            torch_nets["folded"] = CheckpointPredictor(folded_ckpt, f"{fpath.name} (torch)")
+            torch_nets["folded"] = TorchPredictor(folded_ckpt, f"{fpath.name} (torch)")
         else:
             folded_model, report = fold_batchnorm(ckpt.model)
             if not report.complete or not isinstance(folded_model, MLP):
                 raise BnfoldError(f"{src}: not every BatchNorm folds:\n{report.format()}")
             folded_ckpt = Checkpoint(folded_model, ckpt.vocab, dict(ckpt.metrics), dict(ckpt.meta))
-            torch_nets["folded"] = CheckpointPredictor(folded_ckpt, "folded (torch)")
+            torch_nets["folded"] = TorchPredictor(folded_ckpt, "folded (torch)")
     else:
-        torch_nets["folded"] = CheckpointPredictor(ckpt, f"{src.name} (torch)")
+        torch_nets["folded"] = TorchPredictor(ckpt, f"{src.name} (torch)")
         notes.append(f"{src.name} is already folded: wrote folded.onnx only")
 
     protos: dict[str, onnx.ModelProto] = {}

@@ -8,11 +8,15 @@ Vocabulary and block_size always come from the file itself.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from bnfold.data import END, Vocab
 from bnfold.errors import BnfoldError
+
+if TYPE_CHECKING:
+    from bnfold.checkpoint import Checkpoint
 
 
 class Predictor:
@@ -53,13 +57,20 @@ class Predictor:
 
 
 class TorchPredictor(Predictor):
+    """A checkpoint in eval mode: read from ``source`` (a ``.pt`` path), or an in-memory
+    :class:`~bnfold.checkpoint.Checkpoint` named ``label`` in reports."""
+
     backend = "torch"
 
-    def __init__(self, path: str | Path):
-        from bnfold.checkpoint import load_checkpoint  # torch only when a .pt is used
+    def __init__(self, source: str | Path | Checkpoint, label: str | None = None):
+        if isinstance(source, str | Path):
+            from bnfold.checkpoint import load_checkpoint  # torch only when a .pt is used
 
-        ckpt = load_checkpoint(path)
-        self.path = Path(path)
+            ckpt = load_checkpoint(source)
+            label = label or str(source)
+        else:
+            ckpt = source
+        self.path = Path(label or "<in memory>")
         self.checkpoint = ckpt
         self.model = ckpt.model.eval()
         self.vocab = ckpt.vocab

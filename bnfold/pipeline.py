@@ -93,14 +93,9 @@ def fold_checkpoint(
     from bnfold.data import file_sha256
     from bnfold.errors import BnfoldError
     from bnfold.fold import fold_batchnorm
+    from bnfold.infer import TorchPredictor
     from bnfold.model import MLP
-    from bnfold.verify import (
-        DEFAULT_MAX_EXHAUSTIVE,
-        DEFAULT_TOLERANCE,
-        CheckpointPredictor,
-        split_contexts,
-        verify,
-    )
+    from bnfold.verify import DEFAULT_MAX_EXHAUSTIVE, DEFAULT_TOLERANCE, split_contexts, verify
 
     bn_path = Path(bn_path)
     src = load_checkpoint(bn_path)
@@ -125,8 +120,8 @@ def fold_checkpoint(
     }
     ckpt = Checkpoint(folded, src.vocab, metrics=dict(src.metrics), meta=meta)
     vr = verify(
-        CheckpointPredictor(src, str(bn_path)),
-        CheckpointPredictor(ckpt, str(out)),
+        TorchPredictor(src, str(bn_path)),
+        TorchPredictor(ckpt, str(out)),
         tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance,
         **verify_options,  # the float64 ground truth is the BN side: found automatically
     )

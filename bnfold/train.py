@@ -66,11 +66,13 @@ class TrainConfig:
         return cls(preset=preset, **{**PRESETS[preset], **given})
 
     def lr_at(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
+        # Warm-up never takes more than a quarter of the run, so a shortened run still trains.
+        warmup = min(self.warmup_steps, self.steps // 4)
+        if step < warmup:
+            return self.lr * (step + 1) / warmup
         if self.schedule == "step":
             return self.lr if step < 0.75 * self.steps else self.lr / 10
-        t = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        t = (step - warmup) / max(1, self.steps - warmup)
         floor = self.lr * self.min_lr_frac
         return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
@@ -216,11 +218,11 @@ def _train(data, model_config, cfg, observer, progress) -> TrainResult:
         opt = _adamw(params, cfg)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
     saved_momentum = [bn.momentum for bn in bns]
-    if cfg.bn_momentum is not None:
-        # A slow running average over the last ~1/momentum batches, taken while the lr has
-        # decayed to almost nothing, matches a full calibration pass at no cost.
-        for bn in bns:
-            bn.momentum = cfg.bn_momentum
+    # With bn_momentum, a slow running average over the last ~1/momentum batches (taken
+    # while the lr has decayed to almost nothing) matches a full calibration pass at no
+    # cost. Until 1/momentum batches have been seen it is a plain cumulative mean instead,
+    # so that a short run never evaluates with half-initialised statistics.
+    warm_steps = 0 if cfg.bn_momentum is None else math.ceil(1 / cfg.bn_momentum)
     gen = torch.Generator().manual_seed(cfg.seed)
     n, order, pos = len(xtr), None, 0
     losses = torch.zeros(cfg.steps)
@@ -243,6 +245,9 @@ def _train(data, model_config, cfg, observer, progress) -> TrainResult:
             lr = cfg.lr_at(step)
             for g in opt.param_groups:
                 g["lr"] = lr
+            if step <= warm_steps and cfg.bn_momentum is not None:
+                for bn in bns:
+                    bn.momentum = max(cfg.bn_momentum, 1 / (step + 1))
             if observer:
                 observer.before_step(step, model)
             loss = F.cross_entropy(model(xtr[ix]), ytr[ix])

@@ -39,24 +39,6 @@ DEFAULT_SAMPLE_SIZE = 1_000_000
 DEFAULT_CHUNK = 32_768
 
 
-class CheckpointPredictor(Predictor):
-    """A :class:`Predictor` over an in-memory :class:`Checkpoint` (nothing read from disk)."""
-
-    backend = "torch"
-
-    def __init__(self, ckpt: Checkpoint, label: str = "<in memory>"):
-        self.path = Path(label)
-        self.checkpoint = ckpt
-        self.model = ckpt.model.eval()
-        self.vocab = ckpt.vocab
-        self.block_size = ckpt.config.block_size
-        self.folded = not ckpt.config.batchnorm
-
-    @torch.inference_mode()
-    def logits(self, contexts: np.ndarray) -> np.ndarray:
-        return self.model(torch.from_numpy(self.check_contexts(contexts))).numpy()
-
-
 class Float64Model:
     """The unfolded BatchNorm network evaluated in float64, eval mode."""
 
@@ -168,9 +150,7 @@ def resolve_float64(
         return Float64Model(float64_reference, "<in memory>")
     if float64_reference is not None:
         return Float64Model(load_checkpoint(float64_reference), str(float64_reference))
-    sides = [
-        p for p in (reference, candidate) if isinstance(p, TorchPredictor | CheckpointPredictor)
-    ]
+    sides = [p for p in (reference, candidate) if isinstance(p, TorchPredictor)]
     for p in sides:
         if p.checkpoint.config.batchnorm:
             return Float64Model(p.checkpoint, _label(p))

@@ -24,5 +24,7 @@ def trained_checkpoint(tmp_path_factory) -> Path:
     from bnfold.pipeline import train_to_checkpoint
 
     out = tmp_path_factory.mktemp("trained")
-    path, _ = train_to_checkpoint(NAMES, out, preset="fast", steps=400, progress=False)
+    path, _ = train_to_checkpoint(
+        NAMES, out, preset="fast", steps=400, batch_size=512, progress=False
+    )
     return path

@@ -95,7 +95,9 @@ def test_errors_are_one_line(bn, tmp_path):
 
 
 def test_train_fold_main_job(tmp_path):
-    r = run("train-fold", "--steps", "30", "--out", tmp_path, "--n-hidden", "16")
+    r = run(
+        "train-fold", "--steps", "30", "--batch-size", "256", "--out", tmp_path, "--n-hidden", "16"
+    )
     assert r.exit_code == 0, r.output
     lines = r.output.strip().splitlines()
     table = lines[lines.index(next(ln for ln in lines if ln.startswith("stage"))) :]
@@ -111,7 +113,18 @@ def test_train_fold_main_job(tmp_path):
     assert "the four networks" in r.output and "ONNX folded" in r.output
     assert (tmp_path / "bn.pt").exists() and (tmp_path / "folded.pt").exists()
     assert (tmp_path / "bn.onnx").exists() and (tmp_path / "folded.onnx").exists()
-    r = run("train-fold", "--steps", "30", "--out", tmp_path, "--n-hidden", "16", "--json")
+    r = run(
+        "train-fold",
+        "--steps",
+        "30",
+        "--batch-size",
+        "256",
+        "--out",
+        tmp_path,
+        "--n-hidden",
+        "16",
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
     assert d["passed"] and [s["stage"] for s in d["stages"]] == [

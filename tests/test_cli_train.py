@@ -18,6 +18,8 @@ def test_train_json_writes_a_loadable_checkpoint(tmp_path):
         "train",
         "--steps",
         "150",
+        "--batch-size",
+        "256",
         "--out",
         str(tmp_path),
         "--n-hidden",
@@ -44,7 +46,9 @@ def test_train_json_writes_a_loadable_checkpoint(tmp_path):
 
 
 def test_train_human_output(tmp_path):
-    r = run("train", "--steps", "50", "--out", str(tmp_path), "--n-layers", "1")
+    r = run(
+        "train", "--steps", "50", "--batch-size", "64", "--out", str(tmp_path), "--n-layers", "1"
+    )
     assert r.exit_code == 0, r.output
     assert "dev" in r.output and str(tmp_path / "bn.pt") in r.output
 

@@ -272,7 +272,7 @@ def cli_report(tmp_path_factory, names_path) -> Path:
     result = CliRunner().invoke(
         main,
         ["train", "--data", str(names_path), "--out", str(out), "--steps", "120",
-         "--report", str(out / "report"), "--json"],
+         "--batch-size", "256", "--report", str(out / "report"), "--json"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import math
 import os
 import signal
@@ -39,7 +40,7 @@ def test_initial_loss_is_close_to_uniform(data):
 
 
 def test_short_run_learns_and_is_deterministic(data):
-    cfg = TrainConfig.from_preset("fast", steps=300)
+    cfg = TrainConfig.from_preset("fast", steps=300, batch_size=256)
     a = train(data, ModelConfig(), cfg, progress=False)
     b = train(data, ModelConfig(), cfg, progress=False)
     assert a.metrics["dev_loss"] < math.log(27) - 0.8  # 3.30 at init
@@ -57,7 +58,10 @@ def test_short_run_learns_and_is_deterministic(data):
         "preset",
     }
     c = train(
-        data, ModelConfig(), TrainConfig.from_preset("fast", steps=300, seed=7), progress=False
+        data,
+        ModelConfig(),
+        TrainConfig.from_preset("fast", steps=300, batch_size=256, seed=7),
+        progress=False,
     )
     assert not torch.equal(c.model.tok_emb.weight, a.model.tok_emb.weight)
 
@@ -67,6 +71,21 @@ def test_lecture_preset_is_the_lecture():
     assert (cfg.steps, cfg.batch_size, cfg.optimizer, cfg.lr) == (200_000, 32, "sgd", 0.1)
     assert cfg.lr_at(0) == 0.1 and cfg.lr_at(149_999) == 0.1 and cfg.lr_at(150_000) == 0.01
     assert PRESETS["fast"]["steps"] < 200_000
+
+
+def test_short_runs_warm_up_and_average_batchnorm_statistics(data):
+    """A shortened `fast` run must still train and evaluate with settled BN statistics:
+    warm-up is capped at a quarter of the run, and running stats start as a cumulative mean."""
+    cfg = TrainConfig.from_preset("fast", steps=20, batch_size=128)
+    assert cfg.lr_at(4) == cfg.lr and cfg.lr_at(0) < cfg.lr
+    r = train(data, ModelConfig(), cfg, progress=False)
+    x = data.splits["train"][0]
+    calibrated = copy.deepcopy(r.model)
+    calibrate_batchnorm(calibrated, x)
+    assert r.metrics["dev_loss"] < 2.8
+    bn, exact = r.model.net[1], calibrated.net[1]
+    # within sampling noise of the whole-train-set statistics, not stuck near their init
+    assert (bn.running_mean - exact.running_mean).abs().max() < 0.5 * exact.running_var.sqrt().max()
 
 
 def test_bad_train_config():
@@ -103,7 +122,12 @@ def test_ctrl_c_stops_cleanly_and_keeps_completed_steps(data):
 
 
 def test_split_loss_uses_running_statistics(data):
-    m = train(data, ModelConfig(), TrainConfig.from_preset("fast", steps=50), progress=False).model
+    m = train(
+        data,
+        ModelConfig(),
+        TrainConfig.from_preset("fast", steps=50, batch_size=256),
+        progress=False,
+    ).model
     x, y = data.splits["dev"]
     m.train()
     before = split_loss(m, x, y)

@@ -11,10 +11,10 @@ import torch
 
 from bnfold.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from bnfold.errors import BnfoldError
-from bnfold.infer import load_predictor
+from bnfold.infer import TorchPredictor, load_predictor
 from bnfold.model import MLP, ModelConfig
 from bnfold.pipeline import fold_checkpoint
-from bnfold.verify import CheckpointPredictor, all_contexts, verify
+from bnfold.verify import all_contexts, verify
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_nonfinite_output_fails_and_serialises(pair, tmp_path):
     ckpt = load_checkpoint(folded)
     with torch.no_grad():
         ckpt.model.net[-1].bias[0] = float("nan")
-    r = verify(CheckpointPredictor(load_checkpoint(bn)), CheckpointPredictor(ckpt))
+    r = verify(TorchPredictor(load_checkpoint(bn)), TorchPredictor(ckpt))
     assert not r.passed and r.nonfinite == r.domain_size
     assert r.to_dict()["max_abs_logit_error"] is None  # JSON-safe
 
@@ -123,5 +123,5 @@ def test_fold_and_verify_are_fast(pair):
     t0 = time.perf_counter()
     folded, _ = fold_batchnorm(ckpt.model)
     cand = Checkpoint(folded, ckpt.vocab)
-    r = verify(CheckpointPredictor(ckpt), CheckpointPredictor(cand))
+    r = verify(TorchPredictor(ckpt), TorchPredictor(cand))
     assert r.passed and time.perf_counter() - t0 < 3.0
