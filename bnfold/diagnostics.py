@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -456,11 +455,7 @@ def write_report(report: dict, report_dir: str | Path, extra_figures=()) -> Path
 
 
 def _write_text(path: Path, text: str) -> None:
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(text, encoding="utf-8")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is meant to be shared
-
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _write_json(report: dict, path: Path) -> None:

@@ -24,7 +24,6 @@ file is loaded back from disk and must reproduce the verified outputs bit for bi
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -347,7 +346,7 @@ def export_checkpoint(
         check_model(proto, f"{kind}.onnx")
         data = proto.SerializeToString()
         path = out / f"{kind}.onnx"
-        atomic_write(path, lambda tmp, data=data: _write_shareable(tmp, data))
+        atomic_write(path, lambda tmp, data=data: Path(tmp).write_bytes(data))
         # read the written file back: it must load and reproduce the verified outputs exactly
         back = OnnxPredictor(path)
         if not np.array_equal(back.logits(probe), outputs[kind]):
@@ -363,15 +362,6 @@ def export_checkpoint(
         seconds=round(time.perf_counter() - t0, 3),
         notes=notes,
     )
-
-
-def _write_shareable(tmp: str, data: bytes) -> None:
-    """Write ``data``; mode 0666 minus the umask like an ordinary file (the temp file
-    ``atomic_write`` hands out is private, 0600): model files are meant to be shared."""
-    Path(tmp).write_bytes(data)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
 
 
 def _probe_contexts(vocab_size: int, block_size: int, n: int = 4096) -> np.ndarray:

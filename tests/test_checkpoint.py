@@ -5,7 +5,13 @@ import shutil
 import pytest
 import torch
 
-from bnfold.checkpoint import Checkpoint, atomic_write, load_checkpoint, save_checkpoint
+from bnfold.checkpoint import (
+    Checkpoint,
+    _umask,
+    atomic_write,
+    load_checkpoint,
+    save_checkpoint,
+)
 from bnfold.data import Vocab
 from bnfold.errors import BnfoldError
 from bnfold.model import MLP, ModelConfig
@@ -25,6 +31,7 @@ def test_round_trip(tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(ck.model.state_dict()[k], v)
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temp file left behind
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()  # an ordinary file, not 0600
 
 
 def test_trained_checkpoint_loads(trained_checkpoint):
