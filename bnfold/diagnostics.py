@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from bnfold.checkpoint import atomic_write
+from bnfold.data import distinct_contexts
 from bnfold.errors import BnfoldError
 
 FORMAT = "bnfold-diagnostics"
@@ -134,18 +135,6 @@ def histogram(t: torch.Tensor, bins: int = HIST_BINS, lo=None, hi=None) -> dict:
     return {"edges": _round(edges.tolist()), "density": _round(density.tolist())}
 
 
-def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(distinct rows of the int tensor x, how often each occurs)``. Rows are packed into
-    one int64 key when they fit (a 1-D unique is much faster than ``unique(dim=0)``)."""
-    base = int(x.max()) + 1 if x.numel() else 1
-    if x.min() < 0 or x.shape[1] * math.log2(max(base, 2)) >= 62:
-        return torch.unique(x, dim=0, return_counts=True)
-    powers = base ** torch.arange(x.shape[1] - 1, -1, -1, dtype=torch.int64)
-    keys, counts = torch.unique(x.to(torch.int64) @ powers, return_counts=True)
-    rows = torch.stack([(keys // p) % base for p in powers.tolist()], 1).to(x.dtype)
-    return rows, counts
-
-
 @torch.no_grad()
 def saturation_census(
     model: nn.Module, x: torch.Tensor, threshold: float = SATURATION, chunk: int = 65536
@@ -160,7 +149,8 @@ def saturation_census(
     layers = tanh_layers(model)
     n = len(x)
     if n:
-        x, weight = distinct_rows(x)
+        x, inverse = distinct_contexts(x)
+        weight = torch.bincount(inverse, minlength=len(x))
     always = [None] * len(layers)
     counts = [0.0] * len(layers)
     offset = [0]

@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from bnfold.data import Dataset
+from bnfold.data import Dataset, distinct_contexts
 from bnfold.errors import BnfoldError
 from bnfold.model import MLP, ModelConfig
 from bnfold.progress import Progress
@@ -127,15 +127,19 @@ class TrainResult:
 
 
 @torch.inference_mode()
-def split_loss(model: MLP, x: torch.Tensor, y: torch.Tensor, chunk: int = 65536) -> float:
-    """Mean cross-entropy in eval mode (BatchNorm uses its running statistics)."""
+def split_loss(model: MLP, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean cross-entropy in eval mode (BatchNorm uses its running statistics).
+
+    In eval mode a context's logits do not depend on its batch, and contexts repeat a lot
+    (the 182,625 training rows of names.txt hold 5,438 distinct contexts), so the network
+    runs once per distinct context: 7x to 30x less work than one row at a time.
+    """
     was_training = model.training
     model.eval()
-    total = 0.0
-    for i in range(0, len(x), chunk):
-        total += F.cross_entropy(model(x[i : i + chunk]), y[i : i + chunk], reduction="sum").item()
+    contexts, inverse = distinct_contexts(x)
+    logp = F.log_softmax(model(contexts), dim=-1)
     model.train(was_training)
-    return total / len(x)
+    return -logp[inverse, y].double().mean().item()
 
 
 @torch.no_grad()

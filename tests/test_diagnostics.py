@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import nn
 
+from bnfold.data import distinct_contexts
 from bnfold.diagnostics import (
     Diagnostics,
     activation_stats,
-    distinct_rows,
     load_report,
     saturation_census,
     update_ratio,
@@ -188,11 +188,15 @@ def test_census_finds_units_saturated_on_every_example():
     assert model.training is False
 
 
-def test_distinct_rows_matches_unique():
+def test_distinct_contexts_matches_unique():
     x = torch.randint(0, 27, (3000, 3), generator=torch.Generator().manual_seed(0))
-    rows, counts = distinct_rows(x)
+    rows, inverse = distinct_contexts(x)
     r2, c2 = torch.unique(x, dim=0, return_counts=True)
-    assert torch.equal(rows, r2) and torch.equal(counts, c2)
+    assert torch.equal(rows, r2) and torch.equal(torch.bincount(inverse), c2)
+    assert torch.equal(rows[inverse], x)
+    wide = torch.randint(0, 2**20, (50, 4), generator=torch.Generator().manual_seed(1))
+    rows, inverse = distinct_contexts(wide)  # keys would overflow: the 2-D fallback
+    assert torch.equal(rows[inverse], wide)
 
 
 # ------------------------------------------------------------- BN vs folded figure --
@@ -255,7 +259,7 @@ def test_fold_comparison_detects_a_wrong_fold():
 
 def test_input_domain_enumerates_every_context_once():
     x, desc = input_domain(5, 3)
-    assert x.shape == (125, 3) and len(distinct_rows(x)[0]) == 125
+    assert x.shape == (125, 3) and len(distinct_contexts(x)[0]) == 125
     big, desc = input_domain(27, 5)
     assert len(big) < 27**5 and "random" in desc
 

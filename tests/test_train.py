@@ -121,6 +121,20 @@ def test_ctrl_c_stops_cleanly_and_keeps_completed_steps(data):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_split_loss_equals_plain_cross_entropy(data):
+    """split_loss runs the network once per distinct context; the mean is the same."""
+    m = train(
+        data,
+        ModelConfig(),
+        TrainConfig.from_preset("fast", steps=20, batch_size=64),
+        progress=False,
+    ).model
+    x, y = data.splits["test"]
+    with torch.no_grad():
+        plain = F.cross_entropy(m(x).double(), y).item()
+    assert split_loss(m, x, y) == pytest.approx(plain, abs=1e-6)
+
+
 def test_split_loss_uses_running_statistics(data):
     m = train(
         data,
