@@ -116,6 +116,31 @@ def load_networks(models_dir: str | Path, work_dir: Path, progress: bool = False
     return nets, {k: str(v.path) for k, v in nets.items()}, notes
 
 
+PLAIN_ORT = "ORT plain run"
+
+
+class PlainOrtRun(Predictor):
+    """``folded.onnx`` run the way a user would by default: an ``InferenceSession`` with one
+    thread and the public ``session.run``. The baseline bnfold's ONNX path must not lose to."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, onnx_predictor: Predictor):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        self.session = ort.InferenceSession(
+            str(onnx_predictor.path), options, providers=["CPUExecutionProvider"]
+        )
+        self.input_name = self.session.get_inputs()[0].name
+        self.path, self.vocab = onnx_predictor.path, onnx_predictor.vocab
+        self.block_size, self.folded = onnx_predictor.block_size, onnx_predictor.folded
+
+    def logits(self, contexts: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: contexts})[0]
+
+
 def _percentiles(ns: np.ndarray) -> dict:
     us = ns / 1e3
     return {
@@ -271,7 +296,7 @@ def run_bench(
         with tempfile.TemporaryDirectory(prefix="bnfold-bench-") as tmp:
             nets, paths, notes = load_networks(models_dir, Path(tmp), progress)
             _log(progress, f"single-example latency ({repeats:,} calls per network)...")
-            lat = single_latency(nets, repeats)
+            lat = single_latency({**nets, PLAIN_ORT: PlainOrtRun(nets["ONNX folded"])}, repeats)
             probs_lat = probs_latency(nets, max(1, repeats // 10))
             _log(progress, f"batched throughput (batch {BATCH})...")
             rows = batched_rows(nets)
@@ -290,6 +315,9 @@ def run_bench(
             k: _ratio(lat["torch BN"]["p50"], v["p50"]) for k, v in lat.items()
         },
         "onnx_folded_vs_onnx_bn_p50": _ratio(lat["ONNX BN"]["p50"], lat["ONNX folded"]["p50"]),
+        "onnx_folded_vs_plain_ort_run_p50": _ratio(
+            lat[PLAIN_ORT]["p50"], lat["ONNX folded"]["p50"]
+        ),
         "torch_folded_vs_torch_bn_p50": _ratio(lat["torch BN"]["p50"], lat["torch folded"]["p50"]),
         "rows_per_s_vs_torch_bn": {k: _ratio(v, rows["torch BN"]) for k, v in rows.items()},
     }
@@ -374,6 +402,8 @@ def format_bench(r: dict) -> str:
         f"targets: ONNX folded p50 <= {t['onnx_folded_p50_us']} us"
         f" (got {lat['ONNX folded']['p50']}),"
         f" >= {t['speedup_vs_torch_bn']:.0f}x torch BN (got {sp['ONNX folded']}x)",
+        f"         ONNX folded p50 <= {PLAIN_ORT} of folded.onnx (got {lat['ONNX folded']['p50']}"
+        f" vs {lat[PLAIN_ORT]['p50']} us: {ratios['onnx_folded_vs_plain_ort_run_p50']}x)",
     ]
     if "batched sampler" in names:
         got = names["batched sampler"]["ONNX folded"]["names_per_s"]
