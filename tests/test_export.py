@@ -288,7 +288,8 @@ def test_bench_measures_the_four_networks_in_one_run(trained_checkpoint, tmp_pat
     assert r.exit_code == 0, r.output
     b = json.loads(r.output[r.output.index("{") :])  # progress lines go to stderr
     nets = ["torch BN", "torch folded", "ONNX BN", "ONNX folded"]
-    assert sorted(b["latency_us"]) == sorted(nets)
+    assert sorted(b["latency_us"]) == sorted([*nets, "ORT plain run"])
+    assert b["ratios"]["onnx_folded_vs_plain_ort_run_p50"] > 0
     for k in nets:
         lat = b["latency_us"][k]
         assert 0 < lat["p50"] <= lat["p99"] and lat["n"] == 400
