@@ -20,20 +20,26 @@ temperature 1 and without any top-k / top-p / min-length filtering, of the whole
 ``log P(c_1 ... c_n END)``. It is thus a property of the name and the model alone, the same
 whatever options produced it (a name cut at ``max_length`` still gets its end-token term).
 
-The step-level engine (:class:`SamplerEngine`) separates "which contexts to evaluate"
-(:meth:`~SamplerEngine.contexts`) from "consume their logits" (:meth:`~SamplerEngine.advance`),
-so a service can concatenate the contexts of several requests' engines into one forward
-pass and hand each engine its slice of the logits.
+One engine, many requests: a :class:`SamplerEngine` holds the rows of any number of jobs
+(requests, :class:`SampleJob`) whose options share a :func:`group_key` (temperature, top-k,
+top-p, min/max length). Each row carries its own stream key (seed), start context (prefix)
+and job; new jobs queue up and take rows as rows free up, and finished names are routed back
+to their job. The CLI (one job) and the service (every request of a group) run the same
+code, and a forward step costs one ``advance`` per *group*, not per request. The engine
+separates "which contexts to evaluate" (:meth:`~SamplerEngine.contexts`) from "consume
+their logits" (:meth:`~SamplerEngine.advance`), so a service concatenates the contexts of
+all its engines (one per group) into one forward pass and hands each its slice of logits.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import gc
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -125,7 +131,10 @@ class SampleOptions:
         return self.temperature == 0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {name: getattr(self, name) for name in _OPTION_NAMES}
+
+
+_OPTION_NAMES = tuple(f.name for f in fields(SampleOptions))
 
 
 def _is_int(x) -> bool:
@@ -158,8 +167,11 @@ def _mix64_int(z: int) -> int:
     return z ^ (z >> 31)
 
 
-def uniforms(key: np.uint64, names: np.ndarray, draws: np.ndarray) -> np.ndarray:
+def uniforms(key: np.uint64 | np.ndarray, names: np.ndarray, draws: np.ndarray) -> np.ndarray:
     """float32 uniforms in [0, 1): draw ``draws[j]`` of the stream of name ``names[j]``.
+
+    ``key`` is one stream key (:func:`stream_key`) or one per name (``key[j]``), so rows of
+    different seeds are drawn together.
 
     splitmix64 at counter ``(name << 16) + draw``: 24 random bits per draw (the resolution
     of the float32 probabilities they are compared with).
@@ -179,16 +191,79 @@ def uniforms(key: np.uint64, names: np.ndarray, draws: np.ndarray) -> np.ndarray
 # ------------------------------------------------------------------------------ engine
 
 
+def group_key(options: SampleOptions) -> tuple:
+    """What the rows of one engine share: every option but seed, count, prefix, new_only.
+
+    Requests with the same group key are sampled by the same :class:`SamplerEngine`, their
+    rows side by side in one ``advance``; seed (each row carries its stream key), prefix
+    (each request its start context) and count (each request its name range) vary by row.
+    """
+    o = options
+    return (o.temperature, o.top_k, o.top_p, o.min_length, o.max_length)
+
+
+class SampleJob:
+    """One request's work inside a :class:`SamplerEngine`: names ``start .. stop-1`` of the
+    random streams of its seed. Results land in ``names`` / ``logprobs`` (indexed by
+    ``name index - start``); the job is ``done`` when all of them are in. ``tag`` is the
+    caller's (the service keeps its request there)."""
+
+    __slots__ = (
+        "options",
+        "start",
+        "stop",
+        "tag",
+        "key",
+        "names",
+        "logprobs",
+        "next_name",
+        "left",
+        "inflight",
+        "slot",
+        "ctx0",
+        "codes0",
+        "prefix_len",
+        "prefix_lp",
+    )
+
+    def __init__(self, options: SampleOptions, start: int, stop: int, tag=None):
+        self.options = options
+        self.start, self.stop, self.next_name = start, stop, start
+        self.tag = tag
+        self.key = stream_key(options.seed)
+        self.names: list[str | None] = [None] * (stop - start)
+        self.logprobs = np.zeros(stop - start, dtype=np.float64)
+        self.left = stop - start  # names not finished yet
+        self.inflight = 0  # rows sampling this job's names right now
+        self.slot = -1  # index in the engine's job table while it is there
+
+    @property
+    def done(self) -> bool:
+        return self.left == 0
+
+
+_ROW_ARRAYS = ("ctx", "name", "key", "drawn", "length", "lp", "codes", "job")
+
+
 class SamplerEngine:
-    """Step-level state of one request: the names in flight and what they have drawn.
+    """Step-level state of the names in flight, for any number of requests (jobs).
 
-    Names ``start .. stop-1`` of the request are sampled, at most ``batch_size`` at a
-    time. Drive it with ``while not e.done: e.advance(runtime(e.contexts()))``; the
-    results are in ``names`` / ``logprobs`` (indexed by ``name index - start``).
+    An engine samples every job submitted to it whose options share its :func:`group_key`;
+    up to ``batch_size`` names are in flight at once, from any mix of jobs, and each forward
+    step is one ``advance`` over all of them. :meth:`submit` queues a job; :meth:`admit`
+    starts queued names in free rows (up to a limit the caller may set, so that several
+    engines can share one forward pass); :meth:`advance` consumes the logits of
+    :meth:`contexts`, samples one token per row, records finished names into their job,
+    refills the freed rows from the queue (first come, first served, at most ``job_rows``
+    rows per job) and returns the jobs that finished. Drive it with
+    ``while not e.done: e.admit(); e.advance(runtime(e.contexts()))``
+    (:func:`run_engine`).
 
-    Per row: ``ctx`` (the model input), ``name`` (stream index), ``drawn`` (uniforms used),
-    ``length`` (characters so far, prefix included), ``lp`` (log-probability so far) and
-    ``codes`` (the name as Unicode code points, zero-padded).
+    Per row: ``ctx`` (the model input), ``name`` (stream index), ``key`` (its job's stream
+    key), ``drawn`` (uniforms used), ``length`` (characters so far, prefix included), ``lp``
+    (log-probability so far), ``codes`` (the name as Unicode code points, zero-padded) and
+    ``job`` (the job's slot). Row order never matters: a row's draws depend only on its
+    (key, name, draw) and its own logits.
     """
 
     def __init__(
@@ -196,78 +271,235 @@ class SamplerEngine:
         vocab: Vocab,
         block_size: int,
         options: SampleOptions,
-        prefix_logprob: float = 0.0,
         *,
-        start: int = 0,
-        stop: int | None = None,
         batch_size: int = DEFAULT_BATCH,
+        job_rows: int | None = None,
     ):
-        if not _is_int(batch_size) or batch_size < 1:
-            raise BnfoldError(f"batch size must be a positive integer, got {batch_size!r}")
+        for what, v in (("batch size", batch_size), ("job rows", job_rows)):
+            if v is not None and (not _is_int(v) or v < 1):
+                raise BnfoldError(f"{what} must be a positive integer, got {v!r}")
         self.options = options.check(vocab)
+        self.group = group_key(options)
         self.vocab = vocab
-        stop = start + options.count if stop is None else stop
-        if not 0 <= start <= stop or stop >= 1 << (64 - _STEP_BITS):
-            raise BnfoldError(f"bad name range [{start}, {stop})")
-        self.start, self.stop, self.next_name = start, stop, start
-        self.key = stream_key(options.seed)
-        self.names: list[str | None] = [None] * (stop - start)
-        self.logprobs = np.zeros(stop - start, dtype=np.float64)
-
+        self.block_size = block_size
+        self.batch_size = int(batch_size)
+        self.job_rows = int(job_rows or batch_size)
         o = options
         self._filtered = o.temperature != 1 or o.top_k is not None or o.top_p is not None
-        width = o.max_length + 1  # room for the (zero) end-token code at max_length
+        self._width = o.max_length + 1  # room for the (zero) end-token code at max_length
         self._codepoints = np.array([0, *(ord(c) for c in vocab.chars)], dtype=np.uint32)
         self._as_str = "\x00" not in vocab.chars  # NUL would be stripped by numpy's str view
-        prefix_ids = vocab.encode(o.prefix)
-        start_ctx = ([END] * block_size + prefix_ids)[-block_size:]
-        self._start_ctx = np.asarray(start_ctx, dtype=np.int64)
-        self._start_codes = np.zeros(width, dtype=np.uint32)
-        self._start_codes[: len(prefix_ids)] = self._codepoints[prefix_ids]
-        self._prefix_len = len(prefix_ids)
-        self._prefix_lp = float(prefix_logprob)
-
-        n = min(batch_size, stop - start)
-        self.ctx = np.empty((n, block_size), dtype=np.int64)
-        self.name = np.empty(n, dtype=np.int64)
-        self.drawn = np.empty(n, dtype=np.int64)
-        self.length = np.empty(n, dtype=np.int64)
-        self.lp = np.empty(n, dtype=np.float64)
-        self.codes = np.empty((n, width), dtype=np.uint32)
-        self._fill(np.arange(n))
-        # scratch, reused every step: next contexts, and the (vocab, rows) CDF and its test
-        self._ctx_next = np.empty_like(self.ctx)
-        self._cdf = np.empty((vocab.size, n), dtype=np.float32)
-        self._below = np.empty((vocab.size, n), dtype=bool)
         self._count = np.uint8 if vocab.size <= 255 else np.int64  # tokens below the draw
+        self._starts: dict[str, tuple] = {}  # prefix -> (start context, codes, length)
+        self._queue: collections.deque[SampleJob] = collections.deque()  # names to start
+        self.queued = 0  # names of queued jobs not started yet
+        self._jobs: list[SampleJob | None] = []  # slot -> job (submitted, not finished)
+        self._free: list[int] = []
+        self.running = 0  # jobs with names started and not all finished
+        self.n = 0  # rows in flight: the first n rows of every buffer
+        self._cap = 0
+        self._buf: dict[str, np.ndarray] = {}
+        self._grow(0)
 
+    # -- state
     @property
     def done(self) -> bool:
-        return len(self.name) == 0
+        """No row in flight and nothing queued."""
+        return self.n == 0 and not self._queue
 
     @property
     def active(self) -> int:
-        return len(self.name)
+        return self.n
+
+    @property
+    def jobs(self) -> int:
+        """Jobs submitted and not finished (queued or running)."""
+        return len(self._jobs) - len(self._free)
+
+    def unfinished(self) -> list[SampleJob]:
+        """The jobs submitted and not finished (queued or running)."""
+        return [j for j in self._jobs if j is not None]
 
     def contexts(self) -> np.ndarray:
         """(active rows, block_size) int64: the model inputs for the next step."""
         return self.ctx
 
-    def _fill(self, slots: np.ndarray) -> None:
-        """Start the next ``len(slots)`` names of the range in those rows."""
-        k = len(slots)
-        self.name[slots] = np.arange(self.next_name, self.next_name + k)
-        self.next_name += k
-        self.ctx[slots] = self._start_ctx
-        self.drawn[slots] = 0
-        self.length[slots] = self._prefix_len
-        self.lp[slots] = self._prefix_lp
-        self.codes[slots] = self._start_codes
+    # -- buffers
+    def _grow(self, need: int) -> None:
+        """Make room for ``need`` rows (at most ``batch_size``), keeping the rows in flight."""
+        cap = min(self.batch_size, max(need, 2 * self._cap, 16))
+        if self._buf and cap <= self._cap:
+            return
+        n, old, v = self.n, self._buf, self.vocab.size
+        shapes = {
+            "ctx": ((cap, self.block_size), np.int64),
+            "name": (cap, np.int64),
+            "key": (cap, np.uint64),
+            "drawn": (cap, np.int64),
+            "length": (cap, np.int64),
+            "lp": (cap, np.float64),
+            "codes": ((cap, self._width), np.uint32),
+            "job": (cap, np.int64),
+        }
+        buf = {}
+        for attr, (shape, dtype) in shapes.items():
+            buf[attr] = np.empty(shape, dtype=dtype)
+            if n:
+                buf[attr][:n] = old[attr][:n]
+        self._buf, self._cap = buf, cap
+        # scratch, reused every step: next contexts, and the (vocab, rows) CDF and its test
+        self._ctx_spare = np.empty_like(buf["ctx"])
+        self._cdf = np.empty((v, cap), dtype=np.float32)
+        self._below = np.empty((v, cap), dtype=bool)
+        self._view()
 
-    def advance(self, logits: np.ndarray) -> None:
+    def _view(self) -> None:
+        n = self.n
+        for attr in _ROW_ARRAYS:
+            setattr(self, attr, self._buf[attr][:n])
+
+    def _compact(self, keep: np.ndarray) -> None:
+        """Keep only the rows in flight where ``keep`` (a bool mask over them) is True."""
+        m = int(np.count_nonzero(keep))
+        for attr in _ROW_ARRAYS:
+            b = self._buf[attr]
+            b[:m] = getattr(self, attr)[keep]
+        self.n = m
+        self._view()
+
+    # -- jobs
+    def submit(
+        self,
+        options: SampleOptions,
+        prefix_logprob: float = 0.0,
+        *,
+        start: int = 0,
+        stop: int | None = None,
+        tag=None,
+    ) -> SampleJob:
+        """Queue names ``start .. stop-1`` (default ``0 .. count-1``) of ``options``' seed.
+
+        ``options`` must share the engine's :func:`group_key`; ``prefix_logprob`` is the
+        model's log P(prefix) (:func:`prefix_logprob`), the starting log-probability.
+        """
+        options.check(self.vocab)
+        if group_key(options) != self.group:
+            raise BnfoldError(
+                f"options {group_key(options)} belong to another engine than {self.group}"
+            )
+        stop = start + options.count if stop is None else stop
+        if not _is_int(start) or not _is_int(stop):
+            raise BnfoldError(f"bad name range [{start!r}, {stop!r})")
+        if not 0 <= start <= stop or stop >= 1 << (64 - _STEP_BITS):
+            raise BnfoldError(f"bad name range [{start}, {stop})")
+        job = SampleJob(options, int(start), int(stop), tag)
+        job.ctx0, job.codes0, job.prefix_len = self._start_of(options.prefix)
+        job.prefix_lp = float(prefix_logprob)
+        if job.left == 0:
+            return job  # nothing to sample: done already
+        if self._free:
+            job.slot = self._free.pop()
+            self._jobs[job.slot] = job
+        else:
+            job.slot = len(self._jobs)
+            self._jobs.append(job)
+        self._queue.append(job)
+        self.queued += job.left
+        return job
+
+    def _start_of(self, prefix: str) -> tuple:
+        got = self._starts.get(prefix)
+        if got is None:
+            ids = self.vocab.encode(prefix)
+            ctx = np.asarray(([END] * self.block_size + ids)[-self.block_size :], dtype=np.int64)
+            codes = np.zeros(self._width, dtype=np.uint32)
+            codes[: len(ids)] = self._codepoints[ids]
+            got = (ctx, codes, len(ids))
+            if len(self._starts) >= 1024:
+                self._starts.clear()
+            self._starts[prefix] = got
+        return got
+
+    def cancel(self, job: SampleJob) -> None:
+        """Drop ``job`` (queued or running): its rows leave the batch, its names stay unset."""
+        if job.slot < 0 or self._jobs[job.slot] is not job:
+            return  # finished or cancelled already
+        if job.next_name < job.stop:
+            with contextlib.suppress(ValueError):
+                self._queue.remove(job)
+            self.queued -= job.stop - job.next_name
+        if job.inflight:
+            self._compact(self.job != job.slot)
+            job.inflight = 0
+        self._release(job)
+
+    def _release(self, job: SampleJob) -> None:
+        if job.next_name > job.start:
+            self.running -= 1
+        self._jobs[job.slot] = None
+        self._free.append(job.slot)
+        job.slot = -1
+
+    def admit(self, limit: int | None = None) -> int:
+        """Start queued names in free rows: at most ``limit`` (default: up to ``batch_size``
+        rows in flight). Returns how many were started."""
+        room = self.batch_size - self.n
+        if limit is not None:
+            room = min(room, limit)
+        room = min(room, self.queued)
+        if room <= 0:
+            return 0
+        n = self.n
+        if n + room > self._cap:
+            self._grow(n + room)
+        k = self._fill(np.arange(n, n + room))
+        if k:
+            self.n = n + k
+            self._view()
+        return k
+
+    def _fill(self, slots: np.ndarray) -> int:
+        """Start queued names in rows ``slots`` (first come, first served, at most
+        ``job_rows`` rows per job); returns how many of the slots (a prefix) were filled."""
+        q = self._queue
+        total = len(slots)
+        i = j = 0
+        b = self._buf
+        cap = self.job_rows
+        while i < total and j < len(q):
+            job = q[j]
+            k = min(total - i, job.stop - job.next_name, cap - job.inflight)
+            if k <= 0:
+                j += 1
+                continue
+            s = slots[i : i + k]
+            if s[-1] - s[0] == k - 1:  # contiguous: a slice is faster than fancy indexing
+                s = slice(int(s[0]), int(s[0]) + k)
+            first = job.next_name
+            b["name"][s] = np.arange(first, first + k)
+            b["key"][s] = job.key
+            b["ctx"][s] = job.ctx0
+            b["drawn"][s] = 0
+            b["length"][s] = job.prefix_len
+            b["lp"][s] = job.prefix_lp
+            b["codes"][s] = job.codes0
+            b["job"][s] = job.slot
+            if first == job.start:
+                self.running += 1
+            job.next_name = first + k
+            job.inflight += k
+            self.queued -= k
+            if job.next_name == job.stop:
+                del q[j]
+            i += k
+        return i
+
+    # -- the step
+    def advance(self, logits: np.ndarray) -> list[SampleJob]:
         """Consume the logits of :meth:`contexts`: sample one token per row, finish the rows
-        that drew the end token, and refill (or, once the range is used up, drop) them."""
-        n = len(self.name)
+        that drew the end token, refill (or, when nothing is queued, drop) them; returns the
+        jobs that finished in this step."""
+        n = self.n
         z = np.asarray(logits, dtype=np.float32)
         if z.shape != (n, self.vocab.size):
             raise BnfoldError(f"expected logits of shape {(n, self.vocab.size)}, got {z.shape}")
@@ -283,28 +515,26 @@ class SamplerEngine:
 
         self.codes[rows, self.length] = self._codepoints[tok]  # END writes the 0 terminator
         ended = tok == END
-        if ended.any():
-            self._finish(np.flatnonzero(ended))
-        nxt = self._ctx_next
+        any_ended = bool(ended.any())
+        done = self._finish(np.flatnonzero(ended)) if any_ended else []
+        nxt = self._ctx_spare[:n]
         nxt[:, :-1] = self.ctx[:, 1:]
         nxt[:, -1] = tok
-        self.ctx, self._ctx_next = nxt, self.ctx
+        self._buf["ctx"], self._ctx_spare = self._ctx_spare, self._buf["ctx"]
+        self.ctx = nxt
         self.length += 1
         self.drawn += 1
-        if ended.any():
+        if any_ended:
             self._refill_or_drop(ended)
+        return done
 
     def _refill_or_drop(self, ended: np.ndarray) -> None:
         slots = np.flatnonzero(ended)
-        k = min(len(slots), self.stop - self.next_name)
-        if k:
-            self._fill(slots[:k])
-        if k < len(slots):  # the range is used up: compact the survivors
+        k = self._fill(slots) if self._queue else 0
+        if k < len(slots):  # nothing left to start: compact the survivors
             keep = np.ones(len(ended), dtype=bool)
             keep[slots[k:]] = False
-            for attr in ("ctx", "name", "drawn", "length", "lp", "codes"):
-                setattr(self, attr, getattr(self, attr)[keep])
-            self._ctx_next = np.empty_like(self.ctx)
+            self._compact(keep)
 
     def _sample_plain(self, z: np.ndarray, no_end: np.ndarray):
         """Temperature 1, no filters, the hot path: inverse CDF on exp(z), laid out
@@ -322,8 +552,11 @@ class SamplerEngine:
         if no_end.any():  # below min-length: mask the end token, remember its mass
             e0 = np.where(no_end, cdf[END], np.float32(0))
             cdf[END, no_end] = 0
-        for j in range(1, vocab):
-            np.add(cdf[j - 1], cdf[j], out=cdf[j])
+        if n < 200:  # one call; the same sequential float32 sums as the loop below
+            np.add.accumulate(cdf, axis=0, out=cdf)
+        else:  # many rows: vocab long vector additions are faster than accumulate's walk
+            for j in range(1, vocab):
+                np.add(cdf[j - 1], cdf[j], out=cdf[j])
         total = cdf[-1]
         bad = ~((total >= np.float32(2.0**-100)) & (total <= np.float32(2.0**100)))
         bad_rows = np.flatnonzero(bad) if bad.any() else None
@@ -336,28 +569,55 @@ class SamplerEngine:
         return tok, lse
 
     def _sample_filtered(self, z: np.ndarray, no_end: np.ndarray):
-        """Greedy, temperature != 1, top-k or top-p: scale and filter a shifted copy of z."""
+        """Greedy, temperature != 1, top-k or top-p: scale and filter a shifted copy of z.
+
+        float32 first; a row whose weights come out unusable (a temperature so small that
+        z / T overflows, or float32(T) is 0, leaving no finite weight) is redone in float64
+        with the end-token mask applied *before* the shift by the row max, so the most
+        likely allowed token keeps weight exactly 1 whatever the temperature.
+        """
         o = self.options
         lse = _logsumexp(z)
-        s = z - z.max(axis=1, keepdims=True)
-        if not o.greedy:
-            s /= np.float32(o.temperature)
-        s[no_end, END] = -np.inf
-        if o.top_k is not None and o.top_k < s.shape[1]:
-            kth = s.shape[1] - o.top_k
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            s = z - z.max(axis=1, keepdims=True)
+            if not o.greedy:
+                s /= np.float32(o.temperature)
+            s[no_end, END] = -np.inf
+            self._top_k(s)
+            if o.greedy:
+                return s.argmax(axis=1), lse
+            cdf = np.cumsum(self._weights(s), axis=1)
+        bad = ~(cdf[:, -1] > 0)  # NaN or no mass left
+        if bad.any():
+            r = np.flatnonzero(bad)
+            s = z[r].astype(np.float64)
+            s[no_end[r], END] = -np.inf
+            s -= s.max(axis=1, keepdims=True)
+            with np.errstate(divide="ignore", over="ignore", under="ignore"):
+                s /= o.temperature
+            self._top_k(s)
+            cdf[r] = np.cumsum(self._weights(s), axis=1)
+        cdf = cdf.T
+        return self._inverse_cdf(cdf, cdf[-1]), lse
+
+    def _top_k(self, s: np.ndarray) -> None:
+        k = self.options.top_k
+        if k is not None and k < s.shape[1]:
+            kth = s.shape[1] - k
             s[s < np.partition(s, kth, axis=1)[:, kth : kth + 1]] = -np.inf
-        if o.greedy:
-            return s.argmax(axis=1), lse
+
+    def _weights(self, s: np.ndarray) -> np.ndarray:
+        """Unnormalised weights exp(s - row max), top-p filtered."""
         e = np.exp(s - s.max(axis=1, keepdims=True))
-        if o.top_p is not None and o.top_p < 1:
+        top_p = self.options.top_p
+        if top_p is not None and top_p < 1:
             p = e / e.sum(axis=1, keepdims=True)
             desc = -np.sort(-p, axis=1)
             before = np.cumsum(desc, axis=1) - desc  # mass of the more likely tokens
-            keep = (before < np.float32(o.top_p)).sum(axis=1)  # >= 1: the top token stays
+            keep = (before < np.float32(top_p)).sum(axis=1)  # >= 1: the top token stays
             cutoff = desc[np.arange(len(p)), keep - 1]
             e[p < cutoff[:, None]] = 0
-        cdf = np.cumsum(e, axis=1).T
-        return self._inverse_cdf(cdf, cdf[-1]), lse
+        return e
 
     def _inverse_cdf(self, cdf: np.ndarray, total: np.ndarray) -> np.ndarray:
         """Per row (a column of the (vocab, rows) ``cdf``), the token j with
@@ -368,8 +628,9 @@ class SamplerEngine:
         below = np.less_equal(cdf, target, out=self._below[:, : cdf.shape[1]])
         return np.add.reduce(below.view(np.uint8), axis=0, dtype=self._count)
 
-    def _finish(self, rows: np.ndarray) -> None:
-        """Record the names of finished ``rows`` (called before their lengths advance)."""
+    def _finish(self, rows: np.ndarray) -> list[SampleJob]:
+        """Record the names of finished ``rows`` into their jobs (called before their lengths
+        advance); returns the jobs this completes."""
         lengths = self.length[rows]
         width = int(lengths.max()) + 1  # code points up to and including the 0 terminator
         codes = self.codes[rows, :width]
@@ -377,11 +638,36 @@ class SamplerEngine:
             words = codes.view(np.dtype(("U", width))).ravel().tolist()
         else:
             words = ["".join(map(chr, r[:n])) for r, n in zip(codes, lengths, strict=True)]
-        index = (self.name[rows] - self.start).tolist()
-        names = self.names
-        for i, w in zip(index, words, strict=True):
-            names[i] = w
-        self.logprobs[index] = self.lp[rows]
+        slots = self.job[rows]
+        names = self.name[rows]
+        lps = self.lp[rows]
+        jobs = self._jobs
+        done: list[SampleJob] = []
+        first = slots[0]
+        if len(rows) == 1 or (slots == first).all():  # one job (always so for the CLI)
+            job = jobs[first]
+            index = (names - job.start).tolist()
+            out = job.names
+            for i, w in zip(index, words, strict=True):
+                out[i] = w
+            job.logprobs[index] = lps
+            job.left -= len(rows)
+            job.inflight -= len(rows)
+            if job.left == 0:
+                done.append(job)
+                self._release(job)
+            return done
+        for s, i, w, lp in zip(slots.tolist(), names.tolist(), words, lps.tolist(), strict=True):
+            job = jobs[s]
+            i -= job.start
+            job.names[i] = w
+            job.logprobs[i] = lp
+            job.inflight -= 1
+            job.left -= 1
+            if job.left == 0:
+                done.append(job)
+                self._release(job)
+        return done
 
 
 def _logsumexp(z: np.ndarray) -> np.ndarray:
@@ -416,8 +702,9 @@ def prefix_logprob(predictor: Predictor, prefix: str) -> float:
 
 
 def run_engine(predictor: Predictor, engine: SamplerEngine) -> SamplerEngine:
-    """Step ``engine`` to completion on ``predictor``; returns it (results inside)."""
+    """Step ``engine`` to completion on ``predictor``; returns it (results in its jobs)."""
     while not engine.done:
+        engine.admit()
         engine.advance(predictor.logits(engine.contexts()))
     return engine
 
@@ -486,18 +773,13 @@ def sample_names(
 
     def draw(start: int, stop: int) -> list[SampledName]:
         engine = SamplerEngine(
-            predictor.vocab,
-            predictor.block_size,
-            options,
-            lp0,
-            start=start,
-            stop=stop,
-            batch_size=batch_size,
+            predictor.vocab, predictor.block_size, options, batch_size=batch_size
         )
+        job = engine.submit(options, lp0, start=start, stop=stop)
         run_engine(predictor, engine)
-        names = engine.names
+        names = job.names
         labels = map(labeler, names) if labeler else [None] * len(names)
-        rows = zip(names, labels, engine.logprobs.tolist(), range(start, stop), strict=True)
+        rows = zip(names, labels, job.logprobs.tolist(), range(start, stop), strict=True)
         with _gc_paused():  # 100k new tuples would otherwise set off many GC passes
             return list(map(_make_sampled_name, rows))
 

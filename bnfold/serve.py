@@ -6,14 +6,24 @@ Architecture
   ``.pt`` checkpoint) is loaded and warmed up in a background thread after start-up;
   ``/readyz`` answers 503 until then, and again while draining.
 * One **batcher** thread per app owns the predictor (one ONNX Runtime session, one ORT
-  thread). Each request becomes a :class:`~bnfold.sample.SamplerEngine` (the very sampler
-  ``bnfold sample`` runs). At every forward step the batcher concatenates the contexts of
-  every active engine of every request into one array, runs the session once, and hands
-  each engine its slice of the logits (``engine.advance``). Requests that arrive meanwhile
-  join at the next step; finished requests leave. The asyncio event loop never runs
-  inference: it submits jobs and is handed results through ``loop.call_soon_threadsafe``.
-* ``batching=False`` is the plain way, kept for comparison: the same thread runs one
-  request at a time to completion (``run_engine``), one session call per step per request.
+  thread) and runs the very sampler ``bnfold sample`` runs. Requests are grouped by
+  :func:`~bnfold.sample.group_key` (temperature, top-k, top-p, min/max length); every
+  request of a group is a job of that group's :class:`~bnfold.sample.SamplerEngine`, its
+  names rows of the engine's batch next to those of other requests (seed, prefix and
+  count vary by row). At every forward step the batcher concatenates the contexts of all
+  engines into one array, runs the session once, and hands each engine its slice of the
+  logits: one ``advance`` per group, however many requests. Requests that arrive meanwhile
+  take free rows at the next step; finished names go back to their request, which is
+  answered when its last name is in. The asyncio event loop never runs inference: it
+  submits jobs and is handed results through ``loop.call_soon_threadsafe``.
+* ``batching=False`` is the plain way, kept to measure what batching buys: the same thread
+  runs one request at a time to completion on an engine of its own, one session call per
+  step per request.
+* The hot path: ``POST /v1/names`` with a plain JSON body is parsed (orjson), checked
+  (:func:`plain_request`) and answered (pre-rendered JSON bytes) by the raw ASGI edge layer,
+  without FastAPI's routing and pydantic; every other request, including every invalid
+  body, goes through FastAPI and the documented pydantic model (so the OpenAPI schema and
+  the 422 messages are those of the model).
 * Backpressure: at most ``queue_size`` requests are admitted (waiting or running); beyond
   that a request is answered 429 with ``Retry-After`` at once. Every admitted request has
   a deadline (``deadline`` seconds) after which it is answered 504 and dropped from the
@@ -36,6 +46,7 @@ import json
 import logging
 import math
 import os
+import random
 import secrets
 import signal
 import threading
@@ -43,9 +54,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 import numpy as np
+import orjson
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
@@ -66,21 +78,21 @@ from bnfold.sample import (
     DEFAULT_MAX_LENGTH,
     MAX_LENGTH_CAP,
     Labeler,
+    SampleJob,
     SampleOptions,
     SamplerEngine,
+    group_key,
     load_labeler,
     prefix_logprob,
-    run_engine,
     sample_names,
 )
 
 log = logging.getLogger("bnfold.serve")
 
 ENV_SETTINGS = "BNFOLD_SERVE_SETTINGS"  # JSON ServeSettings, read by each worker's factory
-SEED_LIMIT = 2**53  # random seeds stay exact in JavaScript numbers (the web page)
+SEED_BITS = 53  # random seeds stay below 2**53, exact in JavaScript numbers (the web page)
 MAX_SEED = 2**64 - 1
 MAX_TEMPERATURE = 100.0
-MIN_TEMPERATURE = 1e-3  # above 0 (greedy): smaller ones underflow float32 in the sampler
 MAX_TOP_K = 1_000_000
 RETRY_AFTER = "1"  # seconds, for 429 and 503
 
@@ -217,28 +229,25 @@ class DeadlineExceeded(Exception):
     """The request's deadline passed before it was answered."""
 
 
-class _Cancelled(Exception):
-    pass
-
-
 class NamesJob:
-    """One request sampled by a :class:`SamplerEngine` inside the batcher."""
+    """One request, sampled as a :class:`~bnfold.sample.SampleJob` of the batcher's engine
+    for its option group."""
 
-    __slots__ = ("options", "future", "engine", "rows", "cancelled")
+    __slots__ = ("options", "future", "engine", "job", "cancelled")
 
     def __init__(self, options: SampleOptions, future: asyncio.Future):
         self.options = options
         self.future = future
         self.engine: SamplerEngine | None = None
-        self.rows = 0
+        self.job: SampleJob | None = None
         self.cancelled = False
 
     def fail(self, exc: BaseException):
         return (self.future, None, exc)
 
     def result(self):
-        e = self.engine
-        return (self.future, (e.names, e.logprobs.tolist()), None)
+        j = self.job
+        return (self.future, (j.names, j.logprobs.tolist()), None)
 
 
 class LogitsJob:
@@ -258,9 +267,22 @@ class LogitsJob:
     def cancelled(self) -> bool:
         return time.monotonic() > self.deadline
 
+    def fail(self, exc: BaseException) -> None:
+        self.error = exc
+        self.event.set()
+
+
+IDLE_ENGINES = 16  # engines of option groups without work kept for reuse
+
 
 class Batcher:
-    """The thread that owns the predictor and runs every forward step."""
+    """The thread that owns the predictor and runs every forward step.
+
+    Requests are grouped by :func:`~bnfold.sample.group_key`: all requests of a group are
+    jobs of one :class:`~bnfold.sample.SamplerEngine` (one ``advance`` per group per
+    step, whatever the number of requests); the engines of all groups, plus the raw contexts
+    of new-only requests, share each forward pass.
+    """
 
     def __init__(self, model: LoadedModel, settings: ServeSettings, metrics: Metrics, loop):
         self.predictor = model.predictor
@@ -268,11 +290,13 @@ class Batcher:
         self.metrics = metrics
         self.loop = loop
         self._cond = threading.Condition()
-        self._pending: collections.deque = collections.deque()
+        self._pending: collections.deque = collections.deque()  # submitted, not taken yet
+        self._cancels: collections.deque = collections.deque()  # NamesJobs past deadline
         self._stopping = False
         self._prefix_lp: dict[str, float] = {}
         self._thread = threading.Thread(target=self._run, name="bnfold-batcher", daemon=True)
         self.steps = 0
+        self.waiting = 0  # requests taken in but with no name started yet
 
     # -- called from other threads
     def start(self) -> None:
@@ -285,9 +309,14 @@ class Batcher:
             self._pending.append(job)
             self._cond.notify()
 
+    def cancel(self, job: NamesJob) -> None:
+        """Drop a request whose deadline passed (its future is answered already)."""
+        job.cancelled = True
+        self._cancels.append(job)
+
     @property
     def depth(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + self.waiting
 
     def stop(self, timeout: float | None = None) -> bool:
         """Finish every submitted job, then end the thread; True if it ended in time."""
@@ -308,10 +337,10 @@ class Batcher:
             log.exception("batcher thread died")
             raise
 
-    def _take(self, block: bool):
-        """Wait for work (if ``block``); returns the pending deque's lock-free snapshot."""
+    def _wait(self) -> bool:
+        """Block until work arrives; False once stopping with nothing pending."""
         with self._cond:
-            while block and not self._pending and not self._stopping:
+            while not self._pending and not self._stopping:
                 self._cond.wait()
             return bool(self._pending)
 
@@ -319,144 +348,176 @@ class Batcher:
         if done:
             self.loop.call_soon_threadsafe(_resolve_all, done)
 
-    def _start(self, job: NamesJob) -> None:
-        o = job.options
-        p = self.predictor
-        lp0 = self._prefix_lp.get(o.prefix)
+    def _prefix_logprob(self, prefix: str) -> float:
+        lp0 = self._prefix_lp.get(prefix)
         if lp0 is None:
-            lp0 = prefix_logprob(p, o.prefix)
+            lp0 = prefix_logprob(self.predictor, prefix)
             if len(self._prefix_lp) > 4096:
                 self._prefix_lp.clear()
-            self._prefix_lp[o.prefix] = lp0
-        job.engine = SamplerEngine(
-            p.vocab, p.block_size, o, lp0, batch_size=min(o.count, self.settings.job_rows)
-        )
-        job.rows = job.engine.active
+            self._prefix_lp[prefix] = lp0
+        return lp0
+
+    def _engine(self, engines: dict, options: SampleOptions) -> SamplerEngine:
+        key = group_key(options)
+        e = engines.get(key)
+        if e is None:
+            p = self.predictor
+            e = SamplerEngine(
+                p.vocab,
+                p.block_size,
+                options,
+                batch_size=self.settings.max_rows,
+                job_rows=self.settings.job_rows,
+            )
+            engines[key] = e
+        return e
 
     def _run_batched(self) -> None:
-        active: list = []
-        rows = 0
+        engines: dict[tuple, SamplerEngine] = {}  # option group -> its engine
+        raw: collections.deque[LogitsJob] = collections.deque()  # new-only contexts waiting
         budget = self.settings.max_rows
         logits_fn = self.predictor.logits
         observe_rows = self.metrics.batch_rows.observe
         observe_reqs = self.metrics.batch_requests.observe
-        pending = self._pending
+        pending, cancels = self._pending, self._cancels
+        busy: list[SamplerEngine] = []  # engines with work, in the order they got it
         while True:
-            if not active and not self._take(block=True):
+            if not busy and not raw and not self._wait():
                 return  # stopping and nothing left
             done: list = []
-            # admit waiting requests while the step has room (first come, first served)
+            # take in new requests: each joins its group's engine queue (first come, first
+            # served); names start below as rows are free within the step budget
             while pending:
-                job = pending[0]
+                job = pending.popleft()
+                if isinstance(job, LogitsJob):
+                    raw.append(job)
+                    continue
                 if job.cancelled:
-                    pending.popleft()
-                    if isinstance(job, LogitsJob):
-                        job.error = DeadlineExceeded()
-                        job.event.set()
                     continue
-                if isinstance(job, NamesJob) and job.engine is None:
-                    try:
-                        self._start(job)
-                    except Exception as e:  # a bad option that slipped through: answer it
-                        pending.popleft()
-                        done.append(job.fail(e))
-                        continue
-                if active and rows + job.rows > budget:
-                    break
-                pending.popleft()
-                active.append(job)
-                rows += job.rows
-            if done:
-                self._deliver(done)
-                done = []
-            if not active:
-                continue
+                try:
+                    e = self._engine(engines, job.options)
+                    job.job = e.submit(
+                        job.options, self._prefix_logprob(job.options.prefix), tag=job
+                    )
+                    job.engine = e
+                except Exception as exc:  # a bad option that slipped through: answer it
+                    done.append(job.fail(exc))
+                    continue
+                if job.job.done:  # pragma: no cover - count >= 1 is checked before
+                    done.append(job.result())
+                elif e not in busy:
+                    busy.append(e)
             # drop requests whose deadline passed (their futures are answered 504 already)
-            if any(j.cancelled for j in active):
-                for j in active:
-                    if j.cancelled and isinstance(j, LogitsJob):
-                        j.error = DeadlineExceeded()
-                        j.event.set()
-                active = [j for j in active if not j.cancelled]
-                rows = sum(j.rows for j in active)
-                if not active:
+            while cancels:
+                job = cancels.popleft()
+                if job.engine is not None:
+                    job.engine.cancel(job.job)
+            # fill free rows within the step budget: raw contexts, then the engines' queues
+            rows = sum(e.n for e in busy)
+            step_raw: list[LogitsJob] = []
+            while raw and (rows + raw[0].rows <= budget or rows == 0):
+                lj = raw.popleft()
+                if lj.cancelled:
+                    lj.fail(DeadlineExceeded())
                     continue
-            if len(active) == 1:
-                ctx = _contexts(active[0])
-            else:
-                ctx = np.concatenate([_contexts(j) for j in active])
+                step_raw.append(lj)
+                rows += lj.rows
+            for e in busy:
+                if e.queued and rows < budget:
+                    rows += e.admit(budget - rows)
+            live = [e for e in busy if e.n]
+            self.waiting = sum(e.jobs - e.running for e in busy)
+            self._deliver(done)
+            done = []
+            if not live and not step_raw:
+                busy = [e for e in busy if not e.done]
+                self._retire(engines, busy)
+                continue
+            parts = [e.contexts() for e in live] + [lj.contexts for lj in step_raw]
+            ctx = parts[0] if len(parts) == 1 else np.concatenate(parts)
             try:
                 z = logits_fn(ctx)
-            except Exception as e:  # pragma: no cover - the model cannot run: fail the step
+            except Exception as exc:  # pragma: no cover - the model cannot run: fail the step
                 log.exception("forward step failed")
-                for j in active:
-                    if isinstance(j, LogitsJob):
-                        j.error = e
-                        j.event.set()
-                    else:
-                        done.append(j.fail(e))
+                for lj in step_raw:
+                    lj.fail(exc)
+                for e in live:
+                    done += [j.tag.fail(exc) for j in e.unfinished()]
+                    engines.pop(e.group, None)
+                busy = [e for e in busy if e not in live]
                 self._deliver(done)
-                active, rows = [], 0
                 continue
             self.steps += 1
             observe_rows(len(ctx))
-            observe_reqs(len(active))
-            still: list = []
-            rows = 0
+            observe_reqs(sum(e.running for e in live) + len(step_raw))
             off = 0
-            for j in active:
-                n = j.rows
-                if isinstance(j, LogitsJob):
-                    j.logits = z[off : off + n].copy()
-                    j.event.set()
-                    off += n
-                    continue
-                e = j.engine
+            for e in live:
+                n = e.n
                 try:
-                    e.advance(z[off : off + n])
+                    finished = e.advance(z[off : off + n])
                 except Exception as exc:  # pragma: no cover - sampler bug: answer 500
                     log.exception("sampler step failed")
-                    done.append(j.fail(exc))
+                    done += [j.tag.fail(exc) for j in e.unfinished()]
+                    engines.pop(e.group, None)
+                    busy.remove(e)
                     off += n
                     continue
                 off += n
-                if e.done:
-                    done.append(j.result())
-                else:
-                    j.rows = e.active
-                    rows += j.rows
-                    still.append(j)
-            active = still
+                for j in finished:
+                    done.append(j.tag.result())
+            for lj in step_raw:
+                lj.logits = z[off : off + lj.rows].copy()
+                lj.event.set()
+                off += lj.rows
             self._deliver(done)
+            if any(e.done for e in busy):
+                busy = [e for e in busy if not e.done]
+                self._retire(engines, busy)
+
+    @staticmethod
+    def _retire(engines: dict, busy: list) -> None:
+        """Forget the engines of idle option groups beyond the few kept for reuse."""
+        if len(engines) > len(busy) + IDLE_ENGINES:
+            for key in [k for k, e in engines.items() if e.done and e not in busy]:
+                del engines[key]
+                if len(engines) <= len(busy) + IDLE_ENGINES:
+                    break
 
     def _run_plain(self) -> None:
-        """The plain way: one request at a time, one session call per step."""
+        """The plain way: one request at a time on an engine of its own, one session call
+        per step (``--batching off``, kept to measure what step-level batching buys)."""
         pending = self._pending
         p = self.predictor
-        while self._take(block=True):
+        while self._wait():
             job = pending.popleft()
-            if job.cancelled:
-                if isinstance(job, LogitsJob):
-                    job.error = DeadlineExceeded()
-                    job.event.set()
-                continue
             if isinstance(job, LogitsJob):
+                if job.cancelled:
+                    job.fail(DeadlineExceeded())
+                    continue
                 job.logits = p.logits(job.contexts)
                 self.metrics.batch_rows.observe(job.rows)
                 self.metrics.batch_requests.observe(1)
                 job.event.set()
                 continue
+            self._cancels.clear()  # only the job at hand can be running
+            if job.cancelled:
+                continue
             try:
-                self._start(job)
-                run_engine(p, job.engine)
+                o = job.options
+                e = SamplerEngine(
+                    p.vocab, p.block_size, o, batch_size=min(o.count, self.settings.job_rows)
+                )
+                job.job = e.submit(o, self._prefix_logprob(o.prefix))
+                while not e.done and not job.cancelled:
+                    e.admit()
+                    z = p.logits(e.contexts())
+                    self.metrics.batch_rows.observe(len(z))
+                    self.metrics.batch_requests.observe(1)
+                    e.advance(z)
                 out = job.result()
-            except Exception as e:
-                out = job.fail(e)
+            except Exception as exc:
+                out = job.fail(exc)
             self._deliver([out])
-
-
-def _contexts(job) -> np.ndarray:
-    return job.contexts if isinstance(job, LogitsJob) else job.engine.contexts()
 
 
 def _resolve_all(done: list) -> None:
@@ -558,6 +619,9 @@ class NameService:
         self.inflight = 0
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="bnfold-newonly")
+        # random seeds for requests without one: a PRNG seeded from the OS per app (so per
+        # worker); the OS generator itself costs a system call per request
+        self._rng = random.Random(secrets.randbits(128))
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth if self.batcher else 0)
         self.metrics.inflight.set_function(lambda: self.inflight)
 
@@ -610,7 +674,7 @@ class NameService:
             return [s.name for s in got], [s.logprob for s in got], [s.index for s in got]
         fut = loop.create_future()
         job = NamesJob(options, fut)
-        timer = loop.call_later(deadline, _expire, job)
+        timer = loop.call_later(deadline, _expire, self.batcher, job)
         try:
             self.batcher.submit(job)
             names, lps = await fut
@@ -618,10 +682,69 @@ class NameService:
             timer.cancel()
         return names, lps, None
 
+    async def names(self, f: dict, where: str) -> Answer:
+        """Answer a validated request (the request model's fields): 200 with the names, or
+        503 / 429 / 422 / 504. Shared by the hot path and the FastAPI routes."""
+        m = self.metrics
+        if not self.ready or self.draining:
+            m.rejections.labels("not_ready").inc()
+            why = "draining" if self.draining else "loading the model"
+            return _error(503, f"not ready ({why})", retry=True)
+        settings = self.settings
+        if self.inflight >= settings.queue_size:
+            m.rejections.labels("queue_full").inc()
+            return _error(429, f"queue full ({settings.queue_size} requests in flight)", True)
+        model = self.model
+        seed = f["seed"]
+        if seed is None:
+            seed = self._rng.getrandbits(SEED_BITS)
+        try:
+            opts = SampleOptions(
+                count=f["count"],
+                seed=seed,
+                temperature=f["temperature"],
+                top_k=f["top_k"],
+                top_p=f["top_p"],
+                prefix=f["prefix"],
+                min_length=f["min_length"],
+                max_length=f["max_length"],
+                new_only=f["new_only"],
+            ).check(model.predictor.vocab)
+        except BnfoldError as e:
+            m.rejections.labels("invalid").inc()
+            return _invalid(str(e), where)
+        self.inflight += 1
+        try:
+            names, lps, index = await self.sample(opts)
+        except DeadlineExceeded:
+            m.rejections.labels("deadline").inc()
+            return _error(504, f"deadline of {settings.deadline:g} s exceeded")
+        except BnfoldError as e:  # e.g. new-only could not find enough new names
+            m.rejections.labels("invalid").inc()
+            return _invalid(str(e), where)
+        finally:
+            self.inflight -= 1
+        label = model.labeler
+        if index is None:
+            index = range(len(names))
+        items = [
+            {"name": n, "label": label(n), "logprob": lp, "index": i}
+            for n, lp, i in zip(names, lps, index, strict=True)
+        ]
+        m.names.inc(len(items))
+        body = {
+            "names": items,
+            "count": len(items),
+            "seed": seed,
+            "model_sha256": model.sha256,
+            "options": opts.to_dict(),
+        }
+        return Answer(200, orjson.dumps(body))
 
-def _expire(job: NamesJob) -> None:
+
+def _expire(batcher: Batcher, job: NamesJob) -> None:
     if not job.future.done():
-        job.cancelled = True
+        batcher.cancel(job)
         job.future.set_exception(DeadlineExceeded())
 
 
@@ -659,7 +782,7 @@ def request_model(max_count: int) -> type[BaseModel]:
                 ge=0,
                 le=MAX_TEMPERATURE,
                 allow_inf_nan=False,
-                description=f"0 = greedy; otherwise at least {MIN_TEMPERATURE:g}.",
+                description="0 = greedy (argmax); otherwise softmax(logits / temperature).",
             ),
         ),
         top_k=(int | None, Field(None, ge=1, le=MAX_TOP_K)),
@@ -712,9 +835,20 @@ _ERRORS = {
 }
 
 
-def _error(status: int, detail: str, retry: bool = False) -> JSONResponse:
-    headers = {"Retry-After": RETRY_AFTER} if retry else None
-    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+class Answer(NamedTuple):
+    """A rendered answer: status, JSON body bytes, whether to send ``Retry-After``."""
+
+    status: int
+    body: bytes
+    retry: bool = False
+
+    def response(self) -> Response:
+        headers = {"Retry-After": RETRY_AFTER} if self.retry else None
+        return Response(self.body, self.status, headers, media_type="application/json")
+
+
+def _error(status: int, detail: str, retry: bool = False) -> Answer:
+    return Answer(status, orjson.dumps({"detail": detail}), retry)
 
 
 _OPTION_FIELDS = {
@@ -729,18 +863,73 @@ _OPTION_FIELDS = {
 }
 
 
-def _invalid(msg: str, where: str = "body") -> JSONResponse:
+def _invalid(msg: str, where: str = "body") -> Answer:
     """422 in FastAPI's format; the field is the option a sampler message starts with."""
     field = _OPTION_FIELDS.get(msg.split(" ", 1)[0])
     loc = [where, field] if field else [where]
-    return JSONResponse(
-        {"detail": [{"loc": loc, "msg": msg, "type": "value_error"}]}, status_code=422
-    )
+    return Answer(422, orjson.dumps({"detail": [{"loc": loc, "msg": msg, "type": "value_error"}]}))
+
+
+_REQUEST_DEFAULTS = {
+    "count": 10,
+    "seed": None,
+    "temperature": 1.0,
+    "top_k": None,
+    "top_p": None,
+    "prefix": "",
+    "min_length": 1,
+    "max_length": DEFAULT_MAX_LENGTH,
+    "new_only": False,
+}
+_REQUEST_FIELDS = frozenset(_REQUEST_DEFAULTS)
+
+
+def plain_request(data: Any, max_count: int) -> dict | None:
+    """The hot path's validation: a decoded JSON body that is exactly of the request
+    schema's types and within its ranges -> its fields, defaults filled in, as the pydantic
+    model would give them; anything else -> None, and FastAPI + pydantic validate it (and
+    word the 422). So this only has to be right about what it accepts, never about errors.
+    """
+    if type(data) is not dict or not data.keys() <= _REQUEST_FIELDS:
+        return None
+    f = {**_REQUEST_DEFAULTS, **data}
+    v = f["count"]
+    if type(v) is not int or not 1 <= v <= max_count:
+        return None
+    v = f["seed"]
+    if v is not None and (type(v) is not int or not 0 <= v <= MAX_SEED):
+        return None
+    v = f["temperature"]
+    if type(v) not in (int, float) or not 0 <= v <= MAX_TEMPERATURE:  # NaN fails too
+        return None
+    f["temperature"] = float(v)
+    v = f["top_k"]
+    if v is not None and (type(v) is not int or not 1 <= v <= MAX_TOP_K):
+        return None
+    v = f["top_p"]
+    if v is not None:
+        if type(v) not in (int, float) or not 0 < v <= 1:
+            return None
+        f["top_p"] = float(v)
+    v = f["prefix"]
+    if type(v) is not str or len(v) > MAX_LENGTH_CAP:
+        return None
+    v = f["min_length"]
+    if type(v) is not int or not 0 <= v <= MAX_LENGTH_CAP:
+        return None
+    v = f["max_length"]
+    if type(v) is not int or not 1 <= v <= MAX_LENGTH_CAP:
+        return None
+    if type(f["new_only"]) is not bool:
+        return None
+    return f
 
 
 # ------------------------------------------------------------------------- ASGI edge layer
 
 _ENDPOINTS = frozenset(["/", "/v1/names", "/v1/model", "/livez", "/readyz", "/metrics"])
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+_RETRY_HEADERS = [(b"retry-after", RETRY_AFTER.encode())]
 
 
 class _BodyTooLarge(HTTPException):
@@ -751,13 +940,31 @@ class _BodyTooLarge(HTTPException):
 
 
 class EdgeMiddleware:
-    """Raw ASGI: request latency by status for /metrics, and the request body size limit."""
+    """Raw ASGI in front of FastAPI: request latency by status for /metrics, the request
+    body size limit, and the hot path.
 
-    def __init__(self, app, metrics: Metrics, max_body: int):
+    The hot path: ``POST /v1/names`` with a JSON body (no content type, or a JSON one) that
+    :func:`plain_request` accepts is answered here, by :meth:`NameService.names`, without
+    FastAPI's routing, dependency solving and pydantic validation (a few hundred
+    microseconds a request). Any other body is replayed to FastAPI unchanged, which
+    validates it with the documented pydantic model and answers exactly as before.
+    """
+
+    def __init__(self, app, svc: NameService, max_body: int, max_count: int):
         self.app = app
-        self.latency = metrics.latency
-        self.rejections = metrics.rejections
+        self.svc = svc
+        self.latency = svc.metrics.latency
+        self.rejections = svc.metrics.rejections
         self.max_body = max_body
+        self.max_count = max_count
+        self._observers: dict[tuple[str, int], Any] = {}
+
+    def _observe(self, endpoint: str, status: int, seconds: float) -> None:
+        obs = self._observers.get((endpoint, status))
+        if obs is None:
+            obs = self.latency.labels(endpoint, str(status)).observe
+            self._observers[(endpoint, status)] = obs
+        obs(seconds)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -765,9 +972,8 @@ class EdgeMiddleware:
         t0 = time.perf_counter()
         path = scope["path"]
         endpoint = path if path in _ENDPOINTS else "other"
-        status = [500]
-        started = [False]
         limit = self.max_body
+        plain = path == "/v1/names" and scope["method"] == "POST"
 
         for k, v in scope["headers"]:
             if k == b"content-length":
@@ -777,9 +983,39 @@ class EdgeMiddleware:
                     too_big = False
                 if too_big:
                     await self._too_large(send)
-                    self.latency.labels(endpoint, "413").observe(time.perf_counter() - t0)
+                    self._observe(endpoint, 413, time.perf_counter() - t0)
                     return
+            elif k == b"content-type" and not v.lower().startswith(b"application/json"):
+                plain = False
 
+        if plain:
+            body = await self._read_body(receive)
+            if body is None:
+                await self._too_large(send)
+                self._observe(endpoint, 413, time.perf_counter() - t0)
+                return
+            try:
+                fields = plain_request(orjson.loads(body), self.max_count) if body else None
+            except orjson.JSONDecodeError:
+                fields = None
+            if fields is not None:
+                status = 500  # if names() fails, uvicorn answers 500
+                try:
+                    a = await self.svc.names(fields, "body")
+                    status = a.status
+                    headers = _JSON_HEADERS + _RETRY_HEADERS if a.retry else _JSON_HEADERS
+                    headers = [*headers, (b"content-length", str(len(a.body)).encode())]
+                    await send(
+                        {"type": "http.response.start", "status": status, "headers": headers}
+                    )
+                    await send({"type": "http.response.body", "body": a.body})
+                finally:
+                    self._observe(endpoint, status, time.perf_counter() - t0)
+                return
+            receive = _replay(body, receive)
+
+        status = [500]
+        started = [False]
         seen = [0]
 
         async def limited_receive():
@@ -805,12 +1041,29 @@ class EdgeMiddleware:
             await self._too_large(send, count=False)
             status[0] = 413
         finally:
-            self.latency.labels(endpoint, str(status[0])).observe(time.perf_counter() - t0)
+            self._observe(endpoint, status[0], time.perf_counter() - t0)
+
+    async def _read_body(self, receive) -> bytes | None:
+        """The whole request body, or None once it exceeds the limit."""
+        chunks = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # disconnected: nothing more will come
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def _too_large(self, send, count: bool = True) -> None:
         if count:
             self.rejections.labels("body_too_large").inc()
-        body = json.dumps({"detail": f"request body larger than {self.max_body} bytes"}).encode()
+        body = orjson.dumps({"detail": f"request body larger than {self.max_body} bytes"})
         await send(
             {
                 "type": "http.response.start",
@@ -823,6 +1076,19 @@ class EdgeMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+def _replay(body: bytes, receive):
+    """A ``receive`` that yields the already-read ``body`` once, then the real messages."""
+    first = [True]
+
+    async def replayed():
+        if first[0]:
+            first[0] = False
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
 
 
 # ------------------------------------------------------------------------------------ app
@@ -872,76 +1138,13 @@ def create_app(settings: ServeSettings, *, loader=None) -> EdgeMiddleware:
             errors.append({"loc": loc, "msg": msg, "type": str(e.get("type", ""))})
         return JSONResponse({"detail": errors}, status_code=422)
 
-    async def names(req: BaseModel, where: str) -> Response:
-        if not svc.ready or svc.draining:
-            m.rejections.labels("not_ready").inc()
-            why = "draining" if svc.draining else "loading the model"
-            return _error(503, f"not ready ({why})", retry=True)
-        if svc.inflight >= settings.queue_size:
-            m.rejections.labels("queue_full").inc()
-            return _error(429, f"queue full ({settings.queue_size} requests in flight)", retry=True)
-        if 0 < req.temperature < MIN_TEMPERATURE:
-            m.rejections.labels("invalid").inc()
-            return _invalid(
-                f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got"
-                f" {req.temperature!r}",
-                where,
-            )
-        model = svc.model
-        seed = req.seed if req.seed is not None else secrets.randbelow(SEED_LIMIT)
-        try:
-            opts = SampleOptions(
-                count=req.count,
-                seed=seed,
-                temperature=req.temperature,
-                top_k=req.top_k,
-                top_p=req.top_p,
-                prefix=req.prefix,
-                min_length=req.min_length,
-                max_length=req.max_length,
-                new_only=req.new_only,
-            ).check(model.predictor.vocab)
-        except BnfoldError as e:
-            m.rejections.labels("invalid").inc()
-            return _invalid(str(e), where)
-        svc.inflight += 1
-        try:
-            names_, lps, index = await svc.sample(opts)
-        except DeadlineExceeded:
-            m.rejections.labels("deadline").inc()
-            return _error(504, f"deadline of {settings.deadline:g} s exceeded")
-        except BnfoldError as e:  # e.g. new-only could not find enough new names
-            m.rejections.labels("invalid").inc()
-            return _invalid(str(e), where)
-        finally:
-            svc.inflight -= 1
-        label = model.labeler
-        if index is None:
-            index = range(len(names_))
-        items = [
-            {"name": n, "label": label(n), "logprob": lp, "index": i}
-            for n, lp, i in zip(names_, lps, index, strict=True)
-        ]
-        m.names.inc(len(items))
-        body = {
-            "names": items,
-            "count": len(items),
-            "seed": seed,
-            "model_sha256": model.sha256,
-            "options": opts.to_dict(),
-        }
-        return Response(
-            json.dumps(body, ensure_ascii=False, separators=(",", ":")),
-            media_type="application/json",
-        )
-
     async def post_names(req: BaseModel) -> Response:
         """Sample names. Same model + seed + options -> same names."""
-        return await names(req, "body")
+        return (await svc.names(req.model_dump(), "body")).response()
 
     async def get_names(req: BaseModel) -> Response:
         """Sample names (query-string form of POST /v1/names)."""
-        return await names(req, "query")
+        return (await svc.names(req.model_dump(), "query")).response()
 
     # the request model is built per app (its count cap), so annotate the handlers by hand
     post_names.__annotations__["req"] = Req
@@ -953,24 +1156,24 @@ def create_app(settings: ServeSettings, *, loader=None) -> EdgeMiddleware:
     async def model_info() -> JSONResponse:
         """The loaded model: vocabulary, block size, parameters, folded, sha256, verification."""
         if svc.model is None:
-            return _error(503, "model not loaded yet", retry=True)
+            return _error(503, "model not loaded yet", retry=True).response()
         return JSONResponse(svc.model.info)
 
     @app.get("/livez", responses={503: _ERRORS[503]})
     async def livez() -> JSONResponse:
         """200 while the process is alive (503 if the model failed to load)."""
         if svc.load_error:
-            return _error(503, f"model failed to load: {svc.load_error}")
+            return _error(503, f"model failed to load: {svc.load_error}").response()
         return JSONResponse({"status": "alive"})
 
     @app.get("/readyz", responses={503: _ERRORS[503]})
     async def readyz() -> JSONResponse:
         """200 once the model is loaded and warmed up; 503 before that and while draining."""
         if svc.draining:
-            return _error(503, "draining", retry=True)
+            return _error(503, "draining", retry=True).response()
         if not svc.ready:
             why = f"model failed to load: {svc.load_error}" if svc.load_error else "loading"
-            return _error(503, why, retry=True)
+            return _error(503, why, retry=True).response()
         return JSONResponse(
             {"status": "ready", "model_sha256": svc.model.sha256, "pid": os.getpid()}
         )
@@ -985,7 +1188,7 @@ def create_app(settings: ServeSettings, *, loader=None) -> EdgeMiddleware:
         """The web page."""
         return HTMLResponse(page)
 
-    edge = EdgeMiddleware(app, m, settings.max_body)
+    edge = EdgeMiddleware(app, svc, settings.max_body, settings.max_count)
     edge.state = app.state  # tests reach the service through either object
     return edge
 

@@ -80,6 +80,13 @@ def test_uniforms_are_a_pure_function_of_seed_name_and_draw():
     # different seeds and different names give unrelated streams
     assert np.mean(uniforms(sample_mod.stream_key(8), names, draws) == u) < 0.001
     assert np.mean(u[:-10] == u[10:]) < 0.001
+    # one key per row (rows of different seeds drawn together) = each seed's own stream
+    seeds = np.arange(50_000) % 3
+    keys = np.array([sample_mod.stream_key(int(s)) for s in seeds], dtype=np.uint64)
+    mixed = uniforms(keys, names, draws)
+    for s in range(3):
+        rows = seeds == s
+        assert np.array_equal(mixed[rows], uniforms(sample_mod.stream_key(s), names, draws)[rows])
 
 
 # ---------------------------------------------------------------------- reproducibility
@@ -99,25 +106,130 @@ def test_same_names_whatever_the_batch_size(bn):
     ]
 
 
+def _step_together(predictor, engines, limit=None, on_step=None):
+    """Drive several engines to completion, one forward pass per step for all of them (as
+    the service does); ``on_step(step)`` may submit more work between steps."""
+    step = 0
+    while True:
+        if on_step is not None:
+            on_step(step)
+        for e in engines:
+            e.admit(limit)
+        live = [e for e in engines if e.active]
+        if not live:
+            if all(e.done for e in engines):
+                return step
+            continue
+        z = predictor.logits(np.concatenate([e.contexts() for e in live]))
+        cuts = np.cumsum([e.active for e in live])[:-1]
+        for e, part in zip(live, np.split(z, cuts), strict=True):
+            e.advance(part)
+        step += 1
+
+
 def test_same_names_whatever_the_grouping_and_merged_engines(bn):
-    """Names 100..299 alone, or merged step by step with another request, are unchanged."""
+    """Names 100..299 alone, or merged step by step with another group's engine, are
+    unchanged."""
     o = opts(count=300, temperature=0.8, top_k=10)
     ref = [s.name for s in sample_names(bn, o)]
     other = opts(count=50, seed=99, prefix="k")
-    a = SamplerEngine(bn.vocab, bn.block_size, o, start=100, stop=300, batch_size=32)
-    b = SamplerEngine(
-        bn.vocab, bn.block_size, other, prefix_logprob(bn, "k"), batch_size=16
-    )  # fmt: skip
-    while not (a.done and b.done):  # one forward pass for both, as a service would do
-        engines = [e for e in (a, b) if not e.done]
-        z = bn.logits(np.concatenate([e.contexts() for e in engines]))
-        cuts = np.cumsum([e.active for e in engines])[:-1]
-        for e, part in zip(engines, np.split(z, cuts), strict=True):
-            e.advance(part)
-    assert a.names == ref[100:]
+    a = SamplerEngine(bn.vocab, bn.block_size, o, batch_size=32)
+    b = SamplerEngine(bn.vocab, bn.block_size, other, batch_size=16)
+    ja = a.submit(o, start=100, stop=300)
+    jb = b.submit(other, prefix_logprob(bn, "k"))
+    _step_together(bn, [a, b])
+    assert ja.done and jb.done
+    assert ja.names == ref[100:]
     alone = sample_names(bn, other)
-    assert b.names == [s.name for s in alone]
-    np.testing.assert_allclose(b.logprobs, [s.logprob for s in alone], atol=1e-4)
+    assert jb.names == [s.name for s in alone]
+    np.testing.assert_allclose(jb.logprobs, [s.logprob for s in alone], atol=1e-4)
+
+
+def test_requests_share_rows_of_one_engine_and_get_their_own_names(bn):
+    """Jobs of different seeds, prefixes, counts and name ranges, arriving at different
+    steps, share the rows (and each advance) of one engine; each gets exactly the names and
+    log-probabilities it gets alone, and never more than ``job_rows`` rows at once."""
+    group = opts(temperature=1.3, top_p=0.95, min_length=2, max_length=9)
+    engine = SamplerEngine(bn.vocab, bn.block_size, group, batch_size=24, job_rows=10)
+    arrivals = {  # step -> requests (options, name range) submitted before it
+        0: [(dataclasses.replace(group, count=1, seed=s), None) for s in range(5)],
+        2: [(dataclasses.replace(group, count=40, seed=7, prefix="ma"), None)],
+        3: [(dataclasses.replace(group, count=30, seed=7), (100, 130))],
+        9: [(dataclasses.replace(group, count=3, seed=2**64 - 1, prefix="zo"), None)],
+    }
+    jobs = []
+    shared_steps = [0]
+
+    def on_step(step):
+        for o, rng in arrivals.get(step, []):
+            start, stop = rng if rng else (0, o.count)
+            jobs.append((o, engine.submit(o, prefix_logprob(bn, o.prefix), start=start, stop=stop)))
+        running = [j for _, j in jobs if j.inflight]
+        assert all(j.inflight <= 10 for j in running)
+        shared_steps[0] += len(running) > 1
+
+    _step_together(bn, [engine], on_step=on_step)
+    assert shared_steps[0] > 5, "the jobs never shared a step"
+    assert engine.done and engine.jobs == 0 and engine.running == 0
+    for o, job in jobs:
+        assert job.done and None not in job.names
+        alone = sample_names(bn, dataclasses.replace(o, count=job.stop))[job.start :]
+        assert job.names == [s.name for s in alone], o
+        np.testing.assert_allclose(job.logprobs, [s.logprob for s in alone], atol=1e-4)
+
+
+def test_cancelled_jobs_leave_and_the_others_are_unchanged(bn):
+    group = opts(count=60)
+    engine = SamplerEngine(bn.vocab, bn.block_size, group, batch_size=32, job_rows=16)
+    keep = engine.submit(dataclasses.replace(group, seed=1))
+    drop = engine.submit(dataclasses.replace(group, seed=2))
+    queued = engine.submit(dataclasses.replace(group, seed=3))
+    engine.admit()
+    assert drop.inflight > 0 and queued.inflight == 0 and engine.active == 32
+
+    def on_step(step):
+        if step == 2:
+            engine.cancel(drop)
+            engine.cancel(queued)
+            assert not (set(engine.job.tolist()) & {-1, drop.slot})
+            engine.cancel(drop)  # twice: a no-op
+
+    _step_together(bn, [engine], on_step=on_step)
+    assert not drop.done and not queued.done and None in drop.names
+    assert keep.names == [s.name for s in sample_names(bn, dataclasses.replace(group, seed=1))]
+    assert engine.done and engine.jobs == 0 and engine.queued == 0
+
+
+def test_engine_groups_and_ranges_are_checked(bn):
+    engine = SamplerEngine(bn.vocab, bn.block_size, opts())
+    with pytest.raises(BnfoldError, match="belong to another engine"):
+        engine.submit(opts(temperature=0.5))
+    with pytest.raises(BnfoldError, match="bad name range"):
+        engine.submit(opts(), start=5, stop=4)
+    with pytest.raises(BnfoldError, match="prefix"):
+        engine.submit(opts(prefix="Q"))
+    assert engine.submit(opts(), start=3, stop=3).done  # an empty range: nothing to do
+    assert engine.done
+    # seed, count and prefix may differ within a group; the engine takes them all
+    for o in (opts(seed=1), opts(count=3), opts(prefix="ab")):
+        engine.submit(o)
+    assert engine.jobs == 3
+
+
+def test_tiny_temperature_is_greedy_not_nan(bn):
+    """0 < T so small that z / T overflows (and float32(T) is 0): the most likely allowed
+    token wins, as at T = 0; no NaN probabilities (which used to give empty names)."""
+    greedy = sample_names(bn, opts(count=6, temperature=0))
+    for t in (1e-300, 5e-324, 1e-40, 1e-8):
+        for extra in ({}, {"top_k": 3}, {"top_p": 0.5}):
+            with np.errstate(over="raise", divide="raise", invalid="raise"):  # none left unhandled
+                got = sample_names(bn, opts(count=6, temperature=t, **extra))
+            assert [s.name for s in got] == [s.name for s in greedy], (t, extra)
+            assert all(s.name and math.isfinite(s.logprob) for s in got)
+    # min-length 3 masks the end token where it is the most likely: still no NaN
+    got = sample_names(bn, opts(count=4, temperature=1e-300, min_length=3))
+    ref = sample_names(bn, opts(count=4, temperature=0, min_length=3))
+    assert [s.name for s in got] == [s.name for s in ref] and all(len(s.name) >= 3 for s in got)
 
 
 def test_bn_and_folded_models_agree(bn, trained_checkpoint, tmp_path):
@@ -293,7 +405,11 @@ def test_bad_options_are_clear_errors(bn, bad, message):
 def test_bad_batch_size_and_logits(bn):
     with pytest.raises(BnfoldError, match="batch size must be a positive integer"):
         sample_names(bn, opts(), batch_size=0)
+    with pytest.raises(BnfoldError, match="job rows must be a positive integer"):
+        SamplerEngine(bn.vocab, bn.block_size, opts(), job_rows=0)
     e = SamplerEngine(bn.vocab, bn.block_size, opts(count=4))
+    e.submit(opts(count=4))
+    assert e.admit() == 4
     with pytest.raises(BnfoldError, match="expected logits of shape"):
         e.advance(np.zeros((3, bn.vocab.size), dtype=np.float32))
 
@@ -302,6 +418,8 @@ def test_extreme_logits_are_sampled_safely(bn):
     """Rows whose exp would overflow (or vanish) take the shifted path, row by row."""
     o = opts(count=3, min_length=2)
     e = SamplerEngine(bn.vocab, bn.block_size, o)
+    e.submit(o)
+    e.admit()
     z = np.zeros((3, bn.vocab.size), dtype=np.float32)
     z[0, 5] = 500.0  # exp overflows: token 5 is certain
     z[1] = -500.0
