@@ -939,6 +939,11 @@ class _BodyTooLarge(HTTPException):
         super().__init__(413, f"request body larger than {limit} bytes")
 
 
+def _with_json_content_type(scope: dict) -> dict:
+    headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+    return {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+
+
 class EdgeMiddleware:
     """Raw ASGI in front of FastAPI: request latency by status for /metrics, the request
     body size limit, and the hot path.
@@ -986,7 +991,12 @@ class EdgeMiddleware:
                     self._observe(endpoint, 413, time.perf_counter() - t0)
                     return
             elif k == b"content-type" and not v.lower().startswith(b"application/json"):
-                plain = False
+                if plain and v.lower().startswith(b"application/x-www-form-urlencoded"):
+                    # `curl -d '{...}'` labels its JSON body as a form: read it as JSON,
+                    # here and in FastAPI's fallback alike.
+                    scope = _with_json_content_type(scope)
+                else:
+                    plain = False
 
         if plain:
             body = await self._read_body(receive)
@@ -1121,7 +1131,6 @@ def create_app(settings: ServeSettings, *, loader=None) -> EdgeMiddleware:
         version="1",
         summary="Sample names from a folded BatchNorm MLP (ONNX), with step-level batching.",
         lifespan=lifespan,
-        strict_content_type=False,  # `curl -d '{...}'` works without a JSON content type
     )
     app.state.service = svc
     m = svc.metrics

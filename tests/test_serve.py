@@ -136,6 +136,19 @@ def test_json_without_content_type_is_accepted(server):
     assert r.status_code == 200 and r.json()["count"] == 2
 
 
+def test_json_sent_as_a_form_like_curl_d_is_accepted(server):
+    form = {"content-type": "application/x-www-form-urlencoded"}  # what `curl -d` sends
+    r = httpx.post(server + "/v1/names", content=b'{"count": 2, "seed": 5}', headers=form)
+    assert r.status_code == 200, r.text
+    assert (
+        r.json()["names"]
+        == httpx.post(server + "/v1/names", json={"count": 2, "seed": 5}).json()["names"]
+    )
+    # a value the hot path refuses still reaches pydantic as JSON: a field error, not "not a dict"
+    bad = httpx.post(server + "/v1/names", content=b'{"count": -1}', headers=form)
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "count"]
+
+
 def test_hot_path_answers_exactly_as_fastapi(server, monkeypatch):
     """A plain JSON POST is answered by the edge layer (no FastAPI routing or pydantic);
     the same body under another JSON content type goes through FastAPI. Same answer."""
