@@ -51,6 +51,17 @@ def command_line(ctx: click.Context) -> str:
     return shlex.join(words)
 
 
+def shipped_model() -> Path:
+    """The default MODEL of `sample` and `serve`: the shipped models/folded.onnx."""
+    model = DEFAULT_MODELS / "folded.onnx"
+    if not model.exists():
+        raise BnfoldError(
+            f"no MODEL given and the shipped model {model} is missing: pass a .onnx or"
+            " .pt file, or make models/ with `bnfold train-fold`"
+        )
+    return model
+
+
 def print_json(obj: dict) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=True))
 
@@ -448,13 +459,7 @@ def sample(model, words, verbose, batch_size, as_json, **options):
     from bnfold.infer import load_predictor
     from bnfold.sample import SampleOptions, label_counts, load_labeler, sample_names
 
-    if model is None:
-        model = DEFAULT_MODELS / "folded.onnx"
-        if not model.exists():
-            raise BnfoldError(
-                f"no MODEL given and the shipped model {model} is missing: pass a .onnx or"
-                " .pt file, or make models/ with `bnfold train-fold`"
-            )
+    model = model or shipped_model()
     predictor = load_predictor(model)
     opts = SampleOptions(**options).check(predictor.vocab)
     labeler = None
@@ -553,13 +558,7 @@ def serve(model, host, port, workers, words, max_count, queue_size, deadline, ma
     POST/GET /v1/names, /v1/model, /livez, /readyz, /metrics and a web page at /."""
     from bnfold.serve import ServeSettings, load_model, run_server
 
-    if model is None:
-        model = DEFAULT_MODELS / "folded.onnx"
-        if not model.exists():
-            raise BnfoldError(
-                f"no MODEL given and the shipped model {model} is missing: pass a .onnx or"
-                " .pt file, or make models/ with `bnfold train-fold`"
-            )
+    model = model or shipped_model()
     settings = ServeSettings(
         model=str(Path(model).resolve()),
         words=str(Path(words).resolve()),
