@@ -285,6 +285,16 @@ def verify_options(fn):
     return fn
 
 
+# `fold` and `verify` (not `train-fold`, whose --data is the training file)
+contexts_data_option = click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_DATA,
+    show_default=True,
+    help="Words file for dev/test contexts (used only when the domain is sampled).",
+)
+
+
 @main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option(
@@ -294,13 +304,7 @@ def verify_options(fn):
     help="Folded checkpoint to write  [default: folded.pt next to CHECKPOINT]",
 )
 @verify_options
-@click.option(
-    "--data",
-    type=click.Path(path_type=Path),
-    default=DEFAULT_DATA,
-    show_default=True,
-    help="Words file for dev/test contexts (used only when the domain is sampled).",
-)
+@contexts_data_option
 @click.option("--json", "as_json", is_flag=True, help="Print the fold and verification as JSON.")
 @clear_errors
 def fold(checkpoint, out, tolerance, max_exhaustive, data, as_json):
@@ -342,13 +346,7 @@ def fold(checkpoint, out, tolerance, max_exhaustive, data, as_json):
 )
 @click.option("--sample-size", type=positive, default=1_000_000, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option(
-    "--data",
-    type=click.Path(path_type=Path),
-    default=DEFAULT_DATA,
-    show_default=True,
-    help="Words file for dev/test contexts (used only when the domain is sampled).",
-)
+@contexts_data_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @clear_errors
 def verify_command(
