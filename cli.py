@@ -413,6 +413,15 @@ def train_fold(as_json, tolerance, max_exhaustive, **train_args):
 
 # --- sample -----------------------------------------------------------------------------
 
+# `sample` and `serve` label names against the model's training words
+words_option = click.option(
+    "--words",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_DATA,
+    show_default=True,
+    help="The model's training words file, for the train/dev/test/new labels.",
+)
+
 
 @main.command()
 @click.argument("model", required=False, type=click.Path(path_type=Path))
@@ -431,13 +440,7 @@ def train_fold(as_json, tolerance, max_exhaustive, **train_args):
     "--max-length", type=int, default=50, show_default=True, help="Characters, prefix included."
 )
 @click.option("--new-only", is_flag=True, help="Only names in none of train / dev / test.")
-@click.option(
-    "--words",
-    type=click.Path(path_type=Path),
-    default=DEFAULT_DATA,
-    show_default=True,
-    help="The model's training words file, for the train/dev/test/new labels.",
-)
+@words_option
 @click.option("-v", "--verbose", is_flag=True, help="Columns: name, label, log-probability.")
 @click.option(
     "--batch-size",
@@ -511,13 +514,7 @@ def sample(model, words, verbose, batch_size, as_json, **options):
     show_default=True,
     help="Worker processes; each loads its own ONNX Runtime session (one thread).",
 )
-@click.option(
-    "--words",
-    type=click.Path(path_type=Path),
-    default=DEFAULT_DATA,
-    show_default=True,
-    help="The model's training words file, for the train/dev/test/new labels.",
-)
+@words_option
 @click.option(
     "--max-count", type=positive, default=1000, show_default=True, help="Names per request cap."
 )
