@@ -96,8 +96,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     except Exception as e:  # torch raises many types for bad files; all mean the same here
         text = str(e).strip()
         unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text)
         if unsafe:
             reason = f"it holds a {unsafe.group(1)} object, which could run code"
+        elif unpickler:  # torch's first line is advice about weights_only, not the cause
+            reason = f"not a torch file ({unpickler.group(1).strip()})"
         else:
             reason = text.splitlines()[0] if text else type(e).__name__
         raise BnfoldError(

@@ -44,10 +44,12 @@ def test_truncated_corrupt_foreign_and_missing(tmp_path, trained_checkpoint):
     (tmp_path / "trunc.pt").write_bytes(blob[: len(blob) // 2])
     (tmp_path / "junk.pt").write_bytes(b"\x00garbage" * 100)
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
+    (tmp_path / "text.pt").write_text("# a README, not a checkpoint\n")
     cases = {
         "trunc.pt": "not a readable checkpoint",
         "junk.pt": "not a readable checkpoint",
         "foreign.pt": "not a bnfold checkpoint",
+        "text.pt": "not a torch file",
         "missing.pt": "no such checkpoint",
     }
     for name, match in cases.items():
