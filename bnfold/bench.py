@@ -128,11 +128,13 @@ class PlainOrtRun(Predictor):
     def __init__(self, onnx_predictor: Predictor):
         import onnxruntime as ort
 
+        from bnfold.onnx_files import load_onnx_file
+
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
-        self.session = ort.InferenceSession(
-            str(onnx_predictor.path), options, providers=["CPUExecutionProvider"]
-        )
+        # the same bytes bnfold runs (read by bnfold's one ONNX loader), a plain session
+        data = load_onnx_file(onnx_predictor.path).data
+        self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.path, self.vocab = onnx_predictor.path, onnx_predictor.vocab
         self.block_size, self.folded = onnx_predictor.block_size, onnx_predictor.folded

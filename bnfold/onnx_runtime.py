@@ -23,6 +23,7 @@ import numpy as np
 from bnfold.data import END, Vocab
 from bnfold.errors import BnfoldError
 from bnfold.infer import Predictor
+from bnfold.onnx_files import load_onnx_file, non_finite_initializers
 
 FORMAT = "bnfold-onnx"
 FORMAT_VERSION = 1
@@ -122,7 +123,14 @@ class OnnxPredictor(Predictor):
                 raise BnfoldError(f"{self.path}: no such ONNX file")
             if self.path.is_dir():
                 raise BnfoldError(f"{self.path}: is a directory, not an ONNX file")
-            model_bytes = self.path.read_bytes()
+            onnx_file = load_onnx_file(self.path)  # bounded; never reads another file
+            bad = non_finite_initializers(onnx_file.proto)
+            if bad:
+                raise BnfoldError(
+                    f"{self.path}: the weights hold NaN or infinite values"
+                    f" ({', '.join(bad[:3])}): the model it was exported from diverged"
+                )
+            model_bytes = onnx_file.data
         self.sha256 = hashlib.sha256(model_bytes).hexdigest()
         self.threads = threads
         try:

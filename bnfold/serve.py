@@ -160,9 +160,9 @@ def parameter_count(path: Path, predictor: Predictor) -> int | None:
     if model is not None and hasattr(model, "parameters"):
         return int(sum(p.numel() for p in model.parameters()))
     if path.suffix == ".onnx":
-        import onnx
+        from bnfold.onnx_files import load_onnx_file
 
-        proto = onnx.load(str(path), load_external_data=False)
+        proto = load_onnx_file(path).proto
         return int(sum(int(np.prod(t.dims, dtype=np.int64)) for t in proto.graph.initializer))
     return None
 
