@@ -3,15 +3,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import json
 import shlex
 import sys
 from pathlib import Path
 
 import click
 
-from bnfold.errors import BnfoldError
+from bnfold import jsonsafe
+from bnfold.errors import BnfoldError, TrainingInterrupted
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_DATA = REPO_ROOT / "data" / "names.txt"
@@ -28,11 +29,45 @@ def clear_errors(fn):
         except BnfoldError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except TrainingInterrupted as e:
+            click.echo(str(e), err=True)
+            sys.exit(130)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
 
     return wrapper
+
+
+def _show_one_line(e: click.UsageError, file=None) -> None:
+    """A usage error as ``error: ...`` plus a hint, instead of click's 4-line block."""
+    command = e.ctx.command_path if e.ctx is not None else "bnfold"
+    click.echo(f"error: {e.format_message()}", err=True)
+    click.echo(f"hint: see '{command} --help'", err=True)
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors():
+    try:
+        yield
+    except click.UsageError as e:
+        # `bnfold` alone shows the help (click's NoArgsIsHelpError), not an error
+        if type(e).__name__ != "NoArgsIsHelpError":
+            e.show = functools.partial(_show_one_line, e)  # click's main() calls e.show()
+        raise
+
+
+class BnfoldGroup(click.Group):
+    """The ``bnfold`` group: every usage error (unknown command or option, bad value) is
+    one ``error:`` line and a hint, exit code 2, like every other bad input."""
+
+    def make_context(self, *args, **kwargs) -> click.Context:
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context):
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
 
 
 def command_line(ctx: click.Context) -> str:
@@ -63,7 +98,9 @@ def shipped_model() -> Path:
 
 
 def print_json(obj: dict) -> None:
-    click.echo(json.dumps(obj, indent=2, sort_keys=True))
+    """Valid JSON on stdout: a NaN or infinite number (e.g. the log-probability of a name
+    the model gives probability 0 at temperature 1) is written as null."""
+    click.echo(jsonsafe.dumps(obj, indent=2, sort_keys=True))
 
 
 positive = click.IntRange(min=1)
@@ -131,7 +168,7 @@ def train_options(fn):
     return fn
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=BnfoldGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="bnfold")
 def main() -> None:
     """Train a BatchNorm MLP, fold its BatchNorms, verify, export to ONNX, sample, serve."""

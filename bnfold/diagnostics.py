@@ -35,9 +35,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bnfold.checkpoint import atomic_write
+from bnfold import jsonsafe
 from bnfold.data import distinct_contexts
 from bnfold.errors import BnfoldError
+from bnfold.files import atomic_write
+from bnfold.jsonsafe import json_safe
 
 FORMAT = "bnfold-diagnostics"
 FORMAT_VERSION = 1
@@ -187,17 +189,6 @@ def saturation_census(
 
 def _round(xs: list[float], digits: int = 6) -> list[float]:
     return [float(f"{x:.{digits}g}") for x in xs]
-
-
-def _clean(x):
-    """JSON-safe: non-finite floats become None (JSON has no inf/NaN)."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_clean(v) for v in x]
-    return x
 
 
 # ---------------------------------------------------------------------- observers --
@@ -357,7 +348,7 @@ class Diagnostics:
         losses = torch.stack(self.losses).tolist() if self.losses else []
         for i, layer in enumerate(self.layers):
             layer["name"] = f"layer {i + 1} (Tanh)"
-        return _clean(
+        return json_safe(
             {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
@@ -449,7 +440,7 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _write_json(report: dict, path: Path) -> None:
-    _write_text(path, json.dumps(_clean(report), allow_nan=False))
+    _write_text(path, jsonsafe.dumps(report))
 
 
 def load_report(report_dir: str | Path) -> dict:

@@ -54,11 +54,13 @@ def test_blank_lines_whitespace_and_crlf_are_handled(tmp_path):
     assert read_words(p) == ["anna", "bob"]
 
 
-def test_single_word(tmp_path):
-    p = write(tmp_path, "emma")
-    d = load_dataset(p, block_size=2)
-    assert d.vocab.size == 4
-    assert len(d.words[0]) == 0 and len(d.words[2]) == 1  # int(0.8) = 0, int(0.9) = 0
+def test_too_few_words_for_the_split(tmp_path):
+    """One word gives an empty train and dev split (int(0.8) = 0, int(0.9) = 0): refused
+    in one line; six words are the fewest with every split non-empty (4 / 1 / 1)."""
+    with pytest.raises(BnfoldError, match="1 words leave the train and dev split empty"):
+        load_dataset(write(tmp_path, "emma"), block_size=2)
+    d = load_dataset(write(tmp_path, "\n".join(["emma", "ava", "liam", "noah", "mia", "zoe"])))
+    assert [len(w) for w in d.words] == [4, 1, 1]
 
 
 def test_contexts_follow_the_lecture_window():

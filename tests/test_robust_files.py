@@ -4,8 +4,6 @@ traceback, and never read or write what it should not."""
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from bnfold.errors import BnfoldError
