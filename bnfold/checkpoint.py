@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from bnfold import __version__
 from bnfold.data import Vocab
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, first_validation_error
 from bnfold.files import MiB, atomic_write, atomic_write_bytes, read_bounded
 from bnfold.model import MLP, ModelConfig
 
@@ -109,12 +109,6 @@ class _CheckpointPayload(BaseModel):
     meta: _MetaPayload = _MetaPayload()
 
 
-def _first_error(e: ValidationError) -> str:
-    err = e.errors()[0]
-    where = ".".join(str(x) for x in err["loc"]) or "the file"
-    return f"{where}: {err['msg']}"
-
-
 def _unreadable_reason(e: Exception) -> str:
     """torch's message for a file it cannot load, reduced to the cause."""
     text = str(e).strip()
@@ -168,7 +162,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     try:
         checked = _CheckpointPayload.model_validate(payload)
     except ValidationError as e:
-        raise BnfoldError(f"{path}: malformed checkpoint: {_first_error(e)[:200]}") from None
+        raise BnfoldError(f"{path}: malformed checkpoint: {first_validation_error(e)}") from None
     try:
         vocab = Vocab(tuple(checked.vocab))
         config = ModelConfig(**checked.config.model_dump())

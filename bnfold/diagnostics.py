@@ -31,13 +31,15 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from bnfold import jsonsafe
 from bnfold.data import distinct_contexts
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, first_validation_error
 from bnfold.files import atomic_write
 from bnfold.jsonsafe import json_safe
 
@@ -443,6 +445,66 @@ def _write_json(report: dict, path: Path) -> None:
     _write_text(path, jsonsafe.dumps(report))
 
 
+class _Strict(BaseModel):
+    # strict: "0.5" is not a number and 1 is not a bool; other keys are kept as they are
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class _LayerSeries(_Strict):
+    saturation: list[float | None] = []
+
+
+class _UpdateSeries(_Strict):
+    shape: list[int] = []
+    log10: list[float | None] = []
+    frozen: list[bool] = []
+
+
+class _Eval(_Strict):
+    step: int
+    split: str
+    loss: float | None
+
+
+class _CensusLayer(_Strict):
+    units: int
+    dead: list[int]
+    saturation: float
+
+
+class _Census(_Strict):
+    examples: int
+    layers: list[_CensusLayer] = Field(min_length=1)
+
+
+class _FoldComparison(_Strict):
+    contexts: int
+    domain: str
+    max_abs_logit_diff: float
+
+
+class _Figure(_Strict):
+    file: str
+    caption: str
+
+
+class _ReportFile(_Strict):
+    """The parts of ``diagnostics.json`` that ``bnfold report`` and the index page read."""
+
+    format: Literal["bnfold-diagnostics"]
+    format_version: Literal[1]
+    interval: int | None = None
+    saturation_threshold: float | None = None
+    train_loss: list[float | None] = []
+    evals: list[_Eval] = []
+    steps: list[int] = []
+    layers: list[_LayerSeries] = []
+    updates: dict[str, _UpdateSeries] = {}
+    census: _Census | None = None
+    fold_comparison: _FoldComparison | None = None
+    figures: list[_Figure] = []
+
+
 def load_report(report_dir: str | Path) -> dict:
     d = Path(report_dir)
     path = d / REPORT_JSON if d.is_dir() else d
@@ -460,6 +522,12 @@ def load_report(report_dir: str | Path) -> dict:
         raise BnfoldError(
             f"{path}: report format version {report.get('format_version')!r} is not supported"
         )
+    try:
+        _ReportFile.model_validate(report)
+    except ValidationError as e:
+        raise BnfoldError(
+            f"{path}: malformed diagnostics report: {first_validation_error(e)}"
+        ) from None
     return report
 
 
@@ -531,7 +599,8 @@ def verdict(report: dict) -> dict:
         worst = {"layer": i + 1, "saturation": census["layers"][i]["saturation"], "on": "train set"}
     elif any(s is not None for s in sat_last):
         i = max((k for k, s in enumerate(sat_last) if s is not None), key=lambda k: sat_last[k])
-        worst = {"layer": i + 1, "saturation": sat_last[i], "on": f"batch at step {steps[-1]}"}
+        on = f"batch at step {steps[-1]}" if steps else "the last recorded batch"
+        worst = {"layer": i + 1, "saturation": sat_last[i], "on": on}
     far, frozen = [], []
     for name, u in report.get("updates", {}).items():
         vals = [v for v in u.get("log10", []) if v is not None]

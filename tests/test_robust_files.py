@@ -4,6 +4,8 @@ traceback, and never read or write what it should not."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from bnfold.errors import BnfoldError
@@ -131,3 +134,146 @@ def test_constant_node_with_external_data_is_refused(tmp_path):
         load_onnx_file(path)
     with pytest.raises(BnfoldError, match="outside the model's folder"):
         load_onnx_file(path, allow_external_data=True)
+
+
+# ------------------------------------------------------------------------- messages --
+
+
+def test_usage_errors_are_one_line_and_a_hint():
+    for args, needle, command in (
+        (["train", "--steps", "0"], "'--steps': 0 is not in the range x>=1", "bnfold train"),
+        (["sample", "--nope"], "No such option '--nope'", "bnfold sample"),
+        (["bogus"], "No such command 'bogus'", "bnfold"),
+    ):
+        r = bnfold(*args)
+        assert_one_error_line(r, needle)
+        assert r.stderr.splitlines()[1] == f"hint: see '{command} --help'"
+        assert "Usage:" not in r.stderr
+    assert bnfold("--help").returncode == 0
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_unsafe_and_foreign_pickles_give_their_cause(tmp_path):
+    import pickle
+
+    (tmp_path / "raw.pt").write_bytes(pickle.dumps({"format": "bnfold-checkpoint"}, protocol=4))
+    torch.save({"format": "bnfold-checkpoint", "x": Evil()}, tmp_path / "evil.pt")
+    r = bnfold("sample", "raw.pt", cwd=tmp_path)  # torch warned about the protocol first
+    assert_one_error_line(r, "raw.pt", "not a torch file")
+    r = bnfold("sample", "evil.pt", cwd=tmp_path)
+    assert_one_error_line(r, "evil.pt", "system object, which could run code")
+    assert "weights_only" not in r.stderr and not (tmp_path / "pwned").exists()
+
+
+# ------------------------------------------------------------------ crafted files --
+
+
+@pytest.fixture(scope="module")
+def payload() -> dict:
+    return torch.load(SHIPPED / "bn.pt", weights_only=True)
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"config": None}, "config"),
+        ({"config": [1, 2, 3]}, "config"),
+        ({"config": "n_hidden=100"}, "config"),
+        (
+            {
+                "config": {
+                    "vocab_size": 28,
+                    "block_size": 3,
+                    "n_embd": 10,
+                    "n_hidden": "100",
+                    "n_layers": 5,
+                }
+            },
+            "n_hidden",
+        ),  # fmt: skip
+        (
+            {
+                "config": {
+                    "vocab_size": 28,
+                    "block_size": 3,
+                    "n_embd": 10,
+                    "n_hidden": 10**9,
+                    "n_layers": 5,
+                }
+            },
+            "inconsistent checkpoint",
+        ),  # fmt: skip
+        ({"vocab": "abc"}, "vocab"),
+        ({"state_dict": [1, 2]}, "state_dict"),
+        ({"meta": {"folded_from": "x"}}, "meta.folded_from"),
+        ({"meta": {"data_sha256": 5}}, "meta.data_sha256"),
+    ],
+)
+def test_checkpoint_structure_is_validated(tmp_path, payload, change, needle):
+    torch.save({**payload, **change}, tmp_path / "bad.pt")
+    r = bnfold("sample", tmp_path / "bad.pt", "-n", "2")
+    assert_one_error_line(r, "bad.pt", needle)
+
+
+def test_checkpoint_tensor_of_the_wrong_dtype(tmp_path, payload):
+    state = dict(payload["state_dict"])
+    state["net.0.weight"] = state["net.0.weight"].half()
+    torch.save({**payload, "state_dict": state}, tmp_path / "half.pt")
+    assert_one_error_line(bnfold("sample", tmp_path / "half.pt"), "net.0.weight", "float16")
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"layers": [{"saturation": "high"}]}, "layers.0.saturation"),
+        ({"census": {"examples": 3, "layers": "none"}}, "census.layers"),
+        ({"census": {"examples": 3, "layers": []}}, "census.layers"),
+        ({"updates": {"w": {"log10": [1], "frozen": "no", "shape": [2, 2]}}}, "frozen"),
+        ({"evals": [{"step": 1, "split": "dev", "loss": "2.1"}]}, "evals.0.loss"),
+        ({"fold_comparison": [1]}, "fold_comparison"),
+        ({"steps": None}, "steps"),
+    ],
+)
+def test_diagnostics_report_structure_is_validated(tmp_path, change, needle):
+    report = json.loads((SHIPPED / "report" / "diagnostics.json").read_text())
+    (tmp_path / "diagnostics.json").write_text(json.dumps({**report, **change}))
+    assert_one_error_line(bnfold("report", tmp_path), "malformed diagnostics report", needle)
+
+
+# ------------------------------------------------------------- non-finite weights --
+
+
+def test_nan_checkpoint_and_onnx_are_refused(tmp_path, payload, onnx_dir):
+    state = dict(payload["state_dict"])
+    state["net.3.weight"] = state["net.3.weight"].clone()
+    state["net.3.weight"][0, 0] = float("nan")
+    torch.save({**payload, "state_dict": state}, tmp_path / "nan.pt")
+    for args in (
+        ["sample", "nan.pt", "--json"],
+        ["export", "nan.pt", "--out", "x"],
+        ["fold", "nan.pt"],
+        ["verify", str(SHIPPED / "bn.pt"), "nan.pt"],
+    ):
+        r = bnfold(*args, cwd=tmp_path)
+        assert_one_error_line(r, "nan.pt", "NaN or infinite", "net.3.weight")
+        assert r.stdout == ""
+    assert not (tmp_path / "x").exists() and not (tmp_path / "folded.pt").exists()
+    proto = onnx.load(str(onnx_dir / "folded.onnx"))
+    w = proto.graph.initializer[1]
+    values = numpy_helper.to_array(w).copy()
+    values.flat[3] = np.inf
+    w.CopyFrom(numpy_helper.from_array(values, w.name))
+    onnx.save(proto, str(onnx_dir / "inf.onnx"))
+    assert_one_error_line(bnfold("sample", onnx_dir / "inf.onnx"), "inf.onnx", "NaN or infinite")
+
+
+def test_json_output_has_no_nan():
+    from bnfold import jsonsafe
+
+    text = jsonsafe.dumps({"logprob": float("-inf"), "xs": [1.5, float("nan")]})
+    assert json.loads(text) == {"logprob": None, "xs": [1.5, None]}
+    assert "NaN" not in text and "Infinity" not in text
