@@ -277,3 +277,196 @@ def test_json_output_has_no_nan():
     text = jsonsafe.dumps({"logprob": float("-inf"), "xs": [1.5, float("nan")]})
     assert json.loads(text) == {"logprob": None, "xs": [1.5, None]}
     assert "NaN" not in text and "Infinity" not in text
+
+
+# ------------------------------------------------------------------- output paths --
+
+NEVER_ENDS = "100000000"  # steps: a run that trains before checking its output never ends
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path):
+    (tmp_path / "afile").write_text("keep me")
+    (tmp_path / "adir" / "bn.onnx").mkdir(parents=True)
+    (tmp_path / "d").mkdir()
+    bn = SHIPPED / "bn.pt"
+    cases = [
+        (["train", "--out", "afile", "--steps", NEVER_ENDS], "afile: exists and is not a folder"),
+        (["train-fold", "--out", "afile/sub", "--steps", NEVER_ENDS], "afile is a file"),
+        (["train-fold", "--out", "adir", "--steps", NEVER_ENDS], "adir/bn.onnx: is a directory"),
+        (["fold", bn, "--out", "d"], "d: is a directory"),
+        (["export", bn, "--out", "adir"], "adir/bn.onnx: is a directory"),
+        (["export", bn, "--out", "afile"], "afile: exists and is not a folder"),
+    ]
+    for args, needle in cases:
+        assert_one_error_line(bnfold(*args, cwd=tmp_path, timeout=120), needle)
+    assert (tmp_path / "afile").read_text() == "keep me"
+    assert sorted(p.name for p in (tmp_path / "adir").iterdir()) == ["bn.onnx"]
+    assert list((tmp_path / "d").iterdir()) == []
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 96 KiB tmpfs: too small for bn.pt (0.2 MB) or an ONNX file."""
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mnt)],
+                       capture_output=True)  # fmt: skip
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(full_disk, tmp_path):
+    (full_disk / "filler").write_bytes(b"x" * 60_000)  # some space left, not enough
+    for args, needle in (
+        (["train", "--out", full_disk, "--steps", "3", "--batch-size", "32"], "bn.pt"),
+        (["export", SHIPPED / "bn.pt", "--out", full_disk], "bn.onnx"),
+        (["fold", SHIPPED / "bn.pt", "--out", full_disk / "folded.pt"], "folded.pt"),
+    ):
+        r = bnfold(*args, cwd=tmp_path)
+        assert_one_error_line(r, needle, "no space left on device")
+        assert [p.name for p in full_disk.iterdir()] == ["filler"]  # no half file, no temp
+
+
+# ------------------------------------------------------------ interrupts, temp files --
+
+
+def test_ctrl_c_in_train_fold_saves_the_checkpoint_aside_and_leaves_out_alone(tmp_path):
+    """One SIGINT while training (seen on the progress bar of a pseudo-terminal)."""
+    import pty
+    import select
+    import signal
+
+    out = tmp_path / "models"
+    out.mkdir()
+    for name in ("bn.pt", "folded.pt", "bn.onnx", "folded.onnx", "README.md"):
+        (out / name).write_text(f"shipped {name}")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [BNFOLD, "train-fold", "--out", out, "--steps", NEVER_ENDS, "--batch-size", "64"],
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        text=True,
+    )
+    os.close(slave)
+    seen = b""
+    try:
+        while b"train " not in seen:  # the progress bar: training has started
+            ready, _, _ = select.select([master], [], [], 120)
+            assert ready, seen
+            seen += os.read(master, 4096)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+        while select.select([master], [], [], 0.5)[0]:
+            try:
+                seen += os.read(master, 4096)
+            except OSError:
+                break
+    finally:
+        proc.kill()
+        os.close(master)
+    text = seen.decode(errors="replace")
+    assert proc.returncode == 130, text
+    assert "saved the partial model" in text and "Traceback" not in text
+    for name in ("bn.pt", "folded.pt", "bn.onnx", "folded.onnx", "README.md"):
+        assert (out / name).read_text() == f"shipped {name}"
+    assert not (out / "report").exists()
+    from bnfold.checkpoint import load_checkpoint
+
+    partial = load_checkpoint(out / "bn.interrupted.pt")
+    assert partial.meta["interrupted"] and 0 < partial.meta["steps_done"] < int(NEVER_ENDS)
+
+
+def test_stale_temp_files_are_removed_on_the_next_write(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    alive = subprocess.Popen(["sleep", "60"])
+    stale = out / f".bn.pt.{dead.pid}-abc123.tmp"
+    live = out / f".bn.pt.{alive.pid}-def456.tmp"
+    old_style = out / ".bn.pt.k2j3h4.tmp"  # no pid: removed once it is an hour old
+    for p in (stale, live, old_style):
+        p.write_bytes(b"half a checkpoint")
+    os.utime(old_style, (1e9, 1e9))
+    try:
+        r = bnfold("train", "--out", out, "--steps", "2", "--batch-size", "32", "--n-layers", "1")
+        assert r.returncode == 0, r.stderr
+        assert sorted(p.name for p in out.iterdir()) == sorted(["bn.pt", live.name])
+    finally:
+        alive.kill()
+
+
+def test_figures_are_written_atomically(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from bnfold import plots
+
+    (tmp_path / "loss.png").write_bytes(b"the old figure")
+
+    def half_then_crash(self, path, **kw):
+        Path(path).write_bytes(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", half_then_crash)
+    with pytest.raises(BnfoldError, match="loss.png: cannot write: no space left on device"):
+        plots.loss_figure({"train_loss": [3.0, 2.5]}, tmp_path / "loss.png")
+    assert [p.name for p in tmp_path.iterdir()] == ["loss.png"]
+    assert (tmp_path / "loss.png").read_bytes() == b"the old figure"
+
+
+# ------------------------------------------------------------------------- inputs --
+
+
+def test_a_byte_order_mark_is_not_a_character(tmp_path):
+    words = "\n".join(["anna", "bob", "carl", "dave", "emma", "fred", "gina"]) + "\n"
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + words.encode())
+    r = bnfold("train", "--data", "bom.txt", "--out", "o", "--steps", "2", "--batch-size", "8",
+               "--n-layers", "1", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    from bnfold.checkpoint import load_checkpoint
+
+    vocab = load_checkpoint(tmp_path / "o" / "bn.pt").vocab
+    assert "\ufeff" not in vocab.chars and vocab.chars == tuple(sorted(set(words.strip()) - {"\n"}))
+
+
+def test_endless_and_huge_inputs_are_bounded(tmp_path):
+    (tmp_path / "zero.pt").symlink_to("/dev/zero")
+    (tmp_path / "zero.onnx").symlink_to("/dev/zero")
+    long_word = "a" * 5_000
+    (tmp_path / "long.txt").write_text("anna\nbob\n" + long_word + "\ncarl\n")
+    for args, needle in (
+        (["sample", "zero.pt"], "zero.pt: is a device"),
+        (["sample", "zero.onnx"], "zero.onnx: is a device"),
+        (["train", "--data", "/dev/zero", "--out", "o"], "/dev/zero: is a device"),
+        (["sample", SHIPPED / "folded.onnx", "--words", "/dev/zero", "-v"], "is a device"),
+        (["train", "--data", "long.txt", "--out", "o"], "long.txt:3: a word of 5,000 characters"),
+    ):
+        assert_one_error_line(bnfold(*args, cwd=tmp_path, timeout=120), needle)
+
+
+def test_words_from_a_pipe_are_read_with_a_bound(tmp_path):
+    from bnfold.data import MAX_WORDS_BYTES
+
+    fifo = tmp_path / "words.fifo"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([BNFOLD, "train", "--data", fifo, "--out", tmp_path / "o"],
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    with open(fifo, "wb") as f:
+        try:  # more than the bound, in chunks: the reader stops after MAX_WORDS_BYTES + 1
+            for _ in range(MAX_WORDS_BYTES // (1 << 20) + 2):
+                f.write(b"anna\n" * ((1 << 20) // 5 + 1))
+        except BrokenPipeError:
+            pass
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.startswith("error: ") and "more than a words file" in err
+
+
+def test_too_few_words_for_train_fold(tmp_path):
+    (tmp_path / "three.txt").write_text("anna\nbob\ncarl\n")
+    r = bnfold("train-fold", "--data", "three.txt", "--out", "o", cwd=tmp_path)
+    assert_one_error_line(r, "3 words leave the dev split empty", "at least 6 words")
+    assert not (tmp_path / "o").exists()
