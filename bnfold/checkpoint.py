@@ -72,7 +72,7 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
 class _ConfigPayload(BaseModel):
     """``ModelConfig`` as stored: exact types (strict: no bools for ints, no strings)."""
 
-    model_config = ConfigDict(strict=True, extra="forbid")
+    model_config = ConfigDict(strict=True, extra="ignore")  # as ModelConfig.from_dict
     vocab_size: int
     block_size: int
     n_embd: int

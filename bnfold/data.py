@@ -71,7 +71,7 @@ def file_sha256(path: str | Path) -> str:
 
 
 # Bounds on a words file: names.txt is 0.23 MB with words of at most 15 characters.
-MAX_WORDS_BYTES = 64 * MiB
+MAX_WORDS_BYTES = 16 * MiB  # ~70x names.txt; contexts cost ~110 bytes per character
 MAX_WORD_CHARS = 1_000
 UTF8_BOM = b"\xef\xbb\xbf"
 
