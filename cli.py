@@ -19,6 +19,13 @@ DEFAULT_DATA = REPO_ROOT / "data" / "names.txt"
 DEFAULT_MODELS = REPO_ROOT / "models"
 
 
+def echo_error(message: str, hint: str | None = None) -> None:
+    """The one format of every user-facing error: ``error: ...`` (plus ``hint: ...``)."""
+    click.echo(f"error: {message}", err=True)
+    if hint:
+        click.echo(f"hint: {hint}", err=True)
+
+
 def clear_errors(fn):
     """Report BnfoldError (and Ctrl-C) as a single line, with a non-zero exit code."""
 
@@ -27,7 +34,7 @@ def clear_errors(fn):
         try:
             return fn(*args, **kwargs)
         except BnfoldError as e:
-            click.echo(f"error: {e}", err=True)
+            echo_error(str(e))
             sys.exit(2)
         except TrainingInterrupted as e:
             click.echo(str(e), err=True)
@@ -42,8 +49,7 @@ def clear_errors(fn):
 def _show_one_line(e: click.UsageError, file=None) -> None:
     """A usage error as ``error: ...`` plus a hint, instead of click's 4-line block."""
     command = e.ctx.command_path if e.ctx is not None else "bnfold"
-    click.echo(f"error: {e.format_message()}", err=True)
-    click.echo(f"hint: see '{command} --help'", err=True)
+    echo_error(e.format_message(), hint=f"see '{command} --help'")
 
 
 @contextlib.contextmanager

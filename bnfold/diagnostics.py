@@ -40,7 +40,7 @@ from torch import nn
 from bnfold import jsonsafe
 from bnfold.data import distinct_contexts
 from bnfold.errors import BnfoldError, first_validation_error
-from bnfold.files import atomic_write
+from bnfold.files import MiB, atomic_write, read_bounded
 from bnfold.jsonsafe import json_safe
 
 FORMAT = "bnfold-diagnostics"
@@ -50,6 +50,7 @@ GUIDE_LOG10 = -3.0  # the lecture's ~1e-3 update:data guide line
 FAR_DECADES = 1.0  # "far from 1e-3": median log10 ratio outside [-4, -2]
 HIST_BINS = 60
 REPORT_JSON = "diagnostics.json"
+MAX_REPORT_BYTES = 256 * MiB  # the default run's diagnostics.json is 0.2 MB
 UPDATE_RATIO_DEFINITION = (
     "log10(std(actual change of the parameter in the step) / std(parameter after the step)); "
     "the actual change is measured (not lr*grad) because AdamW rescales the gradient"
@@ -512,9 +513,10 @@ def load_report(report_dir: str | Path) -> dict:
         raise BnfoldError(
             f"{path}: no such report (write one with `bnfold train --report {report_dir}`)"
         )
+    raw = read_bounded(path, MAX_REPORT_BYTES, "a diagnostics report")
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        report = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BnfoldError(f"{path}: not a readable diagnostics report: {e}") from None
     if not isinstance(report, dict) or report.get("format") != FORMAT:
         raise BnfoldError(f"{path}: not a bnfold diagnostics report (no '{FORMAT}' marker)")

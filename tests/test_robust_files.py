@@ -281,7 +281,7 @@ def test_json_output_has_no_nan():
 
 # ------------------------------------------------------------------- output paths --
 
-NEVER_ENDS = "100000000"  # steps: a run that trains before checking its output never ends
+NEVER_ENDS = "1000000"  # steps (hours of training): a run that trained first would time out
 
 
 def test_output_paths_are_checked_before_any_work(tmp_path):
@@ -436,11 +436,13 @@ def test_a_byte_order_mark_is_not_a_character(tmp_path):
 def test_endless_and_huge_inputs_are_bounded(tmp_path):
     (tmp_path / "zero.pt").symlink_to("/dev/zero")
     (tmp_path / "zero.onnx").symlink_to("/dev/zero")
+    (tmp_path / "zero.json").symlink_to("/dev/zero")
     long_word = "a" * 5_000
     (tmp_path / "long.txt").write_text("anna\nbob\n" + long_word + "\ncarl\n")
     for args, needle in (
         (["sample", "zero.pt"], "zero.pt: is a device"),
         (["sample", "zero.onnx"], "zero.onnx: is a device"),
+        (["report", "zero.json"], "zero.json: is a device"),
         (["train", "--data", "/dev/zero", "--out", "o"], "/dev/zero: is a device"),
         (["sample", SHIPPED / "folded.onnx", "--words", "/dev/zero", "-v"], "is a device"),
         (["train", "--data", "long.txt", "--out", "o"], "long.txt:3: a word of 5,000 characters"),
