@@ -12,6 +12,9 @@ from bnfold.files import check_output_dir, check_output_file
 from bnfold.model import ModelConfig
 from bnfold.train import TrainConfig, train, train_config_dict
 
+# where `train-fold` saves the partial model of a run stopped by Ctrl-C
+INTERRUPTED_CHECKPOINT = "bn.interrupted.pt"
+
 
 def train_to_checkpoint(
     data_path: str | Path,
@@ -40,11 +43,13 @@ def train_to_checkpoint(
     Every output is checked before training starts (a file where a folder should be, a
     folder where ``bn.pt`` should be), so a long run is never lost to a bad ``--out``.
     Ctrl-C stops training after the current step and saves the partial model to ``bn.pt``;
-    with ``stop_if_interrupted`` it goes to ``bn.interrupted.pt`` instead, no report is
+    with ``stop_if_interrupted`` it goes to ``INTERRUPTED_CHECKPOINT`` instead, no report is
     written, and ``TrainingInterrupted`` is raised: ``out_dir`` keeps its models.
     """
     out_dir = Path(out_dir)
     check_output_file(out_dir / "bn.pt")
+    if stop_if_interrupted:
+        check_output_file(out_dir / INTERRUPTED_CHECKPOINT)
     if report_dir is not None:
         check_output_dir(report_dir)
     data = load_dataset(data_path, block_size)
@@ -72,7 +77,7 @@ def train_to_checkpoint(
     }
     ckpt = Checkpoint(result.model, data.vocab, metrics=summary, meta=meta)
     if result.interrupted and stop_if_interrupted:
-        path = save_checkpoint(ckpt, out_dir / "bn.interrupted.pt")
+        path = save_checkpoint(ckpt, out_dir / INTERRUPTED_CHECKPOINT)
         raise TrainingInterrupted(
             f"interrupted after {result.steps_done} of {cfg.steps} steps: saved the partial"
             f" model to {path}; nothing else in {out_dir} was written"
