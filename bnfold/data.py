@@ -71,7 +71,7 @@ def file_sha256(path: str | Path) -> str:
 
 
 # Bounds on a words file: names.txt is 0.23 MB with words of at most 15 characters.
-MAX_WORDS_BYTES = 16 * MiB  # ~70x names.txt; contexts cost ~110 bytes per character
+MAX_WORDS_BYTES = 16 * MiB  # ~70x names.txt; its contexts cost ~70 bytes per character
 MAX_WORD_CHARS = 1_000
 UTF8_BOM = b"\xef\xbb\xbf"
 
@@ -133,6 +133,20 @@ def split_words(words: list[str], seed: int = 42) -> tuple[list[str], list[str],
     return shuffled[:n1], shuffled[n1:n2], shuffled[n2:]
 
 
+def _char_ids(text: str, vocab: Vocab):
+    """``vocab.encode(text)`` as an int64 numpy array, without a Python int per character."""
+    import numpy as np
+
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    table = np.fromiter((ord(c) for c in vocab.chars), dtype=np.uint32, count=len(vocab.chars))
+    order = np.argsort(table)
+    slot = np.searchsorted(table[order], codes).clip(0, max(len(table) - 1, 0))
+    known = table[order][slot] == codes if len(table) else np.zeros(len(codes), bool)
+    if len(codes) and not known.all():
+        vocab.stoi(chr(int(codes[np.argmin(known)])))  # raises the usual BnfoldError
+    return order[slot].astype(np.int64) + 1  # index 0 is END
+
+
 def build_contexts(
     words: list[str], vocab: Vocab, block_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,34 +160,23 @@ def build_contexts(
 
     if not words:
         return torch.zeros((0, block_size), dtype=torch.long), torch.zeros(0, dtype=torch.long)
-    lengths = np.fromiter((len(w) for w in words), dtype=np.int64, count=len(words))
-    codes = np.frombuffer("".join(words).encode("utf-32-le"), dtype=np.uint32)
-    table = np.fromiter((ord(c) for c in vocab.chars), dtype=np.uint32, count=len(vocab.chars))
-    order = np.argsort(table)
-    slot = np.searchsorted(table[order], codes).clip(0, max(len(table) - 1, 0))
-    known = table[order][slot] == codes if len(table) else np.zeros(len(codes), bool)
-    if len(codes) and not known.all():
-        vocab.stoi(chr(int(codes[np.argmin(known)])))  # raises the usual BnfoldError
-    ids = order[slot].astype(np.int64) + 1  # index 0 is END
-    # word i occupies seq[start_i : start_i + block_size + len_i + 1]: padding, chars, END
-    spans = block_size + lengths + 1
-    starts = np.concatenate([[0], np.cumsum(spans)[:-1]]).astype(np.int64)
-    seq = np.full(int(spans.sum()), END, dtype=np.int64)
-    char_word = np.repeat(np.arange(len(words)), lengths)
-    char_first = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    within = np.arange(len(codes)) - np.repeat(char_first, lengths)
-    seq[starts[char_word] + block_size + within] = ids
-    # word i has len_i + 1 contexts, starting at start_i, start_i + 1, ...
-    targets = lengths + 1
-    target_first = np.concatenate([[0], np.cumsum(targets)[:-1]]).astype(np.int64)
-    first = (
-        np.repeat(starts, targets)
-        + np.arange(int(targets.sum()))
-        - np.repeat(target_first, targets)
-    )
-    x = np.lib.stride_tricks.sliding_window_view(seq, block_size)[first]
-    y = seq[first + block_size]
-    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
+    n, bs = len(words), block_size
+    lengths = np.fromiter((len(w) for w in words), dtype=np.int64, count=n)
+    ids = _char_ids("".join(words), vocab)
+    # One sequence: each word as END * bs + its characters + END. Word i's characters sit
+    # (bs + 1) * i + bs places further than their index in the joined text.
+    seq = np.full(len(ids) + n * (bs + 1), END, dtype=np.int64)
+    pos = np.arange(len(ids), dtype=np.int64)
+    pos += (bs + 1) * np.repeat(np.arange(n, dtype=np.int64), lengths) + bs
+    seq[pos] = ids
+    del pos, ids
+    # Word i has len_i + 1 contexts, at every place of its part but the last bs: context t
+    # starts bs places further per earlier word.
+    first = np.arange(int(lengths.sum()) + n, dtype=np.int64)
+    first += bs * np.repeat(np.arange(n, dtype=np.int64), lengths + 1)
+    x = np.lib.stride_tricks.sliding_window_view(seq, bs)[first]
+    y = seq[first + bs]
+    return torch.from_numpy(x), torch.from_numpy(y)
 
 
 def distinct_contexts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

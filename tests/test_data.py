@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bnfold.data import END, Vocab, build_contexts, load_dataset, read_words, split_words
 from bnfold.errors import BnfoldError
@@ -100,3 +102,36 @@ def test_vocab_rejects_unknown_and_end_ids():
         vocab.decode([1, 0])
     assert vocab.unknown_chars("abzc") == ["c", "z"]
     assert vocab.size == 3
+
+
+def lecture_contexts(words: list[str], vocab: Vocab, block_size: int):
+    """The lecture's loop, one Python list per context: the reference for build_contexts."""
+    xs, ys = [], []
+    for w in words:
+        context = [END] * block_size
+        for ix in [*vocab.encode(w), END]:
+            xs.append(context)
+            ys.append(ix)
+            context = [*context[1:], ix]
+    return xs, ys
+
+
+@given(
+    words=st.lists(st.text(alphabet="ab.é😀 z", min_size=1, max_size=12), min_size=1, max_size=30),
+    block_size=st.integers(1, 6),
+)
+@settings(max_examples=200, deadline=None)
+def test_vectorised_contexts_equal_the_lecture_loop(words, block_size):
+    vocab = Vocab.from_words(words)
+    x, y = build_contexts(words, vocab, block_size)
+    xs, ys = lecture_contexts(words, vocab, block_size)
+    assert x.tolist() == xs and y.tolist() == ys
+    assert x.shape == (len(ys), block_size) and x.dtype == y.dtype == torch.long
+
+
+def test_vectorised_contexts_on_names(names_path):
+    words = read_words(names_path)
+    vocab = Vocab.from_words(words)
+    x, y = build_contexts(words, vocab, 3)
+    xs, ys = lecture_contexts(words, vocab, 3)
+    assert x.tolist() == xs and y.tolist() == ys
