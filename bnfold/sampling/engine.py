@@ -26,7 +26,10 @@ engines into one forward pass.
 Engines (``kind``): ``"network"`` needs the logits of every row's context at every step
 and derives its sampling row from them; ``"table"`` keeps every derived row in a
 :class:`~bnfold.sampling.table.RowTable` and needs logits only for contexts it has not
-seen (or has evicted), so once warm a step costs no forward pass at all. Both draw with
+seen (or has evicted), so once warm a step costs no forward pass at all. When the whole
+domain fits the table and has at most :data:`PRECOMPUTE_CONTEXTS` contexts (19,683 for the
+shipped model), the first step asks for every context at once (the end-masked variants
+below min-length still come lazily). Both draw with
 the same pure functions (:mod:`bnfold.sampling.tokens`), so they give identical names and
 log-probabilities; the table answers most draws with one guide-table lookup, which is
 exact (see :func:`~bnfold.sampling.tokens.guide_rows`).
@@ -84,6 +87,7 @@ ENGINES = ("table", "network")
 DEFAULT_ENGINE = "table"
 DEFAULT_TABLE_BYTES = 256 << 20  # 256 MiB of stored rows per engine
 MAX_DOMAIN = 1 << 61  # context codes (and masked keys, 2x) must fit an int64
+PRECOMPUTE_CONTEXTS = 1 << 17  # up to this many contexts, the first step asks for them all
 
 
 class SampleJob:
@@ -100,7 +104,7 @@ class SampleJob:
         "stop",
         "tag",
         "key",
-        "names",
+        "_names",
         "logprobs",
         "next_name",
         "left",
@@ -119,7 +123,7 @@ class SampleJob:
         self.tag = tag
         self.key = stream_key(options.seed)
         self.new_only = bool(options.new_only)
-        self.names: list[str | None] = [] if self.new_only else [None] * (stop - start)
+        self._names = np.full(0 if self.new_only else stop - start, None, dtype=object)
         self.logprobs = np.zeros(0 if self.new_only else stop - start, dtype=np.float64)
         self.found: list[tuple[int, str, float]] = []  # new-only: (index, name, logprob)
         self.left = options.count if self.new_only else stop - start
@@ -131,6 +135,11 @@ class SampleJob:
     @property
     def done(self) -> bool:
         return self.finished
+
+    @property
+    def names(self) -> list[str | None]:
+        """The names by position (None where not sampled yet)."""
+        return self._names.tolist()
 
     @property
     def indexes(self) -> list[int]:
@@ -376,9 +385,14 @@ class SamplerEngine:
         t = self.table
         slot = t.slot_of(key)
         missing = t.key[slot] != key
-        if not missing.any():
+        every = None
+        if t.exact and self._domain <= PRECOMPUTE_CONTEXTS and t.stored == 0:
+            every = np.arange(self._domain)  # a small domain: every context in one go
+        if not missing.any() and every is None:
             return _Plan(key, masked, slot, None, np.empty(0, dtype=np.int64), None)
-        new_keys, inverse = np.unique(key[missing], return_inverse=True)
+        wanted = key[missing]
+        new_keys = np.unique(wanted if every is None else np.concatenate([wanted, every]))
+        inverse = np.searchsorted(new_keys, wanted)
         return _Plan(key, masked, slot, missing, new_keys % self._domain, (new_keys, inverse))
 
     def _decode(self, codes: np.ndarray) -> np.ndarray:
@@ -511,10 +525,8 @@ class SamplerEngine:
         first = slots[0]
         if (len(rows) == 1 or (slots == first).all()) and not jobs[first].new_only:
             job = jobs[first]  # one plain job (always so for the CLI): vectorised
-            index = (names - job.start).tolist()
-            out = job.names
-            for i, w in zip(index, words, strict=True):
-                out[i] = w
+            index = names - job.start
+            job._names[index] = words
             job.logprobs[index] = lps
             job.left -= len(rows)
             job.inflight -= len(rows)
@@ -534,7 +546,7 @@ class SamplerEngine:
                     self._end_new_only(job)
                     done.append(self._complete(job))
                 continue
-            job.names[i - job.start] = w
+            job._names[i - job.start] = w
             job.logprobs[i - job.start] = lp
             job.left -= 1
             if job.left == 0:
@@ -552,7 +564,7 @@ class SamplerEngine:
         want = job.options.count
         found = sorted(job.found)[:want]
         job.found = found
-        job.names = [w for _, w, _ in found]
+        job._names = np.array([w for _, w, _ in found] + [None], dtype=object)[:-1]
         job.logprobs = np.array([lp for _, _, lp in found], dtype=np.float64)
         job.left = want - len(found)
         if len(found) < want:

@@ -206,9 +206,54 @@ def guide_rows(cdf: np.ndarray, guide_bits: int, split: int) -> np.ndarray:
     ``guide_bits`` bits equal b draws, or ``split`` when the bucket holds a boundary.
 
     Exact: a draw is a non-decreasing function of the uniform's bits (the float32 product,
-    the min and the count are all monotone), so a bucket whose first and last uniforms
-    draw the same token draws it for every uniform in between.
+    the min and the count are all monotone), so the draw for bits ``x`` is the number of
+    entries j whose threshold ``tau_j`` (the least bits with ``cdf[j] <= target``) is at
+    most x. Each threshold is found by testing, with the very arithmetic of
+    :func:`inverse_cdf`, the few bit values around ``cdf[j] / total * 2**24`` (float32
+    rounding moves it by at most one); a row where that bracket is not conclusive is
+    done by brute force (:func:`guide_rows_exhaustive`).
     """
+    cdf = np.asarray(cdf, dtype=np.float32)
+    m, vocab = cdf.shape
+    buckets = 1 << guide_bits
+    width = 1 << (UNIFORM_BITS - guide_bits)
+    never = 1 << UNIFORM_BITS
+    total = cdf[:, -1]
+    top = np.nextafter(total, np.float32(0))
+    guess = np.floor(cdf.astype(np.float64) / total[:, None].astype(np.float64) * never)
+    offsets = np.arange(-2, 3)
+    cand = guess[:, :, None].astype(np.int64) + offsets  # (rows, vocab, 5)
+    np.clip(cand, 0, never - 1, out=cand)
+    u = bits_to_uniform(cand)
+    target = np.minimum(u * total[:, None, None], top[:, None, None])
+    ok = cdf[:, :, None] <= target
+    any_ok = ok.any(axis=2)
+    first = ok.argmax(axis=2)
+    tau = np.take_along_axis(cand, first[:, :, None], axis=2)[:, :, 0]
+    tau[~any_ok] = never
+    # conclusive: the threshold is the bracket's first success and the value below it
+    # fails (or is 0), or nothing succeeds because cdf[j] exceeds every target
+    below_fails = (tau == 0) | (first > 0) | ~any_ok
+    none_ok_right = any_ok | (cdf > top[:, None]) | (cand[:, :, -1] == never - 1)
+    sure = (below_fails & none_ok_right).all(axis=1) & (total > 0) & np.isfinite(total)
+    # draw(x) = #{j: tau_j <= x}: count thresholds at or before each bucket's first bits
+    start = np.minimum((tau + width - 1) // width, buckets)  # first bucket with start >= tau
+    flat = (np.arange(m)[:, None] * (buckets + 1) + start).ravel()
+    counts = np.bincount(flat, minlength=m * (buckets + 1)).reshape(m, buckets + 1)
+    lo = np.cumsum(counts, axis=1)[:, :buckets]
+    inside = (tau % width != 0) & (tau < never)  # a threshold strictly inside a bucket
+    is_split = np.zeros((m, buckets), dtype=bool)
+    rows = np.broadcast_to(np.arange(m)[:, None], tau.shape)
+    is_split[rows[inside], (tau // width)[inside]] = True
+    out = np.where(is_split, split, lo).astype(np.uint16 if split > 255 else np.uint8)
+    if not sure.all():
+        r = np.flatnonzero(~sure)
+        out[r] = guide_rows_exhaustive(cdf[r], guide_bits, split)
+    return out
+
+
+def guide_rows_exhaustive(cdf: np.ndarray, guide_bits: int, split: int) -> np.ndarray:
+    """:func:`guide_rows` by brute force: the draw at each bucket's first and last bits."""
     m = len(cdf)
     buckets = 1 << guide_bits
     width = 1 << (UNIFORM_BITS - guide_bits)
