@@ -30,8 +30,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -82,10 +84,13 @@ __all__ = [
     "sample_names",
     "stream_key",
     "uniforms",
+    "write_json",
+    "write_text",
 ]
 
 CHUNK = 65_536  # names per job when streaming
 MIN_FORWARD_ROWS = 16  # tiny forward batches are padded: some kernels round one row differently
+MAX_FORWARD_ROWS = 8192  # bigger ones are split
 
 
 def make_engine(
@@ -109,13 +114,21 @@ def make_engine(
 
 def forward(predictor: Predictor, contexts: np.ndarray) -> np.ndarray | None:
     """The logits an engine step needs (None for none), small batches padded to
-    ``MIN_FORWARD_ROWS`` rows so a context's logits never come from a one-row kernel."""
+    ``MIN_FORWARD_ROWS`` rows so a context's logits never come from a one-row kernel,
+    big ones run ``MAX_FORWARD_ROWS`` at a time."""
     m = len(contexts)
     if m == 0:
         return None
     if m < MIN_FORWARD_ROWS:
         pad = np.resize(contexts, (MIN_FORWARD_ROWS, contexts.shape[1]))
         return predictor.logits(pad)[:m]
+    if m > MAX_FORWARD_ROWS:  # a whole-domain first step: bounded activations
+        return np.concatenate(
+            [
+                predictor.logits(contexts[s : s + MAX_FORWARD_ROWS])
+                for s in range(0, m, MAX_FORWARD_ROWS)
+            ]
+        )
     return predictor.logits(contexts)
 
 
@@ -242,3 +255,50 @@ def label_counts(names: Iterable[SampledName]) -> dict[str, int]:
         if s.label is not None:
             counts[s.label] += 1
     return counts
+
+
+# ------------------------------------------------------------------------------- output
+
+
+def _chunks(names: Iterable[SampledName], size: int = 4096) -> Iterator[list[SampledName]]:
+    chunk: list[SampledName] = []
+    for s in names:
+        chunk.append(s)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def write_text(out: TextIO, names: Iterable[SampledName], verbose: bool = False) -> None:
+    """One name per line, written as they come (bounded memory whatever the count).
+
+    ``verbose`` adds the label and log-probability in columns, the name column as wide as
+    the longest name of each block of 4,096 names.
+    """
+    for chunk in _chunks(names):
+        if verbose:
+            width = max(len(s.name) for s in chunk)
+            lines = [f"{s.name:<{width}}  {s.label or '-':<5}  {s.logprob:9.4f}" for s in chunk]
+        else:
+            lines = [s.name for s in chunk]
+        out.write("\n".join(lines) + "\n")
+
+
+def write_json(out: TextIO, header: dict, names: Iterable[SampledName]) -> None:
+    """One JSON document, streamed: ``header``'s keys, then ``"names"``, an array with one
+    name object per line written as the names come, then ``"label_counts"`` (known only
+    at the end). Memory stays bounded whatever the count."""
+    head = json.dumps(header, indent=2, sort_keys=True)
+    out.write(head[: head.rindex("}")].rstrip() + (",\n" if header else "\n"))
+    out.write('  "names": [\n')
+    counts = dict.fromkeys(LABELS, 0)
+    first = True
+    for chunk in _chunks(names):
+        for label, k in label_counts(chunk).items():
+            counts[label] += k
+        body = ",\n".join("    " + json.dumps(s.to_dict()) for s in chunk)
+        out.write(body if first else ",\n" + body)
+        first = False
+    out.write(f'\n  ],\n  "label_counts": {json.dumps(counts)}\n}}\n')

@@ -88,6 +88,7 @@ DEFAULT_ENGINE = "table"
 DEFAULT_TABLE_BYTES = 256 << 20  # 256 MiB of stored rows per engine
 MAX_DOMAIN = 1 << 61  # context codes (and masked keys, 2x) must fit an int64
 PRECOMPUTE_CONTEXTS = 1 << 17  # up to this many contexts, the first step asks for them all
+STORE_CHUNK = 4096  # new rows derived and stored at a time
 
 
 class SampleJob:
@@ -465,15 +466,7 @@ class SamplerEngine:
         slot = plan.slot
         local = None
         if z is not None:
-            new_keys, inverse = plan.new
-            cdf, lp = self._derive(z, new_keys >= self._domain)
-            guide = guide_rows(cdf, t.buckets.bit_length() - 1, t.split)
-            pinned = None if t.exact else slot[~plan.missing]
-            stored = t.store(new_keys, t.slot_of(new_keys), cdf, lp, guide, pinned)
-            if not stored.all():
-                miss_rows = np.flatnonzero(plan.missing)
-                lost = ~stored[inverse]
-                local = (miss_rows[lost], inverse[lost], cdf, lp)
+            local = self._store_new(plan, z)
         shift = np.uint64(UNIFORM_BITS - (t.buckets.bit_length() - 1))
         g = t.guide.reshape(-1)[slot * t.buckets + (bits >> shift).astype(np.int64)]
         tok = g.astype(np.int64)
@@ -493,6 +486,34 @@ class SamplerEngine:
             return out
 
         return tok, lp_of
+
+    def _store_new(self, plan: _Plan, z: np.ndarray):
+        """Derive and store the rows of the step's new keys, ``STORE_CHUNK`` at a time (so
+        a whole-domain first step stays small in memory). Returns what the rows whose key
+        could not be stored (a slot clash in a bounded table) draw from instead:
+        (those rows, their index among the new rows, cdf, lp), or None."""
+        t = self.table
+        new_keys, inverse = plan.new
+        pinned = None if t.exact else plan.slot[~plan.missing]
+        lost: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        bits = t.buckets.bit_length() - 1
+        for s in range(0, len(new_keys), STORE_CHUNK):
+            keys = new_keys[s : s + STORE_CHUNK]
+            cdf, lp = self._derive(z[s : s + STORE_CHUNK], keys >= self._domain)
+            slots = t.slot_of(keys)
+            ok = t.store(keys, slots, cdf, lp, guide_rows(cdf, bits, t.split), pinned)
+            if not t.exact:  # later chunks of this step must not overwrite these rows
+                pinned = slots[ok] if pinned is None else np.concatenate([pinned, slots[ok]])
+            if not ok.all():
+                lost.append((s + np.flatnonzero(~ok), cdf[~ok], lp[~ok]))
+        if not lost:
+            return None
+        lost_idx = np.concatenate([i for i, _, _ in lost])
+        cdf = np.concatenate([c for _, c, _ in lost])
+        lp = np.concatenate([x for _, _, x in lost])
+        miss_rows = np.flatnonzero(plan.missing)
+        is_lost = np.isin(inverse, lost_idx)
+        return miss_rows[is_lost], np.searchsorted(lost_idx, inverse[is_lost]), cdf, lp
 
     def _refill_or_drop(self, ended: np.ndarray) -> None:
         slots = np.flatnonzero(ended)
