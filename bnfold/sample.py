@@ -135,6 +135,11 @@ def forward(predictor: Predictor, contexts: np.ndarray) -> np.ndarray | None:
 def run_engine(predictor: Predictor, engine: SamplerEngine, until: SampleJob | None = None):
     """Step ``engine`` on ``predictor`` until ``until`` is done (default: until the engine
     is done); returns the jobs that finished meanwhile."""
+    if predictor.sha256 != engine.model.sha256:
+        raise BnfoldError(
+            f"this engine's table belongs to another model (sha256 {engine.model.sha256[:12]}...),"
+            f" not {predictor.path} (sha256 {predictor.sha256[:12]}...)"
+        )
     finished: list[SampleJob] = []
     while not (engine.done if until is None else until.done):
         engine.admit()
