@@ -102,6 +102,7 @@ def make_engine(
     batch_size: int = DEFAULT_BATCH,
     table_bytes: int = DEFAULT_TABLE_BYTES,
 ) -> SamplerEngine:
+    """An engine for ``predictor``'s model (its spec: vocab, block_size, sha256)."""
     return SamplerEngine(
         predictor.spec,
         options,
@@ -152,24 +153,22 @@ def iter_names(
     options: SampleOptions,
     labeler: Labeler | None = None,
     *,
-    engine: str = DEFAULT_ENGINE,
-    batch_size: int = DEFAULT_BATCH,
-    table_bytes: int = DEFAULT_TABLE_BYTES,
     chunk: int = CHUNK,
+    **engine_options,
 ) -> Iterator[SampledName]:
     """Yield ``options.count`` names (only new ones with ``new_only``) in stream order.
 
-    The result depends on the model, ``options`` and the labeler's words, not on
-    ``batch_size``, ``chunk`` or ``engine``. ``new_only`` needs a ``labeler``: it draws
-    names 0, 1, 2, ... and yields the first ``count`` labelled new, failing with a
-    ``BnfoldError`` after ``20 * count + 10,000`` draws (``count`` when greedy).
+    ``engine_options`` are :func:`make_engine`'s (``engine``, ``batch_size``,
+    ``table_bytes``). The result depends on the model, ``options`` and the labeler's
+    words, not on ``batch_size``, ``chunk`` or ``engine``. ``new_only`` needs a
+    ``labeler``: it draws names 0, 1, 2, ... and yields the first ``count`` labelled new,
+    failing with a ``BnfoldError`` after ``20 * count + 10,000`` draws (``count`` when
+    greedy).
     """
     options.check(predictor.vocab)
     if options.new_only and labeler is None:
         raise BnfoldError("new-only sampling needs the training words file (--words)")
-    e = make_engine(
-        predictor, options, labeler, engine=engine, batch_size=batch_size, table_bytes=table_bytes
-    )
+    e = make_engine(predictor, options, labeler, **engine_options)
     if options.new_only:  # one job: its draw limit and its order are over the whole count
         job = e.submit(options)
         run_engine(predictor, e, until=job)

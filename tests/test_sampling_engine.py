@@ -33,6 +33,9 @@ from cli import main
 REPO = Path(__file__).resolve().parent.parent
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 def run(predictor, options, labeler=None, **kw):
     got = sample_names(predictor, options, labeler, **kw)
     return [s.name for s in got], [s.logprob for s in got], [s.index for s in got]
