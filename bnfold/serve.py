@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import importlib.resources
 import json
 import logging
@@ -651,9 +652,9 @@ class NameService:
         deadline = self.settings.deadline
         if options.new_only:
             proxy = _BatchedPredictor(self.model, self.batcher, time.monotonic() + deadline)
-            fut = loop.run_in_executor(
-                self._executor, sample_names, proxy, options, self.model.labeler
-            )
+            # the network engine: a table engine here would build its own table per request
+            job = functools.partial(sample_names, engine="network")
+            fut = loop.run_in_executor(self._executor, job, proxy, options, self.model.labeler)
             try:
                 got = await asyncio.wait_for(fut, deadline)
             except asyncio.TimeoutError:
