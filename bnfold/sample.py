@@ -21,13 +21,15 @@ temperature 1 and without any top-k / top-p / min-length filtering, of the whole
 ``log P(c_1 ... c_n END)`` (a name cut at ``max_length`` still gets its end-token term).
 
 Memory: :func:`iter_names` submits ``chunk`` names at a time (two chunks in flight, so the
-batch stays full across chunk boundaries) and yields each chunk as it completes, so
-sampling 10 million names holds a few chunks, never the whole list.
+batch stays full across chunk boundaries; new-only chunks one after the other, each
+starting after the last new name of the one before) and yields each chunk as it
+completes, so sampling 10 million names holds a few chunks, never the whole list.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import json
@@ -46,6 +48,8 @@ from bnfold.sampling.engine import (
     ENGINES,
     SampleJob,
     SamplerEngine,
+    new_only_failure,
+    new_only_limit,
 )
 from bnfold.sampling.options import (
     DEFAULT_BATCH,
@@ -169,15 +173,21 @@ def iter_names(
     if options.new_only and labeler is None:
         raise BnfoldError("new-only sampling needs the training words file (--words)")
     e = make_engine(predictor, options, labeler, **engine_options)
-    if options.new_only:  # one job: its draw limit and its order are over the whole count
-        job = e.submit(options)
-        run_engine(predictor, e, until=job)
-        if job.error is not None:
-            raise job.error
-        yield from _named(job, labeler)
+    chunk = max(1, int(chunk))
+    if options.new_only:  # one job per chunk of new names, each from where the last ended
+        limit = new_only_limit(options)
+        start = done = 0
+        while done < options.count:
+            want = min(chunk, options.count - done)
+            job = e.submit(dataclasses.replace(options, count=want), start=start, stop=limit)
+            run_engine(predictor, e, until=job)
+            if job.error is not None:
+                raise new_only_failure(done + len(job.found), limit, options.count)
+            yield from _named(job, labeler)
+            done += want
+            start = job.indexes[-1] + 1
         return
     count = options.count
-    chunk = max(1, int(chunk))
     jobs = []
     nxt = 0
     while nxt < count or jobs:

@@ -236,3 +236,10 @@ def test_cli_closed_pipe_stops_quietly(onnx_model):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and first.strip()
     assert err == "", err
+
+
+def test_new_only_streams_in_chunks_with_the_same_names(bn, labeler):
+    o = SampleOptions(count=45, seed=12, new_only=True)
+    whole = run(bn, o, labeler)
+    assert run(bn, o, labeler, chunk=7) == whole and len(whole[0]) == 45
+    assert all(labeler(n) == "new" for n in whole[0])
