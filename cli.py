@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -490,22 +491,45 @@ words_option = click.option(
     type=int,
     default=4096,
     show_default=True,
-    help="Names in flight per forward pass (speed only: never changes the names).",
+    help="Names in flight per step (speed only: never changes the names).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print names, labels and log-probs as JSON.")
+@click.option(
+    "--engine",
+    type=click.Choice(["table", "network"]),
+    default="table",
+    show_default=True,
+    help="table: each context's next-token row computed once and kept; network: the model"
+    " every step (the reference). Same names either way.",
+)
+@click.option(
+    "--table-mb",
+    type=int,
+    default=256,
+    show_default=True,
+    help="Memory cap of the table engine's stored rows, in MiB (past it, rows are evicted).",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="One JSON document (model, options, then the names streamed one per line).",
+)
 @clear_errors
-def sample(model, words, verbose, batch_size, as_json, **options):
+def sample(model, words, verbose, batch_size, engine, table_mb, as_json, **options):
     """Sample names from MODEL (.onnx or .pt; default: the shipped models/folded.onnx).
 
-    The same model, seed and options give the same names whatever --batch-size. The
-    log-probability is the model's, at temperature 1, of the whole name and its end token.
+    The same model, seed and options give the same names whatever --batch-size and
+    --engine. The log-probability is the model's, at temperature 1, of the whole name and
+    its end token. Names are written as they are sampled (memory stays bounded).
     """
     from bnfold.infer import load_predictor
-    from bnfold.sample import SampleOptions, label_counts, load_labeler, sample_names
+    from bnfold.sample import SampleOptions, iter_names, load_labeler, write_json, write_text
 
     model = model or shipped_model()
     predictor = load_predictor(model)
     opts = SampleOptions(**options).check(predictor.vocab)
+    if table_mb < 1:
+        raise BnfoldError(f"table-mb must be a positive number of MiB, got {table_mb}")
     labeler = None
     if verbose or as_json or opts.new_only:
         labeler = load_labeler(predictor, words)
@@ -515,15 +539,22 @@ def sample(model, words, verbose, batch_size, as_json, **options):
                 f" assume it is {words}",
                 err=True,
             )
-    names = sample_names(predictor, opts, labeler, batch_size=batch_size)
-    if as_json:
-        from bnfold.data import file_sha256
-
-        print_json(
-            {
+    names = iter_names(
+        predictor,
+        opts,
+        labeler,
+        engine=engine,
+        batch_size=batch_size,
+        table_bytes=table_mb << 20,
+    )
+    out = sys.stdout
+    try:
+        if as_json:
+            header = {
                 "model": str(model),
-                "model_sha256": getattr(predictor, "sha256", None) or file_sha256(model),
+                "model_sha256": predictor.sha256,
                 "backend": predictor.backend,
+                "engine": engine,
                 "seed": opts.seed,
                 "options": opts.to_dict(),
                 "words": {
@@ -531,16 +562,28 @@ def sample(model, words, verbose, batch_size, as_json, **options):
                     "sha256": labeler.sha256,
                     "verified": labeler.verified,
                 },
-                "label_counts": label_counts(names),
-                "names": [s.to_dict() for s in names],
             }
-        )
-    elif verbose:
-        width = max(len(s.name) for s in names)
-        for s in names:
-            click.echo(f"{s.name:<{width}}  {s.label:<5}  {s.logprob:9.4f}")
-    else:
-        click.echo("\n".join(s.name for s in names))
+            write_json(out, header, names)
+        else:
+            write_text(out, names, verbose)
+        out.flush()
+    except BrokenPipeError:  # the reader stopped (`| head`): stop quietly, as SIGPIPE would
+        _discard_stdout()
+        sys.exit(141)
+    except OSError as e:  # a full disk: say so, and drop the unwritten rest
+        _discard_stdout()
+        raise BnfoldError(f"cannot write the names to standard output: {e.strerror or e}") from None
+
+
+def _discard_stdout() -> None:
+    """Point file descriptor 1 at /dev/null, so the interpreter's final flush of what could
+    not be written succeeds quietly instead of printing a second error."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real fd (e.g. under a test runner)
+        pass
 
 
 # --- serve ------------------------------------------------------------------------------
