@@ -189,6 +189,30 @@ def fold_bn_into_following(
     return new_w.to(wd), new_b.to(bd)
 
 
+def transposed_as_conv_weight(weight: Tensor, groups: int) -> Tensor:
+    """A ConvTranspose weight ``(C_in, C_out/groups, *k)`` laid out output-major as
+    ``(C_out, C_in/groups, *k)`` (a pure permutation), so :func:`fold_bn_into_preceding`
+    scales its output channels. :func:`conv_as_transposed_weight` undoes it."""
+    c_in, out_per_group, *kernel = weight.shape
+    if c_in % groups:
+        raise ValueError(f"{c_in} input channels do not split into {groups} groups")
+    return (
+        weight.reshape(groups, c_in // groups, out_per_group, *kernel)
+        .transpose(1, 2)
+        .reshape(groups * out_per_group, c_in // groups, *kernel)
+    )
+
+
+def conv_as_transposed_weight(weight: Tensor, groups: int) -> Tensor:
+    """Inverse of :func:`transposed_as_conv_weight`."""
+    c_out, in_per_group, *kernel = weight.shape
+    return (
+        weight.reshape(groups, c_out // groups, in_per_group, *kernel)
+        .transpose(1, 2)
+        .reshape(groups * in_per_group, c_out // groups, *kernel)
+    )
+
+
 # --------------------------------------------------------------------------------------
 # Module-level helpers (new modules; inputs untouched)
 # --------------------------------------------------------------------------------------

@@ -1,0 +1,105 @@
+"""Fold BatchNormalization nodes of any ONNX model into their neighbouring layers, verify
+the result in ONNX Runtime, and write it only when verification passes.
+
+``graph`` reads a model (the one loader :func:`load_model`), ``rules`` holds one rule per
+fold variant, ``folder`` applies them, ``compare`` checks two models against each other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from bnfold.checkpoint import atomic_write
+from bnfold.errors import BnfoldError
+from bnfold.onnxfold.compare import (
+    Comparison,
+    compare,
+    domain_feeds,
+    npz_feeds,
+    random_feeds,
+)
+from bnfold.onnxfold.folder import OnnxFoldReport, fold_onnx
+from bnfold.onnxfold.graph import load_model
+
+__all__ = [
+    "Comparison",
+    "OnnxFoldReport",
+    "default_output",
+    "fold_onnx",
+    "fold_onnx_file",
+    "load_model",
+    "verify_onnx_files",
+]
+
+
+def default_output(path: Path) -> Path:
+    """``model.onnx`` -> ``model.folded.onnx`` next to it."""
+    return path.with_name(f"{path.stem}.folded.onnx")
+
+
+def choose_inputs(
+    model: onnx.ModelProto, inputs: Path | None, max_exhaustive: int, seed: int = 0
+) -> tuple[dict, str]:
+    """The verification inputs and a description: the user's ``.npz``, the whole domain of
+    a bnfold character model, or seeded random inputs from the declared shapes."""
+    if inputs is not None:
+        feeds = npz_feeds(inputs, model)
+        return feeds, f"inputs from {inputs}"
+    feeds = domain_feeds(model, max_exhaustive, seed)
+    if feeds is not None:
+        (x,) = feeds.values()
+        return feeds, f"{len(x):,} contexts of the model's input domain"
+    feeds = random_feeds(model, seed)
+    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items())
+    return feeds, f"seeded random inputs (seed {seed}: {shapes})"
+
+
+def check_contract(original: onnx.ModelProto, folded: onnx.ModelProto) -> None:
+    """The folded model passes the full onnx checker and keeps the graph's interface."""
+    try:
+        onnx.checker.check_model(folded, full_check=True)
+    except Exception as e:  # a bug in a rule, not a user error: say which check failed
+        raise BnfoldError(f"the folded model fails onnx.checker: {str(e)[:300]}") from None
+    for what in ("input", "output"):
+        if [v.SerializeToString() for v in getattr(original.graph, what)] != [
+            v.SerializeToString() for v in getattr(folded.graph, what)
+        ]:
+            raise BnfoldError(f"folding changed the graph's {what}s")
+
+
+def fold_onnx_file(
+    path: Path,
+    out: Path | None = None,
+    *,
+    inputs: Path | None = None,
+    tolerance: float | None = None,
+    max_exhaustive: int = 4_000_000,
+) -> tuple[Path | None, OnnxFoldReport, Comparison]:
+    """Fold ``path``, verify against the original, write ``out`` only if it passed."""
+    model = load_model(path)
+    folded, report = fold_onnx(model)
+    check_contract(model, folded)
+    feeds, described = choose_inputs(model, inputs, max_exhaustive)
+    comparison = compare(model, folded, feeds, described, tolerance)
+    if not comparison.passed:
+        return None, report, comparison
+    target = out or default_output(path)
+    atomic_write(target, lambda tmp: onnx.save_model(folded, tmp))
+    return target, report, comparison
+
+
+def verify_onnx_files(
+    reference: Path,
+    candidate: Path,
+    *,
+    inputs: Path | None = None,
+    tolerance: float | None = None,
+    max_exhaustive: int = 4_000_000,
+    seed: int = 0,
+) -> Comparison:
+    """Compare any two ONNX models with the same inputs and outputs."""
+    ref, cand = load_model(reference), load_model(candidate)
+    feeds, described = choose_inputs(ref, inputs, max_exhaustive, seed)
+    return compare(ref, cand, feeds, described, tolerance)

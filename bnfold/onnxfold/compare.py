@@ -1,0 +1,253 @@
+"""Check that two ONNX models with the same inputs and outputs compute the same function.
+
+Both run in ONNX Runtime with graph optimisations *disabled*, so ORT's own fusions cannot
+hide (or cause) a difference. Inputs are, in order of preference: the user's ``.npz``; the
+whole input domain of a bnfold character model (its vocabulary metadata makes it finite);
+seeded random inputs from the declared shapes and dtypes, dynamic dims set small. Where the
+reference can be evaluated in float64 (ORT on a float64 copy, else the onnx reference
+evaluator), every output is judged by :func:`bnfold.rounding.judge_outputs` against that
+truth: a difference passes only if float32 rounding explains it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from bnfold.errors import BnfoldError
+from bnfold.rounding import judge_outputs
+
+DYNAMIC_DIM = 2  # size given to every dynamic dimension of a random input
+SAMPLE_ROWS = 65_536  # contexts sampled when a bnfold model's domain is too large
+
+
+def session(model: onnx.ModelProto):
+    """An ORT CPU session with every graph optimisation off (one thread: reproducible)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    sess = session(model)
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds), strict=True))
+
+
+def _real_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def signature(model: onnx.ModelProto) -> tuple[list, list]:
+    """Input and output (name, elem_type, dims) of a model; dims are ints or names."""
+
+    def describe(vi: onnx.ValueInfoProto):
+        t = vi.type.tensor_type
+        dims = (
+            [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+            if t.HasField("shape")
+            else None
+        )
+        return (vi.name, t.elem_type, dims)
+
+    return [describe(i) for i in _real_inputs(model)], [describe(o) for o in model.graph.output]
+
+
+def random_feeds(model: onnx.ModelProto, seed: int = 0, dynamic: int = DYNAMIC_DIM) -> dict:
+    """Seeded inputs from the declared shapes and dtypes; dynamic dims become ``dynamic``.
+    Floats are standard normal, integers lie in [0, 2) (safe as indices), bools random."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for name, elem, dims in signature(model)[0]:
+        if dims is None:
+            raise BnfoldError(f"input {name!r} has no declared shape: pass --inputs FILE.npz")
+        shape = [d if isinstance(d, int) and d > 0 else dynamic for d in dims]
+        dtype = helper.tensor_dtype_to_np_dtype(elem)
+        if dtype.kind == "f":
+            feeds[name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind in "iu":
+            feeds[name] = rng.integers(0, 2, size=shape).astype(dtype)
+        elif dtype.kind == "b":
+            feeds[name] = rng.integers(0, 2, size=shape).astype(bool)
+        else:
+            raise BnfoldError(f"input {name!r} has dtype {dtype}: pass --inputs FILE.npz")
+    return feeds
+
+
+def npz_feeds(path: str | Path, model: onnx.ModelProto) -> dict:
+    """The user's inputs, one array per graph input name."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            feeds = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise BnfoldError(f"{path}: not a readable .npz file: {e}") from None
+    want = [name for name, _, _ in signature(model)[0]]
+    if sorted(feeds) != sorted(want):
+        raise BnfoldError(f"{path}: has arrays {sorted(feeds)}, the model's inputs are {want}")
+    return feeds
+
+
+def domain_feeds(model: onnx.ModelProto, max_exhaustive: int, seed: int = 0) -> dict | None:
+    """For a bnfold character model (vocabulary metadata): every context of its finite
+    domain, or a seeded sample when there are more than ``max_exhaustive``; else ``None``."""
+    from bnfold.onnx_runtime import INPUT_NAME, parse_metadata
+    from bnfold.verify import all_contexts
+
+    meta = {p.key: p.value for p in model.metadata_props}
+    try:
+        info = parse_metadata(meta, "model")
+    except BnfoldError:
+        return None
+    v, b = info["vocab"].size, info["block_size"]
+    if v**b <= max_exhaustive:
+        return {INPUT_NAME: np.asarray(all_contexts(v, b), dtype=np.int64)}
+    rng = np.random.default_rng(seed)
+    return {INPUT_NAME: rng.integers(0, v, size=(SAMPLE_ROWS, b), dtype=np.int64)}
+
+
+def float64_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same graph computing in float64: float32 weights, constants, casts and
+    declared types become float64 (inputs are cast up by the caller)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+
+    def up(t: onnx.TensorProto) -> None:
+        if t.data_type == TensorProto.FLOAT:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float64), t.name))
+
+    def retype(vi: onnx.ValueInfoProto) -> None:
+        if vi.type.tensor_type.elem_type == TensorProto.FLOAT:
+            vi.type.tensor_type.elem_type = TensorProto.DOUBLE
+
+    for t in g.initializer:
+        up(t)
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        retype(vi)
+    for n in g.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                up(a.t)
+            elif a.name == "to" and n.op_type == "Cast" and a.i == TensorProto.FLOAT:
+                a.i = TensorProto.DOUBLE
+    return m
+
+
+def float64_outputs(model: onnx.ModelProto, feeds: dict) -> tuple[dict | None, str]:
+    """The model's outputs computed in float64, and how (or ``None`` and why not)."""
+    m64 = float64_copy(model)
+    feeds64 = {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in feeds.items()}
+    try:
+        return run(m64, feeds64), "onnxruntime on a float64 copy"
+    except Exception:  # ORT lacks float64 kernels for e.g. Conv: use the reference evaluator
+        pass
+    try:
+        from onnx.reference import ReferenceEvaluator
+
+        ref = ReferenceEvaluator(m64)
+        names = [o.name for o in m64.graph.output]
+        return dict(zip(names, ref.run(names, feeds64), strict=True)), (
+            "onnx reference evaluator on a float64 copy"
+        )
+    except Exception as e:
+        return None, f"no float64 evaluation ({type(e).__name__}: {str(e)[:120]})"
+
+
+@dataclass
+class OutputVerdict:
+    name: str
+    shape: list[int]
+    verdict: dict
+
+
+@dataclass
+class Comparison:
+    inputs: str  # what was fed
+    float64: str  # how the float64 truth was obtained, or why there is none
+    outputs: list[OutputVerdict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.outputs) and all(o.verdict["passed"] for o in self.outputs)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["passed"] = self.passed
+        return json.loads(json.dumps(d, default=float))
+
+    def format(self) -> str:
+        lines = [
+            f"verification {'PASSED' if self.passed else 'FAILED'} ({self.inputs};"
+            f" float64 truth: {self.float64})"
+        ]
+        for o in self.outputs:
+            v = o.verdict
+            lines.append(
+                f"  {o.name} {o.shape}: max |diff| {v['max_abs_error']:.3g}, margin"
+                f" {v['margin']:.3g} ({v['criterion']}); {v['reason']}"
+            )
+        lines.append(f"  took {self.seconds:.2f} s")
+        return "\n".join(lines)
+
+
+def same_signature_problem(a: onnx.ModelProto, b: onnx.ModelProto) -> str | None:
+    sa, sb = signature(a), signature(b)
+    if [x[:2] for x in sa[0]] != [x[:2] for x in sb[0]]:
+        return f"the models have different inputs: {sa[0]} vs {sb[0]}"
+    if [x[:2] for x in sa[1]] != [x[:2] for x in sb[1]]:
+        return f"the models have different outputs: {sa[1]} vs {sb[1]}"
+    return None
+
+
+def compare(
+    reference: onnx.ModelProto,
+    candidate: onnx.ModelProto,
+    feeds: dict,
+    inputs: str,
+    tolerance: float | None = None,
+) -> Comparison:
+    """Run both models on ``feeds`` and judge every output (float32-rounding-aware)."""
+    t0 = time.perf_counter()
+    problem = same_signature_problem(reference, candidate)
+    if problem:
+        raise BnfoldError(problem)
+    ref, cand = run(reference, feeds), run(candidate, feeds)
+    truth, how = float64_outputs(reference, feeds) if tolerance is None else (None, "not used")
+    result = Comparison(inputs=inputs, float64=how)
+    for name, r in ref.items():
+        c = cand[name]
+        if r.shape != c.shape:
+            verdict = {
+                "passed": False,
+                "criterion": "shape",
+                "max_abs_error": float("inf"),
+                "margin": float("inf"),
+                "reason": f"shapes differ: {list(r.shape)} vs {list(c.shape)}",
+            }
+        elif r.dtype.kind != "f":
+            same = bool(np.array_equal(r, c))
+            verdict = {
+                "passed": same,
+                "criterion": "exact",
+                "max_abs_error": 0.0 if same else float("inf"),
+                "margin": 0.0 if same else float("inf"),
+                "reason": "identical" if same else "non-float outputs differ",
+            }
+        else:
+            t = None if truth is None else truth[name]
+            verdict = judge_outputs(r, c, t, tolerance=tolerance, class_axis=None).to_dict()
+        result.outputs.append(OutputVerdict(name, list(r.shape), verdict))
+    result.seconds = round(time.perf_counter() - t0, 3)
+    return result
