@@ -295,27 +295,59 @@ contexts_data_option = click.option(
 )
 
 
+def explicit_tolerance(ctx: click.Context, tolerance: float) -> float | None:
+    """ONNX comparisons judge by float32 rounding unless --tolerance was given."""
+    source = ctx.get_parameter_source("tolerance")
+    return tolerance if source == click.core.ParameterSource.COMMANDLINE else None
+
+
+inputs_option = click.option(
+    "--inputs",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="ONNX only: .npz with one array per graph input to verify on  [default: the"
+    " whole domain of a bnfold model, else seeded random inputs from the declared shapes]",
+)
+
+
 @main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
     default=None,
-    help="Folded checkpoint to write  [default: folded.pt next to CHECKPOINT]",
+    help="Folded file to write  [default: folded.pt next to CHECKPOINT; for MODEL.onnx,"
+    " MODEL.folded.onnx]",
 )
 @verify_options
 @contexts_data_option
+@inputs_option
 @click.option("--json", "as_json", is_flag=True, help="Print the fold and verification as JSON.")
+@click.pass_context
 @clear_errors
-def fold(checkpoint, out, tolerance, max_exhaustive, data, as_json):
-    """Fold every BatchNorm of CHECKPOINT into its Linear, verify, write the result.
+def fold(ctx, checkpoint, out, tolerance, max_exhaustive, data, inputs, as_json):
+    """Fold every BatchNorm of CHECKPOINT (a bnfold .pt, or any .onnx model) into its
+    neighbouring layers, verify, write the result.
 
     Exit code 1 (and nothing written) when verification fails."""
-    from bnfold.pipeline import fold_checkpoint
+    from bnfold.onnxfold import fold_onnx_file, is_onnx
 
-    path, fold_report, verification = fold_checkpoint(
-        checkpoint, out, tolerance=tolerance, data_path=data, max_exhaustive=max_exhaustive
-    )
+    if is_onnx(checkpoint):
+        path, fold_report, verification = fold_onnx_file(
+            checkpoint,
+            out,
+            inputs=inputs,
+            tolerance=explicit_tolerance(ctx, tolerance),
+            max_exhaustive=max_exhaustive,
+        )
+    else:
+        if inputs is not None:
+            raise BnfoldError("--inputs applies to .onnx models only")
+        from bnfold.pipeline import fold_checkpoint
+
+        path, fold_report, verification = fold_checkpoint(
+            checkpoint, out, tolerance=tolerance, data_path=data, max_exhaustive=max_exhaustive
+        )
     if as_json:
         print_json(
             {
@@ -347,9 +379,12 @@ def fold(checkpoint, out, tolerance, max_exhaustive, data, as_json):
 @click.option("--sample-size", type=positive, default=1_000_000, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @contexts_data_option
+@inputs_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
 @clear_errors
 def verify_command(
+    ctx,
     reference,
     candidate,
     tolerance,
@@ -358,22 +393,35 @@ def verify_command(
     sample_size,
     seed,
     data,
+    inputs,
     as_json,
 ):
     """Prove CANDIDATE computes the same logits as REFERENCE (.pt or .onnx) over every
-    context (or a large sample). Exit code 1 when it does not."""
+    context (or a large sample); for two ONNX models that are not both bnfold's, the same
+    outputs on the same inputs. Exit code 1 when it does not."""
+    from bnfold.onnxfold import generic_onnx_pair, verify_onnx_files
     from bnfold.verify import verify_paths
 
-    result = verify_paths(
-        reference,
-        candidate,
-        data_path=data,
-        tolerance=tolerance,
-        max_exhaustive=max_exhaustive,
-        float64_reference=float64_reference,
-        sample_size=sample_size,
-        seed=seed,
-    )
+    if generic_onnx_pair(reference, candidate):
+        result = verify_onnx_files(
+            reference,
+            candidate,
+            inputs=inputs,
+            tolerance=explicit_tolerance(ctx, tolerance),
+            max_exhaustive=max_exhaustive,
+            seed=seed,
+        )
+    else:
+        result = verify_paths(
+            reference,
+            candidate,
+            data_path=data,
+            tolerance=tolerance,
+            max_exhaustive=max_exhaustive,
+            float64_reference=float64_reference,
+            sample_size=sample_size,
+            seed=seed,
+        )
     if as_json:
         print_json(result.to_dict())
     else:

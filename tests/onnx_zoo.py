@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -68,6 +69,13 @@ def export(model: nn.Module, shape: tuple[int, ...], seed: int = 0) -> onnx.Mode
     torch.manual_seed(seed)
     model = randomize_bn(model, seed)
     f = io.BytesIO()
+    with warnings.catch_warnings():  # the TorchScript exporter is deprecated, and says so
+        warnings.simplefilter("ignore", DeprecationWarning)
+        _export(model, shape, f)
+    return onnx.load_from_string(f.getvalue())
+
+
+def _export(model: nn.Module, shape: tuple[int, ...], f: io.BytesIO) -> None:
     torch.onnx.export(
         model,
         (torch.randn(*shape),),
@@ -80,7 +88,6 @@ def export(model: nn.Module, shape: tuple[int, ...], seed: int = 0) -> onnx.Mode
         dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
         opset_version=OPSET,
     )
-    return onnx.load_from_string(f.getvalue())
 
 
 def _t(name: str, a) -> onnx.TensorProto:

@@ -29,9 +29,35 @@ __all__ = [
     "default_output",
     "fold_onnx",
     "fold_onnx_file",
+    "generic_onnx_pair",
+    "is_bnfold_onnx",
+    "is_onnx",
     "load_model",
     "verify_onnx_files",
 ]
+
+
+def is_onnx(path: Path) -> bool:
+    """The file suffix picks the path: ``.onnx`` is any ONNX model, anything else bnfold's."""
+    return Path(path).suffix.lower() == ".onnx"
+
+
+def generic_onnx_pair(reference: Path, candidate: Path) -> bool:
+    """Whether ``bnfold verify`` compares two ONNX models generically (same inputs, same
+    outputs) rather than as bnfold character models over their context domain."""
+    return (
+        is_onnx(reference)
+        and is_onnx(candidate)
+        and not (is_bnfold_onnx(reference) and is_bnfold_onnx(candidate))
+    )
+
+
+def is_bnfold_onnx(path: Path) -> bool:
+    """Whether ``path`` is an ONNX file written by ``bnfold export`` (its own metadata)."""
+    from bnfold.onnx_runtime import FORMAT
+
+    meta = {p.key: p.value for p in load_model(path).metadata_props}
+    return meta.get("format") == FORMAT
 
 
 def default_output(path: Path) -> Path:

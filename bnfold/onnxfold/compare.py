@@ -38,10 +38,17 @@ def session(model: onnx.ModelProto):
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    sess = session(model)
-    names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feeds), strict=True))
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], what: str = "model") -> dict:
+    """Every output of ``model`` on ``feeds``; ``BnfoldError`` naming ``what`` if ORT
+    cannot load or run it."""
+    try:
+        sess = session(model)
+        names = [o.name for o in sess.get_outputs()]
+        return dict(zip(names, sess.run(names, feeds), strict=True))
+    except Exception as e:  # ORT raises its own exception types (Fail, InvalidArgument, ...)
+        text = str(e).strip()
+        reason = text.splitlines()[0] if text else type(e).__name__
+        raise BnfoldError(f"{what}: ONNX Runtime cannot run it: {reason[:300]}") from None
 
 
 def _real_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -202,12 +209,20 @@ class Comparison:
         return "\n".join(lines)
 
 
+def _static(dims) -> list | None:
+    """Dims with every symbolic or unknown one as ``None`` (those may differ)."""
+    return None if dims is None else [d if isinstance(d, int) and d > 0 else None for d in dims]
+
+
 def same_signature_problem(a: onnx.ModelProto, b: onnx.ModelProto) -> str | None:
+    """Why two models cannot be compared (different input/output names, dtypes, ranks or
+    fixed sizes), or ``None``."""
     sa, sb = signature(a), signature(b)
-    if [x[:2] for x in sa[0]] != [x[:2] for x in sb[0]]:
-        return f"the models have different inputs: {sa[0]} vs {sb[0]}"
-    if [x[:2] for x in sa[1]] != [x[:2] for x in sb[1]]:
-        return f"the models have different outputs: {sa[1]} vs {sb[1]}"
+    for what, xa, xb in (("inputs", sa[0], sb[0]), ("outputs", sa[1], sb[1])):
+        da = [(n, t, _static(d)) for n, t, d in xa]
+        db = [(n, t, _static(d)) for n, t, d in xb]
+        if da != db:
+            return f"the models have different {what}: {xa} vs {xb}"
     return None
 
 
@@ -223,7 +238,7 @@ def compare(
     problem = same_signature_problem(reference, candidate)
     if problem:
         raise BnfoldError(problem)
-    ref, cand = run(reference, feeds), run(candidate, feeds)
+    ref, cand = run(reference, feeds, "reference"), run(candidate, feeds, "candidate")
     truth, how = float64_outputs(reference, feeds) if tolerance is None else (None, "not used")
     result = Comparison(inputs=inputs, float64=how)
     for name, r in ref.items():

@@ -189,7 +189,8 @@ class Graph:
         initializer. Returns {name: reason} for weights that would overflow."""
         bad: dict[str, str] = {}
         for name, v in self.exact.items():
-            arr = v.astype(self.dtypes[name])
+            with np.errstate(over="ignore"):  # an overflow is reported, not warned about
+                arr = v.astype(self.dtypes[name])
             if not np.isfinite(arr).all():
                 bad[name] = f"the folded weights overflow {arr.dtype}"
             self.g.initializer.append(numpy_helper.from_array(arr, name))
