@@ -216,6 +216,34 @@ def matmul_3d_axis() -> onnx.ModelProto:
     return export(nn.Sequential(nn.Linear(4, 4, bias=False), nn.BatchNorm1d(4)), (2, 4, 4))
 
 
+def mobilenet_v3_small() -> onnx.ModelProto:
+    return export(
+        torchvision().models.mobilenet_v3_small(weights=None, num_classes=10), (2, 3, 32, 32)
+    )
+
+
+def affine_false() -> onnx.ModelProto:
+    """affine=False BNs export their gamma/beta as Constant nodes."""
+    return export(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3),
+            nn.BatchNorm2d(4, affine=False),
+            nn.ReLU(),
+            nn.Linear(4, 4),
+            nn.Flatten(),
+            nn.Linear(64, 6),
+            nn.BatchNorm1d(6, affine=False),
+        ),
+        (2, 3, 6, 6),
+    )
+
+
+def bn_before_3d_matmul() -> onnx.ModelProto:
+    """Trap: BatchNorm1d(6) on (N, 6, 6), then a Linear over the last axis: the sizes
+    match, but the BN's channels are axis 1, not the Linear's inputs."""
+    return export(nn.Sequential(nn.BatchNorm1d(6), nn.Linear(6, 3)), (2, 6, 6))
+
+
 # ---- hand-made cases ---------------------------------------------------------------------
 
 
@@ -363,6 +391,9 @@ def traps() -> onnx.ModelProto:
 CASES: tuple[ZooCase, ...] = (
     ZooCase("resnet18", resnet18, 20, 20),
     ZooCase("mobilenet_v2", mobilenet_v2, 52, 52),
+    ZooCase("mobilenet_v3_small", mobilenet_v3_small, 34, 34),
+    ZooCase("affine_false_constants", affine_false, 2, 2),
+    ZooCase("bn_before_3d_matmul", bn_before_3d_matmul, 0, 1, ("channel axes differ",)),
     ZooCase("conv_transpose_1d_2d_3d", conv_transpose, 3, 3),
     ZooCase("conv_1d_3d", convs_1d_3d, 2, 2),
     ZooCase("bn_before_conv", bn_before_conv, 2, 2),
