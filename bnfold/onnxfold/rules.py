@@ -336,128 +336,107 @@ class BnConv(_ConvLike):
     direction = INTO_FOLLOWING
 
 
-class GemmBn(FoldRule):
+def _matmul_parts(graph: Graph, layer: onnx.NodeProto):
+    """A MatMul's constant 2-D right operand as ``(W (N, K) float64, None, dtype)`` or
+    ``(None, None, reason)``."""
+    b, why = _const(graph, layer.input[1], "weight (second MatMul input)")
+    if b is None:
+        return None, None, why
+    if b.ndim != 2:
+        return None, None, f"the weight is {b.ndim}-D, not a 2-D matrix"
+    return b.astype(np.float64).T, None, _target_dtype(graph, layer.input[1])
+
+
+class _LinearLike(FoldRule):
+    """A Gemm or MatMul seen as ``y = x @ W.T + b`` with a constant ``W`` of shape (N, K)."""
+
+    def parts(self, graph: Graph, layer: onnx.NodeProto):
+        """``(W, b or None, dtype)``, or ``(None, None, reason)``."""
+        raise NotImplementedError
+
+    def axis_problem(self, graph: Graph, bn: BatchNorm, layer: onnx.NodeProto) -> str | None:
+        return None
+
+    def two_d(self, graph: Graph, bn: BatchNorm, layer: onnx.NodeProto) -> bool:
+        """Whether the result may be one Gemm (2-D input), else MatMul + Add."""
+        return True
+
+    def check(self, graph, bn, layer):
+        why = super().check(graph, bn, layer) or self.axis_problem(graph, bn, layer)
+        if why:
+            return why
+        w, _, why = self.parts(graph, layer)
+        if w is None:
+            return why
+        n, k = w.shape
+        if self.direction == INTO_PRECEDING and bn.channels not in (1, n):
+            return f"the BN has {bn.channels} channels but the {self.layer_op} has {n} outputs"
+        if self.direction == INTO_FOLLOWING and bn.channels not in (1, k):
+            return f"the BN has {bn.channels} channels but the {self.layer_op} takes {k} inputs"
+        return None
+
+    def rewrite(self, graph, bn, layer):
+        w, b, dtype = self.parts(graph, layer)
+        b = None if b is None else _t(b)
+        if self.direction == INTO_PRECEDING:
+            nw, nb = fold_bn_into_preceding(_t(w), b, *bn.stats(), dtype=F64)
+            x, y = layer.input[0], bn.y
+        else:
+            nw, nb = fold_bn_into_following(_t(w), b, *bn.stats(), dtype=F64)
+            x, y = bn.x, layer.output[0]
+        two_d = self.two_d(graph, bn, layer)
+        trans_a = int(_attr(layer, "transA", 0))
+        new = _linear_nodes(graph, layer, x, y, nw.numpy(), nb.numpy(), dtype, two_d, trans_a)
+        graph.remove(bn.node)
+        graph.replace(layer, new)
+
+
+class GemmBn(_LinearLike):
     """Gemm (any transA/transB/alpha/beta, C one broadcast row) -> BN."""
 
     layer_op = "Gemm"
 
-    def check(self, graph, bn, layer):
-        why = super().check(graph, bn, layer)
-        if why:
-            return why
-        w, b, why = _gemm_parts(graph, layer)
-        if w is None:
-            return why
-        if bn.channels not in (1, w.shape[0]):
-            return f"the BN has {bn.channels} channels but the Gemm has {w.shape[0]} outputs"
-        return None
-
-    def rewrite(self, graph, bn, layer):
-        w, b, dtype = _gemm_parts(graph, layer)
-        nw, nb = fold_bn_into_preceding(_t(w), _t(b), *bn.stats(), dtype=F64)
-        trans_a = int(_attr(layer, "transA", 0))
-        new = _linear_nodes(
-            graph, layer, layer.input[0], bn.y, nw.numpy(), nb.numpy(), dtype, True, trans_a
-        )
-        graph.remove(bn.node)
-        graph.replace(layer, new)
+    def parts(self, graph, layer):
+        return _gemm_parts(graph, layer)
 
 
-class BnGemm(FoldRule):
+class BnGemm(GemmBn):
     """BN -> Gemm with transA=0: scale B's input rows, push the shift into C."""
 
-    layer_op = "Gemm"
     direction = INTO_FOLLOWING
 
-    def check(self, graph, bn, layer):
-        why = super().check(graph, bn, layer)
-        if why:
-            return why
+    def axis_problem(self, graph, bn, layer):
         if int(_attr(layer, "transA", 0)) and bn.channels != 1:
             return "transA=1: the BN's channels are the Gemm's rows, not its inputs"
-        w, b, why = _gemm_parts(graph, layer)
-        if w is None:
-            return why
-        if bn.channels not in (1, w.shape[1]):
-            return f"the BN has {bn.channels} channels but the Gemm takes {w.shape[1]} inputs"
         return None
 
-    def rewrite(self, graph, bn, layer):
-        w, b, dtype = _gemm_parts(graph, layer)
-        nw, nb = fold_bn_into_following(_t(w), _t(b), *bn.stats(), dtype=F64)
-        trans_a = int(_attr(layer, "transA", 0))
-        new = _linear_nodes(
-            graph, layer, bn.x, layer.output[0], nw.numpy(), nb.numpy(), dtype, True, trans_a
-        )
-        graph.remove(bn.node)
-        graph.replace(layer, new)
 
-
-def _matmul_weight(graph: Graph, layer: onnx.NodeProto):
-    """A MatMul's constant 2-D right operand as ``(W (N, K) float64, dtype)`` or
-    ``(None, reason)``."""
-    b, why = _const(graph, layer.input[1], "weight (second MatMul input)")
-    if b is None:
-        return None, why
-    if b.ndim != 2:
-        return None, f"the weight is {b.ndim}-D, not a 2-D matrix"
-    return b.astype(np.float64).T, _target_dtype(graph, layer.input[1])
-
-
-class MatMulBn(FoldRule):
+class MatMulBn(_LinearLike):
     """MatMul with a constant 2-D weight -> BN whose channel axis is the product's last."""
 
     layer_op = "MatMul"
 
-    def check(self, graph, bn, layer):
-        why = super().check(graph, bn, layer)
-        if why:
-            return why
-        w, why = _matmul_weight(graph, layer)
-        if w is None:
-            return why
-        if bn.channels not in (1, w.shape[0]):
-            return f"the BN has {bn.channels} channels but the MatMul has {w.shape[0]} outputs"
+    def parts(self, graph, layer):
+        return _matmul_parts(graph, layer)
+
+    def axis_problem(self, graph, bn, layer):
         return _rank_problem(graph, bn.x, bn, "MatMul's output-feature axis")
 
-    def rewrite(self, graph, bn, layer):
-        w, dtype = _matmul_weight(graph, layer)
-        nw, nb = fold_bn_into_preceding(_t(w), None, *bn.stats(), dtype=F64)
-        two_d = graph.ranks.get(bn.x) == 2 and graph.ranks.get(layer.input[0]) == 2
-        new = _linear_nodes(
-            graph, layer, layer.input[0], bn.y, nw.numpy(), nb.numpy(), dtype, two_d
-        )
-        graph.remove(bn.node)
-        graph.replace(layer, new)
+    def two_d(self, graph, bn, layer):
+        return graph.ranks.get(bn.x) == 2 and graph.ranks.get(layer.input[0]) == 2
 
 
-class BnMatMul(FoldRule):
+class BnMatMul(MatMulBn):
     """BN on a 2-D input -> MatMul with a constant 2-D weight: scale the weight's rows,
     push the shift through as a bias."""
 
-    layer_op = "MatMul"
     direction = INTO_FOLLOWING
 
-    def check(self, graph, bn, layer):
-        why = super().check(graph, bn, layer)
-        if why:
-            return why
-        w, why = _matmul_weight(graph, layer)
-        if w is None:
-            return why
-        if bn.channels not in (1, w.shape[1]):
-            return f"the BN has {bn.channels} channels but the MatMul takes {w.shape[1]} inputs"
+    def axis_problem(self, graph, bn, layer):
         return _rank_problem(graph, bn.x, bn, "MatMul's input-feature axis")
 
-    def rewrite(self, graph, bn, layer):
-        w, dtype = _matmul_weight(graph, layer)
-        nw, nb = fold_bn_into_following(_t(w), None, *bn.stats(), dtype=F64)
-        two_d = graph.ranks.get(bn.x) == 2
-        new = _linear_nodes(
-            graph, layer, bn.x, layer.output[0], nw.numpy(), nb.numpy(), dtype, two_d
-        )
-        graph.remove(bn.node)
-        graph.replace(layer, new)
+    def two_d(self, graph, bn, layer):
+        return graph.ranks.get(bn.x) == 2
 
 
 # Tried in this order: into the preceding layer first (it never needs a padding check).
