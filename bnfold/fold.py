@@ -1,4 +1,5 @@
-"""Fold every eval-mode BatchNorm into the neighbouring Linear/Conv layer, and say what was done.
+"""Fold every eval-mode BatchNorm into the neighbouring Linear/Conv/ConvTranspose layer, and say
+what was done.
 
 In eval mode a BatchNorm is a fixed per-channel affine map ``bn(x) = x * s + t`` with
 ``s = gamma / sqrt(running_var + eps)`` and ``t = beta - running_mean * s``. That map can be

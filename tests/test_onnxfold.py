@@ -183,6 +183,61 @@ def test_random_convolutions_fold_both_ways_exactly(cfg):
     assert result.passed, result.format()
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    k=st.integers(1, 5),
+    n=st.integers(1, 5),
+    trans_a=st.booleans(),
+    trans_b=st.booleans(),
+    alpha=st.sampled_from([1.0, 0.5, -2.0]),
+    beta=st.sampled_from([1.0, 0.25, 3.0]),
+    c_shape=st.sampled_from(["none", "row", "vector", "scalar"]),
+    before=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_random_gemms_fold_exactly(k, n, trans_a, trans_b, alpha, beta, c_shape, before, seed):
+    """BN -> Gemm or Gemm -> BN over random transA/transB/alpha/beta and C broadcasts."""
+    trans_a = trans_a and not before  # a BN in front normalises the rows of A itself
+    w = onnx_zoo.rand((n, k) if trans_b else (k, n), seed)
+    c = {
+        "none": None,
+        "row": rand_c((1, n), seed),
+        "vector": rand_c((n,), seed),
+        "scalar": rand_c((), seed),
+    }[c_shape]
+    inits = [onnx_zoo._t("w", w), *onnx_zoo.bn_params("bn", k if before else n, seed)]
+    gemm_in = ["a" if before else "x", "w"]
+    if c is not None:
+        inits.append(onnx_zoo._t("c", c))
+        gemm_in.append("c")
+    gemm = helper.make_node(
+        "Gemm",
+        gemm_in,
+        ["g" if not before else "y"],
+        name="gemm",
+        transA=int(trans_a),
+        transB=int(trans_b),
+        alpha=alpha,
+        beta=beta,
+    )
+    nodes = (
+        [onnx_zoo.bn_node("bn", "x", "a"), gemm]
+        if before
+        else [gemm, onnx_zoo.bn_node("bn", "g", "y")]
+    )
+    x_shape = [k, "n"] if trans_a else ["n", k]
+    model = onnx_zoo.graph_model(nodes, [("x", x_shape)], [("y", ["n", n])], inits)
+    folded, report = fold_onnx(model)
+    assert len(report.folded) == 1 and bn_count(folded) == 0, report.format()
+    check_contract(model, folded)
+    result = compare(model, folded, random_feeds(model, seed=seed, dynamic=3), "random")
+    assert result.passed, result.format()
+
+
+def rand_c(shape, seed):
+    return onnx_zoo.rand(shape, seed + 1)
+
+
 # ---- the command line -------------------------------------------------------------------
 
 
