@@ -99,7 +99,7 @@ def test_the_comparison_catches_a_wrong_fold():
     w.CopyFrom(numpy_helper.from_array(arr, w.name))
     result = compare(model, folded, random_feeds(model), "zoo")
     assert not result.passed
-    assert result.float64 != "" and result.outputs[0].verdict["criterion"] == "float64"
+    assert result.float64 != "" and result.outputs[0].verdict.criterion == "float64"
 
 
 def _overflowing() -> onnx.ModelProto:

@@ -67,19 +67,20 @@ def default_output(path: Path) -> Path:
 
 def choose_inputs(
     model: onnx.ModelProto, inputs: Path | None, max_exhaustive: int, seed: int = 0
-) -> tuple[dict, str]:
-    """The verification inputs and a description: the user's ``.npz``, the whole domain of
-    a bnfold character model, or seeded random inputs from the declared shapes."""
+) -> tuple[dict, str, int | None]:
+    """The verification inputs, a description and the outputs' class axis (a bnfold
+    model's logits: -1; otherwise unknown): the user's ``.npz``, the whole domain of a
+    bnfold character model, or seeded random inputs from the declared shapes."""
     if inputs is not None:
         feeds = npz_feeds(inputs, model)
-        return feeds, f"inputs from {inputs}"
+        return feeds, f"inputs from {inputs}", None
     feeds = domain_feeds(model, max_exhaustive, seed)
     if feeds is not None:
         (x,) = feeds.values()
-        return feeds, f"{len(x):,} contexts of the model's input domain"
+        return feeds, f"{len(x):,} contexts of the model's input domain", -1
     feeds = random_feeds(model, seed)
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items())
-    return feeds, f"seeded random inputs (seed {seed}: {shapes})"
+    return feeds, f"seeded random inputs (seed {seed}: {shapes})", None
 
 
 def check_contract(original: onnx.ModelProto, folded: onnx.ModelProto) -> None:
@@ -107,8 +108,8 @@ def fold_onnx_file(
     model = load_model(path)
     folded, report = fold_onnx(model)
     check_contract(model, folded)
-    feeds, described = choose_inputs(model, inputs, max_exhaustive)
-    comparison = compare(model, folded, feeds, described, tolerance)
+    feeds, described, class_axis = choose_inputs(model, inputs, max_exhaustive)
+    comparison = compare(model, folded, feeds, described, tolerance, class_axis)
     if not comparison.passed:
         return None, report, comparison
     target = out or default_output(path)
@@ -127,5 +128,5 @@ def verify_onnx_files(
 ) -> Comparison:
     """Compare any two ONNX models with the same inputs and outputs."""
     ref, cand = load_model(reference), load_model(candidate)
-    feeds, described = choose_inputs(ref, inputs, max_exhaustive, seed)
-    return compare(ref, cand, feeds, described, tolerance)
+    feeds, described, class_axis = choose_inputs(ref, inputs, max_exhaustive, seed)
+    return compare(ref, cand, feeds, described, tolerance, class_axis)

@@ -11,9 +11,8 @@ truth: a difference passes only if float32 rounding explains it.
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from bnfold.errors import BnfoldError
-from bnfold.rounding import judge_outputs
+from bnfold.rounding import RoundingVerdict, judge_outputs
 
 DYNAMIC_DIM = 2  # size given to every dynamic dimension of a random input
 SAMPLE_ROWS = 65_536  # contexts sampled when a bnfold model's domain is too large
@@ -175,7 +174,10 @@ def float64_outputs(model: onnx.ModelProto, feeds: dict) -> tuple[dict | None, s
 class OutputVerdict:
     name: str
     shape: list[int]
-    verdict: dict
+    verdict: RoundingVerdict
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": self.shape, "verdict": self.verdict.to_dict()}
 
 
 @dataclass
@@ -187,12 +189,16 @@ class Comparison:
 
     @property
     def passed(self) -> bool:
-        return bool(self.outputs) and all(o.verdict["passed"] for o in self.outputs)
+        return bool(self.outputs) and all(o.verdict.passed for o in self.outputs)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["passed"] = self.passed
-        return json.loads(json.dumps(d, default=float))
+        return {
+            "inputs": self.inputs,
+            "float64": self.float64,
+            "outputs": [o.to_dict() for o in self.outputs],
+            "seconds": self.seconds,
+            "passed": self.passed,
+        }
 
     def format(self) -> str:
         lines = [
@@ -202,8 +208,8 @@ class Comparison:
         for o in self.outputs:
             v = o.verdict
             lines.append(
-                f"  {o.name} {o.shape}: max |diff| {v['max_abs_error']:.3g}, margin"
-                f" {v['margin']:.3g} ({v['criterion']}); {v['reason']}"
+                f"  {o.name} {o.shape}: max |diff| {v.max_abs_error:.3g}, margin"
+                f" {v.margin:.3g} ({v.criterion}); {v.reason}"
             )
         lines.append(f"  took {self.seconds:.2f} s")
         return "\n".join(lines)
@@ -226,14 +232,27 @@ def same_signature_problem(a: onnx.ModelProto, b: onnx.ModelProto) -> str | None
     return None
 
 
+def _exact_verdict(r: np.ndarray, c: np.ndarray) -> RoundingVerdict:
+    """Outputs rounding cannot explain a difference in (shapes, integers, bools)."""
+    same = r.shape == c.shape and bool(np.array_equal(r, c))
+    if r.shape != c.shape:
+        reason = f"shapes differ: {list(r.shape)} vs {list(c.shape)}"
+    else:
+        reason = "identical" if same else f"{r.dtype} outputs differ"
+    bad = 0.0 if same else float("inf")
+    return RoundingVerdict(same, "exact", 0.0, bad, bad, 0, 0, reason, elements=int(r.size))
+
+
 def compare(
     reference: onnx.ModelProto,
     candidate: onnx.ModelProto,
     feeds: dict,
     inputs: str,
     tolerance: float | None = None,
+    class_axis: int | None = None,
 ) -> Comparison:
-    """Run both models on ``feeds`` and judge every output (float32-rounding-aware)."""
+    """Run both models on ``feeds`` and judge every output (float32-rounding-aware);
+    ``class_axis``: the outputs are class scores along it (top-1 flips are checked)."""
     t0 = time.perf_counter()
     problem = same_signature_problem(reference, candidate)
     if problem:
@@ -243,26 +262,11 @@ def compare(
     result = Comparison(inputs=inputs, float64=how)
     for name, r in ref.items():
         c = cand[name]
-        if r.shape != c.shape:
-            verdict = {
-                "passed": False,
-                "criterion": "shape",
-                "max_abs_error": float("inf"),
-                "margin": float("inf"),
-                "reason": f"shapes differ: {list(r.shape)} vs {list(c.shape)}",
-            }
-        elif r.dtype.kind != "f":
-            same = bool(np.array_equal(r, c))
-            verdict = {
-                "passed": same,
-                "criterion": "exact",
-                "max_abs_error": 0.0 if same else float("inf"),
-                "margin": 0.0 if same else float("inf"),
-                "reason": "identical" if same else "non-float outputs differ",
-            }
+        if r.shape != c.shape or r.dtype.kind != "f":
+            verdict = _exact_verdict(r, c)
         else:
             t = None if truth is None else truth[name]
-            verdict = judge_outputs(r, c, t, tolerance=tolerance, class_axis=None).to_dict()
+            verdict = judge_outputs(r, c, t, tolerance=tolerance, class_axis=class_axis)
         result.outputs.append(OutputVerdict(name, list(r.shape), verdict))
     result.seconds = round(time.perf_counter() - t0, 3)
     return result
