@@ -14,6 +14,7 @@ import onnx
 from bnfold.checkpoint import atomic_write
 from bnfold.errors import BnfoldError
 from bnfold.onnxfold.compare import (
+    DYNAMIC_DIM,
     Comparison,
     compare,
     domain_feeds,
@@ -67,20 +68,24 @@ def default_output(path: Path) -> Path:
 
 def choose_inputs(
     model: onnx.ModelProto, inputs: Path | None, max_exhaustive: int, seed: int = 0
-) -> tuple[dict, str, int | None]:
-    """The verification inputs, a description and the outputs' class axis (a bnfold
+) -> tuple[list[dict], str, int | None]:
+    """The verification input sets, a description and the outputs' class axis (a bnfold
     model's logits: -1; otherwise unknown): the user's ``.npz``, the whole domain of a
-    bnfold character model, or seeded random inputs from the declared shapes."""
+    bnfold character model, or seeded random inputs from the declared shapes, with the
+    dynamic dims at 2 and again at 3 (the result must run at other batch sizes too)."""
     if inputs is not None:
-        feeds = npz_feeds(inputs, model)
-        return feeds, f"inputs from {inputs}", None
+        return [npz_feeds(inputs, model)], f"inputs from {inputs}", None
     feeds = domain_feeds(model, max_exhaustive, seed)
     if feeds is not None:
         (x,) = feeds.values()
-        return feeds, f"{len(x):,} contexts of the model's input domain", -1
-    feeds = random_feeds(model, seed)
-    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items())
-    return feeds, f"seeded random inputs (seed {seed}: {shapes})", None
+        return [feeds], f"{len(x):,} contexts of the model's input domain", -1
+    sets = [random_feeds(model, seed, dynamic=d) for d in (DYNAMIC_DIM, DYNAMIC_DIM + 1)]
+    if all(a.shape == b.shape for a, b in zip(sets[0].values(), sets[1].values(), strict=True)):
+        sets = sets[:1]  # no dynamic dims
+    shapes = " and ".join(
+        ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items()) for feeds in sets
+    )
+    return sets, f"seeded random inputs (seed {seed}: {shapes})", None
 
 
 def check_contract(original: onnx.ModelProto, folded: onnx.ModelProto) -> None:

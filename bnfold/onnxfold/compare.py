@@ -246,27 +246,32 @@ def _exact_verdict(r: np.ndarray, c: np.ndarray) -> RoundingVerdict:
 def compare(
     reference: onnx.ModelProto,
     candidate: onnx.ModelProto,
-    feeds: dict,
+    feeds: dict | list[dict],
     inputs: str,
     tolerance: float | None = None,
     class_axis: int | None = None,
 ) -> Comparison:
-    """Run both models on ``feeds`` and judge every output (float32-rounding-aware);
-    ``class_axis``: the outputs are class scores along it (top-1 flips are checked)."""
+    """Run both models on ``feeds`` (one input set or several) and judge every output
+    (float32-rounding-aware); ``class_axis``: the outputs are class scores along it (top-1
+    flips are checked)."""
     t0 = time.perf_counter()
     problem = same_signature_problem(reference, candidate)
     if problem:
         raise BnfoldError(problem)
-    ref, cand = run(reference, feeds, "reference"), run(candidate, feeds, "candidate")
-    truth, how = float64_outputs(reference, feeds) if tolerance is None else (None, "not used")
-    result = Comparison(inputs=inputs, float64=how)
-    for name, r in ref.items():
-        c = cand[name]
-        if r.shape != c.shape or r.dtype.kind != "f":
-            verdict = _exact_verdict(r, c)
-        else:
-            t = None if truth is None else truth[name]
-            verdict = judge_outputs(r, c, t, tolerance=tolerance, class_axis=class_axis)
-        result.outputs.append(OutputVerdict(name, list(r.shape), verdict))
+    result = Comparison(inputs=inputs, float64="")
+    hows = []
+    for one in [feeds] if isinstance(feeds, dict) else feeds:
+        ref, cand = run(reference, one, "reference"), run(candidate, one, "candidate")
+        truth, how = float64_outputs(reference, one) if tolerance is None else (None, "not used")
+        hows.append(how)
+        for name, r in ref.items():
+            c = cand[name]
+            if r.shape != c.shape or r.dtype.kind != "f":
+                verdict = _exact_verdict(r, c)
+            else:
+                t = None if truth is None else truth[name]
+                verdict = judge_outputs(r, c, t, tolerance=tolerance, class_axis=class_axis)
+            result.outputs.append(OutputVerdict(name, list(r.shape), verdict))
+    result.float64 = "; ".join(dict.fromkeys(hows))
     result.seconds = round(time.perf_counter() - t0, 3)
     return result
