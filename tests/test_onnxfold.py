@@ -13,7 +13,7 @@ import onnx_zoo
 import pytest
 import torch
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 from torch import nn
@@ -191,19 +191,44 @@ def test_random_convolutions_fold_both_ways_exactly(cfg):
     trans_b=st.booleans(),
     alpha=st.sampled_from([1.0, 0.5, -2.0]),
     beta=st.sampled_from([1.0, 0.25, 3.0]),
-    c_shape=st.sampled_from(["none", "row", "vector", "scalar"]),
+    c_shape=st.sampled_from(["none", "row", "vector", "scalar", "matrix", "column"]),
     before=st.booleans(),
     seed=st.integers(0, 2**16),
+)
+@example(
+    k=3,
+    n=4,
+    trans_a=True,
+    trans_b=True,
+    alpha=0.5,
+    beta=3.0,
+    c_shape="matrix",
+    before=False,
+    seed=1,
+)
+@example(
+    k=3,
+    n=4,
+    trans_a=False,
+    trans_b=False,
+    alpha=-2.0,
+    beta=0.25,
+    c_shape="column",
+    before=True,
+    seed=2,
 )
 def test_random_gemms_fold_exactly(k, n, trans_a, trans_b, alpha, beta, c_shape, before, seed):
     """BN -> Gemm or Gemm -> BN over random transA/transB/alpha/beta and C broadcasts."""
     trans_a = trans_a and not before  # a BN in front normalises the rows of A itself
     w = onnx_zoo.rand((n, k) if trans_b else (k, n), seed)
+    rows = 3 if c_shape in ("matrix", "column") else "n"  # a per-row C fixes the batch
     c = {
         "none": None,
         "row": rand_c((1, n), seed),
         "vector": rand_c((n,), seed),
         "scalar": rand_c((), seed),
+        "matrix": rand_c((3, n), seed),
+        "column": rand_c((3, 1), seed),
     }[c_shape]
     inits = [onnx_zoo._t("w", w), *onnx_zoo.bn_params("bn", k if before else n, seed)]
     gemm_in = ["a" if before else "x", "w"]
@@ -225,8 +250,8 @@ def test_random_gemms_fold_exactly(k, n, trans_a, trans_b, alpha, beta, c_shape,
         if before
         else [gemm, onnx_zoo.bn_node("bn", "g", "y")]
     )
-    x_shape = [k, "n"] if trans_a else ["n", k]
-    model = onnx_zoo.graph_model(nodes, [("x", x_shape)], [("y", ["n", n])], inits)
+    x_shape = [k, rows] if trans_a else [rows, k]
+    model = onnx_zoo.graph_model(nodes, [("x", x_shape)], [("y", [rows, n])], inits)
     folded, report = fold_onnx(model)
     assert len(report.folded) == 1 and bn_count(folded) == 0, report.format()
     check_contract(model, folded)

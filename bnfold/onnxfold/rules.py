@@ -136,8 +136,9 @@ def _target_dtype(graph: Graph, value: str) -> np.dtype:
 
 
 def _gemm_parts(graph: Graph, gemm: onnx.NodeProto):
-    """A Gemm ``alpha * A' @ B' + beta * C`` as ``(W (N, K) float64, bias (N,) float64,
-    dtype)`` or ``(None, None, reason)``; C must be one row broadcast over every row."""
+    """A Gemm ``alpha * A' @ B' + beta * C`` as ``(W (N, K) float64, bias, dtype)`` or
+    ``(None, None, reason)``. The bias is ``beta * C`` as an (N,) row, or as an (M, N)
+    matrix when C varies along the rows."""
     b, why = _const(graph, gemm.input[1], "weight B")
     if b is None:
         return None, None, why
@@ -152,11 +153,18 @@ def _gemm_parts(graph: Graph, gemm: onnx.NodeProto):
         c, why = _const(graph, gemm.input[2], "bias C")
         if c is None:
             return None, None, why
-        if c.size not in (1, n) or (c.ndim == 2 and c.shape[0] != 1) or c.ndim > 2:
-            return None, None, f"bias C of shape {list(c.shape)} varies along the rows"
-        bias = np.broadcast_to(c.astype(np.float64).reshape(-1), (n,)) * float(
-            _attr(gemm, "beta", 1.0)
-        )
+        beta = float(_attr(gemm, "beta", 1.0))
+        c = c.astype(np.float64)
+        if (
+            c.ndim > 2
+            or (c.ndim == 2 and c.shape[1] not in (1, n))
+            or (c.ndim < 2 and c.size not in (1, n))
+        ):
+            return None, None, f"bias C of shape {list(c.shape)} does not broadcast to (M, {n})"
+        if c.ndim == 2 and c.shape[0] != 1:  # one bias row per example row
+            bias = np.broadcast_to(c, (c.shape[0], n)) * beta
+        else:
+            bias = np.broadcast_to(c.reshape(-1), (n,)) * beta
     return w, bias, _target_dtype(graph, gemm.input[1])
 
 
@@ -377,13 +385,19 @@ class _LinearLike(FoldRule):
 
     def rewrite(self, graph, bn, layer):
         w, b, dtype = self.parts(graph, layer)
-        b = None if b is None else _t(b)
+        rows = b is not None and b.ndim == 2  # a Gemm C with one bias row per example row
+        vector = None if b is None or rows else _t(b)
         if self.direction == INTO_PRECEDING:
-            nw, nb = fold_bn_into_preceding(_t(w), b, *bn.stats(), dtype=F64)
+            nw, nb = fold_bn_into_preceding(_t(w), vector, *bn.stats(), dtype=F64)
             x, y = layer.input[0], bn.y
+            if rows:  # bn(C) row by row: C's transpose is scaled like a weight, plus the shift
+                ct, shift = fold_bn_into_preceding(_t(b.T), None, *bn.stats(), dtype=F64)
+                nb = ct.T + shift
         else:
-            nw, nb = fold_bn_into_following(_t(w), b, *bn.stats(), dtype=F64)
+            nw, nb = fold_bn_into_following(_t(w), vector, *bn.stats(), dtype=F64)
             x, y = bn.x, layer.output[0]
+            if rows:  # the shift pushed through W is added to every row of C
+                nb = _t(b) + nb
         two_d = self.two_d(graph, bn, layer)
         trans_a = int(_attr(layer, "transA", 0))
         new = _linear_nodes(graph, layer, x, y, nw.numpy(), nb.numpy(), dtype, two_d, trans_a)
