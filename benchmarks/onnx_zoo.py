@@ -7,7 +7,7 @@ rewriter, ONNX Runtime's own graph optimiser (basic and extended level, written 
 
 For every case and tool: BatchNormalization nodes left, and whether the tool's output still
 computes the original function (ONNX Runtime, optimisations off, seeded random inputs at
-batch 2, judged against a float64 evaluation by bnfold.rounding). A case is *handled fully*
+batch 2 and 3, judged against a float64 evaluation by bnfold.rounding). A case is *handled fully*
 when the output is right and every BN that can be folded exactly is gone. "BN folded"
 counts BatchNormalization nodes removed, in correct outputs only.
 """
@@ -121,7 +121,8 @@ def evaluate(case: onnx_zoo.ZooCase, model: onnx.ModelProto, tool) -> tuple[str,
         return f"error: {type(e).__name__}", 0, False
     left = bn_count(out)
     try:
-        result = compare(model, out, random_feeds(model), "zoo")
+        feeds = [random_feeds(model, dynamic=2), random_feeds(model, seed=1, dynamic=3)]
+        result = compare(model, out, feeds, "zoo")
     except BnfoldError as e:
         return f"error: {str(e)[:40]}", 0, False
     if not result.passed:
