@@ -730,8 +730,10 @@ def fold_batchnorm(
     running statistics (the report says so). BNs are preferably folded into the layer
     before them, otherwise into the layer after them; a BN is left alone, with the reason
     in the report, when it has no running statistics, is shared, its input feeds other
-    consumers, its channel axis is not the layer's feature axis, or the fold would not be
-    exact for another reason.
+    consumers, its channel axis is not (or, without an example input, cannot be shown to
+    be) the layer's feature axis, or the fold would not be exact for another reason. A
+    shared *layer* is copied for the call whose BN is folded; the result is then a
+    ``torch.fx.GraphModule``.
     """
     if not isinstance(model, nn.Module):
         raise BnfoldError(f"expected an nn.Module, got {type(model).__name__}")
