@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from bnfold.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from bnfold.domain import all_contexts
 from bnfold.errors import BnfoldError
 from bnfold.infer import TorchPredictor, load_predictor
 from bnfold.model import MLP, ModelConfig
 from bnfold.pipeline import fold_checkpoint
-from bnfold.verify import all_contexts, verify
+from bnfold.verify import verify
 
 
 @pytest.fixture(scope="module")
