@@ -40,8 +40,8 @@ from bnfold.pipeline import train_to_checkpoint  # noqa: E402
 from bnfold.verify import Float64Model  # noqa: E402
 from bnfold.verify_cases import FAULTS, faulty_networks, torch_fused, wider_alphabet  # noqa: E402
 
-MAX_EXHAUSTIVE = 250_000  # check every context up to this; else a seeded sample
-SAMPLE = 60_000
+MAX_EXHAUSTIVE = 100_000  # check every context up to this; else a seeded sample
+SAMPLE = 30_000
 
 # (alphabet level, block size, width, depth, steps, batch size)
 MATRIX = [
