@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from bnfold.domain import MAX_SAMPLE_SIZE
 from bnfold.errors import BnfoldError
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -202,9 +203,10 @@ def report(report_dir, as_json):
 @click.option(
     "--tolerance",
     type=click.FloatRange(min=0),
-    default=1e-5,
-    show_default=True,
-    help="Largest allowed |logit difference| between ONNX Runtime and torch.",
+    default=None,
+    help="Explicit override: largest allowed absolute |logit difference| between ONNX"
+    " Runtime and torch  [default: what float32 rounding explains, judged against the BN"
+    " network in float64]",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @clear_errors
@@ -267,9 +269,10 @@ def verify_options(fn):
         click.option(
             "--tolerance",
             type=click.FloatRange(min=0),
-            default=1e-5,
-            show_default=True,
-            help="Largest allowed absolute logit difference.",
+            default=None,
+            help="Explicit override: largest allowed absolute logit difference  [default:"
+            " what float32 rounding explains; judged against a float64 evaluation of the"
+            " BN network when one is available, else a bound from the logits' magnitude]",
         ),
         click.option(
             "--max-exhaustive",
@@ -295,12 +298,6 @@ contexts_data_option = click.option(
 )
 
 
-def explicit_tolerance(ctx: click.Context, tolerance: float) -> float | None:
-    """ONNX comparisons judge by float32 rounding unless --tolerance was given."""
-    source = ctx.get_parameter_source("tolerance")
-    return tolerance if source == click.core.ParameterSource.COMMANDLINE else None
-
-
 inputs_option = click.option(
     "--inputs",
     type=click.Path(path_type=Path),
@@ -323,9 +320,8 @@ inputs_option = click.option(
 @contexts_data_option
 @inputs_option
 @click.option("--json", "as_json", is_flag=True, help="Print the fold and verification as JSON.")
-@click.pass_context
 @clear_errors
-def fold(ctx, checkpoint, out, tolerance, max_exhaustive, data, inputs, as_json):
+def fold(checkpoint, out, tolerance, max_exhaustive, data, inputs, as_json):
     """Fold every BatchNorm of CHECKPOINT (a bnfold .pt, or any .onnx model) into its
     neighbouring layers, verify, write the result.
 
@@ -337,7 +333,7 @@ def fold(ctx, checkpoint, out, tolerance, max_exhaustive, data, inputs, as_json)
             checkpoint,
             out,
             inputs=inputs,
-            tolerance=explicit_tolerance(ctx, tolerance),
+            tolerance=tolerance,
             max_exhaustive=max_exhaustive,
         )
     else:
@@ -376,15 +372,19 @@ def fold(ctx, checkpoint, out, tolerance, max_exhaustive, data, inputs, as_json)
     help="BatchNorm checkpoint evaluated in float64 as ground truth  [default: a side that"
     " is a BN .pt, else the source a folded .pt records]",
 )
-@click.option("--sample-size", type=positive, default=1_000_000, show_default=True)
+@click.option(
+    "--sample-size",
+    type=click.IntRange(min=1, max=MAX_SAMPLE_SIZE),
+    default=1_000_000,
+    show_default=True,
+    help="Random contexts checked when the domain is too large to check them all.",
+)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @contexts_data_option
 @inputs_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.pass_context
 @clear_errors
 def verify_command(
-    ctx,
     reference,
     candidate,
     tolerance,
@@ -407,7 +407,7 @@ def verify_command(
             reference,
             candidate,
             inputs=inputs,
-            tolerance=explicit_tolerance(ctx, tolerance),
+            tolerance=tolerance,
             max_exhaustive=max_exhaustive,
             seed=seed,
         )
@@ -421,6 +421,7 @@ def verify_command(
             float64_reference=float64_reference,
             sample_size=sample_size,
             seed=seed,
+            progress=not as_json,
         )
     if as_json:
         print_json(result.to_dict())

@@ -19,7 +19,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from bnfold.domain import all_contexts
 from bnfold.errors import BnfoldError
+from bnfold.onnx_runtime import INPUT_NAME, parse_metadata
 from bnfold.rounding import RoundingVerdict, judge_outputs
 
 DYNAMIC_DIM = 2  # size given to every dynamic dimension of a random input
@@ -107,9 +109,6 @@ def npz_feeds(path: str | Path, model: onnx.ModelProto) -> dict:
 def domain_feeds(model: onnx.ModelProto, max_exhaustive: int, seed: int = 0) -> dict | None:
     """For a bnfold character model (vocabulary metadata): every context of its finite
     domain, or a seeded sample when there are more than ``max_exhaustive``; else ``None``."""
-    from bnfold.onnx_runtime import INPUT_NAME, parse_metadata
-    from bnfold.verify import all_contexts
-
     meta = {p.key: p.value for p in model.metadata_props}
     try:
         info = parse_metadata(meta, "model")
