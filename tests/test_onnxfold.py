@@ -173,7 +173,7 @@ def test_random_convolutions_fold_both_ways_exactly(cfg):
         bias=cfg["bias"],
     )
     model = nn.Sequential(BN[d](cfg["c_in"]), layer, BN[d](cfg["c_out"]))
-    size = 5 if d < 3 else 4
+    size = cfg["dilation"] * (cfg["kernel"] - 1) + 3  # room for the dilated kernel
     onnx_model = onnx_zoo.export(model, (2, cfg["c_in"], *([size] * d)), seed=cfg["seed"])
     folded, report = fold_onnx(onnx_model)
     before_folds = not cfg["transposed"] and cfg["padding"] == 0
