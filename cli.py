@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from bnfold import jsonsafe
+from bnfold.domain import MAX_SAMPLE_SIZE
 from bnfold.errors import BnfoldError, TrainingInterrupted
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -246,9 +247,10 @@ def report(report_dir, as_json):
 @click.option(
     "--tolerance",
     type=click.FloatRange(min=0),
-    default=1e-5,
-    show_default=True,
-    help="Largest allowed |logit difference| between ONNX Runtime and torch.",
+    default=None,
+    help="Explicit override: largest allowed absolute |logit difference| between ONNX"
+    " Runtime and torch  [default: what float32 rounding explains, judged against the BN"
+    " network in float64]",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @clear_errors
@@ -311,9 +313,10 @@ def verify_options(fn):
         click.option(
             "--tolerance",
             type=click.FloatRange(min=0),
-            default=1e-5,
-            show_default=True,
-            help="Largest allowed absolute logit difference.",
+            default=None,
+            help="Explicit override: largest allowed absolute logit difference  [default:"
+            " what float32 rounding explains; judged against a float64 evaluation of the"
+            " BN network when one is available, else a bound from the logits' magnitude]",
         ),
         click.option(
             "--max-exhaustive",
@@ -339,27 +342,52 @@ contexts_data_option = click.option(
 )
 
 
+inputs_option = click.option(
+    "--inputs",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="ONNX only: .npz with one array per graph input to verify on  [default: the"
+    " whole domain of a bnfold model, else seeded random inputs from the declared shapes]",
+)
+
+
 @main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
     default=None,
-    help="Folded checkpoint to write  [default: folded.pt next to CHECKPOINT]",
+    help="Folded file to write  [default: folded.pt next to CHECKPOINT; for MODEL.onnx,"
+    " MODEL.folded.onnx]",
 )
 @verify_options
 @contexts_data_option
+@inputs_option
 @click.option("--json", "as_json", is_flag=True, help="Print the fold and verification as JSON.")
 @clear_errors
-def fold(checkpoint, out, tolerance, max_exhaustive, data, as_json):
-    """Fold every BatchNorm of CHECKPOINT into its Linear, verify, write the result.
+def fold(checkpoint, out, tolerance, max_exhaustive, data, inputs, as_json):
+    """Fold every BatchNorm of CHECKPOINT (a bnfold .pt, or any .onnx model) into its
+    neighbouring layers, verify, write the result.
 
     Exit code 1 (and nothing written) when verification fails."""
-    from bnfold.pipeline import fold_checkpoint
+    from bnfold.onnxfold import fold_onnx_file, is_onnx
 
-    path, fold_report, verification = fold_checkpoint(
-        checkpoint, out, tolerance=tolerance, data_path=data, max_exhaustive=max_exhaustive
-    )
+    if is_onnx(checkpoint):
+        path, fold_report, verification = fold_onnx_file(
+            checkpoint,
+            out,
+            inputs=inputs,
+            tolerance=tolerance,
+            max_exhaustive=max_exhaustive,
+        )
+    else:
+        if inputs is not None:
+            raise BnfoldError("--inputs applies to .onnx models only")
+        from bnfold.pipeline import fold_checkpoint
+
+        path, fold_report, verification = fold_checkpoint(
+            checkpoint, out, tolerance=tolerance, data_path=data, max_exhaustive=max_exhaustive
+        )
     if as_json:
         print_json(
             {
@@ -388,9 +416,16 @@ def fold(checkpoint, out, tolerance, max_exhaustive, data, as_json):
     help="BatchNorm checkpoint evaluated in float64 as ground truth  [default: a side that"
     " is a BN .pt, else the source a folded .pt records]",
 )
-@click.option("--sample-size", type=positive, default=1_000_000, show_default=True)
+@click.option(
+    "--sample-size",
+    type=click.IntRange(min=1, max=MAX_SAMPLE_SIZE),
+    default=1_000_000,
+    show_default=True,
+    help="Random contexts checked when the domain is too large to check them all.",
+)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @contexts_data_option
+@inputs_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @clear_errors
 def verify_command(
@@ -402,22 +437,36 @@ def verify_command(
     sample_size,
     seed,
     data,
+    inputs,
     as_json,
 ):
     """Prove CANDIDATE computes the same logits as REFERENCE (.pt or .onnx) over every
-    context (or a large sample). Exit code 1 when it does not."""
+    context (or a large sample); for two ONNX models that are not both bnfold's, the same
+    outputs on the same inputs. Exit code 1 when it does not."""
+    from bnfold.onnxfold import generic_onnx_pair, verify_onnx_files
     from bnfold.verify import verify_paths
 
-    result = verify_paths(
-        reference,
-        candidate,
-        data_path=data,
-        tolerance=tolerance,
-        max_exhaustive=max_exhaustive,
-        float64_reference=float64_reference,
-        sample_size=sample_size,
-        seed=seed,
-    )
+    if generic_onnx_pair(reference, candidate):
+        result = verify_onnx_files(
+            reference,
+            candidate,
+            inputs=inputs,
+            tolerance=tolerance,
+            max_exhaustive=max_exhaustive,
+            seed=seed,
+        )
+    else:
+        result = verify_paths(
+            reference,
+            candidate,
+            data_path=data,
+            tolerance=tolerance,
+            max_exhaustive=max_exhaustive,
+            float64_reference=float64_reference,
+            sample_size=sample_size,
+            seed=seed,
+            progress=not as_json,
+        )
     if as_json:
         print_json(result.to_dict())
     else:

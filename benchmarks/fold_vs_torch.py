@@ -29,10 +29,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bnfold.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
+from bnfold.domain import all_contexts  # noqa: E402
 from bnfold.fold import fold_batchnorm  # noqa: E402
 from bnfold.infer import TorchPredictor  # noqa: E402
 from bnfold.model import MLP  # noqa: E402
-from bnfold.verify import all_contexts, verify  # noqa: E402
+from bnfold.verify import verify  # noqa: E402
 
 
 def torch_fused(model: MLP) -> MLP:

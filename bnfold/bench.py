@@ -38,6 +38,8 @@ import numpy as np
 
 from bnfold.errors import BnfoldError
 from bnfold.infer import Predictor
+from bnfold.networks import percentiles_us, single_latency
+from bnfold.pipeline import train_to_checkpoint
 
 NETS = ("torch BN", "torch folded", "ONNX BN", "ONNX folded")
 BATCH = 1024
@@ -71,8 +73,6 @@ def load_networks(models_dir: str | Path, work_dir: Path, progress: bool = False
     notes: list[str] = []
     bn_path = models / "bn.pt"
     if not bn_path.is_file():
-        from bnfold.pipeline import train_to_checkpoint
-
         _log(progress, f"no {bn_path}: training a quick model ({QUICK_STEPS} steps)...")
         bn_path, _ = train_to_checkpoint(
             REPO / "data" / "names.txt", work_dir, steps=QUICK_STEPS, progress=False
@@ -148,46 +148,6 @@ class PlainOrtRun(Predictor):
         return self.session.run(None, {self.input_name: contexts})[0]
 
 
-def _percentiles(ns: np.ndarray) -> dict:
-    us = ns / 1e3
-    return {
-        "p50": round(float(np.percentile(us, 50)), 2),
-        "p99": round(float(np.percentile(us, 99)), 2),
-        "mean": round(float(us.mean()), 2),
-        "n": int(len(us)),
-    }
-
-
-def single_latency(nets: dict[str, Predictor], repeats: int, rounds: int = 10) -> dict:
-    """p50/p99/mean microseconds of ``logits`` on one context, interleaved in rounds."""
-    any_net = next(iter(nets.values()))
-    V, T = any_net.vocab.size, any_net.block_size
-    rng = np.random.default_rng(0)
-    ctxs = [c.reshape(1, T) for c in rng.integers(0, V, size=(256, T), dtype=np.int64)]
-    per_round = max(1, repeats // rounds)
-    times = {k: np.empty(per_round * rounds, np.int64) for k in nets}
-    clock = time.perf_counter_ns
-    for net in nets.values():  # warm up every session / allocator
-        for c in ctxs:
-            net.logits(c)
-    gc_was = gc.isenabled()
-    gc.disable()
-    try:
-        for r in range(rounds):
-            for name, net in nets.items():
-                f, buf = net.logits, times[name]
-                base = r * per_round
-                for i in range(per_round):
-                    c = ctxs[i & 255]
-                    t0 = clock()
-                    f(c)
-                    buf[base + i] = clock() - t0
-    finally:
-        if gc_was:
-            gc.enable()
-    return {k: _percentiles(v) for k, v in times.items()}
-
-
 def probs_latency(nets: dict[str, Predictor], repeats: int, prefix: str = "em") -> dict:
     """p50/p99 of the public single-example call ``next_char_probs(prefix)`` (context
     encoding + forward pass + float64 softmax), per network."""
@@ -208,7 +168,7 @@ def probs_latency(nets: dict[str, Predictor], repeats: int, prefix: str = "em") 
         finally:
             if gc_was:
                 gc.enable()
-        out[name] = _percentiles(buf)
+        out[name] = percentiles_us(buf)
     return out
 
 
@@ -547,120 +507,3 @@ def format_bench(r: dict) -> str:
 
 
 # ----------------------------------------------------------- the four networks, side by side
-
-
-def compare_networks(
-    nets: dict[str, Predictor],
-    float64_model=None,
-    *,
-    max_exhaustive: int = 4_000_000,
-    sample_size: int = 200_000,
-    seed: int = 0,
-    chunk: int = 32_768,
-) -> dict:
-    """Every network's logits on the whole input domain (or a seeded sample when it is
-    larger than ``max_exhaustive``): pairwise max |logit difference|, argmax agreement with
-    the first network, and each network's max error against ``float64_model`` (an object
-    with ``logits``, e.g. :class:`bnfold.verify.Float64Model`) when given."""
-    from bnfold.verify import all_contexts
-
-    names = list(nets)
-    first = nets[names[0]]
-    V, T = first.vocab.size, first.block_size
-    for k, p in nets.items():
-        if p.vocab.chars != first.vocab.chars or p.block_size != T:
-            raise BnfoldError(f"{k} ({p.path}) is not comparable with {first.path}")
-    domain = V**T
-    if domain <= max_exhaustive:
-        coverage = f"all {V}^{T} = {domain:,} contexts"
-        blocks = (all_contexts(V, T, s, s + chunk) for s in range(0, domain, chunk))
-    else:
-        coverage = f"{sample_size:,} random contexts (seed {seed}) of {domain:,}"
-        rng = np.random.default_rng(seed)
-        blocks = (
-            rng.integers(0, V, size=(min(chunk, sample_size - s), T))
-            for s in range(0, sample_size, chunk)
-        )
-    pair = {a: dict.fromkeys(names, 0.0) for a in names}
-    f64 = dict.fromkeys(names, 0.0)
-    disagree = dict.fromkeys(names, 0)
-    n = 0
-    for ctx in blocks:
-        z = {k: p.logits(ctx).astype(np.float64) for k, p in nets.items()}
-        top = z[names[0]].argmax(1)
-        for i, a in enumerate(names):
-            disagree[a] += int((z[a].argmax(1) != top).sum())
-            for b in names[i + 1 :]:
-                d = float(np.abs(z[a] - z[b]).max())
-                pair[a][b] = pair[b][a] = max(pair[a][b], d)
-        if float64_model is not None:
-            ref = float64_model.logits(ctx)
-            for a in names:
-                f64[a] = max(f64[a], float(np.abs(z[a] - ref).max()))
-        n += len(ctx)
-    return {
-        "coverage": coverage,
-        "contexts": n,
-        "pairwise_max_abs_logit_diff": pair,
-        "argmax_agreement_with": {
-            "network": names[0],
-            **{a: 1 - disagree[a] / n for a in names},
-        },
-        "max_abs_logit_error_vs_float64": f64 if float64_model is not None else None,
-    }
-
-
-def four_networks(
-    bn_pt: str | Path,
-    folded_pt: str | Path,
-    bn_onnx: str | Path,
-    folded_onnx: str | Path,
-    latency_repeats: int = 1_000,
-) -> dict:
-    """torch BN, torch folded, ONNX BN and ONNX folded (the files ``train-fold`` wrote)
-    against each other: logits over the whole domain and single-example latency."""
-    import torch
-
-    from bnfold.infer import TorchPredictor
-    from bnfold.onnx_runtime import OnnxPredictor
-    from bnfold.verify import Float64Model
-
-    bn = TorchPredictor(bn_pt)
-    nets: dict[str, Predictor] = {
-        "torch BN": bn,
-        "torch folded": TorchPredictor(folded_pt),
-        "ONNX BN": OnnxPredictor(bn_onnx),
-        "ONNX folded": OnnxPredictor(folded_onnx),
-    }
-    result = compare_networks(nets, Float64Model(bn.checkpoint, str(bn_pt)))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result["latency_us"] = single_latency(nets, latency_repeats, rounds=4)
-    finally:
-        torch.set_num_threads(threads)
-    result["files"] = {k: str(p.path) for k, p in nets.items()}
-    return result
-
-
-def format_four_networks(r: dict) -> str:
-    pair, lat = r["pairwise_max_abs_logit_diff"], r["latency_us"]
-    f64 = r["max_abs_logit_error_vs_float64"] or {}
-    agree = r["argmax_agreement_with"]
-    names = list(pair)
-    head = f"{'':14s}" + "".join(f"{n:>14s}" for n in names)
-    lines = [
-        f"the four networks: max |logit difference| over {r['coverage']}",
-        head + f"{'vs float64':>12s}{'argmax=BN':>11s}{'p50 us':>9s}{'p99 us':>9s}",
-    ]
-    for a in names:
-        cells = "".join(f"{'-' if a == b else format(pair[a][b], '.1e'):>14s}" for b in names)
-        lines.append(
-            f"{a:14s}{cells}{format(f64.get(a, float('nan')), '.1e'):>12s}"
-            f"{agree[a]:>10.3%} {lat[a]['p50']:8.1f} {lat[a]['p99']:8.1f}"
-        )
-    lines.append(
-        f"single example, 1 thread ({lat[names[0]]['n']:,} calls each; `bnfold bench` for"
-        " the full benchmark)"
-    )
-    return "\n".join(lines)

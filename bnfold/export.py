@@ -36,6 +36,7 @@ from torch import nn
 from bnfold import __version__
 from bnfold.checkpoint import Checkpoint, load_checkpoint
 from bnfold.data import END, Vocab, file_sha256
+from bnfold.domain import all_contexts, compare_over_domain, plan_domain
 from bnfold.errors import BnfoldError
 from bnfold.files import atomic_write, check_output_file
 from bnfold.model import MLP
@@ -57,6 +58,12 @@ VERIFY_KEYS = (
     "reference_vs_float64",
     "candidate_vs_float64",
     "tolerance",
+    "criterion",
+    "bound",
+    "margin",
+    "near_ties",
+    "flips",
+    "reason",
     "passed",
 )
 
@@ -231,6 +238,7 @@ class ExportResult:
             verdict = "ok" if v["passed"] else "FAILED"
             lines.append(
                 f"  {label:36s} max |logit diff| {v['max_abs_logit_error']:.3g}"
+                f" ({v['criterion']} bound {v['bound']:.2g}, error/bound {v['margin']:.2g})"
                 f"  argmax agree {v['argmax_agreement']:.4%}  [{verdict}]"
             )
         if self.verification:
@@ -262,10 +270,9 @@ def export_checkpoint(
     """
     from bnfold.fold import fold_batchnorm
     from bnfold.infer import TorchPredictor
-    from bnfold.verify import DEFAULT_TOLERANCE, verify
+    from bnfold.verify import Float64Model, report_from_pair
 
     t0 = time.perf_counter()
-    tol = DEFAULT_TOLERANCE if tolerance is None else tolerance
     src = Path(checkpoint)
     ckpt = load_checkpoint(src)
     src_sha = file_sha256(src)
@@ -300,9 +307,10 @@ def export_checkpoint(
     verification: dict[str, dict] = {}
     per_file: dict[str, dict] = {}
     outputs: dict[str, np.ndarray] = {}
-    f64 = ckpt if ckpt.config.batchnorm else None  # float64 ground truth for every pair
     probe = _probe_contexts(ckpt.vocab.size, ckpt.config.block_size)
     meta: dict[str, dict[str, str]] = {}
+    nets: dict[str, object] = {}
+    pairs: list[tuple[str, str]] = []  # (torch reference, ONNX candidate)
     for kind, ref in torch_nets.items():
         proto = build_graph(ref.model, name=f"bnfold_{kind}")
         meta[kind] = metadata(
@@ -316,27 +324,35 @@ def export_checkpoint(
         set_metadata(proto, meta[kind])
         check_model(proto, f"{kind}.onnx")
         onnx_pred = OnnxPredictor(f"{kind}.onnx (ORT)", model_bytes=proto.SerializeToString())
-        figures = {}
-        pairs = [(ref, "torch_same")]
+        nets[f"torch {kind}"], nets[f"onnx {kind}"] = ref, onnx_pred
+        pairs.append((f"torch {kind}", f"onnx {kind}"))
         if kind == "folded" and "bn" in torch_nets:
-            pairs.append((torch_nets["bn"], "torch_bn"))
-        for i, (reference, key) in enumerate(pairs):  # float64 error: once per file
-            rep = verify(
-                reference, onnx_pred, tolerance=tol, float64_reference=f64, use_float64=i == 0
-            )
-            figures[key] = _figures(rep)
-            verification[f"{rep.candidate} vs {rep.reference}"] = figures[key]
-        per_file[kind] = figures
+            pairs.append(("torch bn", "onnx folded"))
         protos[kind] = proto
         outputs[kind] = onnx_pred.logits(probe)
+    # one walk over the domain for every pair; the float64 BN network is the truth
+    f64 = Float64Model(ckpt, str(src)) if ckpt.config.batchnorm else None
+    plan = plan_domain(ckpt.vocab.size, ckpt.config.block_size)
+    comparison = compare_over_domain(
+        nets, pairs, plan, float64_logits=f64.logits if f64 else None, tolerance=tolerance
+    )
+    for a, b in pairs:
+        rep = report_from_pair(
+            comparison.pairs[(a, b)],
+            plan,
+            reference=str(nets[a].path),
+            candidate=str(nets[b].path),
+            float64_source=f64.source if f64 else None,
+            seconds=comparison.seconds,
+        )
+        key = "torch_same" if a.split()[1] == b.split()[1] else "torch_bn"
+        per_file.setdefault(b.split()[1], {})[key] = _figures(rep)
+        verification[f"{rep.candidate} vs {rep.reference}"] = _figures(rep)
     failed = [k for k, v in verification.items() if not v["passed"]]
     if failed:
         raise BnfoldError(
             "ONNX export does not match torch (nothing written): "
-            + "; ".join(
-                f"{k}: max |logit diff| {verification[k]['max_abs_logit_error']:.3g} > {tol:g}"
-                for k in failed
-            )
+            + "; ".join(f"{k}: {verification[k]['reason']}" for k in failed)
         )
 
     paths: dict[str, Path] = {}
@@ -368,8 +384,6 @@ def export_checkpoint(
 def _probe_contexts(vocab_size: int, block_size: int, n: int = 4096) -> np.ndarray:
     """A fixed set of contexts for the read-back check (the first ``n`` of the domain plus
     seeded random ones)."""
-    from bnfold.verify import all_contexts
-
     first = all_contexts(vocab_size, block_size, 0, n // 2)
     rng = np.random.default_rng(0)
     return np.concatenate([first, rng.integers(0, vocab_size, size=(n // 2, block_size))])

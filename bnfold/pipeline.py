@@ -10,6 +10,7 @@ from bnfold.data import load_dataset
 from bnfold.errors import TrainingInterrupted
 from bnfold.files import check_output_dir, check_output_file
 from bnfold.model import ModelConfig
+from bnfold.networks import format_four_networks, four_networks
 from bnfold.train import TrainConfig, train, train_config_dict
 
 # where `train-fold` saves the partial model of a run stopped by Ctrl-C
@@ -118,7 +119,7 @@ def fold_checkpoint(
     from bnfold.fold import fold_batchnorm
     from bnfold.infer import TorchPredictor
     from bnfold.model import MLP
-    from bnfold.verify import DEFAULT_MAX_EXHAUSTIVE, DEFAULT_TOLERANCE, split_contexts, verify
+    from bnfold.verify import DEFAULT_MAX_EXHAUSTIVE, split_contexts, verify
 
     bn_path = Path(bn_path)
     src = load_checkpoint(bn_path)
@@ -146,7 +147,7 @@ def fold_checkpoint(
     vr = verify(
         TorchPredictor(src, str(bn_path)),
         TorchPredictor(ckpt, str(out)),
-        tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance,
+        tolerance=tolerance,
         **verify_options,  # the float64 ground truth is the BN side: found automatically
     )
     ckpt.meta["fold_report"] = report.to_dict()
@@ -212,7 +213,8 @@ def fold_stage_rows(path: Path | None, fold_report, verification) -> list[dict]:
             "status": "PASS" if v.passed else "FAIL",
             "details": f"{v.contexts_checked:,} contexts"
             f" ({'exhaustive' if v.exhaustive else 'sampled'}): max |dlogit|"
-            f" {v.max_abs_logit_error:.1e} (tol {v.tolerance:.0e}), argmax"
+            f" {v.max_abs_logit_error:.1e}, {v.criterion} bound {v.bound:.1e}"
+            f" (error/bound {v.margin:.2g}), argmax"
             f" {v.argmax_agreement:.4%}{f64}, {v.seconds:.2f} s",
             "output": "",
         },
@@ -248,8 +250,6 @@ class MainJobResult:
         }
 
     def format(self) -> str:
-        from bnfold.bench import format_four_networks
-
         text = format_stage_table(self.rows)
         if self.networks:
             text += "\n\n" + format_four_networks(self.networks)
@@ -270,7 +270,6 @@ def run_main_job(
     ``out_dir/report``). Stops after verification when it fails: nothing unverified is
     exported. ``command`` is recorded in the model card so the run can be repeated.
     """
-    from bnfold.bench import four_networks
     from bnfold.export import export_checkpoint
 
     out_dir = Path(out_dir)
@@ -346,8 +345,9 @@ def write_model_card(out_dir: Path, job: MainJobResult, command: str, seed: int)
         f"- contexts checked: {v.contexts_checked:,}"
         f" ({'every possible context' if v.exhaustive else 'a seeded sample'})",
         f"- max / mean |logit difference|: {v.max_abs_logit_error:.2e} /"
-        f" {v.mean_abs_logit_error:.2e} (tolerance {v.tolerance:.0e}): "
-        f"{'PASS' if v.passed else 'FAIL'}",
+        f" {v.mean_abs_logit_error:.2e}",
+        f"- verdict ({v.criterion} criterion, bound {v.bound:.2e}, error/bound"
+        f" {v.margin:.2g}): {'PASS' if v.passed else 'FAIL'}",
         f"- max |probability difference|: {v.max_abs_prob_error:.2e}",
         f"- argmax agreement: {v.argmax_agreement:.4%}",
     ]

@@ -6,6 +6,7 @@ through ``pyplot``: no GUI backend, no global figure state, safe in servers and 
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -19,8 +20,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from torch import nn  # noqa: E402
 
+from bnfold.domain import plan_domain  # noqa: E402
 from bnfold.errors import BnfoldError  # noqa: E402
 from bnfold.files import atomic_write  # noqa: E402
+from bnfold.rounding import judge_outputs  # noqa: E402
 
 DPI = 100
 MAX_DOMAIN = 300_000  # enumerate every context up to this many; sample beyond
@@ -233,15 +236,13 @@ def training_figures(report: dict, out: Path) -> list[dict]:
 
 def input_domain(vocab_size: int, block_size: int, seed: int = 0) -> tuple[torch.Tensor, str]:
     """Every possible context (vocab ** block_size of them) if that is at most
-    ``MAX_DOMAIN``; otherwise ``SAMPLE`` uniformly random ones (seeded)."""
-    total = vocab_size**block_size
-    if total <= MAX_DOMAIN:
-        idx = torch.arange(total)
-        digits = [(idx // vocab_size**k) % vocab_size for k in reversed(range(block_size))]
-        return torch.stack(digits, 1), f"all {total:,} contexts"
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, vocab_size, (SAMPLE, block_size), generator=gen)
-    return x, f"{SAMPLE:,} random of {total:.2e} contexts"
+    ``MAX_DOMAIN``; otherwise ``SAMPLE`` uniformly random ones (seeded): the plan of
+    :func:`bnfold.domain.plan_domain`, held at once (the figure needs all of them)."""
+    plan = plan_domain(
+        vocab_size, block_size, max_exhaustive=MAX_DOMAIN, sample_size=SAMPLE, seed=seed
+    )
+    x = np.concatenate(list(plan.chunks())) if plan.total else np.zeros((0, block_size))
+    return torch.from_numpy(x.astype(np.int64)), plan.coverage
 
 
 @torch.no_grad()
@@ -271,12 +272,19 @@ def fold_comparison_stats(bn_model: nn.Module, folded: nn.Module):
     if len(pb) != len(pf) or any(a.shape != b.shape for a, b in zip(pb, pf, strict=True)):
         raise BnfoldError("BN and folded models have different layer shapes")
     diffs = [(b - a).abs().max().item() for a, b in zip(pb, pf, strict=True)]
+    # the verdict is the one bnfold.rounding gives everywhere: against the BN network
+    # evaluated in float64
+    truth = copy.deepcopy(bn_model).double().eval()
+    with torch.no_grad():
+        z = truth(x).numpy()
+    verdict = judge_outputs(pb[-1].numpy(), pf[-1].numpy(), z)
     stats = {
         "contexts": len(x),
         "domain": domain,
         "max_abs_logit_diff": diffs[-1],
         "max_abs_preactivation_diff": diffs[:-1],
         "argmax_agreement": (pb[-1].argmax(1) == pf[-1].argmax(1)).float().mean().item(),
+        "verdict": verdict.to_dict(),
     }
     return stats, pb, pf
 
@@ -302,6 +310,10 @@ def fold_comparison_figure(bn_model: nn.Module, folded: nn.Module, out: Path):
     ax.plot([], [], " ", label=f"max {stats['max_abs_logit_diff']:.1e}")
     ax.plot([], [], " ", label=f"exactly equal: {zeros:,} of {d.size:,} logits")
     ax.plot([], [], " ", label=f"same argmax: {100 * stats['argmax_agreement']:.2f}%")
+    v = stats["verdict"]
+    ax.plot(
+        [], [], " ", label=f"{'PASS' if v['passed'] else 'FAIL'}: error/bound {v['margin']:.2g}"
+    )
     ax.legend(fontsize=8, handlelength=0)
     diffs = [*stats["max_abs_preactivation_diff"], stats["max_abs_logit_diff"]]
     for k in range(n):
@@ -326,5 +338,6 @@ def fold_comparison_figure(bn_model: nn.Module, folded: nn.Module, out: Path):
         f"BN vs folded network over {stats['domain']}: max |logit difference|"
         f" {stats['max_abs_logit_diff']:.1e}; worst folded-Linear vs Linear+BN pre-activation"
         f" difference {max(stats['max_abs_preactivation_diff'], default=0.0):.1e}."
+        f" Verdict: {stats['verdict']['reason']}."
     )
     return stats, {"file": "fold_comparison.png", "caption": caption}

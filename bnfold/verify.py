@@ -20,7 +20,6 @@ report says none was available.
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,15 +27,27 @@ import numpy as np
 import torch
 
 from bnfold.checkpoint import Checkpoint, load_checkpoint
-from bnfold.data import file_sha256
+from bnfold.data import file_sha256, load_dataset
+from bnfold.domain import (
+    DEFAULT_CHUNK,
+    DEFAULT_MAX_EXHAUSTIVE,
+    DEFAULT_SAMPLE_SIZE,
+    DomainPlan,
+    PairStats,
+    compare_over_domain,
+    plan_domain,
+)
 from bnfold.errors import BnfoldError
 from bnfold.infer import Predictor, TorchPredictor, load_predictor
 
-DEFAULT_TOLERANCE = 1e-5
 DEFAULT_REL_FLOOR = 1.0
-DEFAULT_MAX_EXHAUSTIVE = 4_000_000
-DEFAULT_SAMPLE_SIZE = 1_000_000
-DEFAULT_CHUNK = 32_768
+
+
+CRITERION_TEXT = {
+    "float64": "float64 truth: error within a small multiple of the reference's own float32 error",
+    "magnitude": "no float64 truth: difference within a bound from the logits' magnitude",
+    "absolute": "explicit --tolerance on |logit difference|",
+}
 
 
 class Float64Model:
@@ -73,6 +84,8 @@ class VerifyReport:
     max_abs_prob_error: float
     argmax_agreement: float  # fraction of contexts with the same top-1 token
     argmax_disagreements: int
+    near_ties: int  # disagreements inside the rounding bound (allowed)
+    flips: int  # disagreements outside it (fail)
     min_top2_gap: float  # smallest top-1 minus top-2 logit of the reference
     min_top2_gap_context: list[int]
     worst_context: list[int]  # a context with the largest logit error
@@ -80,7 +93,11 @@ class VerifyReport:
     reference_vs_float64: float | None  # max |logit - float64 logit|
     candidate_vs_float64: float | None
     nonfinite: int  # contexts where either model produced NaN/inf
-    tolerance: float
+    tolerance: float | None  # explicit absolute override, or None (rounding criterion)
+    criterion: str  # "float64", "magnitude" or "absolute" (see bnfold.rounding)
+    bound: float  # the largest allowed |logit error| that applied
+    margin: float  # error / bound (<= 1 passes)
+    reason: str  # one line: why it passed or failed
     passed: bool
     seconds: float
 
@@ -96,12 +113,15 @@ class VerifyReport:
         lines = [
             f"verification {verdict}: {self.candidate} vs {self.reference}",
             f"  checked    {self.coverage}",
-            f"  logits     max |diff| {self.max_abs_logit_error:.3g}  (tolerance"
-            f" {self.tolerance:.3g})  mean {self.mean_abs_logit_error:.3g}  max rel"
+            f"  verdict    {self.reason}",
+            f"  criterion  {CRITERION_TEXT[self.criterion]}",
+            f"  logits     max |diff| {self.max_abs_logit_error:.3g}"
+            f"  mean {self.mean_abs_logit_error:.3g}  max rel"
             f" {self.max_rel_logit_error:.3g} (floor {self.rel_floor:g})",
             f"  probs      max |diff| {self.max_abs_prob_error:.3g}",
             f"  argmax     {self.argmax_agreement:.6%} agree"
-            f" ({self.argmax_disagreements:,} disagreements); smallest top-1/top-2 gap"
+            f" ({self.argmax_disagreements:,} disagreements: {self.near_ties:,} near-ties,"
+            f" {self.flips:,} flips); smallest top-1/top-2 gap"
             f" {self.min_top2_gap:.3g}",
         ]
         if self.float64_reference is not None:
@@ -118,18 +138,6 @@ class VerifyReport:
             lines.append(f"  NON-FINITE outputs on {self.nonfinite:,} contexts")
         lines.append(f"  took {self.seconds:.2f} s")
         return "\n".join(lines)
-
-
-def all_contexts(vocab_size: int, block_size: int, start: int = 0, stop: int | None = None):
-    """Contexts number ``start..stop`` of the domain, in lexicographic order, (n, T) int64."""
-    total = vocab_size**block_size
-    stop = total if stop is None else min(stop, total)
-    idx = np.arange(start, stop, dtype=np.int64)
-    cols = []
-    for _ in range(block_size):
-        cols.append(idx % vocab_size)
-        idx = idx // vocab_size
-    return np.stack(cols[::-1], axis=1) if cols else np.zeros((stop - start, 0), np.int64)
 
 
 def _as_predictor(x: Predictor | str | Path) -> Predictor:
@@ -162,23 +170,11 @@ def resolve_float64(
     return None
 
 
-def _softmax64(z: np.ndarray) -> np.ndarray:
-    z = z.astype(np.float64)
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def _nanmax_abs(d: np.ndarray) -> float:
-    return float(np.nan_to_num(np.abs(d), nan=np.inf).max())
-
-
 def split_contexts(
     data_path: str | Path, block_size: int, expected_sha256: str | None = None
 ) -> np.ndarray | None:
     """Every dev and test context of a words file, or ``None`` when the file is missing or
     is not the one the model was trained on (sha256 differs)."""
-    from bnfold.data import load_dataset
-
     p = Path(data_path)
     if not p.is_file() or (expected_sha256 and file_sha256(p) != expected_sha256):
         return None
@@ -199,7 +195,7 @@ def verify(
     reference: Predictor | str | Path,
     candidate: Predictor | str | Path,
     *,
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: float | None = None,
     rel_floor: float = DEFAULT_REL_FLOOR,
     max_exhaustive: int = DEFAULT_MAX_EXHAUSTIVE,
     sample_size: int = DEFAULT_SAMPLE_SIZE,
@@ -210,12 +206,18 @@ def verify(
     use_float64: bool = True,
     chunk_size: int = DEFAULT_CHUNK,
     threads: int | None = 1,
+    progress: bool = False,
 ) -> VerifyReport:
     """Compare ``candidate`` with ``reference`` over the whole input domain (or a sample).
 
+    The verdict is :mod:`bnfold.rounding`'s: with a float64 truth, the candidate may be off
+    the truth by at most what the reference's own float32 error explains; without one, by
+    a bound derived from the logits' magnitude.
+
     Args:
         reference, candidate: predictors or paths (``.pt`` / ``.onnx``).
-        tolerance: largest allowed absolute logit difference (the verdict).
+        tolerance: explicit absolute override: largest allowed |logit difference|
+            (criterion "absolute"); ``None`` (default) uses the float32 rounding criterion.
         rel_floor: relative error is ``|diff| / max(|reference logit|, rel_floor)``.
         max_exhaustive: check every context when the domain has at most this many.
         sample_size, seed: otherwise check this many uniform random contexts (seeded)...
@@ -227,146 +229,93 @@ def verify(
         threads: torch intra-op threads while verifying (restored afterwards). One thread
             is the default: on a shared 2-core CPU it is ~2x faster than two and makes the
             torch side's float32 reduction order fixed. ``None`` leaves the setting alone.
+        progress: print progress and the time left to stderr on long (sampled) runs.
     """
+    if tolerance is not None and not tolerance >= 0:
+        raise BnfoldError(f"tolerance must be >= 0, got {tolerance}")
+    if not rel_floor > 0:
+        raise BnfoldError(f"rel_floor must be > 0, got {rel_floor}")
+    ref, cand = _as_predictor(reference), _as_predictor(candidate)
+    f64 = resolve_float64(ref, cand, float64_reference) if use_float64 else None
+    _check_same_family(ref, cand, f64)
+    plan = plan_domain(
+        ref.vocab.size,
+        ref.block_size,
+        max_exhaustive=max_exhaustive,
+        sample_size=sample_size,
+        seed=seed,
+        extra=extra_contexts,
+        extra_label=extra_label,
+    )
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _verify(
-            reference,
-            candidate,
+        comparison = compare_over_domain(
+            {"reference": ref, "candidate": cand},
+            [("reference", "candidate")],
+            plan,
+            float64_logits=f64.logits if f64 else None,
             tolerance=tolerance,
             rel_floor=rel_floor,
-            max_exhaustive=max_exhaustive,
-            sample_size=sample_size,
-            seed=seed,
-            extra_contexts=extra_contexts,
-            extra_label=extra_label,
-            float64_reference=float64_reference,
-            use_float64=use_float64,
             chunk_size=chunk_size,
+            progress=progress,
+            label="verify",
         )
     finally:
         torch.set_num_threads(before)
-
-
-def _verify(
-    reference,
-    candidate,
-    *,
-    tolerance,
-    rel_floor,
-    max_exhaustive,
-    sample_size,
-    seed,
-    extra_contexts,
-    extra_label,
-    float64_reference,
-    use_float64,
-    chunk_size,
-) -> VerifyReport:
-    if not tolerance >= 0:
-        raise BnfoldError(f"tolerance must be >= 0, got {tolerance}")
-    if not rel_floor > 0:
-        raise BnfoldError(f"rel_floor must be > 0, got {rel_floor}")
-    t0 = time.perf_counter()
-    ref, cand = _as_predictor(reference), _as_predictor(candidate)
-    f64 = resolve_float64(ref, cand, float64_reference) if use_float64 else None
-    _check_same_family(ref, cand, f64)
-    V, T = ref.vocab.size, ref.block_size
-    domain = V**T
-    exhaustive = domain <= max_exhaustive
-    if exhaustive:
-        n_total = domain
-        coverage = f"all {V}^{T} = {domain:,} contexts (exhaustive)"
-
-        def chunks():
-            for s in range(0, domain, chunk_size):
-                yield all_contexts(V, T, s, s + chunk_size)
-    else:
-        rng = np.random.default_rng(seed)
-        extra = (
-            np.zeros((0, T), np.int64)
-            if extra_contexts is None
-            else np.asarray(extra_contexts, dtype=np.int64).reshape(-1, T)
-        )
-        n_total = sample_size + len(extra)
-        coverage = (
-            f"{sample_size:,} uniform random contexts (seed {seed}) of {domain:,}"
-            + (f" + all {len(extra):,} {extra_label} contexts" if len(extra) else "")
-            + " (sampled, not exhaustive)"
-        )
-
-        def chunks():
-            for s in range(0, sample_size, chunk_size):
-                yield rng.integers(0, V, size=(min(chunk_size, sample_size - s), T))
-            for s in range(0, len(extra), chunk_size):
-                yield extra[s : s + chunk_size]
-
-    max_abs = sum_abs = max_rel = max_prob = 0.0
-    disagree = nonfinite = n = 0
-    min_gap, gap_ctx, worst_ctx = np.inf, [], []
-    ref64_err = cand64_err = 0.0
-    for ctx in chunks():
-        if len(ctx) == 0:
-            continue
-        a = np.asarray(ref.logits(ctx), dtype=np.float32)
-        b = np.asarray(cand.logits(ctx), dtype=np.float32)
-        if a.shape != (len(ctx), V) or b.shape != a.shape:
-            raise BnfoldError(
-                f"model output shapes {a.shape} and {b.shape} differ from ({len(ctx)}, {V})"
-            )
-        bad = ~(np.isfinite(a).all(1) & np.isfinite(b).all(1))
-        nonfinite += int(bad.sum())
-        diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
-        diff[bad] = np.inf
-        row_max = diff.max(1)
-        i = int(row_max.argmax())
-        if row_max[i] > max_abs or not worst_ctx:
-            max_abs, worst_ctx = float(row_max[i]), ctx[i].tolist()
-        sum_abs += float(diff.sum())
-        max_rel = max(max_rel, float((diff / np.maximum(np.abs(a), rel_floor)).max()))
-        with np.errstate(invalid="ignore", over="ignore"):
-            pdiff = np.abs(_softmax64(a) - _softmax64(b))
-        max_prob = max(max_prob, float(np.nan_to_num(pdiff, nan=np.inf).max()))
-        disagree += int((a.argmax(1) != b.argmax(1)).sum())
-        top2 = np.partition(a, V - 2, axis=1)[:, V - 2 :]
-        gaps = top2[:, 1].astype(np.float64) - top2[:, 0]
-        j = int(gaps.argmin())
-        if gaps[j] < min_gap:
-            min_gap, gap_ctx = float(gaps[j]), ctx[j].tolist()
-        if f64 is not None:
-            z = f64.logits(ctx)
-            ref64_err = max(ref64_err, _nanmax_abs(a - z))
-            cand64_err = max(cand64_err, _nanmax_abs(b - z))
-        n += len(ctx)
-    if n != n_total:  # defensive: the chunking above must cover everything it claims
-        raise BnfoldError(f"internal error: checked {n} contexts, expected {n_total}")
-    passed = bool(nonfinite == 0 and max_abs <= tolerance)
-    return VerifyReport(
+    return report_from_pair(
+        comparison.pairs[("reference", "candidate")],
+        plan,
         reference=_label(ref),
         candidate=_label(cand),
-        domain_size=domain,
+        float64_source=f64.source if f64 else None,
+        seconds=comparison.seconds,
+    )
+
+
+def report_from_pair(
+    s: PairStats,
+    plan: DomainPlan,
+    *,
+    reference: str,
+    candidate: str,
+    float64_source: str | None,
+    seconds: float,
+) -> VerifyReport:
+    """The :class:`VerifyReport` of one pair a :func:`compare_over_domain` walk judged."""
+    v = s.verdict()
+    n, V = s.n, plan.vocab_size
+    return VerifyReport(
+        reference=reference,
+        candidate=candidate,
+        domain_size=plan.domain_size,
         contexts_checked=n,
-        exhaustive=exhaustive,
-        coverage=coverage,
-        max_abs_logit_error=max_abs,
-        mean_abs_logit_error=sum_abs / (n * V) if n else 0.0,
-        max_rel_logit_error=max_rel,
-        rel_floor=rel_floor,
-        max_abs_prob_error=max_prob,
-        argmax_agreement=1 - disagree / n if n else 1.0,
-        argmax_disagreements=disagree,
-        min_top2_gap=float(min_gap),
-        min_top2_gap_context=gap_ctx,
-        worst_context=worst_ctx,
-        float64_reference=f64.source if f64 else None,
-        reference_vs_float64=ref64_err if f64 else None,
-        candidate_vs_float64=cand64_err if f64 else None,
-        nonfinite=nonfinite,
-        tolerance=tolerance,
-        passed=passed,
-        seconds=round(time.perf_counter() - t0, 4),
+        exhaustive=plan.exhaustive,
+        coverage=plan.coverage,
+        max_abs_logit_error=s.max_abs,
+        mean_abs_logit_error=s.sum_abs / (n * V) if n else 0.0,
+        max_rel_logit_error=s.max_rel,
+        rel_floor=s.rel_floor,
+        max_abs_prob_error=s.max_prob,
+        argmax_agreement=1 - s.disagree / n if n else 1.0,
+        argmax_disagreements=s.disagree,
+        near_ties=v.near_ties,
+        flips=v.flips,
+        min_top2_gap=float(s.min_gap),
+        min_top2_gap_context=s.gap_ctx,
+        worst_context=s.worst_ctx,
+        float64_reference=float64_source,
+        reference_vs_float64=v.reference_error if float64_source else None,
+        candidate_vs_float64=v.candidate_error if float64_source else None,
+        nonfinite=s.nonfinite,
+        tolerance=s.rounding.tolerance,
+        criterion=v.criterion,
+        bound=v.bound,
+        margin=v.margin,
+        reason=v.reason,
+        passed=v.passed,
+        seconds=seconds,
     )
 
 

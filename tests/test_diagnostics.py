@@ -235,11 +235,12 @@ def test_fold_comparison_on_hand_folded_model(tmp_path):
     bn = bn_model_with_stats()
     folded = hand_fold(bn)
     stats, fig = fold_comparison_figure(bn, folded, tmp_path)
-    assert stats["contexts"] == 7**2 and stats["domain"] == "all 49 contexts"
+    assert stats["contexts"] == 7**2 and "49 contexts (exhaustive)" in stats["domain"]
     assert stats["max_abs_logit_diff"] < 1e-4
     assert len(stats["max_abs_preactivation_diff"]) == 3
     assert max(stats["max_abs_preactivation_diff"]) < 1e-4
     assert stats["argmax_agreement"] == 1.0
+    assert stats["verdict"]["passed"] and stats["verdict"]["criterion"] == "float64"
     w, h = png_size(tmp_path / fig["file"])
     assert w >= 800 and h >= 300
 
@@ -253,6 +254,7 @@ def test_fold_comparison_detects_a_wrong_fold():
     assert stats["max_abs_preactivation_diff"][0] < 1e-4
     assert stats["max_abs_preactivation_diff"][1] == pytest.approx(0.5, abs=1e-4)
     assert stats["max_abs_logit_diff"] > 1e-3
+    assert not stats["verdict"]["passed"]
     with pytest.raises(BnfoldError):
         fold_comparison_stats(bn, small_model(n_layers=2, batchnorm=False))
 

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from bnfold.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from bnfold.domain import all_contexts
 from bnfold.errors import BnfoldError
 from bnfold.infer import TorchPredictor, load_predictor
 from bnfold.model import MLP, ModelConfig
 from bnfold.pipeline import fold_checkpoint
-from bnfold.verify import all_contexts, verify
+from bnfold.verify import verify
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,8 @@ def test_folded_model_verified_over_every_context(pair):
     bn, folded = pair
     r = verify(bn, folded)
     assert r.exhaustive and r.contexts_checked == r.domain_size == 27**3
-    assert r.passed and 0 < r.max_abs_logit_error <= 1e-5
+    assert r.passed and r.criterion == "float64" and 0 < r.margin <= 1
+    assert r.near_ties == r.flips == 0
     assert r.argmax_disagreements == 0 and r.argmax_agreement == 1.0
     assert r.float64_reference == str(bn)
     assert r.reference_vs_float64 > 0 and r.candidate_vs_float64 > 0
@@ -51,7 +53,16 @@ def test_folded_model_verified_over_every_context(pair):
     srt = np.sort(a, axis=1)
     assert r.min_top2_gap == pytest.approx((srt[:, -1] - srt[:, -2]).min(), rel=1e-6)
     d = r.to_dict()
-    for key in ("contexts_checked", "exhaustive", "max_abs_logit_error", "passed"):
+    for key in (
+        "contexts_checked",
+        "exhaustive",
+        "max_abs_logit_error",
+        "argmax_agreement",
+        "passed",
+        "criterion",
+        "bound",
+        "margin",
+    ):
         assert key in d
     assert "exhaustive" in r.format() and "PASSED" in r.format()
 
@@ -66,8 +77,9 @@ def test_corrupted_candidate_fails(pair, tmp_path):
     assert not r.passed and r.max_abs_logit_error > 1e-5
     assert r.candidate_vs_float64 > r.reference_vs_float64
     assert "FAILED" in r.format()
-    # the tolerance is the verdict: a loose one accepts the same difference
-    assert verify(bn, bad, tolerance=1.0).passed
+    # an explicit tolerance overrides the rounding criterion: a loose one accepts it
+    loose = verify(bn, bad, tolerance=1.0)
+    assert loose.passed and loose.criterion == "absolute" and loose.bound == 1.0
 
 
 def test_nonfinite_output_fails_and_serialises(pair, tmp_path):

@@ -1,0 +1,321 @@
+"""The one float32-aware verdict: is the difference between two networks' outputs what
+float32 rounding explains?
+
+Every place bnfold says "equivalent" (``bnfold verify``, ``fold``, ``train-fold``, the ONNX
+Runtime check of ``export``, the diagnostics' BN-vs-folded figure) asks this module. It is
+pure numpy and knows nothing about models: it judges arrays of outputs.
+
+Three criteria, chosen by what is available:
+
+``float64`` (a float64 evaluation ``z`` of the reference network is given)
+    Both float32 networks are judged against the truth ``z``. Let ``R = max |ref - z|`` be
+    the reference network's own float32 error over everything checked, ``Q = rms(ref - z)``
+    its root-mean-square, ``S = max |z|`` the logits' magnitude and ``u = 2**-24`` float32's
+    unit roundoff. The candidate passes when both hold::
+
+        max |cand - z| <= K * R + F * u * S      (K = 4, F = 4)     worst element
+        rms(cand - z)  <= G * Q + F * u * S      (G = 1.5)          all elements together
+
+    The first catches a large error anywhere (one wrong context, a swapped row); the
+    second a small error everywhere (a fold with a slightly wrong eps or variance shifts
+    every logit by a few ulps: invisible in the maximum, plain in the RMS, because the RMS
+    of two correct float32 evaluations over thousands of elements agrees to within a few
+    percent; measured 0.94-1.09 for the maxima and 1.00-1.06 for the RMS ratio).
+
+    Why ``K = 4``: a correct fold is *another float32 evaluation of the same real function*
+    (the folded weights ``W * gamma / sigma`` carry one extra rounding each, the BatchNorm
+    arithmetic is gone). Its worst-case error over a domain is the maximum of many samples
+    from an error distribution of the same size as the reference's, so the two maxima agree
+    to within a small factor (measured: the ratio stays below ~1.5 across the matrix in
+    ``benchmarks/verify_matrix.py``); 4 leaves room for that spread. A wrong fold changes the
+    function itself (a 1e-3 relative change of one weight row, a forgotten beta, a wrong eps)
+    and lands orders of magnitude above the rounding, so the factor is not what separates
+    right from wrong. ``F * u * S`` is a floor for the degenerate case where the reference
+    happens to be (nearly) exact: a few roundings of the largest logit (storing
+    the output in float32 alone costs up to ``u * S``).
+
+    Global statistics (maxima over the whole checked set) are used on purpose: they are
+    stable (the maximum over ~1e6 elements barely moves between two correct evaluations),
+    while per-element reference errors are often exactly 0 by luck.
+
+``magnitude`` (no float64 source, e.g. two ONNX files)
+    Without a truth we cannot measure the rounding that is present, only bound it from
+    magnitudes. Each row ``i`` gets::
+
+        |cand - ref| <= M * u * max(s_i, 1)      (M = 256)
+
+    where ``s_i`` is the row's logit scale (``max_j |ref_ij|``, the same for ``cand``). A
+    float32 forward pass of an MLP of depth ``d`` and width ``n`` has a relative error of
+    order ``d * sqrt(n) * u`` per layer output (random-walk accumulation of dot products
+    of length ``n``), amplified by cancellations when ``sum |W||x|`` exceeds the logit;
+    ``M = 256`` covers depths up to ~6 and widths up to ~1024 with that amplification
+    (measured in the matrix), and is still far below the smallest real error
+    the matrix injects. It is weaker than ``float64``: say so when it is the criterion.
+
+``absolute`` (an explicit ``tolerance``)
+    ``|cand - ref| <= tolerance`` for every element: the user's override.
+
+Argmax: a row where the reference and candidate pick different top-1 classes is a
+*near-tie* when the two chosen classes' truth logits (the reference's without a truth)
+differ by at most twice the bound (each side may move by the bound), and a *flip*
+otherwise. Near-ties are allowed and reported; a flip fails the verdict. Any non-finite
+candidate output (where the reference is finite) fails it too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+UNIT_ROUNDOFF = float(np.finfo(np.float32).eps) / 2  # u = 2**-24
+FLOAT64_MULTIPLE = 4.0  # K: candidate error may be at most K x the reference's own error
+FLOAT64_RMS_MULTIPLE = 1.5  # G: the same for the root-mean-square error
+FLOAT64_FLOOR_ULPS = 4.0  # F: floor, in units of u times the largest |truth| logit
+MAGNITUDE_ULPS = 256.0  # M: allowed |cand - ref| in units of u times each row's scale
+
+CRITERIA = ("float64", "magnitude", "absolute")
+
+
+@dataclass(frozen=True)
+class RoundingVerdict:
+    passed: bool
+    criterion: str  # "float64", "magnitude" or "absolute" (see module docstring)
+    bound: float  # the largest allowed |error| that applied (max over elements)
+    margin: float  # error / allowed error (float64: the larger of max and RMS); <= 1 passes
+    max_abs_error: float  # max |candidate - reference|
+    near_ties: int  # argmax disagreements inside the rounding bound (allowed)
+    flips: int  # argmax disagreements outside it (a real flip fails)
+    reason: str  # one human line: why it passed or failed
+    reference_error: float | None = None  # max |reference - truth| (float64 criterion)
+    candidate_error: float | None = None  # max |candidate - truth| (float64 criterion)
+    nonfinite: int = 0  # rows where the candidate is non-finite but the reference is not
+    elements: int = 0  # number of output elements judged
+
+    def to_dict(self) -> dict:
+        """JSON-ready: non-finite floats become ``None``."""
+        return {
+            k: (None if isinstance(v, float) and not np.isfinite(v) else v)
+            for k, v in asdict(self).items()
+        }
+
+
+def float64_bound(
+    reference_error: float, truth_scale: float, multiple: float = FLOAT64_MULTIPLE
+) -> float:
+    """Allowed candidate error (max or RMS) under the float64 criterion: ``K*R + F*u*S``
+    (``G*Q + F*u*S`` for the RMS with ``multiple=G``)."""
+    return multiple * reference_error + FLOAT64_FLOOR_ULPS * UNIT_ROUNDOFF * truth_scale
+
+
+def magnitude_bounds(reference: np.ndarray, candidate: np.ndarray, class_axis: int) -> np.ndarray:
+    """Allowed |candidate - reference| per element under the magnitude criterion:
+    ``M * u * max(row scale, 1)``, the row scale being the largest |logit| of either side,
+    broadcastable against the outputs."""
+    scale = np.maximum(np.abs(reference), np.abs(candidate))
+    scale = np.where(np.isfinite(scale), scale, 0.0)
+    row = np.max(scale, axis=class_axis, keepdims=True) if reference.ndim else scale
+    return MAGNITUDE_ULPS * UNIT_ROUNDOFF * np.maximum(row, 1.0)
+
+
+def _as_rows(x: np.ndarray, class_axis: int | None) -> np.ndarray:
+    """(n, classes) float64 view with the class axis last; without one, (n, 1)."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim == 0:
+        return x.reshape(1, 1)
+    if class_axis is None or x.ndim == 1:
+        return x.reshape(len(x), -1) if x.ndim > 1 else x.reshape(-1, 1)
+    x = np.moveaxis(x, class_axis, -1)
+    return x.reshape(-1, x.shape[-1])
+
+
+class RoundingAccumulator:
+    """Judge outputs chunk by chunk (domains too large to hold at once); :meth:`verdict`
+    returns exactly what :func:`judge_outputs` would on the concatenated chunks.
+
+    The float64 bound depends on maxima over *all* chunks, so per-chunk state is a few
+    running maxima plus, for rows whose argmax differs (rare for anything that passes),
+    the truth/reference gap between the two chosen classes.
+    """
+
+    def __init__(self, *, tolerance: float | None = None, class_axis: int | None = -1):
+        if tolerance is not None and not (np.isfinite(tolerance) and tolerance >= 0):
+            raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance}")
+        self.tolerance = tolerance
+        self.class_axis = class_axis
+        self.criterion: str | None = "absolute" if tolerance is not None else None
+        self.max_abs = 0.0  # max |cand - ref|
+        self.ref_err = 0.0  # max |ref - truth|
+        self.cand_err = 0.0  # max |cand - truth|
+        self.truth_scale = 0.0  # max |truth|
+        self.ref_sq = 0.0  # sum of (ref - truth)**2
+        self.cand_sq = 0.0  # sum of (cand - truth)**2
+        self.truth_elements = 0
+        self.magnitude_margin = 0.0  # max |cand - ref| / magnitude bound
+        self.magnitude_bound = 0.0  # largest magnitude bound seen
+        self.nonfinite = 0
+        self.elements = 0
+        self._gaps: list[np.ndarray] = []  # per disagreeing row: gap of the two classes
+
+    def add(
+        self,
+        reference: np.ndarray,
+        candidate: np.ndarray,
+        truth: np.ndarray | None = None,
+    ) -> None:
+        """Fold one chunk of outputs (same shapes, first axis = examples) into the state."""
+        reference, candidate = np.asarray(reference), np.asarray(candidate)
+        if reference.shape != candidate.shape:
+            raise ValueError(
+                f"reference and candidate shapes differ: {reference.shape} vs {candidate.shape}"
+            )
+        if truth is not None and np.shape(truth) != reference.shape:
+            raise ValueError(f"truth shape {np.shape(truth)} differs from {reference.shape}")
+        kind = "float64" if truth is not None else "magnitude"
+        if self.criterion is None:
+            self.criterion = kind
+        elif self.criterion != "absolute" and self.criterion != kind:
+            raise ValueError("every chunk must come with a truth, or none may")
+        if reference.size == 0:
+            return
+        ref = _as_rows(reference, self.class_axis)
+        cand = _as_rows(candidate, self.class_axis)
+        z = _as_rows(truth, self.class_axis) if truth is not None else None
+        self.elements += ref.size
+
+        ref_ok = np.isfinite(ref).all(axis=1)
+        bad = ref_ok & ~np.isfinite(cand).all(axis=1)
+        self.nonfinite += int(bad.sum())
+        with np.errstate(invalid="ignore"):
+            diff = np.abs(cand - ref)
+        self.max_abs = max(self.max_abs, _max_finite_rows(diff, ref_ok & ~bad))
+        if z is not None:
+            ok = ref_ok & ~bad & np.isfinite(z).all(axis=1)
+            self.ref_err = max(self.ref_err, _max_finite_rows(np.abs(ref - z), ok))
+            self.cand_err = max(self.cand_err, _max_finite_rows(np.abs(cand - z), ok))
+            self.truth_scale = max(self.truth_scale, _max_finite_rows(np.abs(z), ok))
+            self.ref_sq += float(np.square(ref[ok] - z[ok]).sum())
+            self.cand_sq += float(np.square(cand[ok] - z[ok]).sum())
+            self.truth_elements += int(ok.sum()) * ref.shape[1]
+        if self.criterion == "magnitude":
+            bounds = magnitude_bounds(ref, cand, 1)
+            ok = ref_ok & ~bad
+            self.magnitude_margin = max(self.magnitude_margin, _max_finite_rows(diff / bounds, ok))
+            self.magnitude_bound = max(self.magnitude_bound, _max_finite_rows(bounds, ok))
+
+        if self.class_axis is not None and ref.shape[1] > 1:
+            ok = ref_ok & ~bad
+            ta, tb = ref.argmax(axis=1), cand.argmax(axis=1)
+            rows = np.flatnonzero(ok & (ta != tb))
+            if len(rows):
+                judge = z if z is not None else ref
+                gap = np.abs(judge[rows, ta[rows]] - judge[rows, tb[rows]])
+                if self.criterion == "magnitude":
+                    # per-row bound: store the gap already in units of the row's bound
+                    gap = gap / bounds[rows, 0]
+                self._gaps.append(gap)
+
+    def verdict(self) -> RoundingVerdict:
+        """The verdict over everything added so far."""
+        criterion = self.criterion or ("absolute" if self.tolerance is not None else "magnitude")
+        if criterion == "absolute":
+            bound = float(self.tolerance)
+            err = self.max_abs
+            margin = _ratio(err, bound)
+            tie_limit = 2 * bound
+        elif criterion == "float64":
+            bound = float64_bound(self.ref_err, self.truth_scale)
+            err = self.cand_err
+            n = max(self.truth_elements, 1)
+            rms_bound = float64_bound(
+                self.ref_sq**0.5 / n**0.5, self.truth_scale, FLOAT64_RMS_MULTIPLE
+            )
+            margin = max(_ratio(err, bound), _ratio((self.cand_sq / n) ** 0.5, rms_bound))
+            tie_limit = 2 * bound
+        else:
+            bound = self.magnitude_bound
+            err = self.max_abs
+            margin = self.magnitude_margin
+            tie_limit = 2.0  # gaps were stored in units of each row's bound
+        gaps = np.concatenate(self._gaps) if self._gaps else np.zeros(0)
+        near_ties = int((gaps <= tie_limit).sum())
+        flips = int(len(gaps) - near_ties)
+        passed = bool(self.nonfinite == 0 and margin <= 1.0 and flips == 0)
+        reason = _reason(criterion, passed, err, bound, margin, near_ties, flips, self.nonfinite)
+        f64 = criterion == "float64" or (criterion == "absolute" and self.truth_scale > 0)
+        return RoundingVerdict(
+            passed=passed,
+            criterion=criterion,
+            bound=float(bound),
+            margin=float(margin),
+            max_abs_error=float(self.max_abs) if self.nonfinite == 0 else float("inf"),
+            near_ties=near_ties,
+            flips=flips,
+            reason=reason,
+            reference_error=float(self.ref_err) if f64 else None,
+            candidate_error=float(self.cand_err) if f64 else None,
+            nonfinite=self.nonfinite,
+            elements=self.elements,
+        )
+
+
+def judge_outputs(
+    reference: np.ndarray,
+    candidate: np.ndarray,
+    truth: np.ndarray | None = None,
+    *,
+    tolerance: float | None = None,
+    class_axis: int | None = -1,
+) -> RoundingVerdict:
+    """Does ``candidate`` differ from ``reference`` only by what float32 rounding explains?
+
+    Args:
+        reference: float32 outputs of the reference network, shape (n, ...).
+        candidate: float32 outputs of the candidate, same shape.
+        truth: float64 outputs of the reference network (criterion "float64"), or None
+            (criterion "magnitude").
+        tolerance: explicit absolute bound on |candidate - reference| (criterion
+            "absolute"); overrides the rounding-based criteria.
+        class_axis: axis of the classes for the argmax check; None skips it.
+    """
+    acc = RoundingAccumulator(tolerance=tolerance, class_axis=class_axis)
+    acc.add(reference, candidate, truth)
+    return acc.verdict()
+
+
+def _max_finite_rows(values: np.ndarray, rows: np.ndarray) -> float:
+    """Max of ``values`` over the selected rows (0 when none)."""
+    sel = values[rows]
+    return float(sel.max()) if sel.size else 0.0
+
+
+def _ratio(err: float, bound: float) -> float:
+    if bound > 0:
+        return err / bound
+    return 0.0 if err == 0 else float("inf")
+
+
+def _reason(
+    criterion: str,
+    passed: bool,
+    err: float,
+    bound: float,
+    margin: float,
+    near_ties: int,
+    flips: int,
+    nonfinite: int,
+) -> str:
+    what = {
+        "float64": "max |candidate - float64 truth| (and its RMS)",
+        "magnitude": "max |candidate - reference| (magnitude bound, no float64 truth)",
+        "absolute": "max |candidate - reference| (explicit tolerance)",
+    }[criterion]
+    head = f"{what} {err:.3g} vs bound {bound:.3g} (error/bound {margin:.3g})"
+    ties = f"; {near_ties} argmax near-tie(s) allowed" if near_ties else ""
+    if nonfinite:
+        return f"FAIL: candidate non-finite on {nonfinite} row(s) where the reference is finite"
+    if flips:
+        return f"FAIL: {flips} argmax flip(s) outside the rounding bound; {head}{ties}"
+    if not passed:
+        return f"FAIL: {head}: more than float32 rounding explains{ties}"
+    return f"PASS: {head}: within float32 rounding{ties}"
