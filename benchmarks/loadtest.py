@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -48,9 +49,11 @@ local threads = {}
 function setup(thread) table.insert(threads, thread) end
 function init(args)
   statuses = {}
-  wrk.method = "POST"
-  wrk.headers["Content-Type"] = "application/json"
-  wrk.body = os.getenv("BNFOLD_BODY")
+  wrk.method = os.getenv("BNFOLD_METHOD")
+  if wrk.method == "POST" then
+    wrk.headers["Content-Type"] = "application/json"
+    wrk.body = os.getenv("BNFOLD_BODY")
+  end
 end
 function response(status, headers, body)
   statuses[status] = (statuses[status] or 0) + 1
@@ -93,12 +96,13 @@ def rss_mib(pid: int) -> float:
 
 
 class Server:
-    def __init__(self, model: str, words: str, extra: list[str]):
+    def __init__(self, model: str, words: str, extra: list[str], root: Path = REPO):
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
-        cmd = [sys.executable, str(REPO / "cli.py"), "serve", model, "--words", words]
+        cmd = [sys.executable, str(root / "cli.py"), "serve", model, "--words", words]
         cmd += ["--host", HOST, "--port", str(self.port), "--log-level", "warning", *extra]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
+        env = {**os.environ, "PYTHONPATH": str(root)}  # that checkout's bnfold, not ours
+        self.proc = subprocess.Popen(cmd, cwd=root, stderr=subprocess.PIPE, text=True, env=env)
         t0 = time.monotonic()
         while time.monotonic() - t0 < 60:
             if self.proc.poll() is not None:
@@ -148,14 +152,19 @@ def quantile(before: dict, after: dict, q: float) -> float | None:
     return les[-1]
 
 
-def run_wrk(url: str, body: dict, connections: int, duration: float, timeout: float) -> dict:
+def run_wrk(
+    url: str, body: dict, connections: int, duration: float, timeout: float, method: str
+) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(LUA)
         script = f.name
     try:
         cmd = ["wrk", "-t2", f"-c{connections}", f"-d{duration:g}s", f"--timeout={timeout:g}s"]
-        cmd += ["-s", script, url + "/v1/names"]
-        env = {**os.environ, "BNFOLD_BODY": json.dumps(body)}
+        target = url + "/v1/names"
+        if method == "GET":
+            target += "?" + urllib.parse.urlencode(body)
+        cmd += ["-s", script, target]
+        env = {**os.environ, "BNFOLD_BODY": json.dumps(body), "BNFOLD_METHOD": method}
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=duration + 60)
     finally:
         os.unlink(script)
@@ -167,14 +176,18 @@ def run_wrk(url: str, body: dict, connections: int, duration: float, timeout: fl
     return r
 
 
-async def _py_client(url, body, connections, duration, timeout, max_requests):
+async def _py_client(url, body, connections, duration, timeout, max_requests, method):
     """Raw-socket HTTP/1.1 keep-alive client: one coroutine per connection."""
     port = int(url.rsplit(":", 1)[1])
     payload = json.dumps(body).encode()
-    req = (
-        f"POST /v1/names HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(payload)}\r\n\r\n"
-    ).encode() + payload
+    if method == "GET":
+        query = urllib.parse.urlencode(body)
+        req = f"GET /v1/names?{query} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()
+    else:
+        req = (
+            f"POST /v1/names HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n"
+        ).encode() + payload
     lat: list[float] = []
     statuses: dict[int, int] = {}
     errors = [0]
@@ -218,16 +231,19 @@ async def _py_client(url, body, connections, duration, timeout, max_requests):
     }
 
 
-def load(tool, url, body, connections, duration, timeout, max_requests):
+def load(tool, url, body, connections, duration, timeout, max_requests, method="POST"):
     if tool == "wrk":
-        return run_wrk(url, body, connections, duration, timeout)
-    return asyncio.run(_py_client(url, body, connections, duration, timeout, max_requests))
+        return run_wrk(url, body, connections, duration, timeout, method)
+    return asyncio.run(
+        _py_client(url, body, connections, duration, timeout, max_requests, method)
+    )
 
 
 def scenario(server, name, tool, body, connections, args, lines, deadline=None):
     m0 = server.metrics()
     rss0 = rss_mib(server.proc.pid)
-    r = load(tool, server.url, body, connections, args.duration, 10.0, args.max_requests)
+    method = "GET" if name.endswith("-get") else "POST"
+    r = load(tool, server.url, body, connections, args.duration, 10.0, args.max_requests, method)
     m1 = server.metrics()
     rss1 = rss_mib(server.proc.pid)
     secs = r["duration_us"] / 1e6
@@ -305,8 +321,14 @@ def main() -> None:
     ap.add_argument("--tool", choices=["auto", "wrk", "python"], default="auto")
     ap.add_argument(
         "--scenarios",
-        default="count1,count100,count1-plain,count100-plain,overload",
+        default="count1,count1-get,count100,count100-get,count1-plain,count100-plain,overload",
         help="comma-separated subset",
+    )
+    ap.add_argument(
+        "--compare",
+        type=Path,
+        help="another checkout (e.g. `git archive main`): run its server on the same"
+        " scenarios, alternating with this one, and label its lines with its folder name",
     )
     ap.add_argument("--out", type=Path, help="also write the figures to this file")
     args = ap.parse_args()
@@ -326,20 +348,26 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     runs = [
         ("count1", [], {"count": 1}, 32),
+        ("count1-get", [], {"count": 1}, 32),
         ("count100", [], {"count": 100}, 32),
+        ("count100-get", [], {"count": 100}, 32),
         ("count1-plain", ["--batching", "off"], {"count": 1}, 32),
         ("count100-plain", ["--batching", "off"], {"count": 100}, 32),
     ]
+    checkouts = [("", REPO)]
+    if args.compare:
+        checkouts.append((args.compare.name + ":", args.compare.resolve()))
     for mode in ("", "off"):
         group = [r for r in runs if r[0] in wanted and (r[0].endswith("-plain") == bool(mode))]
         if not group:
             continue
-        server = Server(args.model, args.words, group[0][1])
-        try:
-            for name, _, body, conns in group:
-                scenario(server, name, tool, body, conns, args, lines)
-        finally:
-            server.stop()
+        for label, root in checkouts:
+            server = Server(args.model, args.words, group[0][1], root)
+            try:
+                for name, _, body, conns in group:
+                    scenario(server, label + name, tool, body, conns, args, lines)
+            finally:
+                server.stop()
     if "overload" in wanted:
         deadline = 2.0
         server = Server(args.model, args.words, ["--queue-size", "64", "--deadline", str(deadline)])

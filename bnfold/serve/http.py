@@ -73,7 +73,7 @@ def create_app(settings: ServeSettings, *, loader=None) -> Edge:
         await svc.start()
         try:
             # uvicorn hands this state to its connections (bnfold.serve.protocol)
-            yield {"bnfold_metrics": m}
+            yield {"bnfold_metrics": m, "bnfold_settings": settings}
         finally:
             await svc.stop()
             restore()

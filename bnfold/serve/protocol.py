@@ -19,8 +19,9 @@ subclass adds, per connection:
 * every refusal, including uvicorn's own 503 past ``limit_concurrency`` and its 400 for
   unparsable requests, is counted in ``bnfold_rejections_total`` (reason label).
 
-The limits come from the app's lifespan state (``bnfold_metrics``) and from
-:class:`~bnfold.serve.settings.ServeSettings` (through :func:`bounded_protocol`).
+The limits and the metrics come from the app's lifespan state (``bnfold_settings``,
+``bnfold_metrics``), which uvicorn hands to every connection; the class itself is passed
+to uvicorn by name, so worker processes import it.
 """
 
 from __future__ import annotations
@@ -41,14 +42,14 @@ def _raw_answer(status: int, reason: str, detail: str) -> bytes:
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
-    """See the module docstring. Class attributes are set by :func:`bounded_protocol`."""
-
-    max_header = 16_384
-    header_timeout = 10.0
-    body_timeout = 10.0
+    """See the module docstring."""
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        settings = self.app_state["bnfold_settings"]
+        self.max_header = settings.max_header
+        self.header_timeout = settings.header_timeout
+        self.body_timeout = settings.body_timeout
         self._head_bytes = 0
         self._in_head = True
         self._timer: asyncio.TimerHandle | None = None
@@ -146,16 +147,3 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         metrics = self.app_state.get("bnfold_metrics")
         if metrics is not None:
             metrics.connections.set(n)
-
-
-def bounded_protocol(max_header: int, header_timeout: float, body_timeout: float) -> type:
-    """A :class:`BoundedHttpToolsProtocol` with these bounds (uvicorn takes a class)."""
-    return type(
-        "BnfoldHttpProtocol",
-        (BoundedHttpToolsProtocol,),
-        {
-            "max_header": max_header,
-            "header_timeout": header_timeout,
-            "body_timeout": body_timeout,
-        },
-    )

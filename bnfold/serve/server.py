@@ -12,7 +12,7 @@ from typing import Any
 
 from bnfold.errors import BnfoldError
 from bnfold.serve.http import create_app
-from bnfold.serve.protocol import bounded_protocol
+from bnfold.serve.protocol import BoundedHttpToolsProtocol
 from bnfold.serve.settings import ENV_SETTINGS, ServeSettings
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -41,9 +41,7 @@ def uvicorn_options(settings: ServeSettings) -> dict[str, Any]:
 
     return {
         "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        "http": bounded_protocol(
-            settings.max_header, settings.header_timeout, settings.body_timeout
-        ),
+        "http": BoundedHttpToolsProtocol,
         "access_log": False,
         "timeout_graceful_shutdown": int(math.ceil(settings.drain_timeout)),
         "timeout_keep_alive": settings.keep_alive,
