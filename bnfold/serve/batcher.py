@@ -3,10 +3,12 @@
 The loop (after LitServe's continuous batching and Ray Serve's batch queue) is three
 phases, one line each::
 
-    while self._wait():
-        done = self._admit()        # submitted requests -> engine jobs; cancels; free rows
-        done += self._step()        # one forward pass for every engine's needs, one step each
-        self._deliver(done)         # finished (or failed) requests -> their futures
+    while self.wait():
+        done = self.admit()  # submitted requests -> engine jobs; cancels; free rows
+        done += self.step()  # one forward pass for every engine's needs, one step each
+        self.deliver(done)  # finished (or failed) requests -> their futures
+
+(The phases are public so that tests drive the loop one phase at a time.)
 
 * **Admit.** A request becomes a job of its option group's engine
   (:class:`~bnfold.sampling.engine.SamplerEngine`, taken from the :class:`EnginePool`);
@@ -196,12 +198,12 @@ class Batcher:
 
     # -- the thread
     def _run(self) -> None:
-        while self._wait():
-            done = self._admit()
-            done += self._step()
-            self._deliver(done)
+        while self.wait():
+            done = self.admit()
+            done += self.step()
+            self.deliver(done)
 
-    def _wait(self) -> bool:
+    def wait(self) -> bool:
         """Block until there is work; free every engine after ``idle_release`` seconds
         without any; False once stopping with nothing left."""
         if self._busy or self._held:
@@ -214,7 +216,7 @@ class Batcher:
                     self.metrics.engine_bytes.set(0)
             return bool(self._pending or self._cancels)
 
-    def _admit(self) -> list[Outcome]:
+    def admit(self) -> list[Outcome]:
         """Cancels leave their engines; submitted requests become jobs; queued names take
         free rows within the step budget."""
         done: list[Outcome] = []
@@ -256,7 +258,7 @@ class Batcher:
         self.waiting = sum(e.jobs - e.running for e in self._busy)
         return done
 
-    def _step(self) -> list[Outcome]:
+    def step(self) -> list[Outcome]:
         """One forward pass for the needs of every engine with rows, one step each; any
         exception fails every request of the engines in the step (the one failure path)."""
         live = [e for e in self._busy if e.n]
@@ -290,7 +292,7 @@ class Batcher:
             m.engine_bytes.set(self.pool.nbytes)
         return [_outcome(j) for j in finished]
 
-    def _deliver(self, done: list[Outcome]) -> None:
+    def deliver(self, done: list[Outcome]) -> None:
         if done:
             self._deliver_fn(done)
 
