@@ -63,6 +63,9 @@ class NameService:
         self.model = model
         self.batcher = Batcher(model, self.settings, self.metrics, self._deliver)
         self.batcher.start()
+        # the default options' engine (and, for the table engine, its stored rows) is
+        # built before the first request, not during it
+        await self.sample(SampleOptions(count=64, seed=0))
         self.ready = True
         log.info("ready: %s (sha256 %s)", model.info["name"], model.sha256[:12])
 
