@@ -90,6 +90,13 @@ def get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (a rate's denominator that other jobs
+    on the machine do not inflate, unlike wall-clock time)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mib(pid: int) -> float:
     text = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(r"VmRSS:\s+(\d+)", text).group(1)) / 1024
@@ -242,8 +249,10 @@ def load(tool, url, body, connections, duration, timeout, max_requests, method="
 def scenario(server, name, tool, body, connections, args, lines, deadline=None):
     m0 = server.metrics()
     rss0 = rss_mib(server.proc.pid)
+    cpu0 = cpu_seconds(server.proc.pid)
     method = "GET" if name.endswith("-get") else "POST"
     r = load(tool, server.url, body, connections, args.duration, 10.0, args.max_requests, method)
+    cpu1 = cpu_seconds(server.proc.pid)
     m1 = server.metrics()
     rss1 = rss_mib(server.proc.pid)
     secs = r["duration_us"] / 1e6
@@ -267,6 +276,7 @@ def scenario(server, name, tool, body, connections, args, lines, deadline=None):
         "timeouts": r["timeouts"],
         "5xx": s5xx,
         "rss_mib": (round(rss0, 1), round(rss1, 1)),
+        "cpu_us_per_request": (cpu1 - cpu0) * 1e6 / max(r["requests"], 1),
     }
     for status in (200, 429, 504):
         h0 = histogram(
@@ -297,6 +307,8 @@ def format_result(r: dict, deadline: float | None) -> str:
         f"  max {r['max_ms']:7.1f} ms\n{'':24}statuses {{{st}}}  5xx {r['5xx']}"
         f"  socket errors {r['socket_errors']}  timeouts {r['timeouts']}"
         f"  server RSS {r['rss_mib'][0]} -> {r['rss_mib'][1]} MiB"
+        f"\n{'':24}server CPU {r['cpu_us_per_request']:.0f} us per request"
+        f" ({r['cpu_us_per_request'] / max(r['count'], 1):.2f} us per name)"
     )
     extra = [
         f"server p99 {k.split('_')[2]} <= {v:g} ms"
