@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -523,7 +524,10 @@ def sample(model, words, verbose, batch_size, engine, table_mb, as_json, **optio
         else:
             write_text(out, names, verbose)
         out.flush()
-    except OSError as e:  # a full disk, a closed pipe: say so, and drop the unwritten rest
+    except BrokenPipeError:  # the reader stopped (`| head`): stop quietly, as SIGPIPE would
+        _discard_stdout()
+        sys.exit(141)
+    except OSError as e:  # a full disk: say so, and drop the unwritten rest
         _discard_stdout()
         raise BnfoldError(f"cannot write the names to standard output: {e.strerror or e}") from None
 
@@ -531,8 +535,6 @@ def sample(model, words, verbose, batch_size, engine, table_mb, as_json, **optio
 def _discard_stdout() -> None:
     """Point file descriptor 1 at /dev/null, so the interpreter's final flush of what could
     not be written succeeds quietly instead of printing a second error."""
-    import os
-
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

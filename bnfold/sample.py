@@ -21,13 +21,15 @@ temperature 1 and without any top-k / top-p / min-length filtering, of the whole
 ``log P(c_1 ... c_n END)`` (a name cut at ``max_length`` still gets its end-token term).
 
 Memory: :func:`iter_names` submits ``chunk`` names at a time (two chunks in flight, so the
-batch stays full across chunk boundaries) and yields each chunk as it completes, so
-sampling 10 million names holds a few chunks, never the whole list.
+batch stays full across chunk boundaries; new-only chunks one after the other, each
+starting after the last new name of the one before) and yields each chunk as it
+completes, so sampling 10 million names holds a few chunks, never the whole list.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import json
@@ -46,6 +48,8 @@ from bnfold.sampling.engine import (
     ENGINES,
     SampleJob,
     SamplerEngine,
+    new_only_failure,
+    new_only_limit,
 )
 from bnfold.sampling.options import (
     DEFAULT_BATCH,
@@ -102,6 +106,7 @@ def make_engine(
     batch_size: int = DEFAULT_BATCH,
     table_bytes: int = DEFAULT_TABLE_BYTES,
 ) -> SamplerEngine:
+    """An engine for ``predictor``'s model (its spec: vocab, block_size, sha256)."""
     return SamplerEngine(
         predictor.spec,
         options,
@@ -152,33 +157,37 @@ def iter_names(
     options: SampleOptions,
     labeler: Labeler | None = None,
     *,
-    engine: str = DEFAULT_ENGINE,
-    batch_size: int = DEFAULT_BATCH,
-    table_bytes: int = DEFAULT_TABLE_BYTES,
     chunk: int = CHUNK,
+    **engine_options,
 ) -> Iterator[SampledName]:
     """Yield ``options.count`` names (only new ones with ``new_only``) in stream order.
 
-    The result depends on the model, ``options`` and the labeler's words, not on
-    ``batch_size``, ``chunk`` or ``engine``. ``new_only`` needs a ``labeler``: it draws
-    names 0, 1, 2, ... and yields the first ``count`` labelled new, failing with a
-    ``BnfoldError`` after ``20 * count + 10,000`` draws (``count`` when greedy).
+    ``engine_options`` are :func:`make_engine`'s (``engine``, ``batch_size``,
+    ``table_bytes``). The result depends on the model, ``options`` and the labeler's
+    words, not on ``batch_size``, ``chunk`` or ``engine``. ``new_only`` needs a
+    ``labeler``: it draws names 0, 1, 2, ... and yields the first ``count`` labelled new,
+    failing with a ``BnfoldError`` after ``20 * count + 10,000`` draws (``count`` when
+    greedy).
     """
     options.check(predictor.vocab)
     if options.new_only and labeler is None:
         raise BnfoldError("new-only sampling needs the training words file (--words)")
-    e = make_engine(
-        predictor, options, labeler, engine=engine, batch_size=batch_size, table_bytes=table_bytes
-    )
-    if options.new_only:  # one job: its draw limit and its order are over the whole count
-        job = e.submit(options)
-        run_engine(predictor, e, until=job)
-        if job.error is not None:
-            raise job.error
-        yield from _named(job, labeler)
+    e = make_engine(predictor, options, labeler, **engine_options)
+    chunk = max(1, int(chunk))
+    if options.new_only:  # one job per chunk of new names, each from where the last ended
+        limit = new_only_limit(options)
+        start = done = 0
+        while done < options.count:
+            want = min(chunk, options.count - done)
+            job = e.submit(dataclasses.replace(options, count=want), start=start, stop=limit)
+            run_engine(predictor, e, until=job)
+            if job.error is not None:
+                raise new_only_failure(done + len(job.found), limit, options.count)
+            yield from _named(job, labeler)
+            done += want
+            start = job.indexes[-1] + 1
         return
     count = options.count
-    chunk = max(1, int(chunk))
     jobs = []
     nxt = 0
     while nxt < count or jobs:

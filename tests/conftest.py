@@ -40,15 +40,23 @@ def onnx_model(trained_checkpoint, tmp_path_factory) -> Path:
     return export_checkpoint(trained_checkpoint, out).paths["folded"]
 
 
-@pytest.fixture(scope="session")
-def bn(trained_checkpoint):
-    """The trained BN checkpoint as a torch predictor (one torch thread: batch-1 calls on
-    a busy 2-core machine are ~10x slower with two)."""
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (batch-1 calls on a busy 2-core machine are ~10x slower
+    with two), restored afterwards: other modules' float tolerances assume the default."""
     import torch
 
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def bn(trained_checkpoint):
+    """The trained BN checkpoint as a torch predictor."""
     from bnfold.infer import TorchPredictor
 
-    torch.set_num_threads(1)
     return TorchPredictor(trained_checkpoint)
 
 

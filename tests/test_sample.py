@@ -30,6 +30,8 @@ from bnfold.sample import (
     uniforms,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def opts(**kw) -> SampleOptions:
     return SampleOptions(**{"count": 200, "seed": 5, **kw})

@@ -20,6 +20,7 @@ from bnfold.data import Vocab
 from bnfold.errors import BnfoldError
 from bnfold.infer import TorchPredictor
 from bnfold.model import MLP, ModelConfig
+from bnfold.predictor import ModelSpec
 from bnfold.sample import (
     SampleOptions,
     SamplerEngine,
@@ -31,6 +32,9 @@ from bnfold.sample import (
 from cli import main
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run(predictor, options, labeler=None, **kw):
@@ -99,10 +103,7 @@ def test_a_domain_that_fits_is_stored_whole_once(onnx_predictor):
 
 
 def test_a_tiny_cap_is_refused():
-    spec_vocab = Vocab(tuple("abc"))
-    from bnfold.predictor import ModelSpec
-
-    spec = ModelSpec(spec_vocab, 12, "0" * 64)
+    spec = ModelSpec(Vocab(tuple("abc")), 12, "0" * 64)
     e = SamplerEngine(spec, SampleOptions(), table_bytes=1000)
     e.submit(SampleOptions(count=1))
     e.admit()
@@ -225,3 +226,20 @@ def test_cli_full_disk_is_one_error_line(onnx_model):
         done.stderr.startswith("error: cannot write the names") and "Traceback" not in done.stderr
     )
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_cli_closed_pipe_stops_quietly(onnx_model):
+    cmd = [sys.executable, "-m", "cli", "sample", str(onnx_model), "-n", "200000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    first = proc.stdout.readline()
+    proc.stdout.close()  # the reader goes away, as `| head -1` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and first.strip()
+    assert err == "", err
+
+
+def test_new_only_streams_in_chunks_with_the_same_names(bn, labeler):
+    o = SampleOptions(count=45, seed=12, new_only=True)
+    whole = run(bn, o, labeler)
+    assert run(bn, o, labeler, chunk=7) == whole and len(whole[0]) == 45
+    assert all(labeler(n) == "new" for n in whole[0])

@@ -91,6 +91,21 @@ PRECOMPUTE_CONTEXTS = 1 << 17  # up to this many contexts, the first step asks f
 STORE_CHUNK = 4096  # new rows derived and stored at a time
 
 
+def new_only_limit(options: SampleOptions) -> int:
+    """How many names a new-only request may draw: ``20 * count + 10,000``, or ``count``
+    when greedy (every draw is the same name)."""
+    want = options.count
+    return want if options.greedy else NEW_ONLY_DRAWS[0] * want + NEW_ONLY_DRAWS[1]
+
+
+def new_only_failure(found: int, drawn: int, want: int) -> BnfoldError:
+    return BnfoldError(
+        f"only {found:,} of {drawn:,} sampled names were new (wanted {want:,}): with these"
+        " options the model mostly reproduces its training words; raise the temperature,"
+        " loosen top-k/top-p, or drop --new-only"
+    )
+
+
 class SampleJob:
     """One request's work inside a :class:`SamplerEngine`.
 
@@ -257,9 +272,7 @@ class SamplerEngine:
         if options.new_only:
             if self.labeler is None:
                 raise BnfoldError("new-only sampling needs the training words file (--words)")
-            want = options.count
-            draws = want if options.greedy else NEW_ONLY_DRAWS[0] * want + NEW_ONLY_DRAWS[1]
-            stop = draws if stop is None else stop  # a draw limit, counted from name 0
+            stop = new_only_limit(options) if stop is None else stop  # counted from name 0
         elif stop is None:
             stop = start + options.count
         if not is_int(start) or not is_int(stop):
@@ -589,12 +602,7 @@ class SamplerEngine:
         job.logprobs = np.array([lp for _, _, lp in found], dtype=np.float64)
         job.left = want - len(found)
         if len(found) < want:
-            job.error = BnfoldError(
-                f"only {len(found):,} of {job.stop - job.start:,} sampled names were new"
-                f" (wanted {want:,}): with these options the model mostly reproduces its"
-                " training words; raise the temperature, loosen top-k/top-p, or drop"
-                " --new-only"
-            )
+            job.error = new_only_failure(len(found), job.stop - job.start, want)
 
 
 class _Plan:
