@@ -42,6 +42,7 @@ import collections
 import contextlib
 import ctypes
 import ctypes.util
+import gc
 import logging
 import threading
 from collections.abc import Callable
@@ -136,6 +137,7 @@ class EnginePool:
     def release_all(self) -> None:
         """Free every engine (all idle) and give the memory back to the OS."""
         self.engines.clear()
+        gc.collect()
         trim_heap()
 
 
@@ -276,7 +278,7 @@ class Batcher:
                 off += m
         except Exception as exc:
             log.exception("sampling step failed")
-            done = [(j.tag, None, exc) for e in live for j in e.unfinished()]
+            done = [(_detach(j), None, exc) for e in live for j in e.unfinished()]
             for e in live:
                 self.pool.drop(e)
             self._busy = [e for e in self._busy if e not in live]
@@ -297,7 +299,17 @@ class Batcher:
             self._deliver_fn(done)
 
 
+def _detach(job: SampleJob) -> Request:
+    """The job's request, with the request <-> job <-> engine references cut: a cycle
+    would keep a finished request's engine (tables and all) alive until the cyclic garbage
+    collector happens to run."""
+    req = job.tag
+    job.tag = None
+    req.job = req.engine = None
+    return req
+
+
 def _outcome(job: SampleJob) -> Outcome:
     if job.error is not None:
-        return (job.tag, None, job.error)
-    return (job.tag, (job.names, job.logprobs.tolist(), job.indexes), None)
+        return (_detach(job), None, job.error)
+    return (_detach(job), (job.names, job.logprobs.tolist(), job.indexes), None)
