@@ -241,9 +241,7 @@ async def _py_client(url, body, connections, duration, timeout, max_requests, me
 def load(tool, url, body, connections, duration, timeout, max_requests, method="POST"):
     if tool == "wrk":
         return run_wrk(url, body, connections, duration, timeout, method)
-    return asyncio.run(
-        _py_client(url, body, connections, duration, timeout, max_requests, method)
-    )
+    return asyncio.run(_py_client(url, body, connections, duration, timeout, max_requests, method))
 
 
 def scenario(server, name, tool, body, connections, args, lines, deadline=None):

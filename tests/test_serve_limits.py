@@ -224,7 +224,8 @@ def test_sigterm_with_a_stalled_body_drains_cleanly(onnx_model, spawn_serve, wai
         assert answer.startswith(b"HTTP/1.1 408 "), answer
         assert proc.wait(40) == 0
         err = proc.stderr.read().decode()
-        assert "Traceback" not in err and "CancelledError" not in err and "500" not in err
+        assert "Traceback" not in err and "CancelledError" not in err
+        assert "Internal Server Error" not in err
         assert not re.search(r"ERROR", err), err
     finally:
         if proc.poll() is None:
