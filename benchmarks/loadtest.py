@@ -7,8 +7,15 @@ address), waits for ``/readyz``, and runs short, bounded scenarios against ``/v1
 * ``count100``  32 connections, count=100       (target >= 50,000 names/s)
 * ``overload``  320 connections (10x) against a queue of 64: excess must get 429 fast,
                 accepted requests must meet the deadline, memory must stay bounded
-* each of count1/count100 also with ``--batching off`` (one request per session call), to
-  show what step-level batching buys.
+* ``count1-get`` / ``count100-get``: the same as GET with a query string (one request path:
+  GET and POST should cost the same)
+* each of count1/count100 also with ``--batching off`` (one request at a time), to show
+  what step-level batching buys.
+
+Each scenario also reports the server's own CPU time per request (from ``/proc``), which
+other jobs on a shared machine do not inflate the way they inflate wall-clock rates.
+``--compare DIR`` runs another checkout's server (e.g. ``git archive main | tar -x -C
+DIR``) on the same scenarios in the same run, its lines labelled with the folder name.
 
 Load generator: ``wrk`` (C, epoll; Debian package ``wrk``) with a Lua script for the POST
 body and per-status counts. A Python client shares the GIL-bound 2 cores with the server and
@@ -20,7 +27,7 @@ understate the server). Per-status server-side latency comes from the server's o
 Every run is bounded: ``--duration`` seconds per scenario (default 5), wrk's own timeout,
 and the Python client stops at ``--max-requests``.
 
-    .venv/bin/python benchmarks/loadtest.py [MODEL] [--duration 5] [--out FILE]
+    .venv/bin/python benchmarks/loadtest.py [MODEL] [--duration 5] [--compare DIR] [--out FILE]
 """
 
 from __future__ import annotations
