@@ -680,13 +680,32 @@ def _discard_stdout() -> None:
 @click.option(
     "--max-rows", type=positive, default=8192, show_default=True, help="Rows per forward step."
 )
-@click.option("--log-level", default="info", show_default=True)
+@click.option(
+    "--engine",
+    type=click.Choice(["table", "network"]),
+    default="table",
+    show_default=True,
+    help="Sampling engine (same names either way); see `bnfold sample --help`.",
+)
+@click.option(
+    "--memory-mb",
+    type=positive,
+    default=256,
+    show_default=True,
+    help="Memory of all sampling engines together, per worker (see README, Reliability).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["critical", "error", "warning", "info", "debug", "trace"]),
+    default="info",
+    show_default=True,
+)
 @clear_errors
 def serve(model, host, port, workers, words, max_count, queue_size, deadline, max_body,
-          batching, max_rows, log_level):  # fmt: skip
+          batching, max_rows, engine, memory_mb, log_level):  # fmt: skip
     """Serve names over HTTP from MODEL (default: the shipped models/folded.onnx):
     POST/GET /v1/names, /v1/model, /livez, /readyz, /metrics and a web page at /."""
-    from bnfold.serve import ServeSettings, load_model, run_server
+    from bnfold.serve import ServeSettings, check_port, load_model, run_server
 
     model = model or shipped_model()
     settings = ServeSettings(
@@ -698,7 +717,11 @@ def serve(model, host, port, workers, words, max_count, queue_size, deadline, ma
         max_body=max_body,
         batching=batching == "on",
         max_rows=max_rows,
+        engine=engine,
+        memory_mb=memory_mb,
+        table_mb=min(ServeSettings.table_mb, memory_mb),
     ).check()
+    check_port(host, port)  # one clear line, before the model is loaded
     load_model(settings)  # fail here, with one clear line, rather than in every worker
     click.echo(f"serving {model} on http://{host}:{port}/ ({workers} worker(s))", err=True)
     run_server(settings, host=host, port=port, workers=workers, log_level=log_level)

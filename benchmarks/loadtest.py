@@ -7,8 +7,15 @@ address), waits for ``/readyz``, and runs short, bounded scenarios against ``/v1
 * ``count100``  32 connections, count=100       (target >= 50,000 names/s)
 * ``overload``  320 connections (10x) against a queue of 64: excess must get 429 fast,
                 accepted requests must meet the deadline, memory must stay bounded
-* each of count1/count100 also with ``--batching off`` (one request per session call), to
-  show what step-level batching buys.
+* ``count1-get`` / ``count100-get``: the same as GET with a query string (one request path:
+  GET and POST should cost the same)
+* each of count1/count100 also with ``--batching off`` (one request at a time), to show
+  what step-level batching buys.
+
+Each scenario also reports the server's own CPU time per request (from ``/proc``), which
+other jobs on a shared machine do not inflate the way they inflate wall-clock rates.
+``--compare DIR`` runs another checkout's server (e.g. ``git archive main | tar -x -C
+DIR``) on the same scenarios in the same run, its lines labelled with the folder name.
 
 Load generator: ``wrk`` (C, epoll; Debian package ``wrk``) with a Lua script for the POST
 body and per-status counts. A Python client shares the GIL-bound 2 cores with the server and
@@ -20,7 +27,7 @@ understate the server). Per-status server-side latency comes from the server's o
 Every run is bounded: ``--duration`` seconds per scenario (default 5), wrk's own timeout,
 and the Python client stops at ``--max-requests``.
 
-    .venv/bin/python benchmarks/loadtest.py [MODEL] [--duration 5] [--out FILE]
+    .venv/bin/python benchmarks/loadtest.py [MODEL] [--duration 5] [--compare DIR] [--out FILE]
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -48,9 +56,11 @@ local threads = {}
 function setup(thread) table.insert(threads, thread) end
 function init(args)
   statuses = {}
-  wrk.method = "POST"
-  wrk.headers["Content-Type"] = "application/json"
-  wrk.body = os.getenv("BNFOLD_BODY")
+  wrk.method = os.getenv("BNFOLD_METHOD")
+  if wrk.method == "POST" then
+    wrk.headers["Content-Type"] = "application/json"
+    wrk.body = os.getenv("BNFOLD_BODY")
+  end
 end
 function response(status, headers, body)
   statuses[status] = (statuses[status] or 0) + 1
@@ -87,18 +97,26 @@ def get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (a rate's denominator that other jobs
+    on the machine do not inflate, unlike wall-clock time)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mib(pid: int) -> float:
     text = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(r"VmRSS:\s+(\d+)", text).group(1)) / 1024
 
 
 class Server:
-    def __init__(self, model: str, words: str, extra: list[str]):
+    def __init__(self, model: str, words: str, extra: list[str], root: Path = REPO):
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
-        cmd = [sys.executable, str(REPO / "cli.py"), "serve", model, "--words", words]
+        cmd = [sys.executable, str(root / "cli.py"), "serve", model, "--words", words]
         cmd += ["--host", HOST, "--port", str(self.port), "--log-level", "warning", *extra]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
+        env = {**os.environ, "PYTHONPATH": str(root)}  # that checkout's bnfold, not ours
+        self.proc = subprocess.Popen(cmd, cwd=root, stderr=subprocess.PIPE, text=True, env=env)
         t0 = time.monotonic()
         while time.monotonic() - t0 < 60:
             if self.proc.poll() is not None:
@@ -148,14 +166,19 @@ def quantile(before: dict, after: dict, q: float) -> float | None:
     return les[-1]
 
 
-def run_wrk(url: str, body: dict, connections: int, duration: float, timeout: float) -> dict:
+def run_wrk(
+    url: str, body: dict, connections: int, duration: float, timeout: float, method: str
+) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(LUA)
         script = f.name
     try:
         cmd = ["wrk", "-t2", f"-c{connections}", f"-d{duration:g}s", f"--timeout={timeout:g}s"]
-        cmd += ["-s", script, url + "/v1/names"]
-        env = {**os.environ, "BNFOLD_BODY": json.dumps(body)}
+        target = url + "/v1/names"
+        if method == "GET":
+            target += "?" + urllib.parse.urlencode(body)
+        cmd += ["-s", script, target]
+        env = {**os.environ, "BNFOLD_BODY": json.dumps(body), "BNFOLD_METHOD": method}
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=duration + 60)
     finally:
         os.unlink(script)
@@ -167,14 +190,18 @@ def run_wrk(url: str, body: dict, connections: int, duration: float, timeout: fl
     return r
 
 
-async def _py_client(url, body, connections, duration, timeout, max_requests):
+async def _py_client(url, body, connections, duration, timeout, max_requests, method):
     """Raw-socket HTTP/1.1 keep-alive client: one coroutine per connection."""
     port = int(url.rsplit(":", 1)[1])
     payload = json.dumps(body).encode()
-    req = (
-        f"POST /v1/names HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(payload)}\r\n\r\n"
-    ).encode() + payload
+    if method == "GET":
+        query = urllib.parse.urlencode(body)
+        req = f"GET /v1/names?{query} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()
+    else:
+        req = (
+            f"POST /v1/names HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n"
+        ).encode() + payload
     lat: list[float] = []
     statuses: dict[int, int] = {}
     errors = [0]
@@ -218,16 +245,19 @@ async def _py_client(url, body, connections, duration, timeout, max_requests):
     }
 
 
-def load(tool, url, body, connections, duration, timeout, max_requests):
+def load(tool, url, body, connections, duration, timeout, max_requests, method="POST"):
     if tool == "wrk":
-        return run_wrk(url, body, connections, duration, timeout)
-    return asyncio.run(_py_client(url, body, connections, duration, timeout, max_requests))
+        return run_wrk(url, body, connections, duration, timeout, method)
+    return asyncio.run(_py_client(url, body, connections, duration, timeout, max_requests, method))
 
 
 def scenario(server, name, tool, body, connections, args, lines, deadline=None):
     m0 = server.metrics()
     rss0 = rss_mib(server.proc.pid)
-    r = load(tool, server.url, body, connections, args.duration, 10.0, args.max_requests)
+    cpu0 = cpu_seconds(server.proc.pid)
+    method = "GET" if name.endswith("-get") else "POST"
+    r = load(tool, server.url, body, connections, args.duration, 10.0, args.max_requests, method)
+    cpu1 = cpu_seconds(server.proc.pid)
     m1 = server.metrics()
     rss1 = rss_mib(server.proc.pid)
     secs = r["duration_us"] / 1e6
@@ -251,6 +281,7 @@ def scenario(server, name, tool, body, connections, args, lines, deadline=None):
         "timeouts": r["timeouts"],
         "5xx": s5xx,
         "rss_mib": (round(rss0, 1), round(rss1, 1)),
+        "cpu_us_per_request": (cpu1 - cpu0) * 1e6 / max(r["requests"], 1),
     }
     for status in (200, 429, 504):
         h0 = histogram(
@@ -281,6 +312,8 @@ def format_result(r: dict, deadline: float | None) -> str:
         f"  max {r['max_ms']:7.1f} ms\n{'':24}statuses {{{st}}}  5xx {r['5xx']}"
         f"  socket errors {r['socket_errors']}  timeouts {r['timeouts']}"
         f"  server RSS {r['rss_mib'][0]} -> {r['rss_mib'][1]} MiB"
+        f"\n{'':24}server CPU {r['cpu_us_per_request']:.0f} us per request"
+        f" ({r['cpu_us_per_request'] / max(r['count'], 1):.2f} us per name)"
     )
     extra = [
         f"server p99 {k.split('_')[2]} <= {v:g} ms"
@@ -305,8 +338,14 @@ def main() -> None:
     ap.add_argument("--tool", choices=["auto", "wrk", "python"], default="auto")
     ap.add_argument(
         "--scenarios",
-        default="count1,count100,count1-plain,count100-plain,overload",
+        default="count1,count1-get,count100,count100-get,count1-plain,count100-plain,overload",
         help="comma-separated subset",
+    )
+    ap.add_argument(
+        "--compare",
+        type=Path,
+        help="another checkout (e.g. `git archive main`): run its server on the same"
+        " scenarios, alternating with this one, and label its lines with its folder name",
     )
     ap.add_argument("--out", type=Path, help="also write the figures to this file")
     args = ap.parse_args()
@@ -326,20 +365,26 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     runs = [
         ("count1", [], {"count": 1}, 32),
+        ("count1-get", [], {"count": 1}, 32),
         ("count100", [], {"count": 100}, 32),
+        ("count100-get", [], {"count": 100}, 32),
         ("count1-plain", ["--batching", "off"], {"count": 1}, 32),
         ("count100-plain", ["--batching", "off"], {"count": 100}, 32),
     ]
+    checkouts = [("", REPO)]
+    if args.compare:
+        checkouts.append((args.compare.name + ":", args.compare.resolve()))
     for mode in ("", "off"):
         group = [r for r in runs if r[0] in wanted and (r[0].endswith("-plain") == bool(mode))]
         if not group:
             continue
-        server = Server(args.model, args.words, group[0][1])
-        try:
-            for name, _, body, conns in group:
-                scenario(server, name, tool, body, conns, args, lines)
-        finally:
-            server.stop()
+        for label, root in checkouts:
+            server = Server(args.model, args.words, group[0][1], root)
+            try:
+                for name, _, body, conns in group:
+                    scenario(server, label + name, tool, body, conns, args, lines)
+            finally:
+                server.stop()
     if "overload" in wanted:
         deadline = 2.0
         server = Server(args.model, args.words, ["--queue-size", "64", "--deadline", str(deadline)])

@@ -72,3 +72,100 @@ def labeler(bn, names_path):
     from bnfold.sample import load_labeler
 
     return load_labeler(bn, names_path)
+
+
+# ------------------------------------------------------------------ the HTTP service
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(url: str, timeout: float = 60) -> None:
+    import contextlib
+    import time
+
+    import httpx
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"{url} not ready after {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def wait_ready():
+    """``wait_ready(url)``: poll ``/readyz`` until 200 (at most 60 s)."""
+    return _wait_ready
+
+
+@pytest.fixture(scope="session")
+def serve_settings(onnx_model):
+    """``serve_settings(**limits)``: ServeSettings for the session's ONNX model."""
+    from bnfold.serve import ServeSettings
+
+    def make(**kw) -> ServeSettings:
+        return ServeSettings(model=str(onnx_model), words=str(NAMES), **kw)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def live():
+    """``with live(settings, loader=None, ready=True) as url``: the app under a real uvicorn
+    (with the service's own protocol and limits) in a thread, on 127.0.0.1:<free port>."""
+    import contextlib
+    import threading
+    import time
+
+    import uvicorn
+
+    from bnfold.serve import create_app
+    from bnfold.serve.server import uvicorn_options
+
+    @contextlib.contextmanager
+    def run(settings, loader=None, ready: bool = True, app=None):
+        app = app or create_app(settings, loader=loader)
+        port = _free_port()
+        opts = {**uvicorn_options(settings), "loop": "asyncio"}
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **opts)
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        if ready:
+            _wait_ready(url)
+        try:
+            yield url
+        finally:
+            server.should_exit = True
+            thread.join(30)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def spawn_serve():
+    """``spawn_serve(model, *args) -> (Popen, url)``: ``cli.py serve`` as a subprocess."""
+    import subprocess
+    import sys
+
+    def spawn(model: Path, *extra: str):
+        port = _free_port()
+        cmd = [sys.executable, str(REPO / "cli.py"), "serve", str(model), "--port", str(port)]
+        cmd += ["--log-level", "warning", *extra]
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        return proc, f"http://127.0.0.1:{port}"
+
+    return spawn

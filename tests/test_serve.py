@@ -9,11 +9,11 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import httpx
@@ -21,65 +21,17 @@ import pytest
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
-from pydantic import ValidationError
 
-import bnfold.serve as serve_mod
-from bnfold.serve import ServeSettings, _load_and_warm, create_app
+from bnfold.serve import ServeSettings, create_app, load_and_warm
+from bnfold.serve.schema import RequestParser
 
 REPO = Path(__file__).resolve().parent.parent
 NAMES = REPO / "data" / "names.txt"
 
 
-# ----------------------------------------------------------------------------- fixtures
-
-
-def settings_for(model: Path, **kw) -> ServeSettings:
-    return ServeSettings(model=str(model), words=str(NAMES), **kw)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def live(app, ready: bool = True):
-    """Run ``app`` under uvicorn in a background thread on 127.0.0.1:<free port>."""
-    import uvicorn
-
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    if ready:
-        wait_ready(url)
-    try:
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
-def wait_ready(url: str, timeout: float = 60) -> None:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"{url} not ready after {timeout} s")
-
-
 @pytest.fixture(scope="module")
-def server(onnx_model):
-    with live(create_app(settings_for(onnx_model, max_count=2000))) as url:
+def server(live, serve_settings):
+    with live(serve_settings(max_count=2000)) as url:
         yield url
 
 
@@ -140,56 +92,65 @@ def test_json_sent_as_a_form_like_curl_d_is_accepted(server):
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "count"]
 
 
-def test_hot_path_answers_exactly_as_fastapi(server, monkeypatch):
-    """A plain JSON POST is answered by the edge layer (no FastAPI routing or pydantic);
-    the same body under another JSON content type goes through FastAPI. Same answer."""
-    seen = []
-    real = serve_mod.plain_request
-
-    def spy(data, max_count):
-        got = real(data, max_count)
-        seen.append(got is not None)
-        return got
-
-    monkeypatch.setattr(serve_mod, "plain_request", spy)
+def test_get_and_post_are_one_path(server):
+    """The query string and the JSON body go through one schema: same answers, same errors
+    (apart from where the error is)."""
     body = {"count": 9, "seed": 3, "prefix": "al", "temperature": 1, "top_p": 1, "min_length": 3}
-    hot = httpx.post(server + "/v1/names", json=body)
-    assert seen == [True]
-    slow = httpx.post(
-        server + "/v1/names",
-        content=json.dumps(body),
-        headers={"content-type": "application/merge-patch+json"},
-    )
-    assert seen == [True]  # not offered to the hot path
-    assert hot.status_code == slow.status_code == 200
-    assert hot.json() == slow.json()
-    assert hot.json()["options"]["temperature"] == 1.0  # as pydantic gives it: a float
-    assert hot.headers["content-type"] == slow.headers["content-type"] == "application/json"
-    # what the hot path refuses is replayed to FastAPI, which words the 422
-    r = httpx.post(server + "/v1/names", json={"count": "3", "seed": True, "prefix": 7})
-    assert seen[-1] is False and r.status_code == 422
-    assert {e["loc"][-1] for e in r.json()["detail"]} == {"prefix"}  # "3", True are lax-valid
-    r = httpx.post(server + "/v1/names", json={"count": "3", "seed": True})
-    assert r.status_code == 200 and r.json()["count"] == 3 and r.json()["seed"] == 1
+    post = httpx.post(server + "/v1/names", json=body)
+    get = httpx.get(server + "/v1/names", params=body)
+    assert post.status_code == get.status_code == 200
+    assert post.json() == get.json()
+    assert post.json()["options"]["temperature"] == 1.0  # as the schema gives it: a float
+    for bad in ({"count": 0}, {"top_k": 0}, {"colour": "red"}, {"prefix": "Zq1"}):
+        p = httpx.post(server + "/v1/names", json=bad).json()["detail"]
+        g = httpx.get(server + "/v1/names", params=bad).json()["detail"]
+        assert [e["loc"][1:] for e in p] == [e["loc"][1:] for e in g] and p[0]["loc"][0] == "body"
+        assert [e["msg"] for e in p] == [e["msg"] for e in g] and g[0]["loc"][0] == "query"
 
 
-_JSONISH = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**65), 2**65)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=5),
-    lambda inner: st.lists(inner, max_size=2),
-    max_leaves=3,
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"count": "2"}, "count"),
+        ({"count": True}, "count"),
+        ({"count": 2.0}, "count"),
+        ({"seed": True}, "seed"),
+        ({"new_only": "yes"}, "new_only"),
+        ({"new_only": 1}, "new_only"),
+        ({"temperature": "0.5"}, "temperature"),
+        ({"prefix": 7}, "prefix"),
+    ],
 )
-_ANY = (
-    st.integers(-3, 2005)
-    | st.sampled_from([0, 1, 100, 1000, 2**53, 2**64 - 1, 2**64, -1, 0.0, 1.0, 0.5, 1e-300])
-    | st.floats(-2, 200, allow_nan=False)
-    | st.sampled_from(["", "a", "ka", "Zq", "é", "a" * 1001, True, False, None, "1", "0.5"])
-    | _JSONISH
+def test_json_types_are_strict(server, body, field):
+    """No lax conversions: a JSON value must already be of its field's type."""
+    r = httpx.post(server + "/v1/names", json=body)
+    assert r.status_code == 422, r.text
+    assert [e["loc"] for e in r.json()["detail"]] == [["body", field]]
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("count=1_0", "count"),
+        ("count=%2B10", "count"),
+        ("count=10.0", "count"),
+        ("count=%2010", "count"),
+        ("count=%D9%A1", "count"),  # an Arabic-Indic digit one
+        ("new_only=yes", "new_only"),
+        ("new_only=1", "new_only"),
+        ("temperature=inf", "temperature"),
+        ("temperature=1_0", "temperature"),
+        ("temperature=nan", "temperature"),
+    ],
 )
-_VALID = {  # each field's valid values, as JSON gives them
+def test_query_values_are_strict(server, query, field):
+    """Query values follow a strict grammar: decimal digits, true/false, plain decimals."""
+    r = httpx.get(server + "/v1/names?" + query)
+    assert r.status_code == 422, r.text
+    assert [e["loc"] for e in r.json()["detail"]] == [["query", field]]
+
+
+_VALID = {  # each field's valid values
     "count": st.integers(1, 2000),
     "seed": st.none() | st.integers(0, 2**64 - 1),
     "temperature": st.floats(0, 100) | st.integers(0, 100),
@@ -200,43 +161,26 @@ _VALID = {  # each field's valid values, as JSON gives them
     "max_length": st.integers(1, 1000),
     "new_only": st.booleans(),
 }
-_ABSENT = object()
 
 
-@st.composite
-def _bodies(draw):
-    """Request bodies near the valid ones: each field absent or valid, then zero to three
-    fields (perhaps an unknown one) set to anything at all."""
-    body = {}
-    for field, valid in _VALID.items():
-        v = draw(st.just(_ABSENT) | valid)
-        if v is not _ABSENT:
-            body[field] = v
-    for field in draw(st.lists(st.sampled_from([*_VALID, "colour"]), max_size=3)):
-        body[field] = draw(_ANY)
-    return body
+def _as_query(body: dict) -> bytes:
+    def text(v):
+        return "null" if v is None else json.dumps(v) if isinstance(v, bool) else str(v)
+
+    return urllib.parse.urlencode({k: text(v) for k, v in body.items()}).encode()
 
 
-@given(_bodies())
-@hypothesis_settings(max_examples=800, deadline=None, derandomize=True, database=None)
-def test_hot_path_validation_accepts_only_what_pydantic_accepts(data):
-    """Whatever ``plain_request`` accepts, the documented pydantic model accepts too, with
-    the same values and types; and it accepts the plain forms of every valid request."""
-    model = serve_mod.request_model(2000)
-    wire = json.loads(json.dumps(data))  # what a JSON body decodes to
-    got = serve_mod.plain_request(wire, 2000)
-    try:
-        ref = model.model_validate(wire).model_dump()
-    except ValidationError:
-        ref = None
-    if got is not None:
-        assert ref is not None, wire
-        assert {k: (type(v), v) for k, v in got.items()} == {
-            k: (type(v), v) for k, v in ref.items()
-        }
-    elif ref is not None:  # refused a valid body: only for lax forms pydantic converts
-        plain = json.loads(json.dumps(ref))
-        assert serve_mod.plain_request(plain, 2000) is not None, plain
+@given(st.fixed_dictionaries({}, optional=_VALID))
+@hypothesis_settings(max_examples=400, deadline=None, derandomize=True, database=None)
+def test_a_valid_request_reads_the_same_as_body_and_as_query(body):
+    """Whatever the body says, the query string's plain text form says the same thing."""
+    parser = RequestParser(2000)
+    from_body = parser.body(json.dumps(body).encode())
+    from_query = parser.query(_as_query(body))
+    assert isinstance(from_body, dict), from_body
+    assert {k: (type(v), v) for k, v in from_query.items()} == {
+        k: (type(v), v) for k, v in from_body.items()
+    }
 
 
 def test_tiny_temperature_is_served(server, reference):
@@ -405,7 +349,7 @@ class Gate:
         self.open.set()
 
     def loader(self, settings):
-        model = _load_and_warm(settings)
+        model = load_and_warm(settings)
         inner = model.predictor.logits
         gate = self.open
 
@@ -417,10 +361,10 @@ class Gate:
         return model
 
 
-def test_queue_full_gets_429_at_once_and_deadline_504(onnx_model):
-    gate = Gate()
-    app = create_app(settings_for(onnx_model, queue_size=2, deadline=1.5), loader=gate.loader)
-    with live(app) as url:
+def test_queue_full_gets_429_at_once_and_deadline_504(live, serve_settings):
+    gate = Gate()  # the network engine: every step is a forward pass the gate can hold
+    settings = serve_settings(queue_size=2, deadline=1.5, engine="network")
+    with live(settings, loader=gate.loader) as url:
         gate.open.clear()  # the batcher stalls: admitted requests stay in flight
 
         async def scenario():
@@ -449,17 +393,16 @@ def test_queue_full_gets_429_at_once_and_deadline_504(onnx_model):
         assert 'bnfold_rejections_total{reason="deadline"} 2.0' in text
 
 
-def test_readiness_during_startup_and_drain(onnx_model):
-    from fastapi.testclient import TestClient
-
+def test_readiness_during_startup_and_drain(live, serve_settings):
     loaded = threading.Event()
 
     def slow_loader(settings):
         loaded.wait(30)
-        return _load_and_warm(settings)
+        return load_and_warm(settings)
 
-    app = create_app(settings_for(onnx_model), loader=slow_loader)
-    with TestClient(app) as c:
+    settings = serve_settings()
+    app = create_app(settings, loader=slow_loader)
+    with live(settings, app=app, ready=False) as url, httpx.Client(base_url=url) as c:
         assert c.get("/livez").status_code == 200
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json()["detail"] == "loading"
@@ -478,12 +421,11 @@ def test_readiness_during_startup_and_drain(onnx_model):
         assert c.post("/v1/names", json={"count": 1}).status_code == 503
 
 
-def test_load_failure_is_reported(tmp_path):
+def test_load_failure_is_reported(tmp_path, live):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not onnx")
-    from fastapi.testclient import TestClient
-
-    with TestClient(create_app(settings_for(bad))) as c:
+    settings = ServeSettings(model=str(bad), words=str(NAMES))
+    with live(settings, ready=False) as url, httpx.Client(base_url=url) as c:
         t0 = time.monotonic()
         while c.get("/livez").status_code == 200:
             assert time.monotonic() - t0 < 30
@@ -492,9 +434,8 @@ def test_load_failure_is_reported(tmp_path):
         assert r.status_code == 503 and "not a readable ONNX model" in r.json()["detail"]
 
 
-def test_batching_off_gives_the_same_names(onnx_model, reference):
-    settings = settings_for(onnx_model, batching=False)
-    with live(create_app(settings)) as url:
+def test_batching_off_gives_the_same_names(live, serve_settings, reference):
+    with live(serve_settings(batching=False)) as url:
         opts = {"count": 12, "seed": 4, "prefix": "e"}
         r = httpx.post(url + "/v1/names", json=opts)
         assert r.status_code == 200 and strip(r.json()["names"]) == reference(**opts)
@@ -504,16 +445,10 @@ def test_batching_off_gives_the_same_names(onnx_model, reference):
 # ------------------------------------------------------------------- the real command
 
 
-def _spawn(model: Path, *extra: str):
-    port = free_port()
-    cmd = [sys.executable, str(REPO / "cli.py"), "serve", str(model), "--port", str(port)]
-    cmd += ["--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def test_sigterm_finishes_in_flight_requests_then_exits(onnx_model):
-    proc, url = _spawn(onnx_model, "--max-count", "100000", "--deadline", "60")
+def test_sigterm_finishes_in_flight_requests_then_exits(onnx_model, spawn_serve, wait_ready):
+    proc, url = spawn_serve(
+        onnx_model, "--max-count", "100000", "--deadline", "60", "--engine", "network"
+    )
     try:
         wait_ready(url)
         results = {}
@@ -543,8 +478,8 @@ def test_sigterm_finishes_in_flight_requests_then_exits(onnx_model):
             proc.wait()
 
 
-def test_workers_each_load_their_own_session(onnx_model):
-    proc, url = _spawn(onnx_model, "--workers", "2")
+def test_workers_each_load_their_own_session(onnx_model, spawn_serve, wait_ready):
+    proc, url = spawn_serve(onnx_model, "--workers", "2")
     try:
         wait_ready(url)
         pids = set()
@@ -582,7 +517,7 @@ def test_serve_refuses_a_missing_model(tmp_path):
 # ------------------------------------------------------------------------------- fuzzing
 
 
-def test_openapi_fuzzing_no_server_errors(onnx_model):
+def test_openapi_fuzzing_no_server_errors(live, serve_settings):
     """schemathesis generates requests (valid and invalid) for every operation of the app's
     own OpenAPI schema; no answer may be a 5xx, and answers must match the schema."""
     schemathesis = pytest.importorskip("schemathesis")
@@ -605,7 +540,7 @@ def test_openapi_fuzzing_no_server_errors(onnx_model):
         text = httpx.get(url + "/metrics").text
         return [ln for ln in text.splitlines() if "_count{" in ln and 'status="5' in ln]
 
-    with live(create_app(settings_for(onnx_model, max_count=30))) as url:
+    with live(serve_settings(max_count=30)) as url:
         before = server_errors(url)
         schema = schemathesis.openapi.from_url(url + "/openapi.json")
         failures = []
@@ -636,11 +571,11 @@ def test_openapi_fuzzing_no_server_errors(onnx_model):
         assert server_errors(url) == before  # none while fuzzing
 
 
-def test_settings_from_env_round_trip(onnx_model, monkeypatch):
-    s = settings_for(onnx_model, queue_size=7, batching=False)
+def test_settings_from_env_round_trip(onnx_model, serve_settings, monkeypatch):
+    s = serve_settings(queue_size=7, batching=False)
     monkeypatch.setenv("BNFOLD_SERVE_SETTINGS", s.to_env())
     assert ServeSettings.from_env() == s
     with pytest.raises(Exception, match="queue-size must be an integer >= 1"):
-        settings_for(onnx_model, queue_size=0).check()
+        serve_settings(queue_size=0).check()
     env = json.loads(s.to_env())
     assert env["model"] == str(onnx_model) and os.path.isabs(env["words"])

@@ -11,9 +11,6 @@ import shutil
 
 import httpx
 import pytest
-from test_serve import live, settings_for
-
-from bnfold.serve import create_app
 
 CHROMIUM = os.environ.get("BNFOLD_CHROMIUM", "/usr/bin/chromium")
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -59,8 +56,8 @@ def browser():
             b.close()
 
 
-def test_page_generates_names_with_labels(browser, onnx_model):
-    with live(create_app(settings_for(onnx_model))) as url:
+def test_page_generates_names_with_labels(browser, onnx_model, live, serve_settings):
+    with live(serve_settings()) as url:
         page = browser.new_page()
         try:
             page.goto(url + "/")

@@ -1,0 +1,90 @@
+"""Loading the model a worker serves, and what ``/v1/model`` shows about it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bnfold.infer import load_predictor
+from bnfold.onnx_files import load_onnx_file
+from bnfold.predictor import Predictor
+from bnfold.sample import Labeler, SampleOptions, load_labeler, sample_names
+from bnfold.serve.settings import ServeSettings
+
+
+@dataclass
+class LoadedModel:
+    predictor: Predictor
+    labeler: Labeler
+    sha256: str
+    info: dict[str, Any]
+
+
+def parameter_count(path: Path, predictor: Predictor) -> int | None:
+    """Number of weights: the ONNX file's initializers, or the torch model's parameters."""
+    model = getattr(predictor, "model", None)  # TorchPredictor only
+    if model is not None and hasattr(model, "parameters"):
+        return int(sum(p.numel() for p in model.parameters()))
+    if path.suffix == ".onnx":
+        proto = load_onnx_file(path).proto
+        return int(sum(int(np.prod(t.dims, dtype=np.int64)) for t in proto.graph.initializer))
+    return None
+
+
+def load_model(settings: ServeSettings) -> LoadedModel:
+    """Load the predictor and the novelty labeler; collect what ``/v1/model`` shows."""
+    path = Path(settings.model)
+    predictor = load_predictor(path)
+    labeler = load_labeler(predictor, settings.words)
+    meta = predictor.metadata
+    info = {
+        "name": path.name,
+        "sha256": predictor.sha256,
+        "backend": predictor.backend,
+        "folded": bool(predictor.folded),
+        "vocabulary": list(predictor.vocab.chars),
+        "vocab_size": predictor.vocab.size,
+        "end_token": 0,
+        "block_size": predictor.block_size,
+        "parameters": parameter_count(path, predictor),
+        "model_config": meta.get("model_config"),
+        "verification": meta.get("verification"),
+        "source_checkpoint": meta.get("source_checkpoint"),
+        "source_sha256": meta.get("source_sha256"),
+        "bnfold_version": meta.get("bnfold_version"),
+        "data_sha256": predictor.data_sha256,
+        "words": {
+            "file": Path(settings.words).name,
+            "sha256": labeler.sha256,
+            "verified": labeler.verified,
+        },
+        "service": {
+            "batching": "step" if settings.batching else "off",
+            "engine": settings.engine,
+            "max_count": settings.max_count,
+            "queue_size": settings.queue_size,
+            "deadline_seconds": settings.deadline,
+            "max_body_bytes": settings.max_body,
+            "max_rows_per_step": settings.max_rows,
+            "table_mb": settings.table_mb,
+            "memory_mb": settings.memory_mb,
+            "ort_threads": getattr(predictor, "threads", None),
+        },
+    }
+    return LoadedModel(predictor, labeler, predictor.sha256, info)
+
+
+def warm_up(model: LoadedModel, settings: ServeSettings) -> None:
+    """Run the sampler and the largest forward step once, so the first requests are fast."""
+    p = model.predictor
+    sample_names(p, SampleOptions(count=64, seed=0), model.labeler, engine="network")
+    p.logits(np.zeros((settings.max_rows, p.block_size), dtype=np.int64))
+
+
+def load_and_warm(settings: ServeSettings) -> LoadedModel:
+    model = load_model(settings)
+    warm_up(model, settings)
+    return model

@@ -1,0 +1,98 @@
+"""What one worker needs to build its app: :class:`ServeSettings`, passed to every worker
+process as JSON in an environment variable (uvicorn's workers import the app factory)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+from bnfold.errors import BnfoldError
+from bnfold.sampling.engine import ENGINES
+
+ENV_SETTINGS = "BNFOLD_SERVE_SETTINGS"  # JSON ServeSettings, read by each worker's factory
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Every limit of the service, per worker. The defaults are the CLI's defaults."""
+
+    model: str
+    words: str
+    max_count: int = 1000  # names per request
+    queue_size: int = 256  # requests admitted at once (waiting + running); more get 429
+    deadline: float = 10.0  # seconds from arrival to answer; later -> 504
+    max_body: int = 16_384  # bytes of request body; more -> 413
+    batching: bool = True  # step-level batching across requests (False: one at a time)
+    engine: str = "table"  # sampling engine: "table" (memoized rows) or "network"
+    max_rows: int = 8192  # rows in flight over all requests (one forward step)
+    job_rows: int = 1024  # rows in flight per request
+    # memory: every option group (temperature, top-k, top-p, min/max length) has an engine
+    # of its own; each engine holds at most table_mb of stored rows plus its rows in flight
+    table_mb: int = 32  # per engine; the shipped model's whole domain takes 23 MiB
+    memory_mb: int = 256  # all engines together; a group past it waits for an idle one
+    idle_release: float = 30.0  # seconds without work after which every engine is freed
+    drain_timeout: float = 30.0  # seconds to finish in-flight requests on SIGTERM
+    # the connection edge (uvicorn): see bnfold.serve.protocol
+    max_connections: int = 1024  # open connections per worker; more get 503
+    max_header: int = 16_384  # bytes of request line + headers; more -> 431
+    header_timeout: float = 10.0  # seconds to receive the request line + headers; then close
+    body_timeout: float = 10.0  # seconds to receive the body once headers are in; then 408
+    keep_alive: int = 5  # seconds an idle keep-alive connection stays open
+
+    def check(self) -> ServeSettings:
+        ints = (
+            "max_count",
+            "queue_size",
+            "max_body",
+            "max_rows",
+            "job_rows",
+            "table_mb",
+            "memory_mb",
+            "max_connections",
+            "max_header",
+            "keep_alive",
+        )
+        for name in ints:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise BnfoldError(f"{_flag(name)} must be an integer >= 1, got {v!r}")
+        if self.max_count > 10_000_000:
+            raise BnfoldError(f"max-count must be at most 10,000,000, got {self.max_count:,}")
+        for name in ("deadline", "drain_timeout", "idle_release", "header_timeout", "body_timeout"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise BnfoldError(f"{_flag(name)} must be a number > 0, got {v!r}")
+        if self.engine not in ENGINES:
+            raise BnfoldError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.table_mb > self.memory_mb:
+            raise BnfoldError(
+                f"table-mb ({self.table_mb}) must not exceed memory-mb ({self.memory_mb})"
+            )
+        return self
+
+    @property
+    def table_bytes(self) -> int:
+        return self.table_mb * MIB
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.memory_mb * MIB
+
+    def to_env(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_env(cls, environ=os.environ) -> ServeSettings:
+        raw = environ.get(ENV_SETTINGS)
+        if not raw:
+            raise BnfoldError(f"{ENV_SETTINGS} is not set (start the service with `bnfold serve`)")
+        data = json.loads(raw)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known}).check()
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
