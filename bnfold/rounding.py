@@ -33,8 +33,9 @@ Three criteria, chosen by what is available:
     is at most ~1.1x the reference's); 4 leaves room for that spread without rejecting a
     correct fold (the bug this module fixes). A wrong fold changes the function itself (a
     1e-3 relative change of one weight row, a forgotten beta) and lands above the bound
-    (error/bound 1.8 to 2e6 in the matrix). The exception is a wrong eps in one layer: where the running variance is
-    large its effect is itself the size of the rounding, and it can pass.
+    (error/bound 1.8 to 2e6 in the matrix). The exception is a wrong eps in one layer:
+    where the running variance is large its effect is itself the size of the rounding,
+    and it can pass (1 of 21 models in the matrix).
 
     ``F * u * S`` is a floor for the degenerate case where the reference
     happens to be (nearly) exact: a few roundings of the largest logit (storing
