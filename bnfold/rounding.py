@@ -225,6 +225,7 @@ class RoundingAccumulator:
     def verdict(self) -> RoundingVerdict:
         """The verdict over everything added so far."""
         criterion = self.criterion or ("absolute" if self.tolerance is not None else "magnitude")
+        rms_text = ""
         if criterion == "absolute":
             bound = float(self.tolerance)
             err = self.max_abs
@@ -238,7 +239,9 @@ class RoundingAccumulator:
                 FLOAT64_RMS_MULTIPLE * (self.ref_sq / n) ** 0.5
                 + UNIT_ROUNDOFF * (self.truth_sq / n) ** 0.5
             )
-            margin = max(_ratio(err, bound), _ratio((self.cand_sq / n) ** 0.5, rms_bound))
+            rms = (self.cand_sq / n) ** 0.5
+            margin = max(_ratio(err, bound), _ratio(rms, rms_bound))
+            rms_text = f"; RMS {rms:.3g} vs {rms_bound:.3g} ({_ratio(rms, rms_bound):.3g})"
             tie_limit = 2 * bound
         else:
             bound = self.magnitude_bound
@@ -249,7 +252,9 @@ class RoundingAccumulator:
         near_ties = int((gaps <= tie_limit).sum())
         flips = int(len(gaps) - near_ties)
         passed = bool(self.nonfinite == 0 and margin <= 1.0 and flips == 0)
-        reason = _reason(criterion, passed, err, bound, margin, near_ties, flips, self.nonfinite)
+        reason = _reason(
+            criterion, passed, err, bound, margin, near_ties, flips, self.nonfinite, rms_text
+        )
         f64 = criterion == "float64" or (criterion == "absolute" and self.truth_scale > 0)
         return RoundingVerdict(
             passed=passed,
@@ -312,13 +317,15 @@ def _reason(
     near_ties: int,
     flips: int,
     nonfinite: int,
+    rms_text: str = "",
 ) -> str:
     what = {
-        "float64": "max |candidate - float64 truth| (and its RMS)",
+        "float64": "max |candidate - float64 truth|",
         "magnitude": "max |candidate - reference| (magnitude bound, no float64 truth)",
         "absolute": "max |candidate - reference| (explicit tolerance)",
     }[criterion]
-    head = f"{what} {err:.3g} vs bound {bound:.3g} (error/bound {margin:.3g})"
+    head = f"{what} {err:.3g} vs bound {bound:.3g} ({_ratio(err, bound):.3g}){rms_text}"
+    head += f": error/bound {margin:.3g}"
     ties = f"; {near_ties} argmax near-tie(s) allowed" if near_ties else ""
     if nonfinite:
         return f"FAIL: candidate non-finite on {nonfinite} row(s) where the reference is finite"
