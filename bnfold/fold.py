@@ -1,4 +1,5 @@
-"""Fold every eval-mode BatchNorm into the neighbouring Linear/Conv layer, and say what was done.
+"""Fold every eval-mode BatchNorm into the neighbouring Linear/Conv/ConvTranspose layer, and say
+what was done.
 
 In eval mode a BatchNorm is a fixed per-channel affine map ``bn(x) = x * s + t`` with
 ``s = gamma / sqrt(running_var + eps)`` and ``t = beta - running_mean * s``. That map can be
@@ -37,7 +38,8 @@ from bnfold.model import MLP
 
 Tensor = torch.Tensor
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-LAYER_TYPES = (nn.Linear, *CONV_TYPES)
+TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+LAYER_TYPES = (nn.Linear, *CONV_TYPES, *TRANSPOSED_TYPES)
 INTO_PRECEDING = "into_preceding"
 INTO_FOLLOWING = "into_following"
 
@@ -189,6 +191,30 @@ def fold_bn_into_following(
     return new_w.to(wd), new_b.to(bd)
 
 
+def transposed_as_conv_weight(weight: Tensor, groups: int) -> Tensor:
+    """A ConvTranspose weight ``(C_in, C_out/groups, *k)`` laid out output-major as
+    ``(C_out, C_in/groups, *k)`` (a pure permutation), so :func:`fold_bn_into_preceding`
+    scales its output channels. :func:`conv_as_transposed_weight` undoes it."""
+    c_in, out_per_group, *kernel = weight.shape
+    if c_in % groups:
+        raise ValueError(f"{c_in} input channels do not split into {groups} groups")
+    return (
+        weight.reshape(groups, c_in // groups, out_per_group, *kernel)
+        .transpose(1, 2)
+        .reshape(groups * out_per_group, c_in // groups, *kernel)
+    )
+
+
+def conv_as_transposed_weight(weight: Tensor, groups: int) -> Tensor:
+    """Inverse of :func:`transposed_as_conv_weight`."""
+    c_out, in_per_group, *kernel = weight.shape
+    return (
+        weight.reshape(groups, c_out // groups, in_per_group, *kernel)
+        .transpose(1, 2)
+        .reshape(groups * in_per_group, c_out // groups, *kernel)
+    )
+
+
 # --------------------------------------------------------------------------------------
 # Module-level helpers (new modules; inputs untouched)
 # --------------------------------------------------------------------------------------
@@ -215,11 +241,23 @@ def fold_linear_bn(linear: nn.Linear, bn: _BatchNorm) -> nn.Linear:
     return _with_params(linear, *fold_bn_into_preceding(linear.weight, linear.bias, *_bn_stats(bn)))
 
 
+def fold_into_layer_output(
+    layer: nn.Module, weight: Tensor, bias: Tensor | None, bn_stats: tuple, dtype=None
+) -> tuple[Tensor, Tensor]:
+    """:func:`fold_bn_into_preceding` for any Linear/Conv/ConvTranspose ``layer`` (whose
+    ``weight``/``bias`` are given separately, e.g. as float64 work copies): a transposed
+    convolution's weight is permuted to output-major layout and back (exact)."""
+    if isinstance(layer, nn.modules.conv._ConvTransposeNd):
+        w = transposed_as_conv_weight(weight, layer.groups)
+        new_w, new_b = fold_bn_into_preceding(w, bias, *bn_stats, dtype=dtype)
+        return conv_as_transposed_weight(new_w, layer.groups), new_b
+    return fold_bn_into_preceding(weight, bias, *bn_stats, dtype=dtype)
+
+
 def fold_conv_bn(conv: nn.modules.conv._ConvNd, bn: _BatchNorm) -> nn.modules.conv._ConvNd:
-    """A new Conv computing ``bn(conv(x))`` in eval mode (batched ``x``)."""
-    if isinstance(conv, nn.modules.conv._ConvTransposeNd):
-        raise ValueError("transposed convolutions are not supported")
-    return _with_params(conv, *fold_bn_into_preceding(conv.weight, conv.bias, *_bn_stats(bn)))
+    """A new Conv or ConvTranspose (any groups) computing ``bn(conv(x))`` in eval mode
+    (batched ``x``)."""
+    return _with_params(conv, *fold_into_layer_output(conv, conv.weight, conv.bias, _bn_stats(bn)))
 
 
 def fold_bn_linear(bn: _BatchNorm, linear: nn.Linear) -> nn.Linear:
@@ -235,7 +273,12 @@ def conv_following_refusal(conv: nn.Module) -> str | None:
     it to a constant output offset only if it never sees zero padding (zero-padding pads
     with 0, not with ``t``). Replicate/reflect/circular padding keeps constants constant.
     """
-    if isinstance(conv, nn.modules.conv._ConvTransposeNd) or not isinstance(conv, CONV_TYPES):
+    if isinstance(conv, nn.modules.conv._ConvTransposeNd):
+        return (
+            f"a BN before a {type(conv).__name__} does not fold: a transposed convolution spreads"
+            " the BN's shift unevenly over its output, so it is not a constant bias"
+        )
+    if not isinstance(conv, CONV_TYPES):
         return f"{type(conv).__name__} is not a supported convolution"
     if conv.padding_mode != "zeros":
         return None
@@ -358,9 +401,11 @@ class FoldReport:
 @dataclass
 class _Plan:
     bn: str
-    layer: str
+    layer: str  # the module folded into (a clone's name when ``clone_of`` is set)
     direction: str
     note: str = ""
+    clone_of: str | None = None  # the shared module this call's clone copies
+    call: torch.fx.Node | None = None  # the layer's call node (retargeted to the clone)
 
 
 class _Tracer(torch.fx.Tracer):
@@ -388,6 +433,21 @@ class _ShapeRecorder(torch.fx.Interpreter):
         if isinstance(result, Tensor):
             n.meta["bnfold_shape"] = tuple(result.shape)
         return result
+
+
+def _describe(arg) -> str:
+    """A node in words, without object addresses (reasons must be reproducible)."""
+    if not isinstance(arg, torch.fx.Node):
+        return type(arg).__name__
+    if arg.op == "placeholder":
+        return f"the model input {arg.target}"
+    if arg.op == "call_function":
+        name = getattr(arg.target, "__qualname__", None) or getattr(arg.target, "__name__", "")
+        module = getattr(arg.target, "__module__", None) or ""
+        return f"function {module + '.' if module else ''}{name or type(arg.target).__name__}"
+    if arg.op == "call_method":
+        return f"method .{arg.target}()"
+    return str(arg.target)
 
 
 def _shape(node: torch.fx.Node) -> tuple[int, ...] | None:
@@ -433,9 +493,13 @@ def _axis_problem(
                 " acts on the last axis: the channel axes differ",
                 "",
             )
-        return None, (
-            "no example input: assumed 2-D (batch, features) input so the BN's channel axis is"
-            " the Linear's feature axis; pass example_input to check it"
+        # On 3-D input (N, L, F) a Linear acts on F but BatchNorm1d on L: the same module
+        # pair folds right for one rank and wrong for the other, so only shapes can tell.
+        return (
+            f"{type(bn).__name__} after a Linear: its channel axis is the Linear's feature"
+            " axis only on 2-D input, and with no example input the rank cannot be proven;"
+            " pass example_input",
+            "",
         )
     conv_rank = spatial + 2
     if conv_rank not in bn_rank:
@@ -445,9 +509,10 @@ def _axis_problem(
             "",
         )
     if len(bn_rank) > 1:  # BatchNorm1d with Conv1d: unbatched (C, L) would also run
-        return None, (
-            "no example input: assumed batched (N, C, L) input so the BN's channel axis is"
-            f" the {lname}'s channel axis; pass example_input to check it"
+        return (
+            f"{type(bn).__name__} with a {lname}: on unbatched (C, L) input the channel axes"
+            " differ, and with no example input the rank cannot be proven; pass example_input",
+            "",
         )
     return None, ""
 
@@ -483,14 +548,23 @@ def _plan(
 
     def layer_refusal(name: str) -> str | None:
         m = modules[name]
-        if not isinstance(m, LAYER_TYPES) or isinstance(m, nn.modules.conv._ConvTransposeNd):
-            return f"{type(m).__name__} is not a Linear/Conv layer"
+        if not isinstance(m, LAYER_TYPES):
+            return f"{type(m).__name__} is not a Linear/Conv/ConvTranspose layer"
         if parametrize.is_parametrized(m):
             return f"{name} has parametrizations (e.g. weight_norm)"
         if m._forward_hooks or m._forward_pre_hooks:
             return f"{name} has forward hooks"
-        why = shared(name)
-        return f"{name} is {why}" if why else None
+        return None
+
+    def target(call: torch.fx.Node) -> tuple[str, str | None, str]:
+        """(module to fold into, module it clones or None, note). A shared layer is
+        cloned for this one call: its other calls keep the original weights, so the fold
+        stays exact (the result is then a torch.fx.GraphModule)."""
+        why = shared(call.target)
+        if why is None:
+            return call.target, None, ""
+        clone = f"{call.target.replace('.', '_')}_bnfold_{call.name}"
+        return clone, call.target, f"{call.target} is {why}: folded into a copy for this call"
 
     plans: list[_Plan] = []
     skipped: list[SkippedBN] = []
@@ -528,19 +602,23 @@ def _plan(
                     f"the output of {src.target} (the BN's input) is also used by"
                     f" {', '.join(others)}"
                 )
-            if lr is None and (src.target, "out") in used_sides:
+            if lr is None and (src.name, "out") in used_sides:
                 lr = f"{src.target} already absorbed a BN on its output"
             if lr is None:
                 problem, note = _axis_problem(modules[src.target], bn, shape)
                 lr = problem
                 if problem is None:
-                    plans.append(_Plan(bn_name, src.target, INTO_PRECEDING, note))
-                    used_sides.add((src.target, "out"))
+                    layer, clone_of, why = target(src)
+                    note = "; ".join(x for x in (note, why) if x)
+                    plans.append(_Plan(bn_name, layer, INTO_PRECEDING, note, clone_of, src))
+                    used_sides.add((src.name, "out"))
                     continue
             reasons.append(f"preceding: {lr}")
         else:
-            what = src.target if isinstance(src, torch.fx.Node) else repr(src)
-            reasons.append(f"preceding: its input comes from {what}, not a Linear/Conv layer")
+            reasons.append(
+                f"preceding: its input comes from {_describe(src)}, not a Linear/Conv/ConvTranspose"
+                " layer"
+            )
 
         # 2) into the following layer
         users = list(node.users)
@@ -549,23 +627,25 @@ def _plan(
                 f"following: its output has {len(users)} consumers, so it cannot be removed"
             )
         elif users[0].op != "call_module":
-            reasons.append(f"following: its output goes to {users[0].target}, not a layer")
+            reasons.append(f"following: its output goes to {_describe(users[0])}, not a layer")
         else:
             user = users[0]
             lname = user.target
             fr = layer_refusal(lname)
             if fr is None and (len(user.args) != 1 or user.kwargs or user.args[0] is not node):
                 fr = f"{lname} is called with extra arguments"
-            if fr is None and isinstance(modules[lname], CONV_TYPES):
+            if fr is None and isinstance(modules[lname], nn.modules.conv._ConvNd):
                 fr = conv_following_refusal(modules[lname])
-            if fr is None and (lname, "in") in used_sides:
+            if fr is None and (user.name, "in") in used_sides:
                 fr = f"{lname} already absorbed a BN on its input"
             if fr is None:
                 problem, note = _axis_problem(modules[lname], bn, shape)
                 fr = problem
                 if problem is None:
-                    plans.append(_Plan(bn_name, lname, INTO_FOLLOWING, note))
-                    used_sides.add((lname, "in"))
+                    layer, clone_of, why = target(user)
+                    note = "; ".join(x for x in (note, why) if x)
+                    plans.append(_Plan(bn_name, layer, INTO_FOLLOWING, note, clone_of, user))
+                    used_sides.add((user.name, "in"))
                     continue
             reasons.append(f"following: {fr}")
         skipped.append(SkippedBN(bn_name, "; ".join(reasons)))
@@ -579,8 +659,10 @@ def _apply(modules: dict[str, nn.Module], plans: list[_Plan]) -> None:
         layer, bn = modules[p.layer], modules[p.bn]
         if p.layer not in work:
             w = layer.weight.detach().double()
+            transposed = isinstance(layer, nn.modules.conv._ConvTransposeNd)
+            out = w.shape[1] * layer.groups if transposed else w.shape[0]
             b = (
-                torch.zeros(w.shape[0], dtype=torch.float64)
+                torch.zeros(out, dtype=torch.float64)
                 if layer.bias is None
                 else layer.bias.detach().double()
             )
@@ -588,7 +670,7 @@ def _apply(modules: dict[str, nn.Module], plans: list[_Plan]) -> None:
         w, b = work[p.layer]
         stats = (bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
         if p.direction == INTO_PRECEDING:
-            work[p.layer] = fold_bn_into_preceding(w, b, *stats, dtype=torch.float64)
+            work[p.layer] = fold_into_layer_output(layer, w, b, stats, dtype=torch.float64)
         else:
             groups = getattr(layer, "groups", 1)
             work[p.layer] = fold_bn_into_following(w, b, *stats, groups=groups, dtype=torch.float64)
@@ -648,8 +730,10 @@ def fold_batchnorm(
     running statistics (the report says so). BNs are preferably folded into the layer
     before them, otherwise into the layer after them; a BN is left alone, with the reason
     in the report, when it has no running statistics, is shared, its input feeds other
-    consumers, its channel axis is not the layer's feature axis, or the fold would not be
-    exact for another reason.
+    consumers, its channel axis is not (or, without an example input, cannot be shown to
+    be) the layer's feature axis, or the fold would not be exact for another reason. A
+    shared *layer* is copied for the call whose BN is folded; the result is then a
+    ``torch.fx.GraphModule``.
     """
     if not isinstance(model, nn.Module):
         raise BnfoldError(f"expected an nn.Module, got {type(model).__name__}")
@@ -680,20 +764,36 @@ def fold_batchnorm(
     modules = dict(work.named_modules())
     plans, skipped, notes = _plan(work, gm, shapes_known=bool(args))
     report.notes.extend(notes)
+    for p in plans:
+        if p.clone_of is not None and p.layer not in modules:
+            work.add_module(p.layer, copy.deepcopy(modules[p.clone_of]))
+            modules[p.layer] = getattr(work, p.layer)
     bad = _overflow(modules, plans)
     if bad:
         skipped.extend(SkippedBN(bn, why) for bn, why in bad.items())
         plans = [p for p in plans if p.bn not in bad]
+    for p in plans:
+        if p.clone_of is not None:
+            gm.add_submodule(p.layer, modules[p.layer])  # the graph's owner must know it too
+            p.call.target = p.layer
     _apply(modules, plans)
     for p in plans:
         work.set_submodule(p.bn, nn.Identity())
-    report.folded = [FoldedBN(p.bn, p.layer, p.direction, p.note) for p in plans]
+    report.folded = [FoldedBN(p.bn, p.clone_of or p.layer, p.direction, p.note) for p in plans]
     order = {n: i for i, n in enumerate(modules)}
     report.skipped = sorted(skipped, key=lambda s: order.get(s.bn, 0))
     removed = {p.bn for p in plans}
 
     result: nn.Module = work
-    if is_mlp and report.complete:
+    cloned = any(p.clone_of is not None for p in plans)
+    if cloned:  # the forward itself changed (one call now uses a copy): the traced graph
+        gm.graph.eliminate_dead_code()
+        result = torch.fx.GraphModule(work, gm.graph)
+        report.notes.append(
+            "shared layers were copied for their folded calls, so the result is a"
+            " torch.fx.GraphModule"
+        )
+    elif is_mlp and report.complete:
         result = _as_folded_mlp(work, model.config)
     elif isinstance(work, nn.Sequential):
         keep = [(k, m) for k, m in work.named_children() if k not in removed]

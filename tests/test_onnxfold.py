@@ -1,0 +1,358 @@
+"""The ONNX folder on a zoo of graphs nobody here wrote the weights of: torchvision CNNs,
+torch.onnx exports with their BN nodes kept, onnx.helper graphs; every fold is checked in
+ONNX Runtime (optimisations off) against the original and a float64 evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_zoo
+import pytest
+import torch
+from click.testing import CliRunner
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from onnx import helper, numpy_helper
+from torch import nn
+
+from bnfold.errors import BnfoldError
+from bnfold.onnxfold import check_contract, fold_onnx, load_model
+from bnfold.onnxfold.compare import compare, random_feeds, run
+from cli import main
+
+BUILT: dict[str, onnx.ModelProto] = {}
+
+
+def built(case: onnx_zoo.ZooCase) -> onnx.ModelProto:
+    if case.name not in BUILT:
+        BUILT[case.name] = case.build()
+    return BUILT[case.name]
+
+
+def bn_count(model: onnx.ModelProto) -> int:
+    return sum(n.op_type == "BatchNormalization" for n in model.graph.node)
+
+
+def read_names(model: onnx.ModelProto) -> set[str]:
+    return {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+
+
+@pytest.mark.parametrize("case", onnx_zoo.CASES, ids=lambda c: c.name)
+def test_zoo_case_folds_exactly_what_is_foldable(case):
+    model = built(case)
+    folded, report = fold_onnx(model)
+    assert report.batchnorms == case.batchnorms == bn_count(model)
+    assert len(report.folded) == case.foldable
+    assert bn_count(folded) == case.batchnorms - case.foldable
+    for needle in case.refusals:
+        assert any(needle in left.reason for left in report.left), (needle, report.format())
+    # the graph's contract: checker, interface, opset, metadata, no dangling initializers
+    check_contract(model, folded)
+    assert list(folded.opset_import) == list(model.opset_import)
+    assert list(folded.metadata_props) == list(model.metadata_props)
+    assert {t.name for t in folded.graph.initializer} <= read_names(folded)
+    # same function at the exported batch size and at another one, judged against float64
+    for batch in (2, 3):
+        result = compare(model, folded, random_feeds(model, seed=batch, dynamic=batch), "zoo")
+        assert result.passed, result.format()
+
+
+def test_reasons_are_deterministic():
+    case = next(c for c in onnx_zoo.CASES if c.name == "traps")
+    a = fold_onnx(built(case))[1].to_dict()
+    b = fold_onnx(case.build())[1].to_dict()
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b
+    assert "0x" not in json.dumps(a)
+
+
+def test_shared_weight_is_cloned_and_the_other_user_keeps_it():
+    case = next(c for c in onnx_zoo.CASES if c.name == "shared_weight")
+    model = built(case)
+    folded, _ = fold_onnx(model)
+    conv2 = next(n for n in folded.graph.node if n.name == "conv2")
+    conv1 = next(n for n in folded.graph.node if n.name == "conv1")
+    assert conv2.input[1] == "w" and conv1.input[1] != "w"
+    init = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}
+    orig = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    np.testing.assert_array_equal(init["w"], orig["w"])
+
+
+def test_bn_stats_as_constant_nodes_and_cast_transpose_weights_fold():
+    case = next(c for c in onnx_zoo.CASES if c.name == "constant_expressions")
+    folded, report = fold_onnx(built(case))
+    assert [n.op_type for n in folded.graph.node] == ["Conv"]  # constants pruned, BN gone
+    assert report.folded[0].layer == "conv"
+
+
+def test_the_comparison_catches_a_wrong_fold():
+    """Scale one folded weight by 1 + 1e-4: far beyond float32 rounding, must fail."""
+    case = next(c for c in onnx_zoo.CASES if c.name == "bn_chain")
+    model = built(case)
+    folded, _ = fold_onnx(model)
+    w = folded.graph.initializer[0]
+    arr = numpy_helper.to_array(w).copy()
+    arr.flat[0] *= 1 + 1e-4
+    w.CopyFrom(numpy_helper.from_array(arr, w.name))
+    result = compare(model, folded, random_feeds(model), "zoo")
+    assert not result.passed
+    assert result.float64 != "" and result.outputs[0].verdict.criterion == "float64"
+
+
+def _overflowing() -> onnx.ModelProto:
+    inits = [
+        numpy_helper.from_array(np.full((2, 2, 1, 1), 1e30, np.float32), "w"),
+        *[
+            numpy_helper.from_array(np.asarray(v, np.float32), n)
+            for n, v in (("s", [1e30, 1.0]), ("b", [0, 0]), ("m", [0, 0]), ("v", [1, 1]))
+        ],
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"], name="bn"),
+    ]
+    return onnx_zoo.graph_model(nodes, [("x", ["n", 2, 3, 3])], [("y", ["n", 2, 3, 3])], inits)
+
+
+def test_a_fold_that_overflows_float32_is_refused():
+    folded, report = fold_onnx(_overflowing())
+    assert not report.folded and "overflow" in report.left[0].reason
+    assert bn_count(folded) == 1
+
+
+# ---- property tests: random convolutions ------------------------------------------------
+
+
+@st.composite
+def conv_configs(draw):
+    dims = draw(st.integers(1, 3))
+    groups = draw(st.sampled_from([1, 2, 3]))
+    c_in = groups * draw(st.integers(1, 2))
+    c_out = groups * draw(st.integers(1, 2))
+    return {
+        "dims": dims,
+        "groups": groups,
+        "c_in": c_in,
+        "c_out": c_out,
+        "kernel": draw(st.integers(1, 3)),
+        "stride": draw(st.integers(1, 2)),
+        "dilation": draw(st.integers(1, 2)),
+        "padding": draw(st.integers(0, 1)),
+        "bias": draw(st.booleans()),
+        "transposed": draw(st.booleans()),
+        "seed": draw(st.integers(0, 2**16)),
+    }
+
+
+BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_configs())
+def test_random_convolutions_fold_both_ways_exactly(cfg):
+    """BN -> Conv/ConvTranspose -> BN: the BN after always folds into the layer; the BN
+    before folds into a Conv exactly when it reads no padding, never into a ConvTranspose."""
+    d = cfg["dims"]
+    kind = (
+        (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[d - 1]
+        if cfg["transposed"]
+        else (nn.Conv1d, nn.Conv2d, nn.Conv3d)[d - 1]
+    )
+    torch.manual_seed(cfg["seed"])
+    layer = kind(
+        cfg["c_in"],
+        cfg["c_out"],
+        cfg["kernel"],
+        stride=cfg["stride"],
+        padding=cfg["padding"],
+        dilation=cfg["dilation"],
+        groups=cfg["groups"],
+        bias=cfg["bias"],
+    )
+    model = nn.Sequential(BN[d](cfg["c_in"]), layer, BN[d](cfg["c_out"]))
+    size = cfg["dilation"] * (cfg["kernel"] - 1) + 3  # room for the dilated kernel
+    onnx_model = onnx_zoo.export(model, (2, cfg["c_in"], *([size] * d)), seed=cfg["seed"])
+    folded, report = fold_onnx(onnx_model)
+    before_folds = not cfg["transposed"] and cfg["padding"] == 0
+    assert len(report.folded) == 1 + before_folds, report.format()
+    check_contract(onnx_model, folded)
+    result = compare(onnx_model, folded, random_feeds(onnx_model, seed=cfg["seed"]), "random")
+    assert result.passed, result.format()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    k=st.integers(1, 5),
+    n=st.integers(1, 5),
+    trans_a=st.booleans(),
+    trans_b=st.booleans(),
+    alpha=st.sampled_from([1.0, 0.5, -2.0]),
+    beta=st.sampled_from([1.0, 0.25, 3.0]),
+    c_shape=st.sampled_from(["none", "row", "vector", "scalar", "matrix", "column"]),
+    before=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+@example(
+    k=3,
+    n=4,
+    trans_a=True,
+    trans_b=True,
+    alpha=0.5,
+    beta=3.0,
+    c_shape="matrix",
+    before=False,
+    seed=1,
+)
+@example(
+    k=3,
+    n=4,
+    trans_a=False,
+    trans_b=False,
+    alpha=-2.0,
+    beta=0.25,
+    c_shape="column",
+    before=True,
+    seed=2,
+)
+def test_random_gemms_fold_exactly(k, n, trans_a, trans_b, alpha, beta, c_shape, before, seed):
+    """BN -> Gemm or Gemm -> BN over random transA/transB/alpha/beta and C broadcasts."""
+    trans_a = trans_a and not before  # a BN in front normalises the rows of A itself
+    w = onnx_zoo.rand((n, k) if trans_b else (k, n), seed)
+    rows = 3 if c_shape in ("matrix", "column") else "n"  # a per-row C fixes the batch
+    c = {
+        "none": None,
+        "row": rand_c((1, n), seed),
+        "vector": rand_c((n,), seed),
+        "scalar": rand_c((), seed),
+        "matrix": rand_c((3, n), seed),
+        "column": rand_c((3, 1), seed),
+    }[c_shape]
+    inits = [onnx_zoo._t("w", w), *onnx_zoo.bn_params("bn", k if before else n, seed)]
+    gemm_in = ["a" if before else "x", "w"]
+    if c is not None:
+        inits.append(onnx_zoo._t("c", c))
+        gemm_in.append("c")
+    gemm = helper.make_node(
+        "Gemm",
+        gemm_in,
+        ["g" if not before else "y"],
+        name="gemm",
+        transA=int(trans_a),
+        transB=int(trans_b),
+        alpha=alpha,
+        beta=beta,
+    )
+    nodes = (
+        [onnx_zoo.bn_node("bn", "x", "a"), gemm]
+        if before
+        else [gemm, onnx_zoo.bn_node("bn", "g", "y")]
+    )
+    x_shape = [k, rows] if trans_a else [rows, k]
+    model = onnx_zoo.graph_model(nodes, [("x", x_shape)], [("y", [rows, n])], inits)
+    folded, report = fold_onnx(model)
+    assert len(report.folded) == 1 and bn_count(folded) == 0, report.format()
+    check_contract(model, folded)
+    result = compare(model, folded, random_feeds(model, seed=seed, dynamic=3), "random")
+    assert result.passed, result.format()
+
+
+def rand_c(shape, seed):
+    return onnx_zoo.rand(shape, seed + 1)
+
+
+# ---- the command line -------------------------------------------------------------------
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture()
+def gemm_file(tmp_path) -> Path:
+    case = next(c for c in onnx_zoo.CASES if c.name == "gemm_variants")
+    path = tmp_path / "gemm.onnx"
+    onnx.save(built(case), path)
+    return path
+
+
+def test_cli_fold_onnx_writes_next_to_it_and_reports_json(gemm_file):
+    r = invoke("fold", gemm_file, "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["passed"] and d["path"] == str(gemm_file.with_name("gemm.folded.onnx"))
+    assert [f["direction"] for f in d["fold"]["folded"]] == ["into_preceding", "into_following"]
+    assert d["verification"]["float64"].startswith("onnxruntime")
+    # judged with the dynamic batch dim at 2 and at 3
+    assert [o["shape"] for o in d["verification"]["outputs"]] == [[2, 5], [3, 5]]
+    out = load_model(d["path"])
+    assert bn_count(out) == 0
+    r = invoke("verify", gemm_file, d["path"])
+    assert r.exit_code == 0 and "PASSED" in r.output, r.output
+
+
+def test_cli_fold_onnx_with_user_inputs_and_failure_writes_nothing(gemm_file, tmp_path):
+    npz = tmp_path / "in.npz"
+    np.savez(npz, x=np.random.default_rng(1).standard_normal((4, 7)).astype(np.float32))
+    out = tmp_path / "o.onnx"
+    r = invoke("fold", gemm_file, "--inputs", npz, "--out", out)
+    assert r.exit_code == 0 and "inputs from" in r.output and out.exists(), r.output
+    out.unlink()
+    r = invoke("fold", gemm_file, "--out", out, "--tolerance", "0")
+    assert r.exit_code == 1 and "nothing written" in r.output and not out.exists()
+
+
+def test_cli_verify_generic_pair_with_different_outputs_fails(gemm_file, tmp_path):
+    other = load_model(gemm_file)
+    w = next(t for t in other.graph.initializer if t.name == "w2")
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 1.01, "w2"))
+    path = tmp_path / "other.onnx"
+    onnx.save(other, path)
+    r = invoke("verify", gemm_file, path, "--json")
+    assert r.exit_code == 1
+    assert json.loads(r.output)["passed"] is False
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p.write_bytes(b"not onnx"), "not a readable ONNX model"),
+        (lambda p: None, "no such file"),
+    ],
+)
+def test_cli_bad_onnx_files_are_one_line_errors(tmp_path, make, message):
+    bad = tmp_path / "bad.onnx"
+    make(bad)
+    r = invoke("fold", bad)
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
+
+
+def test_cli_verify_refuses_models_with_different_inputs(gemm_file, tmp_path):
+    case = next(c for c in onnx_zoo.CASES if c.name == "mlp_gemm")
+    other = tmp_path / "mlp.onnx"
+    onnx.save(built(case), other)
+    r = invoke("verify", gemm_file, other)
+    assert r.exit_code == 2 and "different inputs" in r.output
+
+
+def test_cli_fold_bnfold_export_checks_the_whole_domain(trained_checkpoint, tmp_path):
+    from bnfold.export import export_checkpoint
+
+    export_checkpoint(trained_checkpoint, tmp_path)
+    r = invoke("fold", tmp_path / "bn.onnx", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["fold"]["complete"] and len(d["fold"]["folded"]) == 6
+    assert d["verification"]["inputs"].startswith("19,683 contexts")
+    # the result runs like bnfold's own folded export
+    folded = load_model(d["path"])
+    feeds = {"contexts": np.zeros((3, 3), np.int64)}
+    ours = run(load_model(tmp_path / "folded.onnx"), feeds)["logits"]
+    np.testing.assert_allclose(run(folded, feeds)["logits"], ours, atol=1e-4)
+
+
+def test_load_model_errors_are_bnfold_errors(tmp_path):
+    with pytest.raises(BnfoldError, match="is a directory"):
+        load_model(tmp_path)
