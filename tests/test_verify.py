@@ -122,18 +122,13 @@ def test_different_model_families_are_refused(pair, tmp_path):
         verify(bn, path)
 
 
-def test_fold_and_verify_are_fast(pair):
-    """The issue's bar: fold + exhaustive verification of the default model well under 2 s
-    (measured ~0.5-0.8 s here; the bound is loose for a shared CPU)."""
-    import time
-
+def test_fold_and_verify_in_memory(pair):
+    """Fold and verify without files (speed is measured in benchmarks, not asserted)."""
     from bnfold.fold import fold_batchnorm
 
     bn, _ = pair
     ckpt = load_checkpoint(bn)
-    fold_batchnorm(ckpt.model)  # warm-up (first fx trace)
-    t0 = time.perf_counter()
     folded, _ = fold_batchnorm(ckpt.model)
     cand = Checkpoint(folded, ckpt.vocab)
     r = verify(TorchPredictor(ckpt), TorchPredictor(cand))
-    assert r.passed and time.perf_counter() - t0 < 3.0
+    assert r.passed and r.criterion == "float64"
