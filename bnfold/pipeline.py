@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bnfold.checkpoint import Checkpoint, save_checkpoint
 from bnfold.data import load_dataset
 from bnfold.model import ModelConfig
-from bnfold.train import TrainConfig, train, train_config_dict
+from bnfold.train import TrainConfig, check_training_memory, train, train_config_dict
 
 
 def train_to_checkpoint(
@@ -23,6 +23,7 @@ def train_to_checkpoint(
     n_layers: int = 5,
     block_size: int = 3,
     seed: int = 42,
+    threads: int | None = None,
     progress: bool | None = None,
     observer=None,
     report_dir: str | Path | None = None,
@@ -34,15 +35,18 @@ def train_to_checkpoint(
     default ~100 records per run, plus ~10 dev-loss evaluations) and a report is written
     there (``diagnostics.json``, figures, ``index.html``); ``summary["report"]`` is its index.
     """
-    data = load_dataset(data_path, block_size)
     model_config = ModelConfig(
-        vocab_size=data.vocab.size,
-        block_size=block_size,
-        n_embd=n_embd,
-        n_hidden=n_hidden,
-        n_layers=n_layers,
+        vocab_size=2, block_size=block_size, n_embd=n_embd, n_hidden=n_hidden, n_layers=n_layers
     )
-    cfg = TrainConfig.from_preset(preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    cfg = TrainConfig.from_preset(
+        preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads
+    )
+    # Refuse impossible sizes before reading: a words file of S bytes makes at most S + 1
+    # contexts (train() checks again with the real vocabulary and split).
+    size = Path(data_path).stat().st_size if Path(data_path).is_file() else 0
+    check_training_memory(model_config, cfg, size + 1)
+    data = load_dataset(data_path, block_size)
+    model_config = replace(model_config, vocab_size=data.vocab.size)
     diagnostics = None
     if report_dir is not None:
         from bnfold.diagnostics import attach_diagnostics
@@ -53,7 +57,7 @@ def train_to_checkpoint(
     meta = {
         "data_file": data.path.name,
         "data_sha256": data.sha256,
-        "train_config": train_config_dict(cfg),
+        "train_config": train_config_dict(result.config),  # with the threads it used
         "steps_done": result.steps_done,
         "interrupted": result.interrupted,
     }
