@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, replace
 from typing import Protocol
 
@@ -246,10 +246,8 @@ def free_cores(limit: int = 2, window: float = 0.1) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cores = cores or 1
     estimates = []
-    try:
+    with suppress(OSError, ValueError, IndexError):  # no /proc/stat: the load average only
         estimates.append(_idle_cores(window))  # we are idle while measuring
-    except (OSError, ValueError, IndexError):
-        pass
     if hasattr(os, "getloadavg"):
         estimates.append(cores - os.getloadavg()[0])
     idle = min(estimates, default=1.0)
