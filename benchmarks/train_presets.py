@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -108,11 +109,13 @@ def emit(obj: dict) -> None:
 def run_child(preset: str, seed: int, args) -> dict:
     every = args.lecture_eval_every if preset == "lecture" else args.eval_every
     load_before = os.getloadavg()
+    cpu_before = children_cpu()
     spawn = time.monotonic()
     cmd = [sys.executable, __file__, "--child", preset, "--seeds", str(seed)]
     cmd += ["--data", args.data, "--eval-every", str(every), "--spawn", repr(spawn)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     wall = time.monotonic() - spawn
+    cpu = children_cpu() - cpu_before
     points = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     final = points[-1]
     curve = [(p["step"], p["seconds"], p["dev"]) for p in points]
@@ -123,6 +126,7 @@ def run_child(preset: str, seed: int, args) -> dict:
         "dev_loss": final["dev"],
         "seconds": round(final["seconds"], 2),  # spawn to trained and evaluated, no evals
         "process_wall": round(wall, 2),
+        "process_cpu": round(cpu, 2),  # user + sys of the whole process, evals included
         "eval_seconds": round(final["eval_seconds"], 2),
         "threads": final.get("threads"),
         "time_to": {f"{t:g}": time_to(curve, t) for t in args.thresholds},
@@ -132,20 +136,31 @@ def run_child(preset: str, seed: int, args) -> dict:
     }
 
 
+def children_cpu() -> float:
+    """User + system CPU seconds of every finished child so far: on a shared machine a
+    one-thread run's CPU time is steadier than its wall time."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def run_cli(preset: str, seed: int, args) -> dict:
     """``bnfold train`` as a user runs it: spawn to exit, checkpoint written."""
     load_before = os.getloadavg()
+    cpu_before = children_cpu()
     with tempfile.TemporaryDirectory() as out:
         spawn = time.monotonic()
         cmd = [sys.executable, "-m", "cli", "train", "--preset", preset, "--seed", str(seed)]
         cmd += ["--data", args.data, "--out", out, "--json"]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
         wall = time.monotonic() - spawn
+    cpu = children_cpu() - cpu_before
     summary = json.loads(res.stdout)
     return {
         "preset": preset,
         "seed": seed,
         "wall": round(wall, 2),
+        "cpu": round(cpu, 2),
+        "threads": summary.get("threads"),
         "dev_loss": summary["dev_loss"],
         "load_before": [round(x, 2) for x in load_before],
     }
@@ -166,13 +181,14 @@ def print_row(r: dict, thresholds, header: bool) -> None:
     cols = "".join(f"  {'<=' + format(t, 'g'):>14}" for t in thresholds)
     if header:
         print(
-            f"{'preset':<9} {'seed':>5} {'steps':>7} {'thr':>3} {'total s':>8} {'dev':>7}"
+            f"{'preset':<9} {'seed':>5} {'steps':>7} {'thr':>3} {'total s':>8} {'cpu s':>6}"
+            f" {'dev':>7}"
             f"{cols}  load before/after (1 min)"
         )
     hits = "".join(f"  {fmt_hit(r['time_to'][f'{t:g}']):>14}" for t in thresholds)
     print(
         f"{r['preset']:<9} {r['seed']:>5} {r['steps']:>7} {r['threads'] or '-':>3}"
-        f" {r['seconds']:>8.2f} {r['dev_loss']:>7.4f}{hits}"
+        f" {r['seconds']:>8.2f} {r['process_cpu']:>6.2f} {r['dev_loss']:>7.4f}{hits}"
         f"  {r['load_before'][0]:.2f}/{r['load_after'][0]:.2f}",
         flush=True,
     )
@@ -180,9 +196,10 @@ def print_row(r: dict, thresholds, header: bool) -> None:
 
 def print_summary(results: list[dict], thresholds) -> None:
     print("\nmedian over seeds (seconds from process start; '-' if a seed never got there)")
-    print(f"{'preset':<9} {'seeds':>5} {'total s':>8} {'dev':>7}" + "".join(
-        f"  {'<=' + format(t, 'g'):>8}" for t in thresholds
-    ))
+    print(
+        f"{'preset':<9} {'seeds':>5} {'total s':>8} {'cpu s':>6} {'dev':>7}"
+        + "".join(f"  {'<=' + format(t, 'g'):>8}" for t in thresholds)
+    )
     for preset in dict.fromkeys(r["preset"] for r in results):
         rs = [r for r in results if r["preset"] == preset]
         cells = ""
@@ -194,6 +211,7 @@ def print_summary(results: list[dict], thresholds) -> None:
             cells += f"  {cell:>8}"
         print(
             f"{preset:<9} {len(rs):>5} {statistics.median(r['seconds'] for r in rs):>8.2f}"
+            f" {statistics.median(r['process_cpu'] for r in rs):>6.2f}"
             f" {statistics.median(r['dev_loss'] for r in rs):>7.4f}{cells}",
             flush=True,
         )
@@ -235,7 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     for c in cli:
         print(
             f"bnfold train --preset {c['preset']} --seed {c['seed']}: {c['wall']:.2f} s spawn"
-            f" to exit, dev {c['dev_loss']:.4f} (load {c['load_before'][0]:.2f})"
+            f" to exit ({c['cpu']:.2f} s CPU, {c['threads']} thread(s)), dev {c['dev_loss']:.4f}"
+            f" (load {c['load_before'][0]:.2f})"
         )
     print(f"load average at end: {os.getloadavg()}")
 
