@@ -410,6 +410,7 @@ def _progress_bar(steps: int, enabled: bool | None):
         label="train",
         file=sys.stderr,
         show_pos=True,
+        update_min_steps=max(1, steps // 200),  # a few hundred redraws, not one per step
         item_show_func=lambda loss: None if loss is None else f"loss {loss:.4f}",
     )
 
