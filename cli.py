@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import json
 import os
 import shlex
 import sys
@@ -13,11 +13,19 @@ from pathlib import Path
 
 import click
 
-from bnfold.errors import BnfoldError
+from bnfold import jsonsafe
+from bnfold.errors import BnfoldError, TrainingInterrupted
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_DATA = REPO_ROOT / "data" / "names.txt"
 DEFAULT_MODELS = REPO_ROOT / "models"
+
+
+def echo_error(message: str, hint: str | None = None) -> None:
+    """The one format of every user-facing error: ``error: ...`` (plus ``hint: ...``)."""
+    click.echo(f"error: {message}", err=True)
+    if hint:
+        click.echo(f"hint: {hint}", err=True)
 
 
 def clear_errors(fn):
@@ -28,13 +36,46 @@ def clear_errors(fn):
         try:
             return fn(*args, **kwargs)
         except BnfoldError as e:
-            click.echo(f"error: {e}", err=True)
+            echo_error(str(e))
             sys.exit(2)
+        except TrainingInterrupted as e:
+            click.echo(str(e), err=True)
+            sys.exit(130)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
 
     return wrapper
+
+
+def _show_one_line(e: click.UsageError, file=None) -> None:
+    """A usage error as ``error: ...`` plus a hint, instead of click's 4-line block."""
+    command = e.ctx.command_path if e.ctx is not None else "bnfold"
+    echo_error(e.format_message(), hint=f"see '{command} --help'")
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors():
+    try:
+        yield
+    except click.UsageError as e:
+        # `bnfold` alone shows the help (click's NoArgsIsHelpError), not an error
+        if type(e).__name__ != "NoArgsIsHelpError":
+            e.show = functools.partial(_show_one_line, e)  # click's main() calls e.show()
+        raise
+
+
+class BnfoldGroup(click.Group):
+    """The ``bnfold`` group: every usage error (unknown command or option, bad value) is
+    one ``error:`` line and a hint, exit code 2, like every other bad input."""
+
+    def make_context(self, *args, **kwargs) -> click.Context:
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context):
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
 
 
 def command_line(ctx: click.Context) -> str:
@@ -65,7 +106,9 @@ def shipped_model() -> Path:
 
 
 def print_json(obj: dict) -> None:
-    click.echo(json.dumps(obj, indent=2, sort_keys=True))
+    """Valid JSON on stdout: a NaN or infinite number (e.g. the log-probability of a name
+    the model gives probability 0 at temperature 1) is written as null."""
+    click.echo(jsonsafe.dumps(obj, indent=2, sort_keys=True))
 
 
 positive = click.IntRange(min=1)
@@ -141,7 +184,7 @@ def train_options(fn):
     return fn
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=BnfoldGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="bnfold")
 def main() -> None:
     """Train a BatchNorm MLP, fold its BatchNorms, verify, export to ONNX, sample, serve."""
@@ -476,22 +519,45 @@ words_option = click.option(
     type=int,
     default=4096,
     show_default=True,
-    help="Names in flight per forward pass (speed only: never changes the names).",
+    help="Names in flight per step (speed only: never changes the names).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print names, labels and log-probs as JSON.")
+@click.option(
+    "--engine",
+    type=click.Choice(["table", "network"]),
+    default="table",
+    show_default=True,
+    help="table: each context's next-token row computed once and kept; network: the model"
+    " every step (the reference). Same names either way.",
+)
+@click.option(
+    "--table-mb",
+    type=int,
+    default=256,
+    show_default=True,
+    help="Memory cap of the table engine's stored rows, in MiB (past it, rows are evicted).",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="One JSON document (model, options, then the names streamed one per line).",
+)
 @clear_errors
-def sample(model, words, verbose, batch_size, as_json, **options):
+def sample(model, words, verbose, batch_size, engine, table_mb, as_json, **options):
     """Sample names from MODEL (.onnx or .pt; default: the shipped models/folded.onnx).
 
-    The same model, seed and options give the same names whatever --batch-size. The
-    log-probability is the model's, at temperature 1, of the whole name and its end token.
+    The same model, seed and options give the same names whatever --batch-size and
+    --engine. The log-probability is the model's, at temperature 1, of the whole name and
+    its end token. Names are written as they are sampled (memory stays bounded).
     """
     from bnfold.infer import load_predictor
-    from bnfold.sample import SampleOptions, label_counts, load_labeler, sample_names
+    from bnfold.sample import SampleOptions, iter_names, load_labeler, write_json, write_text
 
     model = model or shipped_model()
     predictor = load_predictor(model)
     opts = SampleOptions(**options).check(predictor.vocab)
+    if table_mb < 1:
+        raise BnfoldError(f"table-mb must be a positive number of MiB, got {table_mb}")
     labeler = None
     if verbose or as_json or opts.new_only:
         labeler = load_labeler(predictor, words)
@@ -501,15 +567,22 @@ def sample(model, words, verbose, batch_size, as_json, **options):
                 f" assume it is {words}",
                 err=True,
             )
-    names = sample_names(predictor, opts, labeler, batch_size=batch_size)
-    if as_json:
-        from bnfold.data import file_sha256
-
-        print_json(
-            {
+    names = iter_names(
+        predictor,
+        opts,
+        labeler,
+        engine=engine,
+        batch_size=batch_size,
+        table_bytes=table_mb << 20,
+    )
+    out = sys.stdout
+    try:
+        if as_json:
+            header = {
                 "model": str(model),
-                "model_sha256": getattr(predictor, "sha256", None) or file_sha256(model),
+                "model_sha256": predictor.sha256,
                 "backend": predictor.backend,
+                "engine": engine,
                 "seed": opts.seed,
                 "options": opts.to_dict(),
                 "words": {
@@ -517,16 +590,28 @@ def sample(model, words, verbose, batch_size, as_json, **options):
                     "sha256": labeler.sha256,
                     "verified": labeler.verified,
                 },
-                "label_counts": label_counts(names),
-                "names": [s.to_dict() for s in names],
             }
-        )
-    elif verbose:
-        width = max(len(s.name) for s in names)
-        for s in names:
-            click.echo(f"{s.name:<{width}}  {s.label:<5}  {s.logprob:9.4f}")
-    else:
-        click.echo("\n".join(s.name for s in names))
+            write_json(out, header, names)
+        else:
+            write_text(out, names, verbose)
+        out.flush()
+    except BrokenPipeError:  # the reader stopped (`| head`): stop quietly, as SIGPIPE would
+        _discard_stdout()
+        sys.exit(141)
+    except OSError as e:  # a full disk: say so, and drop the unwritten rest
+        _discard_stdout()
+        raise BnfoldError(f"cannot write the names to standard output: {e.strerror or e}") from None
+
+
+def _discard_stdout() -> None:
+    """Point file descriptor 1 at /dev/null, so the interpreter's final flush of what could
+    not be written succeeds quietly instead of printing a second error."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real fd (e.g. under a test runner)
+        pass
 
 
 # --- serve ------------------------------------------------------------------------------

@@ -1,80 +1,91 @@
-"""The batched sampler (issue 4): names/s, reproducibility across batch sizes, BN vs folded.
+"""The sampler (issues 4, 11, 12, 13): engines side by side, ORT call cost, reproducibility,
+and the CLI's memory while streaming.
 
     .venv/bin/python benchmarks/sampler.py [MODELS_DIR]        # default models/
-    .venv/bin/python benchmarks/sampler.py DIR --names 100000 --batches 1024,4096,8192
+    .venv/bin/python benchmarks/sampler.py DIR --names 1000000 --rounds 3 --cli-names 10000000
 
-MODELS_DIR holds ``bn.onnx`` and ``folded.onnx`` (from ``bnfold export``). On one ONNX
-Runtime thread it prints:
+MODELS_DIR holds ``bn.onnx`` and ``folded.onnx`` (from ``bnfold export``). On one thread, in
+one run, it prints (with the load average, since the machine is shared):
 
-* names/s of ``sample_names`` on ``folded.onnx`` for each batch size (names in flight), next to
-  the forward-pass ceiling (rows/s at that batch / forward steps per name) measured in the
-  same process, alternating runs so that drift in machine load hits both alike, and CPU
-  time as well as wall time (the CPU figure is the robust one on a busy machine);
-* how many of ``--repro`` names change between batch sizes 1, 1,000 and 100,000
-  (kernel rounding of the logits is the only thing that could move a draw);
-* how many of ``--repro`` names ``bn.onnx`` and ``folded.onnx`` agree on (target >= 99.9%).
+* names/s of the table engine (warm: startup excluded; and cold, with its table build),
+  the network engine, and a plain batched ONNX Runtime sampling loop
+  (:func:`bnfold.bench.plain_ort_sampler`), alternating rounds, best of each, wall and
+  CPU time (CPU time is the robust figure on a busy machine), and their ratios;
+* the cost of ORT's public ``InferenceSession.run`` (what ``OnnxPredictor`` calls) against
+  the private ``_sess.run`` it used before and I/O binding, at batch 1 and 4,096;
+* how many of ``--repro`` names change between batch sizes, between the engines, and
+  between ``bn.onnx`` and ``folded.onnx``;
+* the peak memory (max RSS) of ``bnfold sample -n N`` and ``-n N/5 --json`` (``--cli-names``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
+from bnfold.bench import engine_side_by_side  # noqa: E402
 from bnfold.onnx_runtime import OnnxPredictor  # noqa: E402
 from bnfold.sample import SampleOptions, sample_names  # noqa: E402
 
 
-def timed(fn):
-    w, c = time.perf_counter(), time.process_time()
-    out = fn()
-    return out, time.perf_counter() - w, time.process_time() - c
+def load() -> str:
+    return f"load average {os.getloadavg()[0]:.2f}"
 
 
-def forward_rows_per_s(p: OnnxPredictor, batch: int, rows: int) -> tuple[float, float]:
-    x = np.random.default_rng(0).integers(0, p.vocab.size, (batch, p.block_size))
-    p.logits(x)
-    reps = max(1, rows // batch)
-
-    def run():
-        for _ in range(reps):
-            p.logits(x)
-
-    _, wall, cpu = timed(run)
-    return reps * batch / wall, reps * batch / cpu
-
-
-def speed(p: OnnxPredictor, n: int, batches: list[int], rounds: int) -> None:
-    print(f"names/s, {n:,} names, folded.onnx, 1 ORT thread (best of {rounds}):")
-    sample_names(p, SampleOptions(count=2000, seed=1))  # warm-up
-    for b in batches:
-        best = {"wall": 0.0, "cpu": 0.0, "fwd_wall": 0.0, "fwd_cpu": 0.0}
-        steps = 0.0
-        for _ in range(rounds):  # alternate sampler and forward-only runs
-            got, wall, cpu = timed(
-                lambda b=b: sample_names(p, SampleOptions(count=n), batch_size=b)
-            )
-            steps = sum(len(s.name) + 1 for s in got) / n
-            fw, fc = forward_rows_per_s(p, min(b, n), int(n * steps))
-            best = {
-                "wall": max(best["wall"], n / wall),
-                "cpu": max(best["cpu"], n / cpu),
-                "fwd_wall": max(best["fwd_wall"], fw),
-                "fwd_cpu": max(best["fwd_cpu"], fc),
-            }
-        of_wall = best["wall"] / best["fwd_wall"] * steps
-        of_cpu = best["cpu"] / best["fwd_cpu"] * steps
+def speed(folded: OnnxPredictor, n: int, rounds: int) -> None:
+    r = engine_side_by_side(folded, n, rounds)
+    print(f"names/s on folded.onnx, 1 thread, best of {rounds} alternating rounds ({load()}):")
+    print(f"  {'':16s} {'wall':>11s} {'CPU':>11s}  names    steps/name  cold (with table build)")
+    for k in ("table", "network", "plain ORT loop"):
+        v = r[k]
+        cold = f"{v['cold_names_per_s']:,}" if "cold_names_per_s" in v else "-"
         print(
-            f"  batch {b:6,d}: {best['wall']:9,.0f} names/s wall ({best['cpu']:9,.0f} CPU)"
-            f"  | forward {best['fwd_wall'] / 1e6:.2f} M rows/s -> ceiling"
-            f" {best['fwd_wall'] / steps:9,.0f} names/s ({of_wall:.0%}; CPU {of_cpu:.0%})"
-            f"  steps/name {steps:.2f}"
+            f"  {k:16s} {v['names_per_s']:11,d} {v['names_per_cpu_s']:11,d}  {v['names']:,}"
+            f"  {v['steps_per_name']:.2f}  {cold}"
         )
+    t = r["table_vs_plain_ort"]
+    print(
+        f"  table engine / plain ORT loop: {t['wall']}x wall, {t['cpu']}x CPU;"
+        f" network engine / plain ORT loop: {r['network_vs_plain_ort_cpu']}x CPU;"
+        f" table: {r['table']['table_mib']} MiB"
+    )
+
+
+def ort_call_cost(p: OnnxPredictor, repeats: int = 3000) -> None:
+    """Public run (prebuilt names and options) vs the private _sess.run vs I/O binding."""
+    sess = p.session
+    names, opts = ["logits"], p._run_options
+    print(f"ONNX Runtime call cost, folded.onnx, median of {repeats:,} calls ({load()}):")
+    for batch in (1, 4096):
+        x = np.zeros((batch, p.block_size), dtype=np.int64)
+        binding = sess.io_binding()
+        binding.bind_cpu_input("contexts", x)
+        binding.bind_output("logits")
+        calls = {
+            "session.run (public, bnfold)": lambda x=x: sess.run(names, {"contexts": x}, opts),
+            "session._sess.run (private)": lambda x=x: sess._sess.run(names, {"contexts": x}, opts),
+            "run_with_iobinding (public)": lambda b=binding: sess.run_with_iobinding(b, opts),
+        }
+        reps = repeats if batch == 1 else max(20, repeats // 100)
+        times: dict[str, list[float]] = {k: [] for k in calls}
+        for _ in range(reps):  # interleaved, so load drift hits every variant alike
+            for k, fn in calls.items():
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+        base = float(np.median(times["session._sess.run (private)"]))
+        for k, ts in times.items():
+            med = float(np.median(ts))
+            print(f"  batch {batch:5d}  {k:30s} {med * 1e6:9.2f} us  ({med / base:.3f}x private)")
 
 
 def differing(a, b) -> int:
@@ -84,36 +95,67 @@ def differing(a, b) -> int:
 def repro(bn: OnnxPredictor, folded: OnnxPredictor, n: int) -> None:
     opts = SampleOptions(count=n, seed=1234)
     runs = {b: sample_names(folded, opts, batch_size=b) for b in (1, 1000, 100_000)}
-    print(f"reproducibility across batch sizes, {n:,} names of folded.onnx (seed 1234):")
+    print(f"reproducibility, {n:,} names of folded.onnx (seed 1234):")
     for b in (1000, 100_000):
         d = differing(runs[1], runs[b])
-        print(f"  batch 1 vs {b:,}: {d} names differ ({d / n:.4%})")
+        print(f"  table engine, batch 1 vs {b:,}: {d} names differ ({d / n:.4%})")
     lp = max(abs(x.logprob - y.logprob) for x, y in zip(runs[1], runs[100_000], strict=True))
     print(f"  max |logprob difference| batch 1 vs 100,000: {lp:.2e}")
-    for opts in (SampleOptions(count=n, seed=1234), SampleOptions(count=n, seed=7)):
-        a = sample_names(bn, opts, batch_size=4096)
-        b = sample_names(folded, opts, batch_size=4096)
-        d = differing(a, b)
+    for o in (opts, SampleOptions(count=n, seed=5, temperature=0.7, top_p=0.9, prefix="ma")):
+        net = sample_names(folded, o, engine="network")
+        tab = sample_names(folded, o, engine="table")
+        lp = max(abs(x.logprob - y.logprob) for x, y in zip(net, tab, strict=True))
         print(
-            f"bn.onnx vs folded.onnx, {n:,} names, seed {opts.seed}: {n - d:,} identical"
-            f" ({(n - d) / n:.4%}); {d} differ"
+            f"  table vs network engine, seed {o.seed}, temperature {o.temperature},"
+            f" top-p {o.top_p}, prefix {o.prefix!r}: {differing(net, tab)} names differ,"
+            f" max |logprob difference| {lp:.2e}"
         )
-        for x, y in [(x, y) for x, y in zip(a, b, strict=True) if x.name != y.name][:3]:
-            print(f"    #{x.index}: {x.name!r} vs {y.name!r}")
+    for o in (SampleOptions(count=n, seed=1234), SampleOptions(count=n, seed=7)):
+        a = sample_names(bn, o)
+        b = sample_names(folded, o)
+        d = differing(a, b)
+        print(f"  bn.onnx vs folded.onnx, seed {o.seed}: {n - d:,} of {n:,} identical")
+
+
+def cli_memory(model: Path, n: int) -> None:
+    print(f"peak memory of the CLI (max RSS of each run, in a fresh parent; {load()}):")
+    probe = (
+        "import resource, subprocess, sys;"
+        " subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, check=True);"
+        " print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    for args in (["-n", str(n)], ["-n", str(n // 5), "--json"]):
+        t0 = time.perf_counter()
+        cmd = [sys.executable, "-m", "cli", "sample", str(model), *args]
+        out = subprocess.run(
+            [sys.executable, "-c", probe, *cmd],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=REPO,
+        )
+        rss_mib = int(out.stdout.split()[-1]) / 1024
+        print(
+            f"  bnfold sample {' '.join(args)} > /dev/null: {rss_mib:,.0f} MiB,"
+            f" {time.perf_counter() - t0:.1f} s"
+        )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="?", default="models", type=Path)
-    ap.add_argument("--names", type=int, default=100_000)
-    ap.add_argument("--batches", default="1024,2048,4096,8192")
+    ap.add_argument("--names", type=int, default=1_000_000, help="names for the table engine")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repro", type=int, default=10_000)
+    ap.add_argument("--cli-names", type=int, default=0, help="0: skip the CLI memory check")
     args = ap.parse_args()
     folded = OnnxPredictor(args.models / "folded.onnx")
     bn = OnnxPredictor(args.models / "bn.onnx")
-    speed(folded, args.names, [int(b) for b in args.batches.split(",")], args.rounds)
+    speed(folded, args.names, args.rounds)
+    ort_call_cost(folded)
     repro(bn, folded, args.repro)
+    if args.cli_names:
+        cli_memory(args.models / "folded.onnx", args.cli_names)
 
 
 if __name__ == "__main__":

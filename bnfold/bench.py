@@ -12,8 +12,10 @@ Figures:
   paused while timing;
 * batched throughput: rows/s of ``logits`` at batch 1024 (median of repeated calls);
 * names/s: the lecture's loop (one name at a time, torch BN, ``torch.multinomial``) as the
-  baseline, and the batched sampler (:mod:`bnfold.sample`) on every network; plus the
-  forward-pass ceiling ``rows/s / forward steps per name`` and how close the sampler gets;
+  baseline, and the batched sampler's network engine (:mod:`bnfold.sample`) on every
+  network; plus the forward-pass ceiling ``rows/s / forward steps per name`` and how close
+  the sampler gets; and, side by side on ``folded.onnx``, the table engine (warm, and cold
+  with its table build), the network engine and a plain batched ONNX Runtime sampling loop;
 * ratios: everything against torch BN, and ONNX folded against ONNX BN.
 
 Models come from ``models_dir`` (``bn.pt`` is required there; missing or stale derived files
@@ -47,6 +49,8 @@ TARGETS = {
     "onnx_folded_p50_us": 8.1,
     "speedup_vs_torch_bn": 10.0,
     "names_per_s": 150_000,
+    "table_names_per_s": 1_000_000,
+    "table_vs_plain_ort": 6,
 }
 
 
@@ -128,14 +132,17 @@ class PlainOrtRun(Predictor):
     def __init__(self, onnx_predictor: Predictor):
         import onnxruntime as ort
 
+        from bnfold.onnx_files import load_onnx_file
+
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
-        self.session = ort.InferenceSession(
-            str(onnx_predictor.path), options, providers=["CPUExecutionProvider"]
-        )
+        # the same bytes bnfold runs (read by bnfold's one ONNX loader), a plain session
+        data = load_onnx_file(onnx_predictor.path).data
+        self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.path, self.vocab = onnx_predictor.path, onnx_predictor.vocab
         self.block_size, self.folded = onnx_predictor.block_size, onnx_predictor.folded
+        self.sha256, self.metadata = onnx_predictor.sha256, onnx_predictor.metadata
 
     def logits(self, contexts: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: contexts})[0]
@@ -248,18 +255,16 @@ def lecture_names(bn: Predictor, n: int = LECTURE_NAMES, seed: int = 2147483647)
     return {"names_per_s": round(n / dt), "names": n, "steps_per_name": round(steps / n, 3)}
 
 
-def batched_names(nets: dict[str, Predictor], n: int, seed: int = 42) -> dict | None:
-    """names/s of the batched sampler on each network (None if bnfold.sample is missing)."""
-    try:
-        from bnfold.sample import SampleOptions, sample_names
-    except ImportError:
-        return None
+def batched_names(nets: dict[str, Predictor], n: int, seed: int = 42) -> dict:
+    """names/s of the network engine (the model every step) on each network."""
+    from bnfold.sample import SampleOptions, sample_names
+
     out: dict = {}
     names: dict[str, list[str]] = {}
     for name, net in nets.items():
-        sample_names(net, SampleOptions(count=min(n, 2000), seed=seed + 1))  # warm-up
+        sample_names(net, SampleOptions(count=min(n, 2000), seed=seed + 1), engine="network")
         t0 = time.perf_counter()
-        got = sample_names(net, SampleOptions(count=n, seed=seed))
+        got = sample_names(net, SampleOptions(count=n, seed=seed), engine="network")
         dt = time.perf_counter() - t0
         names[name] = [s.name for s in got]
         steps = sum(len(s) + 1 for s in names[name])
@@ -271,6 +276,112 @@ def batched_names(nets: dict[str, Predictor], n: int, seed: int = 42) -> dict | 
     if "ONNX BN" in names and "ONNX folded" in names:
         same = sum(a == b for a, b in zip(names["ONNX BN"], names["ONNX folded"], strict=True))
         out["same_names_onnx_bn_vs_folded"] = round(same / n, 6)
+    return out
+
+
+def _timed(fn) -> tuple[float, float]:
+    """(wall, CPU) seconds of ``fn()``, the garbage collector paused."""
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        return time.perf_counter() - w, time.process_time() - c
+    finally:
+        if gc_was:
+            gc.enable()
+
+
+def engine_names_per_s(net: Predictor, n: int, engine: str, seed: int = 42) -> dict:
+    """names/s of one engine on ``net``: a first (cold) job that builds what the engine keeps
+    (the table engine's rows), then a second job of ``n`` names on the warm engine (startup
+    excluded). Wall and CPU time both: on a shared machine CPU time is the robust one."""
+    from bnfold.sample import SampleOptions, make_engine, run_engine
+
+    e = make_engine(net, SampleOptions(count=n, seed=seed), engine=engine)
+    cold = _timed(lambda: (e.submit(SampleOptions(count=n, seed=seed + 1)), run_engine(net, e)))
+    job = e.submit(SampleOptions(count=n, seed=seed))
+    wall, cpu = _timed(lambda: run_engine(net, e))
+    steps = sum(len(w) + 1 for w in job.names)
+    return {
+        "names_per_s": round(n / wall),
+        "names_per_cpu_s": round(n / cpu),
+        "cold_names_per_s": round(n / cold[0]),
+        "names": n,
+        "steps_per_name": round(steps / n, 3),
+        "table_mib": round(e.table.nbytes / 2**20, 1) if e.table is not None else 0,
+    }
+
+
+def plain_ort_sampler(onnx_path: str | Path, n: int, batch: int = 4096, seed: int = 0) -> dict:
+    """names/s of a plain batched ONNX Runtime sampling loop, the way one would write it:
+    one session (one thread), ``batch`` names in flight, each step ``session.run`` on every
+    row, a numpy softmax, one uniform per row against the cumulative sum, finished rows
+    restarted. It builds no strings (a generous baseline)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    T = int(inp.shape[1])
+    rng = np.random.default_rng(seed)
+    ctx = np.zeros((batch, T), dtype=np.int64)
+    length = np.zeros(batch, dtype=np.int64)
+    done = steps = 0
+
+    def loop() -> None:
+        nonlocal done, steps
+        while done < n:
+            z = sess.run(None, {inp.name: ctx})[0]
+            p = np.exp(z - z.max(axis=1, keepdims=True))
+            p /= p.sum(axis=1, keepdims=True)
+            tok = (np.cumsum(p, axis=1) < rng.random((batch, 1))).sum(axis=1)
+            np.minimum(tok, p.shape[1] - 1, out=tok)
+            tok[length >= 50] = 0
+            ended = tok == 0
+            ctx[:, :-1] = ctx[:, 1:]
+            ctx[:, -1] = tok
+            ctx[ended] = 0
+            length[:] = np.where(ended, 0, length + 1)
+            done += int(ended.sum())
+            steps += batch
+
+    wall, cpu = _timed(loop)
+    return {
+        "names_per_s": round(done / wall),
+        "names_per_cpu_s": round(done / cpu),
+        "names": done,
+        "batch": batch,
+        "steps_per_name": round(steps / done, 3),
+    }
+
+
+TABLE_NAMES_PER_NAME = 10  # the side-by-side run samples 10x --names (the table is fast)
+
+
+def engine_side_by_side(folded: Predictor, n: int, rounds: int = 3) -> dict:
+    """The table engine, the network engine and a plain batched ORT sampling loop on
+    ``folded.onnx``, alternating in ``rounds`` (best of each), so load drift hits all alike."""
+    best: dict[str, dict] = {}
+    for _ in range(rounds):
+        runs = {
+            "table": engine_names_per_s(folded, n, "table"),
+            "network": engine_names_per_s(folded, max(1, n // 5), "network"),
+            "plain ORT loop": plain_ort_sampler(folded.path, max(1, n // 5)),
+        }
+        for k, v in runs.items():
+            if k not in best or v["names_per_cpu_s"] > best[k]["names_per_cpu_s"]:
+                best[k] = v
+    out: dict = dict(best)
+    out["table_vs_plain_ort"] = {
+        "wall": _ratio(best["table"]["names_per_s"], best["plain ORT loop"]["names_per_s"]),
+        "cpu": _ratio(best["table"]["names_per_cpu_s"], best["plain ORT loop"]["names_per_cpu_s"]),
+    }
+    out["network_vs_plain_ort_cpu"] = _ratio(
+        best["network"]["names_per_cpu_s"], best["plain ORT loop"]["names_per_cpu_s"]
+    )
+    out["rounds"] = rounds
     return out
 
 
@@ -305,10 +416,10 @@ def run_bench(
             )
             lecture = lecture_names(nets["torch BN"])
             sampled = batched_names(nets, n_names)
+            _log(progress, "names/s side by side: table engine, network engine, plain ORT loop...")
+            engines = engine_side_by_side(nets["ONNX folded"], TABLE_NAMES_PER_NAME * n_names)
     finally:
         torch.set_num_threads(threads)
-    if sampled is None:
-        notes.append("bnfold.sample is not available: batched names/s skipped")
 
     ratios: dict = {
         "latency_p50_speedup_vs_torch_bn": {
@@ -322,16 +433,17 @@ def run_bench(
         "rows_per_s_vs_torch_bn": {k: _ratio(v, rows["torch BN"]) for k, v in rows.items()},
     }
     names_fig: dict = {"lecture (torch BN, one name at a time)": lecture}
-    if sampled is not None:
-        names_fig["batched sampler"] = sampled
-        ratios["names_per_s_vs_lecture"] = {
-            k: _ratio(sampled[k]["names_per_s"], lecture["names_per_s"]) for k in nets
-        }
-        ceiling = {k: rows[k] / sampled[k]["steps_per_name"] for k in nets}
-        names_fig["forward_ceiling_names_per_s"] = {k: round(v) for k, v in ceiling.items()}
-        ratios["names_per_s_of_ceiling"] = {
-            k: _ratio(sampled[k]["names_per_s"], ceiling[k]) for k in nets
-        }
+    names_fig["batched sampler"] = sampled
+    ratios["names_per_s_vs_lecture"] = {
+        k: _ratio(sampled[k]["names_per_s"], lecture["names_per_s"]) for k in nets
+    }
+    ceiling = {k: rows[k] / sampled[k]["steps_per_name"] for k in nets}
+    names_fig["forward_ceiling_names_per_s"] = {k: round(v) for k, v in ceiling.items()}
+    ratios["names_per_s_of_ceiling"] = {
+        k: _ratio(sampled[k]["names_per_s"], ceiling[k]) for k in nets
+    }
+    names_fig["engines on ONNX folded"] = engines
+    ratios["table_engine_vs_plain_ort_sampler"] = engines["table_vs_plain_ort"]
     result = {
         "machine": {
             "threads": 1,
@@ -382,6 +494,24 @@ def format_bench(r: dict) -> str:
     names = r["names_per_s"]
     lec = names["lecture (torch BN, one name at a time)"]
     lines += ["", f"names/s  lecture loop (torch BN, one at a time): {lec['names_per_s']:,}"]
+    eng = names["engines on ONNX folded"]
+    lines.append(
+        f"names/s side by side on ONNX folded, 1 thread, best of {eng['rounds']} alternating"
+        " rounds (wall / CPU):"
+    )
+    for k in ("table", "network", "plain ORT loop"):
+        v = eng[k]
+        cold = f"; cold {v['cold_names_per_s']:,}" if "cold_names_per_s" in v else ""
+        lines.append(
+            f"         {k + (' engine' if k != 'plain ORT loop' else ''):16s}"
+            f" {v['names_per_s']:10,d} / {v['names_per_cpu_s']:10,d}"
+            f"  ({v['names']:,} names{cold})"
+        )
+    tv = eng["table_vs_plain_ort"]
+    lines.append(
+        f"         table engine vs plain ORT loop: {tv['wall']}x wall, {tv['cpu']}x CPU;"
+        f" network engine vs plain ORT loop: {eng['network_vs_plain_ort_cpu']}x CPU"
+    )
     if "batched sampler" in names:
         b = names["batched sampler"]
         ceil = names["forward_ceiling_names_per_s"]
@@ -405,11 +535,13 @@ def format_bench(r: dict) -> str:
         f"         ONNX folded p50 <= {PLAIN_ORT} of folded.onnx (got {lat['ONNX folded']['p50']}"
         f" vs {lat[PLAIN_ORT]['p50']} us: {ratios['onnx_folded_vs_plain_ort_run_p50']}x)",
     ]
-    if "batched sampler" in names:
-        got = names["batched sampler"]["ONNX folded"]["names_per_s"]
-        lines.append(
-            f"         sampler on ONNX folded >= {t['names_per_s']:,} names/s (got {got:,})"
-        )
+    table = names["engines on ONNX folded"]["table"]
+    lines.append(
+        f"         table engine >= {t['table_names_per_s']:,} names/s (got"
+        f" {table['names_per_s']:,} wall, {table['names_per_cpu_s']:,} CPU) and"
+        f" >= {t['table_vs_plain_ort']}x the plain ORT loop (got {tv['wall']}x wall,"
+        f" {tv['cpu']}x CPU)"
+    )
     lines.extend(f"note: {n}" for n in r["notes"])
     return "\n".join(lines)
 

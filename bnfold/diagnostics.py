@@ -38,13 +38,17 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from bnfold.checkpoint import atomic_write
+from bnfold import jsonsafe
 from bnfold.data import distinct_contexts
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, first_validation_error
+from bnfold.files import MiB, atomic_write, read_bounded
+from bnfold.jsonsafe import json_safe
 
 FORMAT = "bnfold-diagnostics"
 FORMAT_VERSION = 1
@@ -68,6 +72,7 @@ SATURATION_EVIDENCE = (
 )
 HIST_BINS = 60
 REPORT_JSON = "diagnostics.json"
+MAX_REPORT_BYTES = 256 * MiB  # the default run's diagnostics.json is 0.2 MB
 UPDATE_RATIO_DEFINITION = (
     "log10(std(actual change of the parameter in the step) / std(parameter after the step)); "
     "the actual change is measured (not lr*grad) because AdamW rescales the gradient"
@@ -209,17 +214,6 @@ def saturation_census(
 
 def _round(xs: list[float], digits: int = 6) -> list[float]:
     return [float(f"{x:.{digits}g}") for x in xs]
-
-
-def _clean(x):
-    """JSON-safe: non-finite floats become None (JSON has no inf/NaN)."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_clean(v) for v in x]
-    return x
 
 
 # ---------------------------------------------------------------------- observers --
@@ -379,7 +373,7 @@ class Diagnostics:
         losses = torch.stack(self.losses).tolist() if self.losses else []
         for i, layer in enumerate(self.layers):
             layer["name"] = f"layer {i + 1} (Tanh)"
-        return _clean(
+        return json_safe(
             {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
@@ -520,7 +514,67 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _write_json(report: dict, path: Path) -> None:
-    _write_text(path, json.dumps(_clean(report), allow_nan=False))
+    _write_text(path, jsonsafe.dumps(report))
+
+
+class _Strict(BaseModel):
+    # strict: "0.5" is not a number and 1 is not a bool; other keys are kept as they are
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class _LayerSeries(_Strict):
+    saturation: list[float | None] = []
+
+
+class _UpdateSeries(_Strict):
+    shape: list[int] = []
+    log10: list[float | None] = []
+    frozen: list[bool] = []
+
+
+class _Eval(_Strict):
+    step: int
+    split: str
+    loss: float | None
+
+
+class _CensusLayer(_Strict):
+    units: int
+    dead: list[int]
+    saturation: float
+
+
+class _Census(_Strict):
+    examples: int
+    layers: list[_CensusLayer] = Field(min_length=1)
+
+
+class _FoldComparison(_Strict):
+    contexts: int
+    domain: str
+    max_abs_logit_diff: float
+
+
+class _Figure(_Strict):
+    file: str
+    caption: str
+
+
+class _ReportFile(_Strict):
+    """The parts of ``diagnostics.json`` that ``bnfold report`` and the index page read."""
+
+    format: Literal["bnfold-diagnostics"]
+    format_version: Literal[1]
+    interval: int | None = None
+    saturation_threshold: float | None = None
+    train_loss: list[float | None] = []
+    evals: list[_Eval] = []
+    steps: list[int] = []
+    layers: list[_LayerSeries] = []
+    updates: dict[str, _UpdateSeries] = {}
+    census: _Census | None = None
+    fold_comparison: _FoldComparison | None = None
+    figures: list[_Figure] = []
 
 
 def load_report(report_dir: str | Path) -> dict:
@@ -530,9 +584,10 @@ def load_report(report_dir: str | Path) -> dict:
         raise BnfoldError(
             f"{path}: no such report (write one with `bnfold train --report {report_dir}`)"
         )
+    raw = read_bounded(path, MAX_REPORT_BYTES, "a diagnostics report")
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        report = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BnfoldError(f"{path}: not a readable diagnostics report: {e}") from None
     if not isinstance(report, dict) or report.get("format") != FORMAT:
         raise BnfoldError(f"{path}: not a bnfold diagnostics report (no '{FORMAT}' marker)")
@@ -540,6 +595,12 @@ def load_report(report_dir: str | Path) -> dict:
         raise BnfoldError(
             f"{path}: report format version {report.get('format_version')!r} is not supported"
         )
+    try:
+        _ReportFile.model_validate(report)
+    except ValidationError as e:
+        raise BnfoldError(
+            f"{path}: malformed diagnostics report: {first_validation_error(e)}"
+        ) from None
     return report
 
 
@@ -611,7 +672,8 @@ def verdict(report: dict) -> dict:
         worst = {"layer": i + 1, "saturation": census["layers"][i]["saturation"], "on": "train set"}
     elif any(s is not None for s in sat_last):
         i = max((k for k, s in enumerate(sat_last) if s is not None), key=lambda k: sat_last[k])
-        worst = {"layer": i + 1, "saturation": sat_last[i], "on": f"batch at step {steps[-1]}"}
+        on = f"batch at step {steps[-1]}" if steps else "the last recorded batch"
+        worst = {"layer": i + 1, "saturation": sat_last[i], "on": on}
     far, frozen = [], []
     for name, u in report.get("updates", {}).items():
         vals = [v for v in u.get("log10", []) if v is not None]

@@ -1,5 +1,24 @@
 """The one exception type that the CLI turns into a one-line message (never a traceback)."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 
 class BnfoldError(Exception):
     """A user-facing error: bad input, a bad file or a bad option. The message says what to do."""
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C stopped a job that must not go on with a partial model (exit code 130).
+    The message says what was saved and what was left untouched."""
+
+
+def first_validation_error(e: ValidationError) -> str:
+    """A pydantic ``ValidationError`` as one short line: where, and what is wrong."""
+    err = e.errors()[0]
+    where = ".".join(str(x) for x in err["loc"]) or "the file"
+    return f"{where}: {err['msg']}"[:200]

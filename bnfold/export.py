@@ -34,9 +34,10 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from bnfold import __version__
-from bnfold.checkpoint import Checkpoint, atomic_write, load_checkpoint
+from bnfold.checkpoint import Checkpoint, load_checkpoint
 from bnfold.data import END, Vocab, file_sha256
 from bnfold.errors import BnfoldError
+from bnfold.files import atomic_write, check_output_file
 from bnfold.model import MLP
 from bnfold.onnx_runtime import FORMAT, FORMAT_VERSION, INPUT_NAME, OUTPUT_NAME, OnnxPredictor
 
@@ -269,8 +270,8 @@ def export_checkpoint(
     ckpt = load_checkpoint(src)
     src_sha = file_sha256(src)
     out = src.parent if out_dir is None else Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise BnfoldError(f"{out}: exists and is not a directory")
+    for kind in ("bn", "folded") if ckpt.config.batchnorm else ("folded",):
+        check_output_file(out / f"{kind}.onnx")  # before any work
     notes: list[str] = []
 
     torch_nets: dict[str, TorchPredictor] = {}

@@ -2,58 +2,27 @@
 
 ``logits(contexts)`` takes int64 contexts of shape (batch, block_size) and returns float32
 logits of shape (batch, vocab); ``next_char_probs(prefix)`` is the single-example call.
-Vocabulary and block_size always come from the file itself.
+Vocabulary, block_size, sha256 and metadata always come from the file itself
+(:class:`~bnfold.predictor.Predictor` declares them).
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bnfold.data import END, Vocab
+from bnfold.data import file_sha256
 from bnfold.errors import BnfoldError
+from bnfold.onnx_runtime import OnnxPredictor
+from bnfold.predictor import ModelSpec, Predictor
 
 if TYPE_CHECKING:
     from bnfold.checkpoint import Checkpoint
 
-
-class Predictor:
-    """Base class: subclasses set the attributes and implement ``logits``."""
-
-    path: Path
-    vocab: Vocab
-    block_size: int
-    folded: bool
-    backend: str
-
-    def logits(self, contexts: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
-
-    def context_for(self, prefix: str) -> np.ndarray:
-        """The (1, block_size) context that follows ``prefix`` (start-padded with END)."""
-        unknown = self.vocab.unknown_chars(prefix)
-        if unknown:
-            raise BnfoldError(f"prefix has characters outside the vocabulary: {unknown}")
-        ids = [END] * self.block_size + self.vocab.encode(prefix)
-        return np.asarray([ids[len(ids) - self.block_size :]], dtype=np.int64)
-
-    def next_char_probs(self, prefix: str = "") -> np.ndarray:
-        """Probabilities (vocab,) of the next token after ``prefix``; index 0 is the end."""
-        z = self.logits(self.context_for(prefix))[0].astype(np.float64)
-        e = np.exp(z - z.max())
-        return e / e.sum()
-
-    def check_contexts(self, contexts: np.ndarray) -> np.ndarray:
-        x = np.asarray(contexts)
-        if x.ndim != 2 or x.shape[1] != self.block_size:
-            raise BnfoldError(
-                f"contexts must have shape (batch, {self.block_size}), got {tuple(x.shape)}"
-            )
-        if x.size and (x.min() < 0 or x.max() >= self.vocab.size):
-            raise BnfoldError(f"context ids must lie in [0, {self.vocab.size})")
-        return x.astype(np.int64, copy=False)
+__all__ = ["ModelSpec", "OnnxPredictor", "Predictor", "TorchPredictor", "load_predictor"]
 
 
 class TorchPredictor(Predictor):
@@ -64,18 +33,23 @@ class TorchPredictor(Predictor):
 
     def __init__(self, source: str | Path | Checkpoint, label: str | None = None):
         if isinstance(source, str | Path):
-            from bnfold.checkpoint import load_checkpoint  # torch only when a .pt is used
+            # torch is imported only when a .pt is used (the ONNX paths never need it)
+            from bnfold.checkpoint import load_checkpoint
 
             ckpt = load_checkpoint(source)
             label = label or str(source)
+            sha = file_sha256(source)
         else:
             ckpt = source
+            sha = _checkpoint_sha256(ckpt)
         self.path = Path(label or "<in memory>")
         self.checkpoint = ckpt
         self.model = ckpt.model.eval()
         self.vocab = ckpt.vocab
         self.block_size = ckpt.config.block_size
         self.folded = not ckpt.config.batchnorm
+        self.sha256 = sha
+        self.metadata = {**ckpt.meta, "model_config": ckpt.config.to_dict()}
 
     def logits(self, contexts: np.ndarray) -> np.ndarray:
         import torch
@@ -84,13 +58,20 @@ class TorchPredictor(Predictor):
             return self.model(torch.from_numpy(self.check_contexts(contexts))).numpy()
 
 
+def _checkpoint_sha256(ckpt: Checkpoint) -> str:
+    """The identity of an in-memory checkpoint: its vocabulary, config and every weight."""
+    h = hashlib.sha256(repr((ckpt.vocab.chars, ckpt.config.to_dict())).encode())
+    for name, t in ckpt.model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def load_predictor(path: str | Path) -> Predictor:
     """Pick the backend by file type: ``.pt`` -> torch, ``.onnx`` -> ONNX Runtime."""
     p = Path(path)
     if p.suffix == ".pt":
         return TorchPredictor(p)
     if p.suffix == ".onnx":
-        from bnfold.onnx_runtime import OnnxPredictor  # onnxruntime only when an .onnx is used
-
         return OnnxPredictor(p)
     raise BnfoldError(f"{p}: unknown model type (expected a .pt checkpoint or an .onnx file)")

@@ -7,8 +7,13 @@ from pathlib import Path
 
 from bnfold.checkpoint import Checkpoint, save_checkpoint
 from bnfold.data import load_dataset
+from bnfold.errors import TrainingInterrupted
+from bnfold.files import check_output_dir, check_output_file
 from bnfold.model import ModelConfig
 from bnfold.train import TrainConfig, check_training_memory, train, train_config_dict
+
+# where `train-fold` saves the partial model of a run stopped by Ctrl-C
+INTERRUPTED_CHECKPOINT = "bn.interrupted.pt"
 
 
 def train_to_checkpoint(
@@ -28,6 +33,7 @@ def train_to_checkpoint(
     observer=None,
     report_dir: str | Path | None = None,
     report_interval: int | None = None,
+    stop_if_interrupted: bool = False,
     report_figures: bool = True,
 ) -> tuple[Path, dict]:
     """Train from a words file and write ``out_dir/bn.pt``; returns (path, summary).
@@ -35,7 +41,19 @@ def train_to_checkpoint(
     With ``report_dir``, training diagnostics are recorded (every ``report_interval`` steps;
     default ~100 records per run, plus ~10 dev-loss evaluations) and a report is written
     there (``diagnostics.json``, figures, ``index.html``); ``summary["report"]`` is its index.
+
+    Every output is checked before training starts (a file where a folder should be, a
+    folder where ``bn.pt`` should be), so a long run is never lost to a bad ``--out``.
+    Ctrl-C stops training after the current step and saves the partial model to ``bn.pt``;
+    with ``stop_if_interrupted`` it goes to ``INTERRUPTED_CHECKPOINT`` instead, no report is
+    written, and ``TrainingInterrupted`` is raised: ``out_dir`` keeps its models.
     """
+    out_dir = Path(out_dir)
+    check_output_file(out_dir / "bn.pt")
+    if stop_if_interrupted:
+        check_output_file(out_dir / INTERRUPTED_CHECKPOINT)
+    if report_dir is not None:
+        check_output_dir(report_dir)
     model_config = ModelConfig(
         vocab_size=2, block_size=block_size, n_embd=n_embd, n_hidden=n_hidden, n_layers=n_layers
     )
@@ -62,9 +80,14 @@ def train_to_checkpoint(
         "steps_done": result.steps_done,
         "interrupted": result.interrupted,
     }
-    path = save_checkpoint(
-        Checkpoint(result.model, data.vocab, metrics=summary, meta=meta), Path(out_dir) / "bn.pt"
-    )
+    ckpt = Checkpoint(result.model, data.vocab, metrics=summary, meta=meta)
+    if result.interrupted and stop_if_interrupted:
+        path = save_checkpoint(ckpt, out_dir / INTERRUPTED_CHECKPOINT)
+        raise TrainingInterrupted(
+            f"interrupted after {result.steps_done} of {cfg.steps} steps: saved the partial"
+            f" model to {path}; nothing else in {out_dir} was written"
+        )
+    path = save_checkpoint(ckpt, out_dir / "bn.pt")
     if diagnostics is not None:
         from bnfold.diagnostics import write_training_report
 
@@ -111,6 +134,7 @@ def fold_checkpoint(
     out = Path(out_path) if out_path is not None else bn_path.with_name("folded.pt")
     if out.exists() and out.resolve() == bn_path.resolve():
         raise BnfoldError(f"{out}: the output would overwrite the input checkpoint")
+    check_output_file(out)
     folded, report = fold_batchnorm(src.model)
     if not report.complete or not isinstance(folded, MLP):
         why = "; ".join(f"{s.bn}: {s.reason}" for s in report.skipped) or "unknown"
@@ -147,6 +171,9 @@ def fold_checkpoint(
 
 
 # --------------------------------------------------------------------------- the main job
+
+# what `train-fold` writes into its output folder (besides report/)
+MAIN_JOB_FILES = ("bn.pt", "folded.pt", "bn.onnx", "folded.onnx", "README.md")
 
 
 def format_stage_table(rows: list[dict]) -> str:
@@ -254,7 +281,11 @@ def run_main_job(
 
     out_dir = Path(out_dir)
     report_dir = train_args.setdefault("report_dir", out_dir / "report")
-    bn_path, summary = train_to_checkpoint(out_dir=out_dir, report_figures=False, **train_args)
+    for name in MAIN_JOB_FILES:  # all checked before the training starts
+        check_output_file(out_dir / name)
+    bn_path, summary = train_to_checkpoint(
+        out_dir=out_dir, stop_if_interrupted=True, report_figures=False, **train_args
+    )
     # The report's figures are drawn by a second process while this one folds, verifies
     # and exports: on two cores, about 2.5 s off the main job's wall time.
     figures = start_report_figures(report_dir, bn_path)
@@ -314,11 +345,11 @@ def write_model_card(out_dir: Path, job: MainJobResult, command: str, seed: int)
     import torch
 
     from bnfold import __version__
-    from bnfold.checkpoint import atomic_write
     from bnfold.data import file_sha256
+    from bnfold.files import atomic_write
 
     t, v, n = job.train, job.verification, job.networks
-    files = ["bn.pt", "folded.pt", "bn.onnx", "folded.onnx"]
+    files = MAIN_JOB_FILES[:4]
     pair = n["pairwise_max_abs_logit_diff"] if n else {}
     lines = [
         "# bnfold default models",

@@ -20,6 +20,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bnfold.errors import BnfoldError  # noqa: E402
+from bnfold.files import atomic_write  # noqa: E402
 
 DPI = 100
 MAX_DOMAIN = 300_000  # enumerate every context up to this many; sample beyond
@@ -33,7 +34,8 @@ def _figure(width: float, height: float) -> Figure:
 
 
 def _save(fig: Figure, path: Path) -> None:
-    fig.savefig(path, format="png", dpi=DPI)
+    """Atomically, like every other file bnfold writes: never half a PNG under its name."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
 
 
 def _centers(hist: dict) -> tuple[np.ndarray, np.ndarray]:

@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import importlib.resources
 import json
 import logging
@@ -83,7 +84,6 @@ from bnfold.sample import (
     SamplerEngine,
     group_key,
     load_labeler,
-    prefix_logprob,
     sample_names,
 )
 
@@ -160,9 +160,9 @@ def parameter_count(path: Path, predictor: Predictor) -> int | None:
     if model is not None and hasattr(model, "parameters"):
         return int(sum(p.numel() for p in model.parameters()))
     if path.suffix == ".onnx":
-        import onnx
+        from bnfold.onnx_files import load_onnx_file
 
-        proto = onnx.load(str(path), load_external_data=False)
+        proto = load_onnx_file(path).proto
         return int(sum(int(np.prod(t.dims, dtype=np.int64)) for t in proto.graph.initializer))
     return None
 
@@ -293,7 +293,6 @@ class Batcher:
         self._pending: collections.deque = collections.deque()  # submitted, not taken yet
         self._cancels: collections.deque = collections.deque()  # NamesJobs past deadline
         self._stopping = False
-        self._prefix_lp: dict[str, float] = {}
         self._thread = threading.Thread(target=self._run, name="bnfold-batcher", daemon=True)
         self.steps = 0
         self.waiting = 0  # requests taken in but with no name started yet
@@ -348,23 +347,13 @@ class Batcher:
         if done:
             self.loop.call_soon_threadsafe(_resolve_all, done)
 
-    def _prefix_logprob(self, prefix: str) -> float:
-        lp0 = self._prefix_lp.get(prefix)
-        if lp0 is None:
-            lp0 = prefix_logprob(self.predictor, prefix)
-            if len(self._prefix_lp) > 4096:
-                self._prefix_lp.clear()
-            self._prefix_lp[prefix] = lp0
-        return lp0
-
     def _engine(self, engines: dict, options: SampleOptions) -> SamplerEngine:
         key = group_key(options)
         e = engines.get(key)
         if e is None:
             p = self.predictor
             e = SamplerEngine(
-                p.vocab,
-                p.block_size,
+                p.spec,
                 options,
                 batch_size=self.settings.max_rows,
                 job_rows=self.settings.job_rows,
@@ -396,9 +385,7 @@ class Batcher:
                     continue
                 try:
                     e = self._engine(engines, job.options)
-                    job.job = e.submit(
-                        job.options, self._prefix_logprob(job.options.prefix), tag=job
-                    )
+                    job.job = e.submit(job.options, tag=job)
                     job.engine = e
                 except Exception as exc:  # a bad option that slipped through: answer it
                     done.append(job.fail(exc))
@@ -433,10 +420,11 @@ class Batcher:
                 busy = [e for e in busy if not e.done]
                 self._retire(engines, busy)
                 continue
-            parts = [e.contexts() for e in live] + [lj.contexts for lj in step_raw]
+            needs = [e.needs() for e in live]
+            parts = needs + [lj.contexts for lj in step_raw]
             ctx = parts[0] if len(parts) == 1 else np.concatenate(parts)
             try:
-                z = logits_fn(ctx)
+                z = logits_fn(ctx) if len(ctx) else None
             except Exception as exc:  # pragma: no cover - the model cannot run: fail the step
                 log.exception("forward step failed")
                 for lj in step_raw:
@@ -451,10 +439,10 @@ class Batcher:
             observe_rows(len(ctx))
             observe_reqs(sum(e.running for e in live) + len(step_raw))
             off = 0
-            for e in live:
-                n = e.n
+            for e, need in zip(live, needs, strict=True):
+                n = len(need)
                 try:
-                    finished = e.advance(z[off : off + n])
+                    finished = e.step(z[off : off + n] if n else None)
                 except Exception as exc:  # pragma: no cover - sampler bug: answer 500
                     log.exception("sampler step failed")
                     done += [j.tag.fail(exc) for j in e.unfinished()]
@@ -505,15 +493,15 @@ class Batcher:
             try:
                 o = job.options
                 e = SamplerEngine(
-                    p.vocab, p.block_size, o, batch_size=min(o.count, self.settings.job_rows)
+                    p.spec, o, batch_size=min(o.count, self.settings.job_rows), kind="network"
                 )
-                job.job = e.submit(o, self._prefix_logprob(o.prefix))
+                job.job = e.submit(o)
                 while not e.done and not job.cancelled:
                     e.admit()
-                    z = p.logits(e.contexts())
+                    z = p.logits(e.needs())
                     self.metrics.batch_rows.observe(len(z))
                     self.metrics.batch_requests.observe(1)
-                    e.advance(z)
+                    e.step(z)
                 out = job.result()
             except Exception as exc:
                 out = job.fail(exc)
@@ -542,7 +530,7 @@ class _BatchedPredictor(Predictor):
         p = model.predictor
         self.path, self.vocab, self.block_size = p.path, p.vocab, p.block_size
         self.folded, self.backend = p.folded, p.backend
-        self.metadata = getattr(p, "metadata", None)
+        self.sha256, self.metadata = p.sha256, p.metadata
         self._batcher = batcher
         self._deadline = deadline
 
@@ -664,9 +652,9 @@ class NameService:
         deadline = self.settings.deadline
         if options.new_only:
             proxy = _BatchedPredictor(self.model, self.batcher, time.monotonic() + deadline)
-            fut = loop.run_in_executor(
-                self._executor, sample_names, proxy, options, self.model.labeler
-            )
+            # the network engine: a table engine here would build its own table per request
+            job = functools.partial(sample_names, engine="network")
+            fut = loop.run_in_executor(self._executor, job, proxy, options, self.model.labeler)
             try:
                 got = await asyncio.wait_for(fut, deadline)
             except asyncio.TimeoutError:

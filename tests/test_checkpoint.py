@@ -7,13 +7,13 @@ import torch
 
 from bnfold.checkpoint import (
     Checkpoint,
-    _umask,
     atomic_write,
     load_checkpoint,
     save_checkpoint,
 )
 from bnfold.data import Vocab
 from bnfold.errors import BnfoldError
+from bnfold.files import _umask
 from bnfold.model import MLP, ModelConfig
 
 

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bnfold.data import END, Vocab, build_contexts, load_dataset, read_words, split_words
 from bnfold.errors import BnfoldError
@@ -54,11 +56,13 @@ def test_blank_lines_whitespace_and_crlf_are_handled(tmp_path):
     assert read_words(p) == ["anna", "bob"]
 
 
-def test_single_word(tmp_path):
-    p = write(tmp_path, "emma")
-    d = load_dataset(p, block_size=2)
-    assert d.vocab.size == 4
-    assert len(d.words[0]) == 0 and len(d.words[2]) == 1  # int(0.8) = 0, int(0.9) = 0
+def test_too_few_words_for_the_split(tmp_path):
+    """One word gives an empty train and dev split (int(0.8) = 0, int(0.9) = 0): refused
+    in one line; six words are the fewest with every split non-empty (4 / 1 / 1)."""
+    with pytest.raises(BnfoldError, match="1 words leave the train and dev split empty"):
+        load_dataset(write(tmp_path, "emma"), block_size=2)
+    d = load_dataset(write(tmp_path, "\n".join(["emma", "ava", "liam", "noah", "mia", "zoe"])))
+    assert [len(w) for w in d.words] == [4, 1, 1]
 
 
 def test_contexts_follow_the_lecture_window():
@@ -98,3 +102,36 @@ def test_vocab_rejects_unknown_and_end_ids():
         vocab.decode([1, 0])
     assert vocab.unknown_chars("abzc") == ["c", "z"]
     assert vocab.size == 3
+
+
+def lecture_contexts(words: list[str], vocab: Vocab, block_size: int):
+    """The lecture's loop, one Python list per context: the reference for build_contexts."""
+    xs, ys = [], []
+    for w in words:
+        context = [END] * block_size
+        for ix in [*vocab.encode(w), END]:
+            xs.append(context)
+            ys.append(ix)
+            context = [*context[1:], ix]
+    return xs, ys
+
+
+@given(
+    words=st.lists(st.text(alphabet="ab.é😀 z", min_size=1, max_size=12), min_size=1, max_size=30),
+    block_size=st.integers(1, 6),
+)
+@settings(max_examples=200, deadline=None)
+def test_vectorised_contexts_equal_the_lecture_loop(words, block_size):
+    vocab = Vocab.from_words(words)
+    x, y = build_contexts(words, vocab, block_size)
+    xs, ys = lecture_contexts(words, vocab, block_size)
+    assert x.tolist() == xs and y.tolist() == ys
+    assert x.shape == (len(ys), block_size) and x.dtype == y.dtype == torch.long
+
+
+def test_vectorised_contexts_on_names(names_path):
+    words = read_words(names_path)
+    vocab = Vocab.from_words(words)
+    x, y = build_contexts(words, vocab, 3)
+    xs, ys = lecture_contexts(words, vocab, 3)
+    assert x.tolist() == xs and y.tolist() == ys

@@ -13,39 +13,24 @@ import torch
 from click.testing import CliRunner
 
 import bnfold.sample as sample_mod
+import bnfold.sampling.engine as engine_mod
 from bnfold.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from bnfold.data import END, Vocab, read_words, split_words
 from bnfold.errors import BnfoldError
+from bnfold.fold import fold_batchnorm
 from bnfold.infer import TorchPredictor
 from bnfold.model import MLP, ModelConfig
 from bnfold.sample import (
     Labeler,
     SampleOptions,
     SamplerEngine,
+    forward,
     load_labeler,
-    prefix_logprob,
     sample_names,
     uniforms,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Batch-1 torch calls on a busy 2-core machine are ~10x slower with 2 threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def bn(trained_checkpoint) -> TorchPredictor:
-    return TorchPredictor(trained_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def labeler(bn, names_path) -> Labeler:
-    return load_labeler(bn, names_path)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def opts(**kw) -> SampleOptions:
@@ -120,10 +105,12 @@ def _step_together(predictor, engines, limit=None, on_step=None):
             if all(e.done for e in engines):
                 return step
             continue
-        z = predictor.logits(np.concatenate([e.contexts() for e in live]))
-        cuts = np.cumsum([e.active for e in live])[:-1]
-        for e, part in zip(live, np.split(z, cuts), strict=True):
-            e.advance(part)
+        needs = [e.needs() for e in live]
+        z = forward(predictor, np.concatenate(needs))
+        cuts = np.cumsum([len(x) for x in needs])[:-1]
+        parts = np.split(z, cuts) if z is not None else [None] * len(live)
+        for e, part in zip(live, parts, strict=True):
+            e.step(part)
         step += 1
 
 
@@ -133,10 +120,10 @@ def test_same_names_whatever_the_grouping_and_merged_engines(bn):
     o = opts(count=300, temperature=0.8, top_k=10)
     ref = [s.name for s in sample_names(bn, o)]
     other = opts(count=50, seed=99, prefix="k")
-    a = SamplerEngine(bn.vocab, bn.block_size, o, batch_size=32)
-    b = SamplerEngine(bn.vocab, bn.block_size, other, batch_size=16)
+    a = SamplerEngine(bn.spec, o, batch_size=32)
+    b = SamplerEngine(bn.spec, other, batch_size=16, kind="network")
     ja = a.submit(o, start=100, stop=300)
-    jb = b.submit(other, prefix_logprob(bn, "k"))
+    jb = b.submit(other)
     _step_together(bn, [a, b])
     assert ja.done and jb.done
     assert ja.names == ref[100:]
@@ -150,7 +137,7 @@ def test_requests_share_rows_of_one_engine_and_get_their_own_names(bn):
     steps, share the rows (and each advance) of one engine; each gets exactly the names and
     log-probabilities it gets alone, and never more than ``job_rows`` rows at once."""
     group = opts(temperature=1.3, top_p=0.95, min_length=2, max_length=9)
-    engine = SamplerEngine(bn.vocab, bn.block_size, group, batch_size=24, job_rows=10)
+    engine = SamplerEngine(bn.spec, group, batch_size=24, job_rows=10)
     arrivals = {  # step -> requests (options, name range) submitted before it
         0: [(dataclasses.replace(group, count=1, seed=s), None) for s in range(5)],
         2: [(dataclasses.replace(group, count=40, seed=7, prefix="ma"), None)],
@@ -163,7 +150,7 @@ def test_requests_share_rows_of_one_engine_and_get_their_own_names(bn):
     def on_step(step):
         for o, rng in arrivals.get(step, []):
             start, stop = rng if rng else (0, o.count)
-            jobs.append((o, engine.submit(o, prefix_logprob(bn, o.prefix), start=start, stop=stop)))
+            jobs.append((o, engine.submit(o, start=start, stop=stop)))
         running = [j for _, j in jobs if j.inflight]
         assert all(j.inflight <= 10 for j in running)
         shared_steps[0] += len(running) > 1
@@ -180,7 +167,7 @@ def test_requests_share_rows_of_one_engine_and_get_their_own_names(bn):
 
 def test_cancelled_jobs_leave_and_the_others_are_unchanged(bn):
     group = opts(count=60)
-    engine = SamplerEngine(bn.vocab, bn.block_size, group, batch_size=32, job_rows=16)
+    engine = SamplerEngine(bn.spec, group, batch_size=32, job_rows=16)
     keep = engine.submit(dataclasses.replace(group, seed=1))
     drop = engine.submit(dataclasses.replace(group, seed=2))
     queued = engine.submit(dataclasses.replace(group, seed=3))
@@ -191,7 +178,7 @@ def test_cancelled_jobs_leave_and_the_others_are_unchanged(bn):
         if step == 2:
             engine.cancel(drop)
             engine.cancel(queued)
-            assert not (set(engine.job.tolist()) & {-1, drop.slot})
+            assert not (set(engine.rows.job[: engine.n].tolist()) & {-1, drop.slot})
             engine.cancel(drop)  # twice: a no-op
 
     _step_together(bn, [engine], on_step=on_step)
@@ -201,7 +188,7 @@ def test_cancelled_jobs_leave_and_the_others_are_unchanged(bn):
 
 
 def test_engine_groups_and_ranges_are_checked(bn):
-    engine = SamplerEngine(bn.vocab, bn.block_size, opts())
+    engine = SamplerEngine(bn.spec, opts())
     with pytest.raises(BnfoldError, match="belong to another engine"):
         engine.submit(opts(temperature=0.5))
     with pytest.raises(BnfoldError, match="bad name range"):
@@ -233,9 +220,8 @@ def test_tiny_temperature_is_greedy_not_nan(bn):
 
 
 def test_bn_and_folded_models_agree(bn, trained_checkpoint, tmp_path):
-    fold = pytest.importorskip("bnfold.fold")
     ckpt = load_checkpoint(trained_checkpoint)
-    folded_model, _ = fold.fold_batchnorm(ckpt.model)
+    folded_model, _ = fold_batchnorm(ckpt.model)
     path = save_checkpoint(
         Checkpoint(folded_model, ckpt.vocab, ckpt.metrics, ckpt.meta), tmp_path / "folded.pt"
     )
@@ -353,7 +339,7 @@ def test_new_only_gives_up_with_an_explanation(bn, labeler, monkeypatch):
         def __call__(self, name):
             return "train"
 
-    monkeypatch.setattr(sample_mod, "NEW_ONLY_DRAWS", (2, 30))
+    monkeypatch.setattr(engine_mod, "NEW_ONLY_DRAWS", (2, 30))
     with pytest.raises(BnfoldError, match=r"only 0 of 50 sampled names were new"):
         sample_names(bn, opts(count=10, new_only=True), AllTrain())
     with pytest.raises(BnfoldError, match=r"only 0 of 10 sampled"):  # greedy: no retries
@@ -406,29 +392,35 @@ def test_bad_batch_size_and_logits(bn):
     with pytest.raises(BnfoldError, match="batch size must be a positive integer"):
         sample_names(bn, opts(), batch_size=0)
     with pytest.raises(BnfoldError, match="job rows must be a positive integer"):
-        SamplerEngine(bn.vocab, bn.block_size, opts(), job_rows=0)
-    e = SamplerEngine(bn.vocab, bn.block_size, opts(count=4))
-    e.submit(opts(count=4))
-    assert e.admit() == 4
-    with pytest.raises(BnfoldError, match="expected logits of shape"):
-        e.advance(np.zeros((3, bn.vocab.size), dtype=np.float32))
+        SamplerEngine(bn.spec, opts(), job_rows=0)
+    with pytest.raises(BnfoldError, match="engine must be one of"):
+        SamplerEngine(bn.spec, opts(), kind="cache")
+    for kind in ("network", "table"):
+        e = SamplerEngine(bn.spec, opts(count=4), kind=kind)
+        e.submit(opts(count=4))
+        assert e.admit() == 4
+        assert len(e.needs()) >= 1
+        with pytest.raises(BnfoldError, match="expected logits of shape"):
+            e.step(np.zeros((3, bn.vocab.size), dtype=np.float32))
 
 
 def test_extreme_logits_are_sampled_safely(bn):
     """Rows whose exp would overflow (or vanish) take the shifted path, row by row."""
     o = opts(count=3, min_length=2)
-    e = SamplerEngine(bn.vocab, bn.block_size, o)
+    e = SamplerEngine(bn.spec, o, kind="network")
     e.submit(o)
     e.admit()
+    assert len(e.needs()) == 3
     z = np.zeros((3, bn.vocab.size), dtype=np.float32)
     z[0, 5] = 500.0  # exp overflows: token 5 is certain
     z[1] = -500.0
     z[1, END] = 100.0  # END masked (min-length 2); the rest vanish: uniform among them
-    e.advance(z.copy())
-    assert e.codes[0, 0] == ord(bn.vocab.chars[4]) and e.codes[1, 0] != 0
-    assert e.lp[0] == pytest.approx(0.0, abs=1e-6)
-    assert e.lp[1] == pytest.approx(-600.0, abs=1e-3)  # the model's P, not the masked one
-    assert e.lp[2] == pytest.approx(-math.log(bn.vocab.size), abs=1e-5)
+    e.step(z.copy())
+    toks, lp = e.rows.toks, e.rows.lp
+    assert toks[0, 0] == 5 and toks[1, 0] != END
+    assert lp[0] == pytest.approx(0.0, abs=1e-6)
+    assert lp[1] == pytest.approx(-600.0, abs=1e-3)  # the model's P, not the masked one
+    assert lp[2] == pytest.approx(-math.log(bn.vocab.size), abs=1e-5)
 
 
 # -------------------------------------------------------------------------------- CLI

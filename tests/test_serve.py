@@ -33,15 +33,6 @@ NAMES = REPO / "data" / "names.txt"
 # ----------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="session")
-def onnx_model(trained_checkpoint, tmp_path_factory) -> Path:
-    """``folded.onnx`` exported from the session's short-trained checkpoint."""
-    from bnfold.export import export_checkpoint
-
-    out = tmp_path_factory.mktemp("onnx")
-    return export_checkpoint(trained_checkpoint, out).paths["folded"]
-
-
 def settings_for(model: Path, **kw) -> ServeSettings:
     return ServeSettings(model=str(model), words=str(NAMES), **kw)
 

@@ -11,7 +11,7 @@ import shutil
 
 import httpx
 import pytest
-from test_serve import live, onnx_model, settings_for  # noqa: F401  (onnx_model: a fixture)
+from test_serve import live, settings_for
 
 from bnfold.serve import create_app
 
@@ -59,7 +59,7 @@ def browser():
             b.close()
 
 
-def test_page_generates_names_with_labels(browser, onnx_model):  # noqa: F811
+def test_page_generates_names_with_labels(browser, onnx_model):
     with live(create_app(settings_for(onnx_model))) as url:
         page = browser.new_page()
         try:

@@ -1,0 +1,174 @@
+"""Reading and writing files safely: bounded reads, outputs checked before work starts,
+atomic writes that never leave half a file (nor stale temp files) behind.
+
+Every way the file system can say no (a missing folder, a file where a folder should be, a
+folder where a file should be, no permission, a full disk) becomes one ``BnfoldError``
+naming the path, never an ``OSError`` traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bnfold.errors import BnfoldError
+
+MiB = 1 << 20
+# A temp file of a writer that left no live process behind is stale; one without a
+# process id (bnfold < 0.1.1 wrote those) is stale once it is this old.
+STALE_TEMP_SECONDS = 3600
+
+
+def describe_os_error(e: OSError) -> str:
+    """``e`` as a short reason, e.g. ``no space left on device``."""
+    if e.errno is not None and e.errno in errno.errorcode:
+        return os.strerror(e.errno).lower()
+    return str(e) or type(e).__name__
+
+
+def read_bounded(path: str | Path, limit: int, what: str) -> bytes:
+    """The bytes of ``path``, ``what`` (e.g. "a words file") of at most ``limit`` bytes.
+
+    Refuses a missing path, a directory and a device (``/dev/zero`` never ends) with one
+    clear line, and reads a pipe only up to ``limit + 1`` bytes, so no input can make bnfold
+    read without bound.
+    """
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise BnfoldError(f"{p}: no such file (expected {what})") from None
+    except OSError as e:
+        raise BnfoldError(f"{p}: cannot read it: {describe_os_error(e)}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise BnfoldError(f"{p}: is a directory, not {what}")
+    if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        raise BnfoldError(f"{p}: is a device, not {what}")
+    if stat.S_ISREG(st.st_mode) and st.st_size > limit:
+        raise BnfoldError(f"{p}: {st.st_size:,} bytes, more than {what} may hold ({limit:,})")
+    try:
+        with open(p, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise BnfoldError(f"{p}: cannot read it: {describe_os_error(e)}") from None
+    if len(data) > limit:
+        raise BnfoldError(f"{p}: more than {what} may hold ({limit:,} bytes)")
+    return data
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """Refuse, before any work is done, an output folder that cannot be made or written:
+    ``path`` or one of its parents is a file, or the nearest existing one is read-only."""
+    p = Path(path)
+    for parent in (p, *p.parents):
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                if parent == p:
+                    raise BnfoldError(f"{p}: exists and is not a folder; give an output folder")
+                raise BnfoldError(f"{p}: cannot be made: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise BnfoldError(f"{p}: cannot write there ({parent} is not writable)")
+            break
+    return p
+
+
+def check_output_file(path: str | Path) -> Path:
+    """Refuse, before any work is done, an output file path that cannot be written: it is a
+    folder, or its folder cannot be made or written (see :func:`check_output_dir`)."""
+    p = Path(path)
+    if p.is_dir():
+        raise BnfoldError(f"{p}: is a directory; give a file path to write")
+    check_output_dir(p.parent)
+    return p
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def remove_stale_temp_files(path: str | Path) -> list[Path]:
+    """Delete temp files that an interrupted :func:`atomic_write` of ``path`` left behind
+    (the writer was killed): those whose process is gone, or, without a process id, that
+    are older than ``STALE_TEMP_SECONDS``. A live writer's temp file is left alone."""
+    path = Path(path)
+    removed = []
+    prefix = _temp_prefix(path)
+    try:
+        candidates = [p for p in path.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return removed
+    for tmp in candidates:
+        if not tmp.name.endswith(".tmp"):
+            continue
+        pid_text = tmp.name[len(prefix) :].split("-", 1)[0]
+        try:
+            if pid_text.isdigit() and "-" in tmp.name[len(prefix) :]:
+                if _process_alive(int(pid_text)):
+                    continue
+            elif time.time() - tmp.stat().st_mtime < STALE_TEMP_SECONDS:
+                continue
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            continue
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)``, fsync, then rename over ``path``: a crash or Ctrl-C leaves
+    either the old file or the new one, never half of one. Temp files of earlier writers
+    that were killed are removed first. An ``OSError`` (full disk, no permission, a folder
+    in the way) becomes one ``BnfoldError`` naming ``path``; nothing is left behind."""
+    path = Path(path)
+    if path.is_dir():
+        raise BnfoldError(f"{path}: is a directory; cannot write a file there")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(path)
+        # the writer's pid in the name tells a later writer whether this file is stale
+        fd, tmp = tempfile.mkstemp(
+            prefix=f"{_temp_prefix(path)}{os.getpid()}-", suffix=".tmp", dir=path.parent
+        )
+        os.close(fd)
+    except OSError as e:
+        raise BnfoldError(f"{path}: cannot write: {describe_os_error(e)}") from None
+    try:
+        # mkstemp's file is private (0600); the result is an ordinary, shareable file.
+        os.chmod(tmp, 0o666 & ~_umask())
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise BnfoldError(f"{path}: cannot write: {describe_os_error(e)}") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """:func:`atomic_write` of ``data``."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
