@@ -291,7 +291,7 @@ def training_memory_bytes(model_config: ModelConfig, cfg: TrainConfig, n_example
         "parameters and optimizer": 4 * copies * params,
         "activations": 4 * 2 * batch * width,
         "evaluation": 4 * 3 * rows * widest,
-        # int64 tensors, and the Python lists they are built from (56 bytes + a pointer each)
+        # the int64 tensors plus as much again while building them (an upper bound)
         "data": n_examples * (8 * (c.block_size + 1) + 56 + 8 * c.block_size),
     }
 
