@@ -8,6 +8,7 @@ import functools
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -163,6 +164,14 @@ def train_options(fn):
         ),
         click.option("--seed", type=click.IntRange(min=0), default=42, show_default=True),
         click.option(
+            "--threads",
+            type=click.IntRange(min=0),
+            default=None,
+            help="torch threads for training; 0 = as many cores as are free (up to 2), the"
+            " preset's default for `fast`. The number used is recorded in the checkpoint:"
+            " pass it to repeat a run bit for bit.",
+        ),
+        click.option(
             "--report",
             type=click.Path(path_type=Path, file_okay=False),
             default=None,
@@ -180,6 +189,21 @@ def train_options(fn):
 @click.version_option(package_name="bnfold")
 def main() -> None:
     """Train a BatchNorm MLP, fold its BatchNorms, verify, export to ONNX, sample, serve."""
+
+
+def wall_seconds() -> float:
+    """Seconds since this process started (interpreter start-up and imports included)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _IMPORTED  # where /proc is missing: since cli was imported
+
+
+_IMPORTED = time.monotonic()
 
 
 def pipeline_train_args(options: dict) -> dict:
@@ -202,10 +226,12 @@ def train(out, report, as_json, **train_args):
         progress=False if as_json else None,
         **pipeline_train_args(train_args),
     )
+    wall = round(wall_seconds(), 2)
     if as_json:
-        print_json(summary)
+        print_json({**summary, "wall_seconds": wall})
     else:
         click.echo(format_train_summary(summary, path))
+        click.echo(f"wall time {wall:.1f} s (process start to exit)")
 
 
 def format_train_summary(s: dict, path: Path) -> str:
@@ -496,10 +522,12 @@ def train_fold(as_json, tolerance, max_exhaustive, **train_args):
         progress=False if as_json else None,
         **pipeline_train_args(train_args),
     )
+    wall = round(wall_seconds(), 2)
     if as_json:
-        print_json(result.to_dict())
+        print_json({**result.to_dict(), "wall_seconds": wall})
     else:
         click.echo(result.format())
+        click.echo(f"\nwall time {wall:.1f} s (process start to exit)")
     if not result.passed:
         sys.exit(1)
 

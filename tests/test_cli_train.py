@@ -1,12 +1,18 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from bnfold.checkpoint import load_checkpoint
 from cli import main
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def run(*args: str):
@@ -77,3 +83,73 @@ def test_non_utf8_data_is_reported_with_line_number(tmp_path):
     bad.write_bytes(b"anna\n\xc3\x28oops\n")
     r = run("train", "--data", str(bad), "--out", str(tmp_path))
     assert r.exit_code == 2 and "bad.txt:2:" in r.output and "UTF-8" in r.output
+
+
+def bnfold(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The real command in a fresh process, stderr apart (not a terminal: no progress bar)."""
+    cmd = [sys.executable, "-m", "cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--n-hidden", "1000000"),
+        ("--n-embd", "100000000"),
+        # i.i.d. batches (the lecture's sampling) are allocated whole; `fast` draws without
+        # replacement, so a batch never exceeds the training split there
+        ("--batch-size", "100000000000 --preset lecture"),
+        ("--block-size", "1000000"),
+    ],
+)
+def test_impossible_sizes_are_refused_before_allocating(tmp_path, option, value):
+    r = bnfold("train", option, *value.split(), "--steps", "1", "--out", str(tmp_path))
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: training needs about"), r.stderr
+    assert "GiB" in lines[0] and "available" in lines[0]
+    assert not (tmp_path / "bn.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "command, lr, message",
+    [
+        ("train", "1e30", "error: training diverged"),
+        ("train-fold", "1e30", "error: training diverged"),
+        ("train-fold", "inf", "error: lr must be a finite number > 0"),
+    ],
+)
+def test_a_diverged_run_writes_nothing(tmp_path, command, lr, message):
+    r = bnfold(command, "--lr", lr, "--steps", "20", "--out", str(tmp_path / "m"))
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].lower().startswith(message), r.stderr
+    assert not (tmp_path / "m").exists() or not any((tmp_path / "m").iterdir())
+
+
+def test_same_seed_and_threads_give_the_same_checkpoint_weights(tmp_path):
+    """Two processes, same data/config/seed/threads: bit-identical weights, and the thread
+    count `--threads 0` chose is recorded in the checkpoint."""
+    common = ["--steps", "40", "--batch-size", "1024", "--json"]
+    r0 = bnfold("train", *common, "--threads", "0", "--out", str(tmp_path / "auto"))
+    assert r0.returncode == 0, r0.stderr
+    threads = load_checkpoint(tmp_path / "auto" / "bn.pt").meta["train_config"]["threads"]
+    assert threads in (1, 2)
+    r1 = bnfold("train", *common, "--threads", str(threads), "--out", str(tmp_path / "again"))
+    assert r1.returncode == 0, r1.stderr
+    a = load_checkpoint(tmp_path / "auto" / "bn.pt").model.state_dict()
+    b = load_checkpoint(tmp_path / "again" / "bn.pt").model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_reports_its_wall_time_and_keeps_pipes_clean(tmp_path):
+    r = bnfold("train", "--steps", "30", "--batch-size", "512", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""  # no progress bar when stderr is not a terminal
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith("wall time ") and last.endswith("s (process start to exit)")
+    seconds = float(last.split()[2])
+    r = bnfold(
+        "train", "--steps", "30", "--batch-size", "512", "--out", str(tmp_path / "j"), "--json"
+    )
+    assert seconds > 0 and json.loads(r.stdout)["wall_seconds"] > 0

@@ -22,6 +22,7 @@ from bnfold.diagnostics import (
     saturation_census,
     update_ratio,
     verdict,
+    verdict_lines,
     weight_grad_stats,
     write_report,
 )
@@ -356,3 +357,35 @@ def test_bnfold_report_on_missing_or_bad_dir(tmp_path):
     (tmp_path / "diagnostics.json").write_text("{not json")
     result = CliRunner().invoke(main, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "not a readable diagnostics report" in result.output
+
+
+def _report(saturation: float, grad_std: list[float], dead: int = 0) -> dict:
+    """A saved report with 5 Tanh layers of 100 units: census saturation, dead units in
+    layer 3, and the per-layer gradient std series the verdict judges the flow by."""
+    layers = [{"saturation": [saturation], "grad_std": [g, g]} for g in grad_std]
+    census = {
+        "examples": 1000,
+        "layers": [
+            {"units": 100, "dead": list(range(dead)) if i == 2 else [], "saturation": saturation}
+            for i in range(5)
+        ],
+    }
+    return {"layers": layers, "steps": [0], "census": census, "saturation_threshold": 0.97}
+
+
+@pytest.mark.parametrize(
+    "saturation, grad_std, dead, expected",
+    [
+        (0.03, [1.0] * 5, 0, "ok"),
+        (0.48, [2.4, 2.1, 2.0, 2.0, 2.3], 0, "harmless here"),  # the default run's figures
+        (0.48, [0.01, 0.1, 0.5, 1.0, 1.0], 0, "unhealthy: the gradient vanishes"),
+        (0.48, [1.0] * 5, 20, "unhealthy: more than 10% dead units in layer 3"),
+    ],
+)
+def test_saturation_verdict_judges_by_gradient_flow_and_dead_units(
+    saturation, grad_std, dead, expected
+):
+    line = next(x for x in verdict_lines(_report(saturation, grad_std, dead)) if "saturation" in x)
+    assert expected in line
+    if expected == "harmless here":
+        assert "saturation_sweep.txt" in line  # the measurement it rests on

@@ -5,15 +5,28 @@ import math
 import os
 import signal
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bnfold.data import load_dataset
+from bnfold.data import distinct_contexts, load_dataset
 from bnfold.errors import BnfoldError
 from bnfold.model import MLP, ModelConfig
-from bnfold.train import PRESETS, TrainConfig, calibrate_batchnorm, split_loss, train
+from bnfold.train import (
+    PRESETS,
+    FusedAdamW,
+    TrainConfig,
+    _SigmoidTanh,
+    calibrate_batchnorm,
+    distinct_rows_loss,
+    fast_tanh,
+    non_finite_tensors,
+    split_loss,
+    train,
+    training_memory_bytes,
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +52,21 @@ def test_initial_loss_is_close_to_uniform(data):
     assert abs(loss - math.log(27)) < 0.05
 
 
-def test_short_run_learns_and_is_deterministic(data):
-    cfg = TrainConfig.from_preset("fast", steps=300, batch_size=256)
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(va, vb), ka
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_short_run_learns_and_is_deterministic(data, threads):
+    """Same data, config and seed give bit-identical weights, with one thread and with two
+    (the thread count is part of the config: one and two threads round differently)."""
+    cfg = TrainConfig.from_preset("fast", steps=300, batch_size=256, threads=threads)
     a = train(data, ModelConfig(), cfg, progress=False)
     b = train(data, ModelConfig(), cfg, progress=False)
+    assert a.config.threads == threads
     assert a.metrics["dev_loss"] < math.log(27) - 0.8  # 3.30 at init
-    for (ka, va), (kb, vb) in zip(
-        a.model.state_dict().items(), b.model.state_dict().items(), strict=True
-    ):
-        assert ka == kb and torch.equal(va, vb), ka
+    assert_same_weights(a.model, b.model)
     assert a.summary().keys() >= {
         "train_loss",
         "dev_loss",
@@ -148,3 +167,106 @@ def test_split_loss_uses_running_statistics(data):
     assert m.training  # mode restored
     m.eval()
     assert split_loss(m, x, y) == before
+
+
+def test_auto_threads_are_resolved_and_recorded(data):
+    cfg = TrainConfig.from_preset("fast", steps=5, batch_size=64, threads=0)
+    r = train(data, ModelConfig(), cfg, progress=False)
+    assert r.config.threads in (1, 2) and r.summary()["threads"] == r.config.threads
+    again = train(data, ModelConfig(), replace(cfg, threads=r.config.threads), progress=False)
+    assert_same_weights(r.model, again.model)
+
+
+def test_sigmoid_tanh_matches_torch_tanh():
+    x = (torch.randn(4096, dtype=torch.float64) * 4).float().requires_grad_()
+    y = _SigmoidTanh.apply(x)
+    y.backward(torch.ones_like(y))
+    ref = torch.tanh(x.detach().double())
+    assert (y.detach().double() - ref).abs().max() < 4e-7  # float32 rounding
+    assert (x.grad.double() - (1 - ref**2)).abs().max() < 1e-6
+
+
+def test_fast_tanh_keeps_stock_modules_and_hooks():
+    m = MLP(ModelConfig())
+    seen, pre = [], []
+    m.net[1].register_forward_hook(lambda mod, inp, out: pre.append(out))
+    m.net[2].register_forward_hook(lambda mod, inp, out: seen.append(out))
+    x = torch.randint(0, 27, (64, 3))
+    with fast_tanh(m):
+        m(x)
+    assert len(seen) == 1  # the hook fired through the swapped forward
+    assert all(type(t) is torch.nn.Tanh and "forward" not in vars(t) for t in m.net[2::3])
+    torch.testing.assert_close(seen[0], torch.tanh(pre[0]), rtol=0, atol=4e-7)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_distinct_rows_step_equals_stock_batchnorm_on_the_full_batch(data, momentum):
+    """One train-mode step on the distinct contexts of a batch, weighted by their counts,
+    gives torch's own nn.BatchNorm1d/cross_entropy loss, gradients and running statistics
+    on the whole batch, to float32 rounding."""
+    x, y = data.splits["train"]
+    ix = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:3000]
+    torch.manual_seed(0)
+    stock = MLP(ModelConfig())
+    for bn in stock.modules():
+        if isinstance(bn, torch.nn.BatchNorm1d):
+            bn.momentum = momentum
+    ours = copy.deepcopy(stock)
+    stock.train(), ours.train()
+    ref = F.cross_entropy(stock(x[ix]), y[ix])
+    ref.backward()
+    loss = distinct_rows_loss(ours, x[ix], y[ix])
+    loss.backward()
+    assert len(distinct_contexts(x[ix])[0]) < len(ix) / 2  # the point: fewer rows
+    torch.testing.assert_close(loss, ref)
+    for (name, a), (_, b) in zip(stock.named_parameters(), ours.named_parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-7, msg=name)
+    for (name, a), (_, b) in zip(stock.named_buffers(), ours.named_buffers(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_memory_estimate_refuses_impossible_sizes_before_allocating(data):
+    huge = ModelConfig(n_hidden=1_000_000)
+    parts = training_memory_bytes(huge, TrainConfig.from_preset("fast"), 200_000)
+    assert parts["parameters and optimizer"] > 4 * 16 * 10**12  # 4 layers of 1e6 x 1e6
+    with pytest.raises(BnfoldError, match=r"training needs about .* GiB .* available"):
+        train(data, huge, TrainConfig.from_preset("fast", steps=1), progress=False)
+    # the default model is a few MiB
+    assert sum(training_memory_bytes(ModelConfig(), TrainConfig(), 200_000).values()) < 2**30
+
+
+def test_a_diverging_run_stops_with_an_error(data):
+    cfg = TrainConfig.from_preset("fast", steps=30, batch_size=256, lr=1e30, threads=1)
+    with pytest.raises(BnfoldError, match="training diverged"):
+        train(data, ModelConfig(), cfg, progress=False)
+    with pytest.raises(BnfoldError, match="finite"):
+        TrainConfig.from_preset("fast", lr=float("inf"))
+
+
+def test_non_finite_tensors_names_them():
+    m = MLP(ModelConfig())
+    assert non_finite_tensors(m) == []
+    with torch.no_grad():
+        m.net[4].running_var[3] = float("nan")
+        m.net[0].weight[0, 0] = float("inf")
+    assert non_finite_tensors(m) == ["net.0.weight", "net.4.running_var"]
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_fused_adamw_is_torchs_adamw_bit_for_bit(weight_decay):
+    torch.manual_seed(0)
+    a = MLP(ModelConfig(n_hidden=16, n_layers=2))
+    b = copy.deepcopy(a)
+    kw = dict(lr=0.01, betas=(0.9, 0.99), weight_decay=weight_decay)
+    ref = torch.optim.AdamW(a.parameters(), fused=True, **kw)
+    ours = FusedAdamW([{"params": b.parameters()}], **kw)
+    x = torch.randint(0, 27, (256, 3))
+    y = torch.randint(0, 27, (256,))
+    for lr in (0.01, 0.02, 0.005):
+        for model, opt in ((a, ref), (b, ours)):
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    assert_same_weights(a, b)
