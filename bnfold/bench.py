@@ -143,6 +143,7 @@ class PlainOrtRun(Predictor):
         self.path, self.vocab = onnx_predictor.path, onnx_predictor.vocab
         self.block_size, self.folded = onnx_predictor.block_size, onnx_predictor.folded
         self.sha256, self.metadata = onnx_predictor.sha256, onnx_predictor.metadata
+        self.parameters, self.threads = onnx_predictor.parameters, 1
 
     def logits(self, contexts: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: contexts})[0]

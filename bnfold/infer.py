@@ -50,6 +50,8 @@ class TorchPredictor(Predictor):
         self.folded = not ckpt.config.batchnorm
         self.sha256 = sha
         self.metadata = {**ckpt.meta, "model_config": ckpt.config.to_dict()}
+        self.parameters = int(sum(p.numel() for p in self.model.parameters()))
+        self.threads = None  # torch's process-wide setting
 
     def logits(self, contexts: np.ndarray) -> np.ndarray:
         import torch

@@ -172,3 +172,8 @@ def non_finite_initializers(proto: onnx.ModelProto) -> list[str]:
         if t.data_type in floats and not np.isfinite(onnx.numpy_helper.to_array(t)).all():
             bad.append(t.name)
     return bad
+
+
+def weight_count(proto: onnx.ModelProto) -> int:
+    """Number of values in the graph's initializers (the model's weights)."""
+    return int(sum(int(np.prod(t.dims, dtype=np.int64)) for t in proto.graph.initializer))

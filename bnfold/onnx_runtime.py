@@ -19,10 +19,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from bnfold.data import END, Vocab
 from bnfold.errors import BnfoldError
-from bnfold.onnx_files import load_onnx_file, non_finite_initializers
+from bnfold.onnx_files import load_onnx_file, non_finite_initializers, weight_count
 from bnfold.predictor import Predictor
 
 FORMAT = "bnfold-onnx"
@@ -130,7 +131,10 @@ class OnnxPredictor(Predictor):
                     f"{self.path}: the weights hold NaN or infinite values"
                     f" ({', '.join(bad[:3])}): the model it was exported from diverged"
                 )
-            model_bytes = onnx_file.data
+            model_bytes, proto = onnx_file.data, onnx_file.proto
+        else:
+            proto = onnx.ModelProto.FromString(model_bytes)
+        self.parameters = weight_count(proto)
         self.sha256 = hashlib.sha256(model_bytes).hexdigest()
         self.threads = threads
         try:

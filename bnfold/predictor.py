@@ -5,6 +5,8 @@ vocab). Besides ``logits`` it declares what callers may read about the model, so
 probes a backend with ``getattr``:
 
 * ``path``, ``backend`` ("torch" / "onnxruntime"), ``folded``;
+* ``parameters``: the number of weights; ``threads``: the intra-op threads it runs with
+  (``None``: the backend's process-wide setting, as torch's);
 * ``vocab`` and ``block_size`` (always from the file itself);
 * ``sha256``: the identity of the model (the file's bytes; for an in-memory checkpoint,
   its weights and vocabulary), which the sampler's tables are keyed by;
@@ -44,6 +46,8 @@ class Predictor:
     block_size: int
     sha256: str
     metadata: dict
+    parameters: int
+    threads: int | None
 
     def logits(self, contexts: np.ndarray) -> np.ndarray:
         raise NotImplementedError

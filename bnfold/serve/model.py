@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 
 from bnfold.infer import load_predictor
-from bnfold.onnx_files import load_onnx_file
 from bnfold.predictor import Predictor
 from bnfold.sample import Labeler, SampleOptions, load_labeler, sample_names
 from bnfold.serve.settings import ServeSettings
@@ -21,17 +20,6 @@ class LoadedModel:
     labeler: Labeler
     sha256: str
     info: dict[str, Any]
-
-
-def parameter_count(path: Path, predictor: Predictor) -> int | None:
-    """Number of weights: the ONNX file's initializers, or the torch model's parameters."""
-    model = getattr(predictor, "model", None)  # TorchPredictor only
-    if model is not None and hasattr(model, "parameters"):
-        return int(sum(p.numel() for p in model.parameters()))
-    if path.suffix == ".onnx":
-        proto = load_onnx_file(path).proto
-        return int(sum(int(np.prod(t.dims, dtype=np.int64)) for t in proto.graph.initializer))
-    return None
 
 
 def load_model(settings: ServeSettings) -> LoadedModel:
@@ -49,7 +37,7 @@ def load_model(settings: ServeSettings) -> LoadedModel:
         "vocab_size": predictor.vocab.size,
         "end_token": 0,
         "block_size": predictor.block_size,
-        "parameters": parameter_count(path, predictor),
+        "parameters": predictor.parameters,
         "model_config": meta.get("model_config"),
         "verification": meta.get("verification"),
         "source_checkpoint": meta.get("source_checkpoint"),
@@ -71,7 +59,7 @@ def load_model(settings: ServeSettings) -> LoadedModel:
             "max_rows_per_step": settings.max_rows,
             "table_mb": settings.table_mb,
             "memory_mb": settings.memory_mb,
-            "ort_threads": getattr(predictor, "threads", None),
+            "ort_threads": predictor.threads,
         },
     }
     return LoadedModel(predictor, labeler, predictor.sha256, info)
