@@ -389,3 +389,23 @@ def test_saturation_verdict_judges_by_gradient_flow_and_dead_units(
     assert expected in line
     if expected == "harmless here":
         assert "saturation_sweep.txt" in line  # the measurement it rests on
+
+
+@pytest.mark.parametrize(
+    "optimizer, log10, grad_std, explained",
+    [
+        ("adamw", -1.8, [1.0] * 5, True),  # the default run: short AdamW, gradient flows
+        ("sgd", -1.8, [1.0] * 5, False),  # the lecture's own regime: the flag stands alone
+        ("adamw", -4.5, [1.0] * 5, False),  # too slow is never explained away
+        ("adamw", -1.8, [0.01, 0.1, 0.5, 1.0, 1.0], False),  # a vanishing gradient
+    ],
+)
+def test_update_ratio_flag_is_explained_only_for_short_adamw_runs_that_flow(
+    optimizer, log10, grad_std, explained
+):
+    report = _report(0.03, grad_std)
+    report["updates"] = {"net.3.weight": {"shape": [100, 100], "log10": [log10] * 3}}
+    report["meta"] = {"train_config": {"optimizer": optimizer}}
+    line = next(x for x in verdict_lines(report) if "update:data" in x)
+    assert "far from 1e-3" in line
+    assert ("update_ratio_sweep.txt" in line) is explained
