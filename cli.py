@@ -543,6 +543,16 @@ words_option = click.option(
     help="The model's training words file, for the train/dev/test/new labels.",
 )
 
+# `sample` and `serve` draw names through the same engines
+engine_option = click.option(
+    "--engine",
+    type=click.Choice(["table", "network"]),
+    default="table",
+    show_default=True,
+    help="table: each context's next-token row computed once and kept; network: the model"
+    " every step (the reference). Same names either way.",
+)
+
 
 @main.command()
 @click.argument("model", required=False, type=click.Path(path_type=Path))
@@ -570,14 +580,7 @@ words_option = click.option(
     show_default=True,
     help="Names in flight per step (speed only: never changes the names).",
 )
-@click.option(
-    "--engine",
-    type=click.Choice(["table", "network"]),
-    default="table",
-    show_default=True,
-    help="table: each context's next-token row computed once and kept; network: the model"
-    " every step (the reference). Same names either way.",
-)
+@engine_option
 @click.option(
     "--table-mb",
     type=int,
@@ -708,13 +711,7 @@ def _discard_stdout() -> None:
 @click.option(
     "--max-rows", type=positive, default=8192, show_default=True, help="Rows per forward step."
 )
-@click.option(
-    "--engine",
-    type=click.Choice(["table", "network"]),
-    default="table",
-    show_default=True,
-    help="Sampling engine (same names either way); see `bnfold sample --help`.",
-)
+@engine_option
 @click.option(
     "--memory-mb",
     type=positive,
