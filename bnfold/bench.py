@@ -39,6 +39,7 @@ import numpy as np
 from bnfold.errors import BnfoldError
 from bnfold.infer import Predictor
 from bnfold.networks import percentiles_us, single_latency
+from bnfold.onnx_files import load_onnx_file
 from bnfold.pipeline import train_to_checkpoint
 
 NETS = ("torch BN", "torch folded", "ONNX BN", "ONNX folded")
@@ -131,8 +132,6 @@ class PlainOrtRun(Predictor):
 
     def __init__(self, onnx_predictor: Predictor):
         import onnxruntime as ort
-
-        from bnfold.onnx_files import load_onnx_file
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
@@ -283,7 +282,9 @@ def plain_ort_sampler(onnx_path: str | Path, n: int, batch: int = 4096, seed: in
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    # the file's bytes through bnfold's one ONNX loader (bounded, no external data)
+    data = load_onnx_file(onnx_path).data
+    sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
     T = int(inp.shape[1])
     rng = np.random.default_rng(seed)
