@@ -459,7 +459,8 @@ def test_words_from_a_pipe_are_read_with_a_bound(tmp_path):
     os.mkfifo(fifo)
     proc = subprocess.Popen([BNFOLD, "train", "--data", fifo, "--out", tmp_path / "o"],
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
-    with open(fifo, "wb") as f:
+    # unbuffered, so a write after the reader has stopped fails inside the try, not at close
+    with open(fifo, "wb", buffering=0) as f:
         try:  # more than the bound, in chunks: the reader stops after MAX_WORDS_BYTES + 1
             for _ in range(MAX_WORDS_BYTES // (1 << 20) + 2):
                 f.write(b"anna\n" * ((1 << 20) // 5 + 1))
