@@ -38,11 +38,11 @@ import numpy as np
 
 from bnfold.errors import BnfoldError
 from bnfold.infer import Predictor
-from bnfold.networks import percentiles_us, single_latency
+from bnfold.networks import FOUR_NETWORKS, percentiles_us, single_latency
 from bnfold.onnx_files import load_onnx_file
 from bnfold.pipeline import train_to_checkpoint
 
-NETS = ("torch BN", "torch folded", "ONNX BN", "ONNX folded")
+NETS = FOUR_NETWORKS
 BATCH = 1024
 LECTURE_NAMES = 200  # names for the one-at-a-time baseline (~0.2 s at ~1,000 names/s)
 QUICK_STEPS = 2_000

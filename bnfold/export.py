@@ -36,11 +36,12 @@ from torch import nn
 from bnfold import __version__
 from bnfold.checkpoint import Checkpoint, load_checkpoint
 from bnfold.data import END, Vocab, file_sha256
-from bnfold.domain import all_contexts, compare_over_domain, plan_domain
+from bnfold.domain import DomainComparison, all_contexts, compare_over_domain, plan_domain
 from bnfold.errors import BnfoldError
 from bnfold.files import atomic_write, check_output_file
 from bnfold.model import MLP
 from bnfold.onnx_runtime import FORMAT, FORMAT_VERSION, INPUT_NAME, OUTPUT_NAME, OnnxPredictor
+from bnfold.verify import Float64Model, report_from_pair
 
 OPSET = 17  # BatchNormalization-15, Gemm-13, Gather-13, Flatten-13, Tanh-13
 IR_VERSION = 8  # readable by every onnxruntime >= 1.10 (this one reads at most 13)
@@ -253,6 +254,109 @@ def _figures(report) -> dict:
     return {k: d[k] for k in VERIFY_KEYS}
 
 
+# the networks an export compares, named as in the four-network table of the main job
+TORCH_NET = {"bn": "torch BN", "folded": "torch folded"}
+ONNX_NET = {"bn": "ONNX BN", "folded": "ONNX folded"}
+
+
+@dataclass
+class OnnxBuild:
+    """The ONNX graphs of a checkpoint, built in memory with an ONNX Runtime session on
+    each (``nets``, named as :data:`ONNX_NET`): not yet verified, nothing written."""
+
+    protos: dict[str, onnx.ModelProto]  # "bn" / "folded"
+    meta: dict[str, dict[str, str]]
+    nets: dict[str, OnnxPredictor]
+    probe: np.ndarray  # contexts for the read-back check
+    outputs: dict[str, np.ndarray]  # each session's logits on ``probe``
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        """(torch reference, ONNX candidate): each graph against its own torch network,
+        and the folded graph against the BN network too."""
+        pairs = [(TORCH_NET[kind], ONNX_NET[kind]) for kind in self.protos]
+        if len(self.protos) == 2:
+            pairs.append((TORCH_NET["bn"], ONNX_NET["folded"]))
+        return pairs
+
+
+def build_onnx(
+    models: dict[str, MLP], ckpt: Checkpoint, source: Path, source_sha256: str
+) -> OnnxBuild:
+    """The graph of each of ``models`` ("bn" and/or "folded", made from ``ckpt`` read from
+    ``source``), checked by ``onnx.checker`` and loaded in ONNX Runtime."""
+    build = OnnxBuild({}, {}, {}, _probe_contexts(ckpt.vocab.size, ckpt.config.block_size), {})
+    for kind, model in models.items():
+        proto = build_graph(model, name=f"bnfold_{kind}")
+        build.meta[kind] = metadata(
+            ckpt.vocab,
+            model.config.to_dict(),
+            folded=kind == "folded",
+            source=source,
+            source_sha256=source_sha256,
+            data_sha256=ckpt.meta.get("data_sha256"),
+        )
+        set_metadata(proto, build.meta[kind])
+        check_model(proto, f"{kind}.onnx")
+        net = OnnxPredictor(f"{kind}.onnx (ORT)", model_bytes=proto.SerializeToString())
+        build.protos[kind], build.nets[ONNX_NET[kind]] = proto, net
+        build.outputs[kind] = net.logits(build.probe)
+    return build
+
+
+def judge_onnx(
+    comparison: DomainComparison, build: OnnxBuild, labels: dict[str, str], float64_source
+) -> tuple[dict[str, dict], dict[str, dict]]:
+    """The verdict of each of ``build.pairs`` from a walk that compared them (``labels``:
+    network name -> how reports name it): ``(figures by "<onnx> vs <torch>", figures
+    by file)``. Raises when any graph does not match torch: nothing may be written."""
+    verification: dict[str, dict] = {}
+    per_file: dict[str, dict] = {}
+    for a, b in build.pairs:
+        rep = report_from_pair(
+            comparison.pairs[(a, b)],
+            comparison.plan,
+            reference=labels[a],
+            candidate=labels[b],
+            float64_source=float64_source,
+            seconds=comparison.seconds,
+        )
+        kind = next(k for k, name in ONNX_NET.items() if name == b)
+        key = "torch_same" if a == TORCH_NET[kind] else "torch_bn"
+        per_file.setdefault(kind, {})[key] = _figures(rep)
+        verification[f"{rep.candidate} vs {rep.reference}"] = _figures(rep)
+    failed = [k for k, v in verification.items() if not v["passed"]]
+    if failed:
+        raise BnfoldError(
+            "ONNX export does not match torch (nothing written): "
+            + "; ".join(f"{k}: {verification[k]['reason']}" for k in failed)
+        )
+    return verification, per_file
+
+
+def write_onnx(
+    build: OnnxBuild, per_file: dict[str, dict], out: Path
+) -> tuple[dict[str, Path], dict[str, str], dict[str, dict[str, int]]]:
+    """Write each verified graph to ``out/<kind>.onnx`` with its verification figures in the
+    metadata, and read it back: it must reproduce the verified outputs bit for bit.
+    Returns (paths, sha256s, op counts) by kind."""
+    paths: dict[str, Path] = {}
+    shas: dict[str, str] = {}
+    ops: dict[str, dict[str, int]] = {}
+    for kind, proto in build.protos.items():
+        set_metadata(proto, {**build.meta[kind], "verification": json.dumps(per_file[kind])})
+        check_model(proto, f"{kind}.onnx")
+        data = proto.SerializeToString()
+        path = out / f"{kind}.onnx"
+        atomic_write(path, lambda tmp, data=data: Path(tmp).write_bytes(data))
+        # read the written file back: it must load and reproduce the verified outputs exactly
+        back = OnnxPredictor(path)
+        if not np.array_equal(back.logits(build.probe), build.outputs[kind]):
+            raise BnfoldError(f"{path}: the written file does not reproduce the verified outputs")
+        paths[kind], shas[kind], ops[kind] = path, back.sha256, op_types(proto)
+    return paths, shas, ops
+
+
 def export_checkpoint(
     checkpoint: str | Path,
     out_dir: str | Path | None = None,
@@ -266,11 +370,11 @@ def export_checkpoint(
     ``folded_from`` sha256 must match), used instead of folding again.
 
     Nothing is written unless every ONNX graph matches torch over the whole input domain
-    (see :func:`bnfold.verify.verify`); the figures are stored in each file's metadata.
+    (one walk for every pair, see :func:`bnfold.domain.compare_over_domain`); the figures
+    are stored in each file's metadata.
     """
     from bnfold.fold import fold_batchnorm
     from bnfold.infer import TorchPredictor
-    from bnfold.verify import Float64Model, report_from_pair
 
     t0 = time.perf_counter()
     src = Path(checkpoint)
@@ -284,7 +388,7 @@ def export_checkpoint(
     torch_nets: dict[str, TorchPredictor] = {}
     if ckpt.config.batchnorm:
         torch_nets["bn"] = TorchPredictor(ckpt, f"{src.name} (torch)")
-        if folded_checkpoint is not None:  # e.g. train-fold's verified folded.pt
+        if folded_checkpoint is not None:  # a verified folded.pt made from this checkpoint
             fpath = Path(folded_checkpoint)
             folded_ckpt = load_checkpoint(fpath)
             recorded = (folded_ckpt.meta.get("folded_from") or {}).get("sha256")
@@ -303,72 +407,17 @@ def export_checkpoint(
         torch_nets["folded"] = TorchPredictor(ckpt, f"{src.name} (torch)")
         notes.append(f"{src.name} is already folded: wrote folded.onnx only")
 
-    protos: dict[str, onnx.ModelProto] = {}
-    verification: dict[str, dict] = {}
-    per_file: dict[str, dict] = {}
-    outputs: dict[str, np.ndarray] = {}
-    probe = _probe_contexts(ckpt.vocab.size, ckpt.config.block_size)
-    meta: dict[str, dict[str, str]] = {}
-    nets: dict[str, object] = {}
-    pairs: list[tuple[str, str]] = []  # (torch reference, ONNX candidate)
-    for kind, ref in torch_nets.items():
-        proto = build_graph(ref.model, name=f"bnfold_{kind}")
-        meta[kind] = metadata(
-            ckpt.vocab,
-            ref.model.config.to_dict(),
-            folded=kind == "folded",
-            source=src,
-            source_sha256=src_sha,
-            data_sha256=ckpt.meta.get("data_sha256"),
-        )
-        set_metadata(proto, meta[kind])
-        check_model(proto, f"{kind}.onnx")
-        onnx_pred = OnnxPredictor(f"{kind}.onnx (ORT)", model_bytes=proto.SerializeToString())
-        nets[f"torch {kind}"], nets[f"onnx {kind}"] = ref, onnx_pred
-        pairs.append((f"torch {kind}", f"onnx {kind}"))
-        if kind == "folded" and "bn" in torch_nets:
-            pairs.append(("torch bn", "onnx folded"))
-        protos[kind] = proto
-        outputs[kind] = onnx_pred.logits(probe)
+    build = build_onnx({k: p.model for k, p in torch_nets.items()}, ckpt, src, src_sha)
+    nets = {**{TORCH_NET[k]: p for k, p in torch_nets.items()}, **build.nets}
     # one walk over the domain for every pair; the float64 BN network is the truth
     f64 = Float64Model(ckpt, str(src)) if ckpt.config.batchnorm else None
     plan = plan_domain(ckpt.vocab.size, ckpt.config.block_size)
     comparison = compare_over_domain(
-        nets, pairs, plan, float64_logits=f64.logits if f64 else None, tolerance=tolerance
+        nets, build.pairs, plan, float64_logits=f64.logits if f64 else None, tolerance=tolerance
     )
-    for a, b in pairs:
-        rep = report_from_pair(
-            comparison.pairs[(a, b)],
-            plan,
-            reference=str(nets[a].path),
-            candidate=str(nets[b].path),
-            float64_source=f64.source if f64 else None,
-            seconds=comparison.seconds,
-        )
-        key = "torch_same" if a.split()[1] == b.split()[1] else "torch_bn"
-        per_file.setdefault(b.split()[1], {})[key] = _figures(rep)
-        verification[f"{rep.candidate} vs {rep.reference}"] = _figures(rep)
-    failed = [k for k, v in verification.items() if not v["passed"]]
-    if failed:
-        raise BnfoldError(
-            "ONNX export does not match torch (nothing written): "
-            + "; ".join(f"{k}: {verification[k]['reason']}" for k in failed)
-        )
-
-    paths: dict[str, Path] = {}
-    shas: dict[str, str] = {}
-    ops: dict[str, dict[str, int]] = {}
-    for kind, proto in protos.items():
-        set_metadata(proto, {**meta[kind], "verification": json.dumps(per_file[kind])})
-        check_model(proto, f"{kind}.onnx")
-        data = proto.SerializeToString()
-        path = out / f"{kind}.onnx"
-        atomic_write(path, lambda tmp, data=data: Path(tmp).write_bytes(data))
-        # read the written file back: it must load and reproduce the verified outputs exactly
-        back = OnnxPredictor(path)
-        if not np.array_equal(back.logits(probe), outputs[kind]):
-            raise BnfoldError(f"{path}: the written file does not reproduce the verified outputs")
-        paths[kind], shas[kind], ops[kind] = path, back.sha256, op_types(proto)
+    labels = {name: str(net.path) for name, net in nets.items()}
+    verification, per_file = judge_onnx(comparison, build, labels, f64.source if f64 else None)
+    paths, shas, ops = write_onnx(build, per_file, out)
     return ExportResult(
         paths=paths,
         op_types=ops,

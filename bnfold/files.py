@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
 import tempfile
 import time
@@ -172,3 +173,90 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# --------------------------------------------------------------- staged output sets --
+
+_STAGING = ".staging-"
+
+
+class StagedOutputs:
+    """A set of output files written together and moved into ``target`` (a folder) only
+    when all of them are good, so a run that fails half-way never leaves new files beside
+    old ones.
+
+    The files are written into a hidden folder beside ``target`` (in its parent, so on the
+    same file system and every move is one atomic rename; inside ``target`` when that is a
+    mount point). :meth:`commit` moves every staged file into place and removes the folder;
+    :meth:`discard` removes it and whatever is in it. A staging folder left by a killed
+    process is removed by the next :class:`StagedOutputs` of the same ``target``.
+    """
+
+    def __init__(self, target: str | Path):
+        self.target = Path(target)
+        parent = self.target.resolve().parent
+        prefix = f".{self.target.resolve().name or 'out'}{_STAGING}"
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            if self.target.is_dir() and self.target.stat().st_dev != parent.stat().st_dev:
+                parent = self.target.resolve()  # a mount point: renames cannot leave it
+            _remove_stale_staging(parent, prefix)
+            # the pid in the name tells a later run whether this folder is stale
+            self.root = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
+        except OSError as e:
+            why = describe_os_error(e)
+            raise BnfoldError(f"{self.target}: cannot stage the outputs: {why}") from None
+
+    def path(self, final: str | Path) -> Path:
+        """Where to write the file (or folder) that ends up as ``final`` under ``target``."""
+        return self.root / Path(final).relative_to(self.target)
+
+    def final(self, staged: str | Path) -> Path:
+        """Where a staged path ends up once committed."""
+        return self.target / Path(staged).relative_to(self.root)
+
+    def holds(self, final: str | Path) -> bool:
+        """Whether ``final`` lies under ``target`` (so it can be staged here)."""
+        return Path(final).is_relative_to(self.target)
+
+    def commit(self, last: tuple[str, ...] = ()) -> list[Path]:
+        """Move every staged file to its place under ``target`` (each one rename; files
+        named in ``last``, e.g. a model card listing the others' checksums, go last) and
+        remove the staging folder. Other files in ``target`` are left alone."""
+        staged = sorted(p for p in self.root.rglob("*") if p.is_file() or p.is_symlink())
+        staged.sort(key=lambda p: p.name in last)
+        moved = []
+        try:
+            for src in staged:
+                dest = self.final(src)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dest)
+                moved.append(dest)
+        except OSError as e:
+            why = describe_os_error(e)
+            raise BnfoldError(f"{self.target}: cannot move the outputs into place: {why}") from None
+        finally:
+            self.discard()
+        return moved
+
+    def keep(self, staged: str | Path, final: str | Path) -> Path:
+        """Move one staged file to ``final`` (e.g. a model kept aside when the set as a
+        whole failed); the rest stays staged."""
+        final = Path(final)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, final)
+        except OSError as e:
+            raise BnfoldError(f"{final}: cannot write: {describe_os_error(e)}") from None
+        return final
+
+    def discard(self) -> None:
+        """Remove the staging folder and everything in it (nothing reaches ``target``)."""
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _remove_stale_staging(parent: Path, prefix: str) -> None:
+    for p in parent.iterdir():
+        pid = p.name[len(prefix) :].split("-", 1)[0] if p.name.startswith(prefix) else ""
+        if pid.isdigit() and p.is_dir() and not _process_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)

@@ -1,6 +1,7 @@
 """The four networks of a trained model (torch BN, torch folded, ONNX BN, ONNX folded)
 side by side: every pair's logits over the input domain in one walk (the float32-aware
-verdict of :mod:`bnfold.rounding` for each pair), and single-example latency.
+verdict of :mod:`bnfold.rounding` for each pair), and single-example latency. The main job
+reads its fold verification and export check from the same walk.
 
 Used by ``bnfold bench`` and the main job (``train-fold``); neither imports the other.
 """
@@ -9,12 +10,15 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from itertools import combinations
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from bnfold.domain import DomainPlan, compare_over_domain, plan_domain
+from bnfold.domain import DomainComparison, DomainPlan, compare_over_domain
 from bnfold.errors import BnfoldError
 from bnfold.infer import Predictor
 
@@ -59,83 +63,87 @@ def single_latency(nets: dict[str, Predictor], repeats: int, rounds: int = 10) -
     return {k: percentiles_us(v) for k, v in times.items()}
 
 
-def compare_networks(
+# the four networks, in the order of the table
+FOUR_NETWORKS = ("torch BN", "torch folded", "ONNX BN", "ONNX folded")
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` inside the block, restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def compare_all_pairs(
     nets: dict[str, Predictor],
+    plan: DomainPlan,
     float64_model=None,
     *,
-    plan: DomainPlan | None = None,
-    max_exhaustive: int = 4_000_000,
-    sample_size: int = 200_000,
-    seed: int = 0,
-) -> dict:
-    """Every network's logits on the whole input domain (or a seeded sample when it is
-    larger than ``max_exhaustive``), in one walk: pairwise max |logit difference| and
-    rounding verdict, argmax agreement with the first network, and each network's max error
-    against ``float64_model`` (an object with ``logits``, e.g.
-    :class:`bnfold.verify.Float64Model`) when given."""
+    tolerance: float | None = None,
+) -> DomainComparison:
+    """One walk over ``plan`` judging every pair of ``nets`` (in order), each network and
+    ``float64_model`` (an object with ``logits``, e.g. :class:`bnfold.verify.Float64Model`)
+    evaluated once per chunk, on one torch thread (on a shared 2-core CPU about twice as
+    fast as two, and a fixed float32 reduction order)."""
     names = list(nets)
     first = nets[names[0]]
-    V, T = first.vocab.size, first.block_size
     for k, p in nets.items():
-        if p.vocab.chars != first.vocab.chars or p.block_size != T:
+        if p.vocab.chars != first.vocab.chars or p.block_size != first.block_size:
             raise BnfoldError(f"{k} ({p.path}) is not comparable with {first.path}")
-    if plan is None:
-        plan = plan_domain(V, T, max_exhaustive=max_exhaustive, sample_size=sample_size, seed=seed)
-    pairs = list(combinations(names, 2))
-    cmp = compare_over_domain(
-        nets,
-        pairs,
-        plan,
-        float64_logits=float64_model.logits if float64_model is not None else None,
-    )
+    with torch_threads(1):
+        return compare_over_domain(
+            nets,
+            list(combinations(names, 2)),
+            plan,
+            float64_logits=float64_model.logits if float64_model is not None else None,
+            tolerance=tolerance,
+        )
+
+
+def networks_summary(comparison: DomainComparison) -> dict:
+    """What a :func:`compare_all_pairs` walk found, by network: pairwise max |logit
+    difference| and verdict, argmax agreement with the first network, and each network's
+    max error against the float64 truth (``None`` without one)."""
+    names = list(dict.fromkeys(name for pair in comparison.pairs for name in pair))
     pair = {a: dict.fromkeys(names, 0.0) for a in names}
     verdicts = {}
-    for (a, b), s in cmp.pairs.items():
+    for (a, b), s in comparison.pairs.items():
         pair[a][b] = pair[b][a] = s.max_abs
         verdicts[f"{b} vs {a}"] = s.verdict().to_dict()
     agree = {names[0]: 1.0}
     for b in names[1:]:
-        agree[b] = 1 - cmp.pairs[(names[0], b)].disagree / cmp.contexts
+        agree[b] = 1 - comparison.pairs[(names[0], b)].disagree / comparison.contexts
     return {
-        "coverage": plan.coverage,
-        "contexts": cmp.contexts,
+        "coverage": comparison.plan.coverage,
+        "contexts": comparison.contexts,
         "pairwise_max_abs_logit_diff": pair,
         "pairwise_verdicts": verdicts,
         "argmax_agreement_with": {"network": names[0], **agree},
-        "max_abs_logit_error_vs_float64": cmp.float64_error,
+        "max_abs_logit_error_vs_float64": comparison.float64_error,
     }
 
 
 def four_networks(
-    bn_pt: str | Path,
-    folded_pt: str | Path,
-    bn_onnx: str | Path,
-    folded_onnx: str | Path,
+    comparison: DomainComparison,
+    nets: dict[str, Predictor],
+    files: dict[str, Path],
     latency_repeats: int = 1_000,
 ) -> dict:
-    """torch BN, torch folded, ONNX BN and ONNX folded (the files ``train-fold`` wrote)
-    against each other: logits over the whole domain and single-example latency."""
-    import torch
-
-    from bnfold.infer import TorchPredictor
-    from bnfold.onnx_runtime import OnnxPredictor
-    from bnfold.verify import Float64Model
-
-    bn = TorchPredictor(bn_pt)
-    nets: dict[str, Predictor] = {
-        "torch BN": bn,
-        "torch folded": TorchPredictor(folded_pt),
-        "ONNX BN": OnnxPredictor(bn_onnx),
-        "ONNX folded": OnnxPredictor(folded_onnx),
-    }
-    result = compare_networks(nets, Float64Model(bn.checkpoint, str(bn_pt)))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    """torch BN, torch folded, ONNX BN and ONNX folded (``nets``, named as
+    :data:`FOUR_NETWORKS`, the networks of ``files``) side by side: the figures of the walk
+    that compared them (:func:`compare_all_pairs`) and single-example latency."""
+    if tuple(nets) != FOUR_NETWORKS:
+        raise BnfoldError(
+            f"internal error: expected the networks {FOUR_NETWORKS}, got {tuple(nets)}"
+        )
+    result = networks_summary(comparison)
+    with torch_threads(1):
         result["latency_us"] = single_latency(nets, latency_repeats, rounds=4)
-    finally:
-        torch.set_num_threads(threads)
-    result["files"] = {k: str(p.path) for k, p in nets.items()}
+    result["files"] = {k: str(files[k]) for k in nets}
     return result
 
 

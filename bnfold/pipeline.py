@@ -7,14 +7,17 @@ from pathlib import Path
 
 from bnfold.checkpoint import Checkpoint, save_checkpoint
 from bnfold.data import load_dataset
-from bnfold.errors import TrainingInterrupted
-from bnfold.files import check_output_dir, check_output_file
+from bnfold.domain import plan_domain
+from bnfold.errors import BnfoldError, TrainingInterrupted
+from bnfold.files import StagedOutputs, check_output_dir, check_output_file
 from bnfold.model import ModelConfig
-from bnfold.networks import format_four_networks, four_networks
+from bnfold.networks import compare_all_pairs, format_four_networks, four_networks
 from bnfold.train import TrainConfig, check_training_memory, train, train_config_dict
 
 # where `train-fold` saves the partial model of a run stopped by Ctrl-C
 INTERRUPTED_CHECKPOINT = "bn.interrupted.pt"
+# where `train-fold` keeps the trained model when its fold fails verification
+UNVERIFIED_CHECKPOINT = "bn.unverified.pt"
 
 
 def train_to_checkpoint(
@@ -35,6 +38,7 @@ def train_to_checkpoint(
     report_dir: str | Path | None = None,
     report_interval: int | None = None,
     stop_if_interrupted: bool = False,
+    interrupted_dir: str | Path | None = None,
     report_figures: bool = True,
 ) -> tuple[Path, dict]:
     """Train from a words file and write ``out_dir/bn.pt``; returns (path, summary).
@@ -46,13 +50,15 @@ def train_to_checkpoint(
     Every output is checked before training starts (a file where a folder should be, a
     folder where ``bn.pt`` should be), so a long run is never lost to a bad ``--out``.
     Ctrl-C stops training after the current step and saves the partial model to ``bn.pt``;
-    with ``stop_if_interrupted`` it goes to ``INTERRUPTED_CHECKPOINT`` instead, no report is
-    written, and ``TrainingInterrupted`` is raised: ``out_dir`` keeps its models.
+    with ``stop_if_interrupted`` it goes to ``INTERRUPTED_CHECKPOINT`` in ``interrupted_dir``
+    (default ``out_dir``) instead, no report is written, and ``TrainingInterrupted`` is
+    raised: ``out_dir`` keeps its models.
     """
     out_dir = Path(out_dir)
+    aside = Path(interrupted_dir) if interrupted_dir is not None else out_dir
     check_output_file(out_dir / "bn.pt")
     if stop_if_interrupted:
-        check_output_file(out_dir / INTERRUPTED_CHECKPOINT)
+        check_output_file(aside / INTERRUPTED_CHECKPOINT)
     if report_dir is not None:
         check_output_dir(report_dir)
     model_config = ModelConfig(
@@ -83,10 +89,10 @@ def train_to_checkpoint(
     }
     ckpt = Checkpoint(result.model, data.vocab, metrics=summary, meta=meta)
     if result.interrupted and stop_if_interrupted:
-        path = save_checkpoint(ckpt, out_dir / INTERRUPTED_CHECKPOINT)
+        path = save_checkpoint(ckpt, aside / INTERRUPTED_CHECKPOINT)
         raise TrainingInterrupted(
             f"interrupted after {result.steps_done} of {cfg.steps} steps: saved the partial"
-            f" model to {path}; nothing else in {out_dir} was written"
+            f" model to {path}; nothing else in {aside} was written"
         )
     path = save_checkpoint(ckpt, out_dir / "bn.pt")
     if diagnostics is not None:
@@ -97,6 +103,59 @@ def train_to_checkpoint(
         )
         summary = {**summary, "report": str(index)}
     return path, summary
+
+
+def fold_to_checkpoint(src: Checkpoint, source: Path, source_sha256: str):
+    """Every BatchNorm of ``src`` (the checkpoint file ``source``, whose sha256 is given)
+    folded, as a checkpoint that records where it came from; refused when not every
+    BatchNorm folds. Not verified yet. Returns ``(Checkpoint, FoldReport)``."""
+    from bnfold.fold import fold_batchnorm
+    from bnfold.model import MLP
+
+    folded, report = fold_batchnorm(src.model)
+    if not report.complete or not isinstance(folded, MLP):
+        why = "; ".join(f"{s.bn}: {s.reason}" for s in report.skipped) or "unknown"
+        raise BnfoldError(f"{source}: could not fold every BatchNorm ({why})")
+    meta = {
+        **src.meta,
+        "folded_from": {"path": str(source.resolve()), "sha256": source_sha256},
+        "metrics_from": "the source BatchNorm checkpoint (the folded model is verified equal)",
+    }
+    return Checkpoint(folded, src.vocab, metrics=dict(src.metrics), meta=meta), report
+
+
+def record_verification(folded: Checkpoint, fold_report, verification) -> None:
+    """Store the fold report and the verification (a ``VerifyReport``) in the checkpoint."""
+    folded.meta["fold_report"] = fold_report.to_dict()
+    folded.meta["verification"] = verification.to_dict()
+    folded.metrics["max_abs_logit_error"] = verification.max_abs_logit_error
+    folded.metrics["verified"] = verification.passed
+
+
+def save_verified(folded: Checkpoint, out: Path) -> Path:
+    """Write the folded checkpoint and read it back: it must hold bit for bit the weights
+    that were verified."""
+    import torch
+
+    from bnfold.checkpoint import load_checkpoint
+
+    path = save_checkpoint(folded, out)
+    written = load_checkpoint(path).model.state_dict()
+    for k, v in folded.model.state_dict().items():
+        if not torch.equal(written[k], v):
+            raise BnfoldError(f"{path}: the written checkpoint differs from the verified model")
+    return path
+
+
+def dev_test_contexts(src: Checkpoint, data_path, max_exhaustive: int):
+    """Every dev/test context of ``data_path`` when the domain is too large to check
+    exhaustively and the file is the one ``src`` was trained on, else ``None``."""
+    from bnfold.verify import split_contexts
+
+    cfg = src.config
+    if data_path is None or cfg.vocab_size**cfg.block_size <= max_exhaustive:
+        return None
+    return split_contexts(data_path, cfg.block_size, src.meta.get("data_sha256"))
 
 
 def fold_checkpoint(
@@ -118,15 +177,10 @@ def fold_checkpoint(
     the random sample when the domain is too large to check exhaustively.
     ``verify_options`` go to :func:`bnfold.verify.verify`.
     """
-    import torch
-
     from bnfold.checkpoint import load_checkpoint
     from bnfold.data import file_sha256
-    from bnfold.errors import BnfoldError
-    from bnfold.fold import fold_batchnorm
     from bnfold.infer import TorchPredictor
-    from bnfold.model import MLP
-    from bnfold.verify import DEFAULT_MAX_EXHAUSTIVE, split_contexts, verify
+    from bnfold.verify import DEFAULT_MAX_EXHAUSTIVE, verify
 
     bn_path = Path(bn_path)
     src = load_checkpoint(bn_path)
@@ -136,39 +190,21 @@ def fold_checkpoint(
     if out.exists() and out.resolve() == bn_path.resolve():
         raise BnfoldError(f"{out}: the output would overwrite the input checkpoint")
     check_output_file(out)
-    folded, report = fold_batchnorm(src.model)
-    if not report.complete or not isinstance(folded, MLP):
-        why = "; ".join(f"{s.bn}: {s.reason}" for s in report.skipped) or "unknown"
-        raise BnfoldError(f"{bn_path}: could not fold every BatchNorm ({why})")
-    cfg = src.config
+    ckpt, report = fold_to_checkpoint(src, bn_path, file_sha256(bn_path))
     max_exhaustive = verify_options.get("max_exhaustive", DEFAULT_MAX_EXHAUSTIVE)
-    if data_path is not None and cfg.vocab_size**cfg.block_size > max_exhaustive:
-        extra = split_contexts(data_path, cfg.block_size, src.meta.get("data_sha256"))
+    extra = dev_test_contexts(src, data_path, max_exhaustive)
+    if extra is not None:
         verify_options.setdefault("extra_contexts", extra)
-    meta = {
-        **src.meta,
-        "folded_from": {"path": str(bn_path.resolve()), "sha256": file_sha256(bn_path)},
-        "metrics_from": "the source BatchNorm checkpoint (the folded model is verified equal)",
-    }
-    ckpt = Checkpoint(folded, src.vocab, metrics=dict(src.metrics), meta=meta)
     vr = verify(
         TorchPredictor(src, str(bn_path)),
         TorchPredictor(ckpt, str(out)),
         tolerance=tolerance,
         **verify_options,  # the float64 ground truth is the BN side: found automatically
     )
-    ckpt.meta["fold_report"] = report.to_dict()
-    ckpt.meta["verification"] = vr.to_dict()
-    ckpt.metrics["max_abs_logit_error"] = vr.max_abs_logit_error
-    ckpt.metrics["verified"] = vr.passed
+    record_verification(ckpt, report, vr)
     if not (vr.passed or write_on_failure):
         return None, report, vr
-    path = save_checkpoint(ckpt, out)
-    written = load_checkpoint(path).model.state_dict()
-    for k, v in folded.state_dict().items():
-        if not torch.equal(written[k], v):
-            raise BnfoldError(f"{path}: the written checkpoint differs from the verified model")
-    return path, report, vr
+    return save_verified(ckpt, out), report, vr
 
 
 # --------------------------------------------------------------------------- the main job
@@ -274,58 +310,156 @@ def run_main_job(
     """train -> fold -> verify -> export -> model card, all into ``out_dir``.
 
     ``train_args`` go to :func:`train_to_checkpoint` (``report_dir`` defaults to
-    ``out_dir/report``). Stops after verification when it fails: nothing unverified is
-    exported. ``command`` is recorded in the model card so the run can be repeated.
+    ``out_dir/report``). Every output is written into a staging folder beside ``out_dir``
+    (and beside the report folder, when that is elsewhere) and moved into place only when
+    every stage passed, so a run that fails or is stopped half-way leaves ``out_dir`` as it
+    was: no new ``bn.pt`` beside old folded files. When verification fails, nothing
+    unverified is written or exported: the trained model is kept aside as
+    ``UNVERIFIED_CHECKPOINT`` and nothing else in ``out_dir`` changes. ``command`` is
+    recorded in the model card so the run can be repeated.
     """
     from bnfold.diagnostics import finish_report_figures, start_report_figures
 
     out_dir = Path(out_dir)
-    report_dir = train_args.setdefault("report_dir", out_dir / "report")
-    for name in MAIN_JOB_FILES:  # all checked before the training starts
+    report_dir = Path(train_args.pop("report_dir", None) or out_dir / "report")
+    for name in (*MAIN_JOB_FILES, UNVERIFIED_CHECKPOINT):  # all checked before training
         check_output_file(out_dir / name)
-    bn_path, summary = train_to_checkpoint(
-        out_dir=out_dir, stop_if_interrupted=True, report_figures=False, **train_args
-    )
-    # The report's figures are drawn by a second process while this one folds, verifies
-    # and exports: on two cores, about 2.5 s off the main job's wall time.
-    figures = start_report_figures(report_dir, bn_path)
+    check_output_dir(report_dir)
+    staged = [StagedOutputs(out_dir)]
     try:
-        result = _fold_verify_export(
-            out_dir, bn_path, summary, tolerance, max_exhaustive, command, train_args
+        if not staged[0].holds(report_dir):
+            staged.append(StagedOutputs(report_dir))
+        report_stage = staged[-1]
+        bn_staged, summary = train_to_checkpoint(
+            out_dir=staged[0].root,
+            report_dir=report_stage.path(report_dir),
+            stop_if_interrupted=True,
+            interrupted_dir=out_dir,
+            report_figures=False,
+            **train_args,
         )
-    except BaseException:
-        figures.kill()
-        figures.wait()
-        raise
-    finish_report_figures(figures, report_dir)
+        if "report" in summary:
+            summary["report"] = str(report_stage.final(summary["report"]))
+        # The report's figures are drawn by a second process while this one folds,
+        # verifies and exports: on two cores, about 2.5 s off the main job's wall time.
+        figures = start_report_figures(report_stage.path(report_dir), bn_staged)
+        try:
+            result = _fold_verify_export(
+                staged[0], bn_staged, summary, tolerance, max_exhaustive, command, train_args
+            )
+        except BaseException:
+            figures.kill()
+            figures.wait()
+            raise
+        if not result.passed:
+            figures.kill()
+            figures.wait()
+            staged[0].keep(bn_staged, out_dir / UNVERIFIED_CHECKPOINT)
+            return result
+        try:
+            finish_report_figures(figures, report_dir)
+        except BnfoldError as e:  # the models are good: they go into place, then the error
+            failed_figures = e
+        else:
+            failed_figures = None
+        for stage in staged:
+            stage.commit(last=("README.md",))  # the card, with every file's sha256, last
+    finally:
+        for stage in staged:
+            stage.discard()
+    if failed_figures is not None:
+        raise failed_figures
     return result
 
 
 def _fold_verify_export(
-    out_dir: Path, bn_path: Path, summary: dict, tolerance, max_exhaustive, command, train_args
+    stage: StagedOutputs,
+    bn_staged: Path,
+    summary: dict,
+    tolerance: float | None,
+    max_exhaustive: int | None,
+    command: str,
+    train_args: dict,
 ) -> MainJobResult:
-    from bnfold.export import export_checkpoint
+    """Fold, export and verify the checkpoint ``bn_staged``, writing into ``stage``.
 
-    rows = [train_stage_row(summary, bn_path)]
-    verify_options = {} if max_exhaustive is None else {"max_exhaustive": max_exhaustive}
-    folded_path, fold_report, verification = fold_checkpoint(
-        bn_path,
-        out_dir / "folded.pt",
-        tolerance=tolerance,
-        data_path=train_args.get("data_path"),
-        **verify_options,
+    One walk over the domain compares the four networks (torch BN, torch folded, ONNX BN,
+    ONNX folded; all six pairs) and the float64 truth, each evaluated once: the fold's
+    verification, the export's ONNX Runtime check and the four-network table are read
+    from it. Nothing is written before its verdict is known.
+    """
+    import time
+
+    from bnfold.checkpoint import load_checkpoint
+    from bnfold.data import file_sha256
+    from bnfold.export import TORCH_NET, ExportResult, build_onnx, judge_onnx, write_onnx
+    from bnfold.infer import TorchPredictor
+    from bnfold.verify import DEFAULT_MAX_EXHAUSTIVE, Float64Model, report_from_pair
+
+    out_dir = stage.target
+    # the final paths name every file in reports and metadata, never the staging folder
+    bn_path, folded_path = out_dir / "bn.pt", out_dir / "folded.pt"
+    src, src_sha = load_checkpoint(bn_staged), file_sha256(bn_staged)
+    folded, fold_report = fold_to_checkpoint(src, bn_path, src_sha)
+    t0 = time.perf_counter()
+    build = build_onnx({"bn": src.model, "folded": folded.model}, src, bn_path, src_sha)
+    export_seconds = time.perf_counter() - t0
+    nets = {
+        TORCH_NET["bn"]: TorchPredictor(src, str(bn_path)),
+        TORCH_NET["folded"]: TorchPredictor(folded, str(folded_path)),
+        **build.nets,
+    }
+    limit = DEFAULT_MAX_EXHAUSTIVE if max_exhaustive is None else max_exhaustive
+    plan = plan_domain(
+        src.config.vocab_size,
+        src.config.block_size,
+        max_exhaustive=limit,
+        extra=dev_test_contexts(src, train_args.get("data_path"), limit),
     )
-    rows += fold_stage_rows(folded_path, fold_report, verification)
+    truth = Float64Model(src, str(bn_path))
+    comparison = compare_all_pairs(nets, plan, truth, tolerance=tolerance)
+
+    verification = report_from_pair(
+        comparison.pairs[(TORCH_NET["bn"], TORCH_NET["folded"])],
+        plan,
+        reference=str(bn_path),
+        candidate=str(folded_path),
+        float64_source=truth.source,
+        seconds=comparison.seconds,
+    )
+    record_verification(folded, fold_report, verification)
+    passed = verification.passed
+    rows = [
+        train_stage_row(summary, bn_path if passed else out_dir / UNVERIFIED_CHECKPOINT),
+        *fold_stage_rows(folded_path if passed else None, fold_report, verification),
+    ]
     result = MainJobResult(rows, summary, fold_report, verification)
-    if not verification.passed:
+    if not passed:
         return result
-    result.export = export_checkpoint(
-        bn_path, out_dir, tolerance=tolerance, folded_checkpoint=folded_path
+    save_verified(folded, stage.path(folded_path))
+
+    t0 = time.perf_counter()
+    labels = {
+        TORCH_NET["bn"]: f"{bn_path.name} (torch)",
+        TORCH_NET["folded"]: f"{folded_path.name} (torch)",
+        **{name: str(net.path) for name, net in build.nets.items()},
+    }
+    checks, per_file = judge_onnx(comparison, build, labels, truth.source)
+    paths, shas, ops = write_onnx(build, per_file, stage.root)
+    result.export = ExportResult(
+        paths={kind: stage.final(p) for kind, p in paths.items()},
+        op_types=ops,
+        verification=checks,
+        sha256=shas,
+        source=bn_path,
+        source_sha256=src_sha,
+        seconds=round(export_seconds + time.perf_counter() - t0, 3),
     )
     rows.append(result.export.stage_row())
-    paths = result.export.paths
-    result.networks = four_networks(bn_path, folded_path, paths["bn"], paths["folded"])
-    result.model_card = write_model_card(out_dir, result, command, train_args.get("seed", 42))
+    files = dict(zip(nets, (bn_path, folded_path, *result.export.paths.values()), strict=True))
+    result.networks = four_networks(comparison, nets, files)
+    card = write_model_card(stage.root, result, command, train_args.get("seed", 42))
+    result.model_card = stage.final(card)
     rows.append(
         {
             "stage": "card",
