@@ -129,3 +129,13 @@ def test_a_staging_folder_of_a_dead_process_is_removed(tmp_path):
     (stage.root / "report" / "index.html").write_text("new")
     assert stage.commit() == [tmp_path / "models" / "report" / "index.html"]
     assert [p.name for p in tmp_path.iterdir()] == ["models"]
+
+
+def test_a_report_folder_elsewhere_is_staged_beside_it(tmp_path):
+    out, report = tmp_path / "models", tmp_path / "elsewhere" / "report"
+    result = run_main_job(out, report_dir=report, **SMALL)
+    assert result.passed and result.train["report"] == str(report / "index.html")
+    assert (report / "index.html").is_file() and (report / "fold_comparison.png").is_file()
+    assert not (out / "report").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "models"]
+    assert [p.name for p in (tmp_path / "elsewhere").iterdir()] == ["report"]
