@@ -8,14 +8,17 @@ widths 64-512; depths 2-6; 300 to 20,000 training steps) with the project's own
 * two correct candidates: bnfold's fold and torch's ``fuse_linear_bn_eval``;
 * the seven real errors of ``bnfold.verify_cases.FAULTS``;
 
-under both criteria of ``bnfold.rounding``: ``float64`` (what ``fold`` and ``train-fold``
-use) and ``magnitude`` (what ``verify a.onnx b.onnx`` uses without a float64 source).
+under the three ways ``bnfold.rounding`` judges: ``float64`` with the BN network as truth
+(``fold``, ``train-fold``, ``export``, ``verify`` given a BN ``.pt`` or ``bn.onnx``), the
+same with bnfold's folded network's own parameters as truth (``verify`` of two folded
+files), and ``magnitude`` (networks with no float64 evaluation at all). Every candidate
+gets the parameter test through its float64 twin (``bnfold.twins``).
 
 Prints and saves ``benchmarks/results/verify_matrix.txt``: one line per model with each
 candidate's error/bound, then the safety margins: the largest error/bound among correct
 folds and the smallest among the errors (want <= 0.1 and >= 10).
 
-    .venv/bin/python benchmarks/verify_matrix.py [--quick]
+    .venv/bin/python benchmarks/verify_matrix.py [--quick] [--cache DIR]
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bnfold.checkpoint import load_checkpoint  # noqa: E402
@@ -37,6 +41,7 @@ from bnfold.data import read_words  # noqa: E402
 from bnfold.domain import compare_over_domain, plan_domain  # noqa: E402
 from bnfold.fold import fold_batchnorm  # noqa: E402
 from bnfold.pipeline import train_to_checkpoint  # noqa: E402
+from bnfold.twins import TorchTwin, float32_spacing  # noqa: E402
 from bnfold.verify import Float64Model  # noqa: E402
 from bnfold.verify_cases import FAULTS, faulty_networks, torch_fused, wider_alphabet  # noqa: E402
 
@@ -81,6 +86,9 @@ class Net:
     def logits(self, contexts):
         return self.model(torch.from_numpy(contexts)).numpy()
 
+    def float64_twin(self) -> TorchTwin:
+        return TorchTwin(self.model)
+
 
 def word_files(tmp: Path) -> dict[int, Path]:
     words = read_words(REPO / "data" / "names.txt")
@@ -89,6 +97,19 @@ def word_files(tmp: Path) -> dict[int, Path]:
         files[level] = tmp / f"names_level{level}.txt"
         files[level].write_text("\n".join(wider_alphabet(words, level)) + "\n", encoding="utf-8")
     return files
+
+
+def largest_change_in_ulps(folded: torch.nn.Module, other: torch.nn.Module) -> float:
+    """The largest |other - folded| over every weight matrix, in float32 spacings of folded's
+    weights (biases are left out: ``(b - mean) * s + beta`` cancels to near 0, where any
+    absolute rounding is many spacings)."""
+    worst = 0.0
+    for a, b in zip(folded.parameters(), other.parameters(), strict=True):
+        if a.ndim != 2:
+            continue
+        a64, b64 = a.detach().double().numpy(), b.detach().double().numpy()
+        worst = max(worst, float((np.abs(b64 - a64) / float32_spacing(a64)).max()))
+    return worst
 
 
 def judge_model(bn_path: Path, batch_size: int, seed: int) -> dict:
@@ -106,14 +127,28 @@ def judge_model(bn_path: Path, batch_size: int, seed: int) -> dict:
         cfg.vocab_size, cfg.block_size, max_exhaustive=MAX_EXHAUSTIVE, sample_size=SAMPLE
     )
     truth = Float64Model(ckpt, str(bn_path))
-    by_truth = compare_over_domain(nets, pairs, plan, float64_logits=truth.logits)
+    twins = {k: nets[k].float64_twin() for k in cands}
+    by_truth = compare_over_domain(nets, pairs, plan, float64_logits=truth.logits, twins=twins)
     by_magnitude = compare_over_domain(nets, pairs, plan)
+    # no BatchNorm network at all (two folded files): bnfold's fold is the reference, its
+    # own parameters in float64 the truth
+    folded_cands = [k for k in cands if k != CORRECT[0]]
+    by_folded = compare_over_domain(
+        nets,
+        [(CORRECT[0], k) for k in folded_cands],
+        plan,
+        float64_logits=twins[CORRECT[0]].logits,
+        twins=twins,
+    )
     return {
         "vocab": cfg.vocab_size,
         "coverage": plan.coverage,
         "float64": {k: by_truth.pairs[("BN", k)].verdict() for k in cands},
         "magnitude": {k: by_magnitude.pairs[("BN", k)].verdict() for k in cands},
+        "folded": {k: by_folded.pairs[(CORRECT[0], k)].verdict() for k in folded_cands},
         "dev_loss": ckpt.metrics.get("dev_loss"),
+        "eps_ulps": largest_change_in_ulps(folded, nets["eps 1e-3 in one layer"].model),
+        "fuse_ulps": largest_change_in_ulps(folded, nets[CORRECT[1]].model),
     }
 
 
@@ -121,6 +156,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="three small models only")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/verify_matrix.txt")
+    ap.add_argument(
+        "--cache", type=Path, help="keep the trained models here and reuse them on the next run"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     matrix = QUICK if args.quick else MATRIX
@@ -131,66 +169,79 @@ def main() -> None:
         lines.append(s)
 
     emit(f"# bnfold verify matrix: {len(matrix)} models; load average {os.getloadavg()}")
-    emit("# columns: error/bound of each candidate (<= 1 passes); f64 = float64 criterion,")
-    emit("# mag = magnitude criterion (no float64 truth); faults: smallest error/bound")
+    emit("# error/bound of each candidate (<= 1 passes; faults: the smallest of the seven)")
+    emit("# under three criteria: f64 = float64 truth from the BN network (fold, train-fold,")
+    emit("# export, verify with bn.onnx); nobn = no BN network, bnfold's folded network's own")
+    emit("# parameters in float64 are the truth (verify folded.onnx other.onnx); mag = no")
+    emit("# float64 at all (magnitude bound). P = parameter test: float64 twin's distance from")
+    emit("# the truth / one re-rounding's (bound 3). eps ulps = the wrong-eps fault's largest")
+    emit("# weight change in float32 spacings, next to torch fuse's (a correct fold's).")
     faults = list(FAULTS)
-    head = (
+    criteria = ("float64", "folded", "magnitude")
+    emit(
         f"{'V':>3} {'T':>2} {'width':>5} {'depth':>5} {'steps':>6} {'batch':>5} {'dev':>6}"
-        f" {'ref err':>8} {'bound':>8} {'fold f64':>8} {'fuse f64':>8} {'fold mag':>8}"
-        f" {'fuse mag':>8} {'flt f64':>8} {'flt mag':>8}  coverage"
+        f" | {'f64 fold':>8} {'fuse':>6} {'faults':>7} | {'nobn fuse':>9} {'faults':>7}"
+        f" | {'mag fold':>8} {'fuse':>6} {'faults':>7} | {'P fold':>6} {'fuse':>5} {'eps':>5}"
+        f" | {'eps ulps':>8} {'fuse':>5}  coverage"
     )
-    emit(head)
-    worst_ok = {"float64": 0.0, "magnitude": 0.0}
-    best_bad = {"float64": float("inf"), "magnitude": float("inf")}
+    worst_ok = dict.fromkeys(criteria, 0.0)
+    best_bad = dict.fromkeys(criteria, float("inf"))
     missed: list[str] = []
-    per_fault = {c: {f: float("inf") for f in faults} for c in worst_ok}
+    per_fault = {c: dict.fromkeys(faults, float("inf")) for c in criteria}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bnfold-matrix-") as tmp:
         files = word_files(Path(tmp))
+        models = args.cache or Path(tmp)
         for i, (level, T, width, depth, steps, batch) in enumerate(matrix):
-            out = Path(tmp) / f"m{i}"
-            bn_path, _ = train_to_checkpoint(
-                files[level],
-                out,
-                steps=steps,
-                batch_size=batch,
-                n_hidden=width,
-                n_layers=depth,
-                block_size=T,
-                seed=i,
-                progress=False,
-            )
+            out = models / f"V{level}-T{T}-w{width}-d{depth}-s{steps}-b{batch}-seed{i}"
+            bn_path = out / "bn.pt"
+            if not bn_path.exists():
+                bn_path, _ = train_to_checkpoint(
+                    files[level],
+                    out,
+                    steps=steps,
+                    batch_size=batch,
+                    n_hidden=width,
+                    n_layers=depth,
+                    block_size=T,
+                    seed=i,
+                    progress=False,
+                )
             r = judge_model(bn_path, batch, seed=i)
-            f64, mag = r["float64"], r["magnitude"]
-            for crit, verdicts in (("float64", f64), ("magnitude", mag)):
-                for k, v in verdicts.items():
+            worst_fault = {}
+            for crit in criteria:
+                worst_fault[crit] = float("inf")
+                for k, v in r[crit].items():
                     if k in CORRECT:
                         worst_ok[crit] = max(worst_ok[crit], v.margin)
                         if not v.passed:
                             missed.append(f"model {i} {crit}: correct '{k}' REJECTED: {v.reason}")
-                    else:
-                        best_bad[crit] = min(best_bad[crit], v.margin)
-                        per_fault[crit][k] = min(per_fault[crit][k], v.margin)
-                        if v.passed:
-                            missed.append(f"model {i} {crit}: fault '{k}' ACCEPTED: {v.reason}")
-            ff = min(v.margin for k, v in f64.items() if k not in CORRECT)
-            fm = min(v.margin for k, v in mag.items() if k not in CORRECT)
-            fold = f64[CORRECT[0]]
+                        continue
+                    best_bad[crit] = min(best_bad[crit], v.margin)
+                    per_fault[crit][k] = min(per_fault[crit][k], v.margin)
+                    worst_fault[crit] = min(worst_fault[crit], v.margin)
+                    if v.passed:
+                        missed.append(f"model {i} {crit}: fault '{k}' ACCEPTED: {v.reason}")
+            f64, nobn, mag = (r[c] for c in criteria)
+            fold, fuse = f64[CORRECT[0]], f64[CORRECT[1]]
             emit(
                 f"{r['vocab']:>3} {T:>2} {width:>5} {depth:>5} {steps:>6} {batch:>5}"
-                f" {r['dev_loss']:6.3f} {fold.reference_error:8.1e} {fold.bound:8.1e}"
-                f" {fold.margin:8.3f} {f64[CORRECT[1]].margin:8.3f}"
-                f" {mag[CORRECT[0]].margin:8.3f} {mag[CORRECT[1]].margin:8.3f}"
-                f" {ff:8.1f} {fm:8.1f}  {r['coverage']}"
+                f" {r['dev_loss']:6.3f} | {fold.margin:8.3f} {fuse.margin:6.3f}"
+                f" {worst_fault['float64']:7.1f} | {nobn[CORRECT[1]].margin:9.3f}"
+                f" {worst_fault['folded']:7.1f} | {mag[CORRECT[0]].margin:8.3f}"
+                f" {mag[CORRECT[1]].margin:6.3f} {worst_fault['magnitude']:7.1f}"
+                f" | {fold.twin_ratio:6.2f} {fuse.twin_ratio:5.2f}"
+                f" {f64['eps 1e-3 in one layer'].twin_ratio:5.2f}"
+                f" | {r['eps_ulps']:8.1f} {r['fuse_ulps']:5.1f}  {r['coverage']}"
             )
     emit()
     emit("# smallest error/bound per fault over all models (>= 1 means caught everywhere)")
-    emit(f"{'fault':24s} {'float64':>10} {'magnitude':>10}")
+    emit(f"{'fault':24s} {'float64':>10} {'no BN':>10} {'magnitude':>10}")
     for f in faults:
-        emit(f"{f:24s} {per_fault['float64'][f]:10.1f} {per_fault['magnitude'][f]:10.1f}")
+        emit(f"{f:24s} " + " ".join(f"{per_fault[c][f]:10.1f}" for c in criteria))
     emit()
     emit("# safety margins (largest error/bound of a correct fold; smallest of a real error)")
-    for crit in ("float64", "magnitude"):
+    for crit in criteria:
         emit(
             f"{crit:9s}: correct folds <= {worst_ok[crit]:.3f} (margin"
             f" {1 / worst_ok[crit] if worst_ok[crit] else float('inf'):.1f}x);"
@@ -200,10 +251,7 @@ def main() -> None:
     for m in missed:
         emit(f"#   {m}")
     emit(f"# took {time.perf_counter() - t0:.0f} s; load average {os.getloadavg()}")
-    emit(
-        "# command: .venv/bin/python benchmarks/verify_matrix.py"
-        + (" --quick" if args.quick else "")
-    )
+    emit("# command: .venv/bin/python benchmarks/verify_matrix.py " + " ".join(sys.argv[1:]))
     if not args.quick:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -18,6 +18,7 @@ from bnfold.data import file_sha256
 from bnfold.errors import BnfoldError
 from bnfold.onnx_runtime import OnnxPredictor
 from bnfold.predictor import ModelSpec, Predictor
+from bnfold.twins import TorchTwin
 
 if TYPE_CHECKING:
     from bnfold.checkpoint import Checkpoint
@@ -58,6 +59,9 @@ class TorchPredictor(Predictor):
 
         with torch.inference_mode():
             return self.model(torch.from_numpy(self.check_contexts(contexts))).numpy()
+
+    def float64_twin(self) -> TorchTwin:
+        return TorchTwin(self.model)
 
 
 def _checkpoint_sha256(ckpt: Checkpoint) -> str:

@@ -25,6 +25,7 @@ from bnfold.data import END, Vocab
 from bnfold.errors import BnfoldError
 from bnfold.onnx_files import load_onnx_file, non_finite_initializers, weight_count
 from bnfold.predictor import Predictor
+from bnfold.twins import OnnxTwin, onnx_twin
 
 FORMAT = "bnfold-onnx"
 FORMAT_VERSION = 1
@@ -135,6 +136,7 @@ class OnnxPredictor(Predictor):
         else:
             proto = onnx.ModelProto.FromString(model_bytes)
         self.parameters = weight_count(proto)
+        self.proto = proto  # for the float64 twin (verification); small for these models
         self.sha256 = hashlib.sha256(model_bytes).hexdigest()
         self.threads = threads
         try:
@@ -195,6 +197,9 @@ class OnnxPredictor(Predictor):
                 f"{where}: inconsistent: metadata vocabulary has {self.vocab.size} tokens but"
                 f" the graph output is {out.shape}"
             )
+
+    def float64_twin(self) -> OnnxTwin | None:
+        return onnx_twin(self.proto)
 
     def logits(self, contexts: np.ndarray) -> np.ndarray:
         x = contexts

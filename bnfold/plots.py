@@ -24,6 +24,7 @@ from bnfold.domain import plan_domain  # noqa: E402
 from bnfold.errors import BnfoldError  # noqa: E402
 from bnfold.files import atomic_write  # noqa: E402
 from bnfold.rounding import judge_outputs  # noqa: E402
+from bnfold.twins import TorchTwin, rerounded_copies  # noqa: E402
 
 DPI = 100
 MAX_DOMAIN = 300_000  # enumerate every context up to this many; sample beyond
@@ -277,7 +278,12 @@ def fold_comparison_stats(bn_model: nn.Module, folded: nn.Module):
     truth = copy.deepcopy(bn_model).double().eval()
     with torch.no_grad():
         z = truth(x).numpy()
-    verdict = judge_outputs(pb[-1].numpy(), pf[-1].numpy(), z)
+    twin = TorchTwin(folded)  # the parameter test, as everywhere else
+    xs = x.numpy()
+    rerounded = [r.logits(xs) for r in rerounded_copies(twin)]
+    verdict = judge_outputs(
+        pb[-1].numpy(), pf[-1].numpy(), z, twin=twin.logits(xs), rerounded=rerounded
+    )
     stats = {
         "contexts": len(x),
         "domain": domain,

@@ -24,6 +24,7 @@ import numpy as np
 
 from bnfold.data import END, Vocab
 from bnfold.errors import BnfoldError
+from bnfold.twins import Float64Twin
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,11 @@ class Predictor:
 
     def logits(self, contexts: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+    def float64_twin(self) -> Float64Twin | None:
+        """The same parameters evaluated in float64 (:mod:`bnfold.twins`), or ``None`` when
+        this backend cannot: verification then judges float32 outputs alone."""
+        return None
 
     @property
     def data_sha256(self) -> str | None:

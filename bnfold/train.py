@@ -587,9 +587,7 @@ def _adamw(model: MLP, cfg: TrainConfig) -> FusedAdamW:
     if decayed:
         gain_params = [p for p in params if id(p) in decayed]
         groups.append({"params": gain_params, "weight_decay": cfg.bn_gain_decay})
-    return FusedAdamW(
-        groups, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay
-    )
+    return FusedAdamW(groups, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
 
 
 def train_config_dict(cfg: TrainConfig) -> dict:

@@ -13,13 +13,16 @@ network is the ground truth, so the report shows each model's own error against 
 arithmetic: whether folding added anything beyond float32 rounding. The float64 reference
 comes from, in order: an explicit ``float64_reference`` BN checkpoint; whichever side is
 itself a BN ``.pt`` checkpoint; the ``folded_from`` source recorded in a folded
-checkpoint's metadata (if that file still exists with the same sha256). Otherwise the
-report says none was available.
+checkpoint's metadata (if that file still exists with the same sha256); whichever side is
+an unfolded ``.onnx`` (``bn.onnx``), its graph run in double by ONNX Runtime
+(:mod:`bnfold.twins`); and last, for two folded networks, the *reference's own* parameters
+in double (then the candidate must compute what the reference's parameters define). Only a
+network with no double evaluation (an ONNX operator without a double kernel) leaves none,
+and the report says so.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,6 +42,8 @@ from bnfold.domain import (
 )
 from bnfold.errors import BnfoldError
 from bnfold.infer import Predictor, TorchPredictor, load_predictor
+from bnfold.rounding import TWIN_MULTIPLE
+from bnfold.twins import Float64Twin, TorchTwin
 
 DEFAULT_REL_FLOOR = 1.0
 
@@ -51,7 +56,8 @@ CRITERION_TEXT = {
 
 
 class Float64Model:
-    """The unfolded BatchNorm network evaluated in float64, eval mode."""
+    """The unfolded BatchNorm network evaluated in float64, eval mode: a checkpoint's, or
+    (:meth:`from_predictor`) an exported ``bn.onnx``'s, through its float64 twin."""
 
     def __init__(self, ckpt: Checkpoint, source: str):
         if not ckpt.config.batchnorm:
@@ -62,11 +68,25 @@ class Float64Model:
         self.source = source
         self.vocab = ckpt.vocab
         self.block_size = ckpt.config.block_size
-        self.model = copy.deepcopy(ckpt.model).double().eval()
+        self.twin: Float64Twin = TorchTwin(ckpt.model)
 
-    @torch.inference_mode()
+    @classmethod
+    def from_predictor(cls, p: Predictor, *, folded: bool = False) -> Float64Model | None:
+        """The float64 truth from a predictor of any backend through its twin (``None``
+        without one). Only an unfolded network unless ``folded``: a folded one's twin is
+        the truth only of its own parameters (see :func:`resolve_float64`)."""
+        twin = None if (p.folded and not folded) else p.float64_twin()
+        if twin is None:
+            return None
+        model = cls.__new__(cls)
+        model.source, model.vocab, model.block_size = _label(p), p.vocab, p.block_size
+        if p.folded:
+            model.source += " (folded: its own parameters; no BatchNorm network given)"
+        model.twin = twin
+        return model
+
     def logits(self, contexts: np.ndarray) -> np.ndarray:
-        return self.model(torch.from_numpy(contexts)).numpy()
+        return self.twin.logits(contexts)
 
 
 @dataclass
@@ -100,6 +120,10 @@ class VerifyReport:
     reason: str  # one line: why it passed or failed
     passed: bool
     seconds: float
+    # the parameter test (bnfold.twins): rms(twin - truth) / rms(re-rounded twin - twin)
+    parameter_ratio: float | None = None  # None: not run (no truth or no float64 twin)
+    parameter_bound: float | None = None
+    parameter_contexts: int = 0
 
     def to_dict(self) -> dict:
         """JSON-ready: non-finite numbers (from NaN/inf outputs) become ``None``."""
@@ -127,12 +151,17 @@ class VerifyReport:
         if self.float64_reference is not None:
             lines.append(
                 f"  vs float64 reference {self.reference_vs_float64:.3g}, candidate"
-                f" {self.candidate_vs_float64:.3g}  (BN network in float64 from"
-                f" {self.float64_reference})"
+                f" {self.candidate_vs_float64:.3g}  (float64 truth: {self.float64_reference})"
             )
         else:
             lines.append(
                 "  vs float64 not available (give the BatchNorm checkpoint as --float64-reference)"
+            )
+        if self.parameter_ratio is not None:
+            lines.append(
+                f"  parameters float64 twin off the truth by {self.parameter_ratio:.3g}x what one"
+                f" more float32 rounding of every parameter moves it (bound"
+                f" {self.parameter_bound:g}; {self.parameter_contexts:,} contexts)"
             )
         if self.nonfinite:
             lines.append(f"  NON-FINITE outputs on {self.nonfinite:,} contexts")
@@ -167,7 +196,14 @@ def resolve_float64(
         path = Path(src.get("path", ""))
         if src.get("path") and path.is_file() and file_sha256(path) == src.get("sha256"):
             return Float64Model(load_checkpoint(path), str(path))
-    return None
+    for p in (reference, candidate):  # e.g. bn.onnx: its graph run in double
+        found = Float64Model.from_predictor(p)
+        if found is not None:
+            return found
+    # Two folded networks: the reference's own parameters in float64 are the function it
+    # stands for, so the candidate is judged against them (its parameters may differ from
+    # the reference's by a re-rounding or two: a correct fold's twin ratio stays below 3).
+    return Float64Model.from_predictor(reference, folded=True)
 
 
 def split_contexts(
@@ -316,6 +352,9 @@ def report_from_pair(
         reason=v.reason,
         passed=v.passed,
         seconds=seconds,
+        parameter_ratio=v.twin_ratio,
+        parameter_bound=TWIN_MULTIPLE if v.twin_ratio is not None else None,
+        parameter_contexts=v.twin_contexts,
     )
 
 

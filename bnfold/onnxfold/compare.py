@@ -17,12 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 
 from bnfold.domain import all_contexts
 from bnfold.errors import BnfoldError
 from bnfold.onnx_runtime import INPUT_NAME, parse_metadata
 from bnfold.rounding import RoundingVerdict, judge_outputs
+from bnfold.twins import double_graph
 
 DYNAMIC_DIM = 2  # size given to every dynamic dimension of a random input
 SAMPLE_ROWS = 65_536  # contexts sampled when a bnfold model's domain is too large
@@ -121,37 +122,9 @@ def domain_feeds(model: onnx.ModelProto, max_exhaustive: int, seed: int = 0) -> 
     return {INPUT_NAME: rng.integers(0, v, size=(SAMPLE_ROWS, b), dtype=np.int64)}
 
 
-def float64_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The same graph computing in float64: float32 weights, constants, casts and
-    declared types become float64 (inputs are cast up by the caller)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    g = m.graph
-
-    def up(t: onnx.TensorProto) -> None:
-        if t.data_type == TensorProto.FLOAT:
-            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float64), t.name))
-
-    def retype(vi: onnx.ValueInfoProto) -> None:
-        if vi.type.tensor_type.elem_type == TensorProto.FLOAT:
-            vi.type.tensor_type.elem_type = TensorProto.DOUBLE
-
-    for t in g.initializer:
-        up(t)
-    for vi in list(g.input) + list(g.output) + list(g.value_info):
-        retype(vi)
-    for n in g.node:
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.TENSOR:
-                up(a.t)
-            elif a.name == "to" and n.op_type == "Cast" and a.i == TensorProto.FLOAT:
-                a.i = TensorProto.DOUBLE
-    return m
-
-
 def float64_outputs(model: onnx.ModelProto, feeds: dict) -> tuple[dict | None, str]:
     """The model's outputs computed in float64, and how (or ``None`` and why not)."""
-    m64 = float64_copy(model)
+    m64 = double_graph(model)
     feeds64 = {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in feeds.items()}
     try:
         return run(m64, feeds64), "onnxruntime on a float64 copy"
