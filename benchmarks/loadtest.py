@@ -14,8 +14,9 @@ address), waits for ``/readyz``, and runs short, bounded scenarios against ``/v1
 
 Each scenario also reports the server's own CPU time per request (from ``/proc``), which
 other jobs on a shared machine do not inflate the way they inflate wall-clock rates.
-``--compare DIR`` runs another checkout's server (e.g. ``git archive main | tar -x -C
-DIR``) on the same scenarios in the same run, its lines labelled with the folder name.
+``--compare DIR`` (repeatable) runs another checkout's server (e.g. ``git archive main |
+tar -x -C DIR``) on the same scenarios in the same run, its lines labelled with the folder
+name; ``--rounds N`` repeats the whole sequence, so the checkouts alternate.
 
 Load generator: ``wrk`` (C, epoll; Debian package ``wrk``) with a Lua script for the POST
 body and per-status counts. A Python client shares the GIL-bound 2 cores with the server and
@@ -344,8 +345,17 @@ def main() -> None:
     ap.add_argument(
         "--compare",
         type=Path,
+        action="append",
+        default=[],
         help="another checkout (e.g. `git archive main`): run its server on the same"
-        " scenarios, alternating with this one, and label its lines with its folder name",
+        " scenarios after this one, and label its lines with its folder name (repeatable)",
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat the whole comparison this many times, checkouts alternating, so that"
+        " a change in the machine's load hits every checkout alike",
     )
     ap.add_argument("--out", type=Path, help="also write the figures to this file")
     args = ap.parse_args()
@@ -371,9 +381,8 @@ def main() -> None:
         ("count1-plain", ["--batching", "off"], {"count": 1}, 32),
         ("count100-plain", ["--batching", "off"], {"count": 100}, 32),
     ]
-    checkouts = [("", REPO)]
-    if args.compare:
-        checkouts.append((args.compare.name + ":", args.compare.resolve()))
+    checkouts = [("", REPO)] + [(d.name + ":", d.resolve()) for d in args.compare]
+    checkouts = checkouts * max(args.rounds, 1)
     for mode in ("", "off"):
         group = [r for r in runs if r[0] in wanted and (r[0].endswith("-plain") == bool(mode))]
         if not group:
