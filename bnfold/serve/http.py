@@ -15,10 +15,15 @@ limit and latency metric).
 ``bnfold serve`` runs the app behind the Edge (:func:`create_app`), and the Edge hands
 ``GET`` / ``POST /v1/names`` straight to the same :meth:`NamesEndpoint.answer`, skipping
 only FastAPI's per-request machinery (middleware stack, router, request and response
-objects), which costs about a fifth of the count=1 rate (side by side in one wrk run:
-``benchmarks/loadtest.py``, ``benchmarks/results/serve.txt``). Both paths run the whole
-``/v1/names`` test set (``tests/conftest.py``, fixture ``front``), and a test sends the
-same requests to both and compares the answers byte for byte, so they cannot drift apart.
+objects), which costs a fifth to a quarter of the count=1 rate although these routes do
+no parameter work: side by side in wrk runs (``benchmarks/loadtest.py --scenarios
+count1,...,count1-fastapi,...``, ``benchmarks/results/serve.txt``, load average 0.5-1.4),
+the routes served 0.73-0.80x the Edge's count=1 rate (6,222-6,582 against 8,088-8,524
+req/s, 32-52 us more server CPU per request) and 0.82-0.97x its count=100 rate, so
+answering through them would have made the load-test figures worse. Both paths run the
+whole ``/v1/names`` test set (``tests/conftest.py``, fixture ``front``), and a test sends
+the same requests to both and compares the answers byte for byte, so they cannot drift
+apart.
 """
 
 from __future__ import annotations
@@ -64,8 +69,9 @@ class NamesRoute(APIRoute):
     (FastAPI's documented ``get_route_handler`` hook): FastAPI routes to it and documents it
     (``openapi_extra``, ``responses``) but solves no parameters and serialises nothing,
     since the request is validated once, by :class:`~bnfold.serve.schema.RequestParser`,
-    and the answer is JSON bytes already. (FastAPI's own handler for an endpoint taking
-    only a ``Request`` cost a further ~20 us per request, ~15% of count=1.)"""
+    and the answer is JSON bytes already. (FastAPI's default handler for the same endpoint
+    served 0.84-0.87x this route's count=1 rate in one wrk run, 24-32 us more server CPU
+    per request: ``benchmarks/results/serve.txt``.)"""
 
     def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
         return self.endpoint
