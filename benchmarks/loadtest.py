@@ -9,13 +9,18 @@ address), waits for ``/readyz``, and runs short, bounded scenarios against ``/v1
                 accepted requests must meet the deadline, memory must stay bounded
 * ``count1-get`` / ``count100-get``: the same as GET with a query string (one request path:
   GET and POST should cost the same)
+* ``count1-fastapi``, ``count1-get-fastapi``, ``count100-fastapi``, ``count100-get-fastapi``:
+  the same four against the bare FastAPI app (``bnfold.serve.create_fastapi_app`` under the
+  same uvicorn options, no Edge in front), so its ``/v1/names`` routes answer rather than
+  the Edge's shortcut (skipped for a checkout that has no such app)
 * each of count1/count100 also with ``--batching off`` (one request at a time), to show
   what step-level batching buys.
 
 Each scenario also reports the server's own CPU time per request (from ``/proc``), which
 other jobs on a shared machine do not inflate the way they inflate wall-clock rates.
-``--compare DIR`` runs another checkout's server (e.g. ``git archive main | tar -x -C
-DIR``) on the same scenarios in the same run, its lines labelled with the folder name.
+``--compare DIR`` (repeatable) runs another checkout's server (e.g. ``git archive main |
+tar -x -C DIR``) on the same scenarios in the same run, its lines labelled with the folder
+name; ``--rounds N`` repeats the whole sequence, so the checkouts alternate.
 
 Load generator: ``wrk`` (C, epoll; Debian package ``wrk``) with a Lua script for the POST
 body and per-status counts. A Python client shares the GIL-bound 2 cores with the server and
@@ -109,12 +114,29 @@ def rss_mib(pid: int) -> float:
     return int(re.search(r"VmRSS:\s+(\d+)", text).group(1)) / 1024
 
 
+# the bare FastAPI app of a checkout, as `bnfold serve` would run it without the Edge
+FASTAPI_ONLY = """
+import sys
+import uvicorn
+from bnfold.serve import ServeSettings, create_fastapi_app
+from bnfold.serve.server import uvicorn_options
+model, words, host, port = sys.argv[1:]
+settings = ServeSettings(model=model, words=words).check()
+app = create_fastapi_app(settings)
+uvicorn.run(app, host=host, port=int(port), log_level="warning", **uvicorn_options(settings))
+"""
+FASTAPI = "fastapi"  # a scenario's server: the bare FastAPI app instead of `bnfold serve`
+
+
 class Server:
     def __init__(self, model: str, words: str, extra: list[str], root: Path = REPO):
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
-        cmd = [sys.executable, str(root / "cli.py"), "serve", model, "--words", words]
-        cmd += ["--host", HOST, "--port", str(self.port), "--log-level", "warning", *extra]
+        if extra == [FASTAPI]:
+            cmd = [sys.executable, "-c", FASTAPI_ONLY, model, words, HOST, str(self.port)]
+        else:
+            cmd = [sys.executable, str(root / "cli.py"), "serve", model, "--words", words]
+            cmd += ["--host", HOST, "--port", str(self.port), "--log-level", "warning", *extra]
         env = {**os.environ, "PYTHONPATH": str(root)}  # that checkout's bnfold, not ours
         self.proc = subprocess.Popen(cmd, cwd=root, stderr=subprocess.PIPE, text=True, env=env)
         t0 = time.monotonic()
@@ -140,6 +162,10 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
+
+
+def has_fastapi_app(root: Path) -> bool:
+    return "def create_fastapi_app" in (root / "bnfold" / "serve" / "http.py").read_text()
 
 
 def histogram(text: str, name: str, match: dict[str, str]) -> dict[float, float]:
@@ -255,7 +281,7 @@ def scenario(server, name, tool, body, connections, args, lines, deadline=None):
     m0 = server.metrics()
     rss0 = rss_mib(server.proc.pid)
     cpu0 = cpu_seconds(server.proc.pid)
-    method = "GET" if name.endswith("-get") else "POST"
+    method = "GET" if "-get" in name else "POST"
     r = load(tool, server.url, body, connections, args.duration, 10.0, args.max_requests, method)
     cpu1 = cpu_seconds(server.proc.pid)
     m1 = server.metrics()
@@ -339,13 +365,23 @@ def main() -> None:
     ap.add_argument(
         "--scenarios",
         default="count1,count1-get,count100,count100-get,count1-plain,count100-plain,overload",
-        help="comma-separated subset",
+        help="comma-separated subset (also count1-fastapi, count1-get-fastapi,"
+        " count100-fastapi, count100-get-fastapi)",
     )
     ap.add_argument(
         "--compare",
         type=Path,
+        action="append",
+        default=[],
         help="another checkout (e.g. `git archive main`): run its server on the same"
-        " scenarios, alternating with this one, and label its lines with its folder name",
+        " scenarios after this one, and label its lines with its folder name (repeatable)",
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat the whole comparison this many times, checkouts alternating, so that"
+        " a change in the machine's load hits every checkout alike",
     )
     ap.add_argument("--out", type=Path, help="also write the figures to this file")
     args = ap.parse_args()
@@ -370,16 +406,23 @@ def main() -> None:
         ("count100-get", [], {"count": 100}, 32),
         ("count1-plain", ["--batching", "off"], {"count": 1}, 32),
         ("count100-plain", ["--batching", "off"], {"count": 100}, 32),
+        ("count1-fastapi", [FASTAPI], {"count": 1}, 32),
+        ("count1-get-fastapi", [FASTAPI], {"count": 1}, 32),
+        ("count100-fastapi", [FASTAPI], {"count": 100}, 32),
+        ("count100-get-fastapi", [FASTAPI], {"count": 100}, 32),
     ]
-    checkouts = [("", REPO)]
-    if args.compare:
-        checkouts.append((args.compare.name + ":", args.compare.resolve()))
-    for mode in ("", "off"):
-        group = [r for r in runs if r[0] in wanted and (r[0].endswith("-plain") == bool(mode))]
+    checkouts = [("", REPO)] + [(d.name + ":", d.resolve()) for d in args.compare]
+    checkouts = checkouts * max(args.rounds, 1)
+    for server_args in ([], ["--batching", "off"], [FASTAPI]):
+        group = [r for r in runs if r[0] in wanted and r[1] == server_args]
         if not group:
             continue
         for label, root in checkouts:
-            server = Server(args.model, args.words, group[0][1], root)
+            if server_args == [FASTAPI] and not has_fastapi_app(root):
+                lines.append(f"{label}{group[0][0]}: skipped (no create_fastapi_app there)")
+                print(lines[-1], flush=True)
+                continue
+            server = Server(args.model, args.words, server_args, root)
             try:
                 for name, _, body, conns in group:
                     scenario(server, label + name, tool, body, conns, args, lines)

@@ -117,6 +117,23 @@ def serve_settings(onnx_model):
     return make
 
 
+@pytest.fixture(scope="session", params=["edge", "fastapi"])
+def front(request) -> str:
+    """What answers ``/v1/names``: ``edge``, the app as ``bnfold serve`` runs it (the Edge's
+    shortcut into ``NamesEndpoint.answer``), or ``fastapi``, the bare FastAPI app (its
+    documented routes, no Edge in front). Every ``/v1/names`` test runs on both, so the
+    two paths cannot drift apart."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def front_app(front):
+    """``front_app(settings, loader=None)``: a new app of the ``front`` under test."""
+    from bnfold.serve import create_app, create_fastapi_app
+
+    return create_app if front == "edge" else create_fastapi_app
+
+
 @pytest.fixture(scope="session")
 def live():
     """``with live(settings, loader=None, ready=True) as url``: the app under a real uvicorn

@@ -22,7 +22,7 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from bnfold.serve import ServeSettings, create_app, load_and_warm
+from bnfold.serve import ServeSettings, create_app, create_fastapi_app, load_and_warm
 from bnfold.serve.schema import RequestParser
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,7 +30,17 @@ NAMES = REPO / "data" / "names.txt"
 
 
 @pytest.fixture(scope="module")
-def server(live, serve_settings):
+def server(live, serve_settings, front_app):
+    """The app of the ``front`` under test (the Edge, or the bare FastAPI app)."""
+    settings = serve_settings(max_count=2000)
+    with live(settings, app=front_app(settings)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def edge_server(live, serve_settings):
+    """The app as ``bnfold serve`` runs it, for what only the Edge does (body-size limit,
+    latency metric)."""
     with live(serve_settings(max_count=2000)) as url:
         yield url
 
@@ -245,7 +255,8 @@ def test_invalid_query_and_json(server):
     assert r.status_code == 422
 
 
-def test_body_size_limit(server):
+def test_body_size_limit(edge_server):
+    server = edge_server
     big = {"prefix": "a" * 20_000}
     r = httpx.post(server + "/v1/names", json=big)
     assert r.status_code == 413 and "larger than 16384 bytes" in r.json()["detail"]
@@ -286,8 +297,6 @@ def test_metrics(server):
     httpx.post(server + "/v1/names", json={"count": 3, "seed": 1})
     httpx.post(server + "/v1/names", json={"count": 0})
     text = httpx.get(server + "/metrics").text
-    assert 'bnfold_request_seconds_bucket{endpoint="/v1/names",le="0.05",status="200"}' in text
-    assert 'bnfold_request_seconds_count{endpoint="/v1/names",status="422"}' in text
     assert 'bnfold_rejections_total{reason="invalid"}' in text
     for name in ("bnfold_names_generated_total", "bnfold_queue_depth", "bnfold_batch_rows_bucket"):
         assert name in text
@@ -295,6 +304,50 @@ def test_metrics(server):
         next(ln for ln in text.splitlines() if ln.startswith("bnfold_names_gen")).split()[1]
     )
     assert names >= 3
+
+
+def test_latency_is_counted_by_endpoint_and_status(edge_server):
+    """The Edge times every answer, ``/v1/names`` (its shortcut) as much as FastAPI's."""
+    httpx.post(edge_server + "/v1/names", json={"count": 3, "seed": 1})
+    httpx.get(edge_server + "/v1/names", params={"count": 0})
+    httpx.get(edge_server + "/livez")
+    text = httpx.get(edge_server + "/metrics").text
+    assert 'bnfold_request_seconds_bucket{endpoint="/v1/names",le="0.05",status="200"}' in text
+    assert 'bnfold_request_seconds_count{endpoint="/v1/names",status="422"}' in text
+    assert 'bnfold_request_seconds_count{endpoint="/livez",status="200"}' in text
+
+
+_FORM = "application/x-www-form-urlencoded"  # what `curl -d` sends
+
+
+def test_the_edge_and_the_fastapi_routes_answer_alike(live, serve_settings):
+    """The same requests to ``bnfold serve``'s app (the Edge's shortcut) and to the bare
+    FastAPI app (its routes) get the same status, headers and body, byte for byte."""
+    settings = serve_settings(max_count=50)
+    requests = [
+        ("POST", "/v1/names", {"json": {"count": 4, "seed": 9, "prefix": "ja"}}),
+        ("GET", "/v1/names", {"params": {"count": 4, "seed": 9, "top_p": 0.5}}),
+        ("POST", "/v1/names", {"content": b'{"seed": 3}', "headers": {"content-type": _FORM}}),
+        ("POST", "/v1/names", {"content": b"{not json"}),
+        ("POST", "/v1/names", {"json": {"count": "2", "colour": "red"}}),
+        ("GET", "/v1/names", {"params": {"count": 51, "new_only": "yes"}}),
+        ("POST", "/v1/names", {"json": {"prefix": "Zq1", "seed": 1}}),
+        ("GET", "/v1/names", {"params": {"min_length": 9, "max_length": 3, "seed": 1}}),
+        ("PUT", "/v1/names", {"json": {"count": 1}}),
+    ]
+    answers = []
+    for make in (create_app, create_fastapi_app):
+        with live(settings, app=make(settings)) as url, httpx.Client(base_url=url) as c:
+            got = []
+            for method, path, kw in requests:
+                r = c.request(method, path, **kw)
+                headers = {k: v for k, v in r.headers.items() if k not in ("date", "server")}
+                got.append((r.status_code, headers, r.content))
+            answers.append(got)
+    edge, fastapi = answers
+    assert [a[0] for a in edge] == [200, 200, 200, 422, 422, 422, 422, 422, 405]
+    assert '"seed":9' in edge[0][2].decode()
+    assert edge == fastapi
 
 
 # -------------------------------------------------------------------------- concurrency
@@ -361,10 +414,10 @@ class Gate:
         return model
 
 
-def test_queue_full_gets_429_at_once_and_deadline_504(live, serve_settings):
+def test_queue_full_gets_429_at_once_and_deadline_504(live, serve_settings, front_app):
     gate = Gate()  # the network engine: every step is a forward pass the gate can hold
     settings = serve_settings(queue_size=2, deadline=1.5, engine="network")
-    with live(settings, loader=gate.loader) as url:
+    with live(settings, app=front_app(settings, loader=gate.loader)) as url:
         gate.open.clear()  # the batcher stalls: admitted requests stay in flight
 
         async def scenario():
@@ -393,7 +446,7 @@ def test_queue_full_gets_429_at_once_and_deadline_504(live, serve_settings):
         assert 'bnfold_rejections_total{reason="deadline"} 2.0' in text
 
 
-def test_readiness_during_startup_and_drain(live, serve_settings):
+def test_readiness_during_startup_and_drain(live, serve_settings, front_app):
     loaded = threading.Event()
 
     def slow_loader(settings):
@@ -401,7 +454,7 @@ def test_readiness_during_startup_and_drain(live, serve_settings):
         return load_and_warm(settings)
 
     settings = serve_settings()
-    app = create_app(settings, loader=slow_loader)
+    app = front_app(settings, loader=slow_loader)
     with live(settings, app=app, ready=False) as url, httpx.Client(base_url=url) as c:
         assert c.get("/livez").status_code == 200
         r = c.get("/readyz")
@@ -434,8 +487,9 @@ def test_load_failure_is_reported(tmp_path, live):
         assert r.status_code == 503 and "not a readable ONNX model" in r.json()["detail"]
 
 
-def test_batching_off_gives_the_same_names(live, serve_settings, reference):
-    with live(serve_settings(batching=False)) as url:
+def test_batching_off_gives_the_same_names(live, serve_settings, reference, front_app):
+    settings = serve_settings(batching=False)
+    with live(settings, app=front_app(settings)) as url:
         opts = {"count": 12, "seed": 4, "prefix": "e"}
         r = httpx.post(url + "/v1/names", json=opts)
         assert r.status_code == 200 and strip(r.json()["names"]) == reference(**opts)
@@ -517,7 +571,27 @@ def test_serve_refuses_a_missing_model(tmp_path):
 # ------------------------------------------------------------------------------- fuzzing
 
 
-def test_openapi_fuzzing_no_server_errors(live, serve_settings):
+def test_openapi_documents_names_from_the_routes(server):
+    """``/v1/names`` in the OpenAPI schema comes from its FastAPI routes: every request
+    field as a query parameter (GET) and in the JSON body (POST), and every answer."""
+    doc = httpx.get(server + "/openapi.json").json()
+    fields = list(RequestParser(2000).model.model_fields)
+    get, post = doc["paths"]["/v1/names"]["get"], doc["paths"]["/v1/names"]["post"]
+    assert [p["name"] for p in get["parameters"]] == fields
+    assert all(p["in"] == "query" and not p["required"] for p in get["parameters"])
+    body = post["requestBody"]["content"]["application/json"]["schema"]
+    assert list(body["properties"]) == fields and body["additionalProperties"] is False
+    assert body["properties"]["count"]["maximum"] == 2000  # this server's --max-count
+    for op in (get, post):
+        assert sorted(op["responses"]) == ["200", "408", "413", "422", "429", "503", "504"]
+        ok = op["responses"]["200"]["content"]["application/json"]["schema"]
+        assert ok == {"$ref": "#/components/schemas/NamesResponse"}
+    assert {"NamesResponse", "ErrorResponse", "ValidationErrorResponse"} <= set(
+        doc["components"]["schemas"]
+    )
+
+
+def test_openapi_fuzzing_no_server_errors(live, serve_settings, front, front_app):
     """schemathesis generates requests (valid and invalid) for every operation of the app's
     own OpenAPI schema; no answer may be a 5xx, and answers must match the schema."""
     import schemathesis  # a dev dependency: a missing one fails, never skips
@@ -540,7 +614,8 @@ def test_openapi_fuzzing_no_server_errors(live, serve_settings):
         text = httpx.get(url + "/metrics").text
         return [ln for ln in text.splitlines() if "_count{" in ln and 'status="5' in ln]
 
-    with live(serve_settings(max_count=30)) as url:
+    app_settings = serve_settings(max_count=30)
+    with live(app_settings, app=front_app(app_settings)) as url:
         before = server_errors(url)
         schema = schemathesis.openapi.from_url(url + "/openapi.json")
         failures = []
@@ -566,9 +641,10 @@ def test_openapi_fuzzing_no_server_errors(live, serve_settings):
                 failures.append(f"{op.label}: {e}")
         assert ops >= 7
         assert not failures, "\n\n".join(failures[:3])
-        counts = [ln for ln in httpx.get(url + "/metrics").text.splitlines() if "_count{" in ln]
-        assert any('endpoint="/v1/names"' in ln for ln in counts)
-        assert server_errors(url) == before  # none while fuzzing
+        if front == "edge":  # the Edge's latency metric saw every answer: no 5xx either
+            counts = [ln for ln in httpx.get(url + "/metrics").text.splitlines() if "_count{" in ln]
+            assert any('endpoint="/v1/names"' in ln for ln in counts)
+            assert server_errors(url) == before
 
 
 def test_settings_from_env_round_trip(onnx_model, serve_settings, monkeypatch):

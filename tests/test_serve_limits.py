@@ -91,13 +91,15 @@ def test_an_occupied_port_is_one_error_line(onnx_model):
 # ------------------------------------------------------------ item 9: engine memory bound
 
 
-def test_engine_memory_stays_within_the_budget_and_is_freed_when_idle(live, serve_settings):
+def test_engine_memory_stays_within_the_budget_and_is_freed_when_idle(
+    live, serve_settings, front_app
+):
     """12 option groups x 3 concurrent long-name requests against a budget that holds a
     few engines: every answer is 200, the engines never hold more than the budget, and
     after ``idle_release`` seconds without work they hold nothing."""
     settings = serve_settings(memory_mb=64, table_mb=16, idle_release=0.5, deadline=60)
     budget = settings.memory_bytes
-    with live(settings) as url:
+    with live(settings, app=front_app(settings)) as url:
         seen: list[float] = []
         stop = False
 
@@ -195,8 +197,9 @@ def test_connections_per_worker_are_bounded_and_refusals_counted(live, serve_set
         assert metric(url, "bnfold_rejections_total", reason="header_timeout") == 8
 
 
-def test_a_stalled_body_gets_408(live, serve_settings):
-    with live(serve_settings(body_timeout=1.0)) as url, connect(url) as s:
+def test_a_stalled_body_gets_408(live, serve_settings, front_app):
+    settings = serve_settings(body_timeout=1.0)
+    with live(settings, app=front_app(settings)) as url, connect(url) as s:
         s.sendall(
             b"POST /v1/names HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b'Content-Length: 100\r\n\r\n{"count": '

@@ -9,7 +9,8 @@ One module per concern:
   engine pool's memory bound;
 * :mod:`~bnfold.serve.service` - readiness, admission (429), deadline (504), answers;
 * :mod:`~bnfold.serve.metrics` - the Prometheus metrics;
-* :mod:`~bnfold.serve.http` - the FastAPI routes and the thin ASGI layer (latency, body limit);
+* :mod:`~bnfold.serve.http` - the FastAPI app (every route, ``/v1/names`` included) and
+  the thin ASGI layer in front (latency, body limit, a shortcut into the same endpoint);
 * :mod:`~bnfold.serve.protocol` - the connection edge: header size and time, body time;
 * :mod:`~bnfold.serve.server` - uvicorn's options, the port check, signals, the worker factory.
 
@@ -19,7 +20,7 @@ padded, as the CLI pads them), so a request gives the same names alone or in a c
 the same as ``bnfold sample`` (``tests/test_serve.py`` checks both).
 """
 
-from bnfold.serve.http import create_app
+from bnfold.serve.http import create_app, create_fastapi_app
 from bnfold.serve.model import LoadedModel, load_and_warm, load_model
 from bnfold.serve.server import app_from_env, check_port, run_server
 from bnfold.serve.settings import ServeSettings
@@ -30,6 +31,7 @@ __all__ = [
     "app_from_env",
     "check_port",
     "create_app",
+    "create_fastapi_app",
     "load_and_warm",
     "load_model",
     "run_server",

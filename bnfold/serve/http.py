@@ -1,15 +1,29 @@
-"""The HTTP face of one worker: the FastAPI app (routes, OpenAPI schema) and a thin ASGI
-layer in front of it for the two things FastAPI does not do: request latency by status
-for ``/metrics`` (including answers FastAPI never sees), and the request-body size limit
-(the body is read here, at most ``max_body`` bytes, and handed on in one piece).
+"""The HTTP face of one worker: the FastAPI app (every route and the OpenAPI schema) and a
+thin ASGI layer in front of it, the :class:`Edge`, for what FastAPI does not do: request
+latency by status for ``/metrics`` (including answers FastAPI never sees), and the
+request-body size limit (the body is read there, at most ``max_body`` bytes, and handed on
+in one piece).
 
-``GET`` and ``POST /v1/names`` are one path (:class:`NamesEndpoint`): the query string
-or the body goes through the same strict schema (:class:`~bnfold.serve.schema.RequestParser`,
+``GET`` and ``POST /v1/names`` are one path, :class:`NamesEndpoint`: the query string or
+the body goes through the same strict schema (:class:`~bnfold.serve.schema.RequestParser`,
 pydantic, validated once) and the same :meth:`~bnfold.serve.service.NameService.names`.
-The edge answers it itself, because FastAPI's per-request machinery (middleware stack,
-router, request and response objects) halved the count=1 rate in a side-by-side wrk run
-(1,865 vs 4,439 req/s for the old hand-validated POST; ``benchmarks/loadtest.py``); the
-app's OpenAPI schema documents the operation with the same model.
+In the FastAPI app they are two routes (:class:`NamesRoute`), which the OpenAPI schema is
+generated from and which answer wherever that app is served on its own
+(:func:`create_fastapi_app`, e.g. mounted in another app; then without the Edge's body
+limit and latency metric).
+
+``bnfold serve`` runs the app behind the Edge (:func:`create_app`), and the Edge hands
+``GET`` / ``POST /v1/names`` straight to the same :meth:`NamesEndpoint.answer`, skipping
+only FastAPI's per-request machinery (middleware stack, router, request and response
+objects), which costs a fifth to a quarter of the count=1 rate although these routes do
+no parameter work: side by side in wrk runs (``benchmarks/loadtest.py --scenarios
+count1,...,count1-fastapi,...``, ``benchmarks/results/serve.txt``, load average 0.5-1.4),
+the routes served 0.73-0.80x the Edge's count=1 rate (6,222-6,582 against 8,088-8,524
+req/s, 32-52 us more server CPU per request) and 0.82-0.97x its count=100 rate, so
+answering through them would have made the load-test figures worse. Both paths run the
+whole ``/v1/names`` test set (``tests/conftest.py``, fixture ``front``), and a test sends
+the same requests to both and compares the answers byte for byte, so they cannot drift
+apart.
 """
 
 from __future__ import annotations
@@ -18,23 +32,21 @@ import contextlib
 import importlib.resources
 import os
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic.json_schema import models_json_schema
 
-from bnfold.serve.metrics import Metrics
 from bnfold.serve.schema import (
     ERRORS,
     RETRY_AFTER,
     Answer,
-    ErrorResponse,
     NamesResponse,
     RequestParser,
-    ValidationErrorResponse,
     error,
 )
 from bnfold.serve.service import NameService, hook_signals
@@ -52,61 +64,73 @@ def _page() -> str:
     return importlib.resources.files("bnfold").joinpath("static/index.html").read_text("utf-8")
 
 
-def _document_names(app: FastAPI, parser: RequestParser) -> None:
-    """Put ``GET`` / ``POST /v1/names`` into the app's OpenAPI schema: the request model as
-    the body and as query parameters, and the answers (the edge serves the operation)."""
-    models = [NamesResponse, ErrorResponse, ValidationErrorResponse]
-    _, top = models_json_schema(
-        [(model, "serialization") for model in models],
-        ref_template="#/components/schemas/{model}",
-    )
+class NamesRoute(APIRoute):
+    """A FastAPI route whose endpoint is its own request handler, ``(Request) -> Response``
+    (FastAPI's documented ``get_route_handler`` hook): FastAPI routes to it and documents it
+    (``openapi_extra``, ``responses``) but solves no parameters and serialises nothing,
+    since the request is validated once, by :class:`~bnfold.serve.schema.RequestParser`,
+    and the answer is JSON bytes already. (FastAPI's default handler for the same endpoint
+    served 0.84-0.87x this route's count=1 rate in one wrk run, 24-32 us more server CPU
+    per request: ``benchmarks/results/serve.txt``.)"""
 
-    def content(model: type) -> dict:
-        ref = {"$ref": f"#/components/schemas/{model.__name__}"}
-        return {"application/json": {"schema": ref}}
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        return self.endpoint
 
-    answers = {"200": {"description": "The names", "content": content(NamesResponse)}}
-    for status, doc in ERRORS.items():
-        answers[str(status)] = {"description": doc["description"], "content": content(doc["model"])}
+
+def _names_routes(names: NamesEndpoint) -> list[NamesRoute]:
+    """``GET`` and ``POST /v1/names``, documented: the request model as query parameters
+    and as the JSON body, and every answer."""
+    return [
+        NamesRoute("/v1/names", names.route, methods=[method], **doc)
+        for method, doc in _names_docs(names.parser).items()
+    ]
+
+
+def _names_docs(parser: RequestParser) -> dict[str, dict]:
+    """The OpenAPI of ``GET`` and ``POST /v1/names``, by method: the request model as query
+    parameters and as the JSON body, and every answer."""
     request = parser.model.model_json_schema()
-    doc = "Sample names. Same model + seed + options -> same names."
-    post = {
-        "summary": "Sample names (JSON body)",
-        "description": doc,
-        "operationId": "post_names",
-        "requestBody": {"content": {"application/json": {"schema": request}}},
-        "responses": answers,
+    responses = {200: {"model": NamesResponse, "description": "The names"}, **ERRORS}
+    common = {
+        "description": "Sample names. Same model + seed + options -> same names.",
+        "responses": responses,
     }
     params = [
         {"name": name, "in": "query", "required": False, "schema": prop}
         for name, prop in request["properties"].items()
     ]
-    get = {
-        "summary": "Sample names (query string)",
-        "description": doc,
-        "operationId": "get_names",
-        "parameters": params,
-        "responses": answers,
+    return {
+        "GET": {
+            **common,
+            "summary": "Sample names (query string)",
+            "operation_id": "get_names",
+            "openapi_extra": {"parameters": params},
+        },
+        "POST": {
+            **common,
+            "summary": "Sample names (JSON body)",
+            "operation_id": "post_names",
+            "openapi_extra": {
+                "requestBody": {"content": {"application/json": {"schema": request}}}
+            },
+        },
     }
-    build = app.openapi
-
-    def openapi() -> dict:
-        if app.openapi_schema is None:
-            schema = build()
-            schema["paths"] = {"/v1/names": {"get": get, "post": post}, **schema["paths"]}
-            schema.setdefault("components", {}).setdefault("schemas", {}).update(top["$defs"])
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi
 
 
 def create_app(settings: ServeSettings, *, loader=None) -> Edge:
-    """The ASGI app of one worker. ``loader(settings) -> LoadedModel`` runs in a thread after
-    start-up (default: load the model and warm it up); tests pass their own."""
+    """The ASGI app of one worker: the FastAPI app (:func:`create_fastapi_app`) behind the
+    Edge. ``loader(settings) -> LoadedModel`` runs in a thread after start-up (default:
+    load the model and warm it up); tests pass their own."""
+    app = create_fastapi_app(settings, loader=loader)
+    return Edge(app, app.state.names, settings.max_body)
+
+
+def create_fastapi_app(settings: ServeSettings, *, loader=None) -> FastAPI:
+    """The FastAPI app of one worker: every route, ``/v1/names`` included, and the OpenAPI
+    schema; its lifespan loads the model. :func:`create_app` puts the Edge in front."""
     settings.check()
     svc = NameService(settings, loader)
-    parser = RequestParser(settings.max_count)
+    names = NamesEndpoint(svc, RequestParser(settings.max_count))
     page = _page()
     m = svc.metrics
 
@@ -126,10 +150,10 @@ def create_app(settings: ServeSettings, *, loader=None) -> Edge:
         version="1",
         summary="Sample names from a folded BatchNorm MLP (ONNX), with step-level batching.",
         lifespan=lifespan,
+        routes=_names_routes(names),
     )
     app.state.service = svc
-    names = NamesEndpoint(svc, parser)
-    _document_names(app, parser)
+    app.state.names = names
 
     @app.get("/v1/model", responses={503: ERRORS[503]})
     async def model_info() -> JSONResponse:
@@ -167,7 +191,7 @@ def create_app(settings: ServeSettings, *, loader=None) -> Edge:
         """The web page."""
         return HTMLResponse(page)
 
-    return Edge(app, names, m, settings.max_body)
+    return app
 
 
 class NamesEndpoint:
@@ -179,6 +203,8 @@ class NamesEndpoint:
         self.parser = parser
 
     async def answer(self, method: str, query: bytes, body: bytes) -> Answer:
+        """The answer to ``GET`` (``query``) or ``POST`` (``body``); the one path of both
+        the FastAPI routes and the Edge."""
         if method == "GET":
             where, fields = "query", self.parser.query(query)
         else:
@@ -188,16 +214,22 @@ class NamesEndpoint:
             return fields
         return await self.svc.names(fields, where)
 
+    async def route(self, request: Request) -> Response:
+        """The FastAPI routes' handler (:class:`NamesRoute`)."""
+        body = await request.body() if request.method == "POST" else b""
+        return _response(await self.answer(request.method, request.scope["query_string"], body))
+
 
 class Edge:
-    """Raw ASGI in front of FastAPI: latency by endpoint and status, the body size limit,
-    and ``/v1/names`` itself (see the module docstring)."""
+    """Raw ASGI in front of the FastAPI app: latency by endpoint and status, the body size
+    limit, and a shortcut for ``/v1/names`` into the routes' own
+    :meth:`NamesEndpoint.answer` (see the module docstring)."""
 
-    def __init__(self, app: FastAPI, names: NamesEndpoint, metrics: Metrics, max_body: int):
+    def __init__(self, app: FastAPI, names: NamesEndpoint, max_body: int):
         self.app = app
         self.names = names
         self.state = app.state  # tests reach the service through either object
-        self.metrics = metrics
+        self.metrics = names.svc.metrics
         self.max_body = max_body
         self._observers: dict[tuple[str, int], Any] = {}
         self._too_large = orjson.dumps({"detail": f"request body larger than {max_body} bytes"})
@@ -234,7 +266,7 @@ class Edge:
                 receive = _replay(body)
             else:
                 body = b""
-            if path == "/v1/names" and scope["method"] in _NAMES_METHODS:
+            if path == "/v1/names" and scope["method"] in _NAMES_METHODS:  # the shortcut
                 a = await self.names.answer(scope["method"], scope["query_string"], body)
                 return await _send(send_status, a)
             await self.app(scope, receive, send_status)

@@ -64,8 +64,25 @@ def request_model(max_count: int) -> type[BaseModel]:
                 description="0 = greedy (argmax); otherwise softmax(logits / temperature).",
             ),
         ),
-        top_k=(int | None, Field(d.top_k, ge=1, le=MAX_TOP_K)),
-        top_p=(float | None, Field(d.top_p, gt=0, le=1, allow_inf_nan=False)),
+        top_k=(
+            int | None,
+            Field(
+                d.top_k,
+                ge=1,
+                le=MAX_TOP_K,
+                description="Sample only among the k most likely tokens; all when omitted.",
+            ),
+        ),
+        top_p=(
+            float | None,
+            Field(
+                d.top_p,
+                gt=0,
+                le=1,
+                allow_inf_nan=False,
+                description="Nucleus sampling: the smallest set of mass >= p; all when omitted.",
+            ),
+        ),
         prefix=(
             str,
             Field(d.prefix, max_length=MAX_LENGTH_CAP, description="Start every name with this."),
