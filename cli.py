@@ -341,8 +341,10 @@ def verify_options(fn):
             type=click.FloatRange(min=0),
             default=None,
             help="Explicit override: largest allowed absolute logit difference  [default:"
-            " what float32 rounding explains; judged against a float64 evaluation of the"
-            " BN network when one is available, else a bound from the logits' magnitude]",
+            " what float32 rounding explains: judged against a float64 evaluation of the"
+            " BN network (or, for two folded files, of the reference's own parameters),"
+            " plus the parameter test; a bound from the logits' magnitude only when no"
+            " float64 evaluation exists]",
         ),
         click.option(
             "--max-exhaustive",
@@ -440,7 +442,8 @@ def fold(checkpoint, out, tolerance, max_exhaustive, data, inputs, as_json):
     type=click.Path(path_type=Path),
     default=None,
     help="BatchNorm checkpoint evaluated in float64 as ground truth  [default: a side that"
-    " is a BN .pt, else the source a folded .pt records]",
+    " is a BN .pt, else the source a folded .pt records, else a side that is a bn.onnx"
+    " (run in double by ONNX Runtime), else the reference's own parameters in double]",
 )
 @click.option(
     "--sample-size",

@@ -49,7 +49,10 @@ DEFAULT_REL_FLOOR = 1.0
 
 
 CRITERION_TEXT = {
-    "float64": "float64 truth: error within a small multiple of the reference's own float32 error",
+    "float64": (
+        "float64 truth: error within a small multiple of the reference's own float32 error;"
+        " its float64 twin off the truth by at most 3 re-roundings of its parameters"
+    ),
     "magnitude": "no float64 truth: difference within a bound from the logits' magnitude",
     "absolute": "explicit --tolerance on |logit difference|",
 }
