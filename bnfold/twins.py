@@ -22,11 +22,12 @@ float32 outputs alone.
 from __future__ import annotations
 
 import copy
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import onnx
-from onnx import TensorProto, numpy_helper
+
+if TYPE_CHECKING:  # onnx is imported where a graph is handled: `bnfold --help` needs none
+    import onnx
 
 REROUND_SEEDS = (1, 2)  # two re-rounded twins: their mean square distance is stable enough
 
@@ -106,6 +107,8 @@ class OnnxTwin:
         return self.session.run(None, {self.input_name: contexts})[0]
 
     def rerounded(self, seed: int) -> OnnxTwin:
+        from onnx import TensorProto, numpy_helper
+
         rng = np.random.default_rng(seed)
         model = copy.deepcopy(self.model)
         for init in model.graph.initializer:
@@ -119,6 +122,9 @@ def double_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` computing in double: float initializers, tensor attributes
     (``Constant`` values and the like), graph inputs/outputs/value_info and
     ``Cast(to=FLOAT)`` all become double (float inputs must be cast up by the caller)."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
