@@ -16,6 +16,10 @@ import click
 from bnfold import jsonsafe
 from bnfold.domain import MAX_SAMPLE_SIZE
 from bnfold.errors import BnfoldError, TrainingInterrupted
+from bnfold.sampling.engine import DEFAULT_TABLE_BYTES
+from bnfold.sampling.options import DEFAULT_BATCH, SampleOptions
+
+SAMPLE = SampleOptions()  # the sampling defaults, stated once (in SampleOptions)
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_DATA = REPO_ROOT / "data" / "names.txt"
@@ -559,19 +563,33 @@ engine_option = click.option(
 
 @main.command()
 @click.argument("model", required=False, type=click.Path(path_type=Path))
-@click.option("-n", "--count", type=int, default=10, show_default=True, help="Names to sample.")
-@click.option("--seed", type=int, default=42, show_default=True, help="Random seed.")
 @click.option(
-    "--temperature", type=float, default=1.0, show_default=True, help="0 = greedy (argmax)."
+    "-n", "--count", type=int, default=SAMPLE.count, show_default=True, help="Names to sample."
+)
+@click.option("--seed", type=int, default=SAMPLE.seed, show_default=True, help="Random seed.")
+@click.option(
+    "--temperature",
+    type=float,
+    default=SAMPLE.temperature,
+    show_default=True,
+    help="0 = greedy (argmax).",
 )
 @click.option("--top-k", type=int, help="Sample only among the K most likely tokens.")
 @click.option("--top-p", type=float, help="Nucleus sampling: the smallest set of mass >= P.")
 @click.option("--prefix", default="", help="Start every name with these characters.")
 @click.option(
-    "--min-length", type=int, default=1, show_default=True, help="Characters, prefix included."
+    "--min-length",
+    type=int,
+    default=SAMPLE.min_length,
+    show_default=True,
+    help="Characters, prefix included.",
 )
 @click.option(
-    "--max-length", type=int, default=50, show_default=True, help="Characters, prefix included."
+    "--max-length",
+    type=int,
+    default=SAMPLE.max_length,
+    show_default=True,
+    help="Characters, prefix included.",
 )
 @click.option("--new-only", is_flag=True, help="Only names in none of train / dev / test.")
 @words_option
@@ -579,7 +597,7 @@ engine_option = click.option(
 @click.option(
     "--batch-size",
     type=int,
-    default=4096,
+    default=DEFAULT_BATCH,
     show_default=True,
     help="Names in flight per step (speed only: never changes the names).",
 )
@@ -587,7 +605,7 @@ engine_option = click.option(
 @click.option(
     "--table-mb",
     type=int,
-    default=256,
+    default=DEFAULT_TABLE_BYTES >> 20,
     show_default=True,
     help="Memory cap of the table engine's stored rows, in MiB (past it, rows are evicted).",
 )
