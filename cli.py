@@ -16,8 +16,9 @@ import click
 from bnfold import jsonsafe
 from bnfold.domain import MAX_SAMPLE_SIZE
 from bnfold.errors import BnfoldError, TrainingInterrupted
-from bnfold.sampling.engine import DEFAULT_TABLE_BYTES
+from bnfold.sampling.engine import DEFAULT_ENGINE, DEFAULT_TABLE_BYTES, ENGINES
 from bnfold.sampling.options import DEFAULT_BATCH, SampleOptions
+from bnfold.serve.settings import ServeSettings
 
 SAMPLE = SampleOptions()  # the sampling defaults, stated once (in SampleOptions)
 
@@ -553,8 +554,8 @@ words_option = click.option(
 # `sample` and `serve` draw names through the same engines
 engine_option = click.option(
     "--engine",
-    type=click.Choice(["table", "network"]),
-    default="table",
+    type=click.Choice(ENGINES),
+    default=DEFAULT_ENGINE,
     show_default=True,
     help="table: each context's next-token row computed once and kept; network: the model"
     " every step (the reference). Same names either way.",
@@ -703,24 +704,32 @@ def _discard_stdout() -> None:
 )
 @words_option
 @click.option(
-    "--max-count", type=positive, default=1000, show_default=True, help="Names per request cap."
+    "--max-count",
+    type=positive,
+    default=ServeSettings.max_count,
+    show_default=True,
+    help="Names per request cap.",
 )
 @click.option(
     "--queue-size",
     type=positive,
-    default=256,
+    default=ServeSettings.queue_size,
     show_default=True,
     help="Requests admitted at once per worker (waiting or running); beyond: 429.",
 )
 @click.option(
     "--deadline",
     type=click.FloatRange(min=0, min_open=True),
-    default=10.0,
+    default=ServeSettings.deadline,
     show_default=True,
     help="Seconds a request may take before it is answered 504.",
 )
 @click.option(
-    "--max-body", type=positive, default=16_384, show_default=True, help="Request body bytes."
+    "--max-body",
+    type=positive,
+    default=ServeSettings.max_body,
+    show_default=True,
+    help="Request body bytes.",
 )
 @click.option(
     "--batching",
@@ -730,13 +739,17 @@ def _discard_stdout() -> None:
     help="on: run every request's rows in one forward step; off: one request at a time.",
 )
 @click.option(
-    "--max-rows", type=positive, default=8192, show_default=True, help="Rows per forward step."
+    "--max-rows",
+    type=positive,
+    default=ServeSettings.max_rows,
+    show_default=True,
+    help="Rows per forward step.",
 )
 @engine_option
 @click.option(
     "--memory-mb",
     type=positive,
-    default=256,
+    default=ServeSettings.memory_mb,
     show_default=True,
     help="Memory of all sampling engines together, per worker (see README, Reliability).",
 )
@@ -751,7 +764,7 @@ def serve(model, host, port, workers, words, max_count, queue_size, deadline, ma
           batching, max_rows, engine, memory_mb, log_level):  # fmt: skip
     """Serve names over HTTP from MODEL (default: the shipped models/folded.onnx):
     POST/GET /v1/names, /v1/model, /livez, /readyz, /metrics and a web page at /."""
-    from bnfold.serve import ServeSettings, check_port, load_model, run_server
+    from bnfold.serve import check_port, load_model, run_server
 
     model = model or shipped_model()
     settings = ServeSettings(

@@ -20,12 +20,25 @@ padded, as the CLI pads them), so a request gives the same names alone or in a c
 the same as ``bnfold sample`` (``tests/test_serve.py`` checks both).
 """
 
-from bnfold.serve.http import create_app, create_fastapi_app
-from bnfold.serve.model import LoadedModel, load_and_warm, load_model
-from bnfold.serve.server import app_from_env, check_port, run_server
-from bnfold.serve.settings import ServeSettings
+from __future__ import annotations
 
-__all__ = [
+import importlib
+from typing import TYPE_CHECKING
+
+# where each public name lives; a module is imported on first use (PEP 562), so that
+# `bnfold.serve.settings` (the CLI's defaults) loads without FastAPI, uvicorn and the model
+_EXPORTS = {
+    "LoadedModel": "bnfold.serve.model",
+    "ServeSettings": "bnfold.serve.settings",
+    "app_from_env": "bnfold.serve.server",
+    "check_port": "bnfold.serve.server",
+    "create_app": "bnfold.serve.http",
+    "create_fastapi_app": "bnfold.serve.http",
+    "load_and_warm": "bnfold.serve.model",
+    "load_model": "bnfold.serve.model",
+    "run_server": "bnfold.serve.server",
+}
+__all__ = [  # the keys of _EXPORTS, spelled out for readers and linters
     "LoadedModel",
     "ServeSettings",
     "app_from_env",
@@ -36,3 +49,15 @@ __all__ = [
     "load_model",
     "run_server",
 ]
+
+if TYPE_CHECKING:
+    from bnfold.serve.http import create_app, create_fastapi_app
+    from bnfold.serve.model import LoadedModel, load_and_warm, load_model
+    from bnfold.serve.server import app_from_env, check_port, run_server
+    from bnfold.serve.settings import ServeSettings
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'bnfold.serve' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -9,7 +9,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 
 from bnfold.errors import BnfoldError
-from bnfold.sampling.engine import ENGINES
+from bnfold.sampling.engine import DEFAULT_ENGINE, ENGINES
 
 ENV_SETTINGS = "BNFOLD_SERVE_SETTINGS"  # JSON ServeSettings, read by each worker's factory
 MIB = 1 << 20
@@ -17,7 +17,7 @@ MIB = 1 << 20
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """Every limit of the service, per worker. The defaults are the CLI's defaults."""
+    """Every limit of the service, per worker. `bnfold serve` takes its defaults from here."""
 
     model: str
     words: str
@@ -26,7 +26,7 @@ class ServeSettings:
     deadline: float = 10.0  # seconds from arrival to answer; later -> 504
     max_body: int = 16_384  # bytes of request body; more -> 413
     batching: bool = True  # step-level batching across requests (False: one at a time)
-    engine: str = "table"  # sampling engine: "table" (memoized rows) or "network"
+    engine: str = DEFAULT_ENGINE  # sampling engine: "table" (memoized rows) or "network"
     max_rows: int = 8192  # rows in flight over all requests (one forward step)
     job_rows: int = 1024  # rows in flight per request
     # memory: every option group (temperature, top-k, top-p, min/max length) has an engine
