@@ -126,7 +126,7 @@ def judge_model(bn_path: Path, batch_size: int, seed: int) -> dict:
     plan = plan_domain(
         cfg.vocab_size, cfg.block_size, max_exhaustive=MAX_EXHAUSTIVE, sample_size=SAMPLE
     )
-    truth = Float64Model(ckpt, str(bn_path))
+    truth = Float64Model.from_checkpoint(ckpt, str(bn_path))
     twins = {k: nets[k].float64_twin() for k in cands}
     by_truth = compare_over_domain(nets, pairs, plan, float64_logits=truth.logits, twins=twins)
     by_magnitude = compare_over_domain(nets, pairs, plan)

@@ -410,7 +410,7 @@ def export_checkpoint(
     build = build_onnx({k: p.model for k, p in torch_nets.items()}, ckpt, src, src_sha)
     nets = {**{TORCH_NET[k]: p for k, p in torch_nets.items()}, **build.nets}
     # one walk over the domain for every pair; the float64 BN network is the truth
-    f64 = Float64Model(ckpt, str(src)) if ckpt.config.batchnorm else None
+    f64 = Float64Model.from_checkpoint(ckpt, str(src)) if ckpt.config.batchnorm else None
     plan = plan_domain(ckpt.vocab.size, ckpt.config.block_size)
     comparison = compare_over_domain(
         nets, build.pairs, plan, float64_logits=f64.logits if f64 else None, tolerance=tolerance

@@ -416,7 +416,7 @@ def _fold_verify_export(
         max_exhaustive=limit,
         extra=dev_test_contexts(src, train_args.get("data_path"), limit),
     )
-    truth = Float64Model(src, str(bn_path))
+    truth = Float64Model.from_checkpoint(src, str(bn_path))
     comparison = compare_all_pairs(nets, plan, truth, tolerance=tolerance)
 
     verification = report_from_pair(

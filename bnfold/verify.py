@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from bnfold.checkpoint import Checkpoint, load_checkpoint
-from bnfold.data import file_sha256, load_dataset
+from bnfold.data import Vocab, file_sha256, load_dataset
 from bnfold.domain import (
     DEFAULT_CHUNK,
     DEFAULT_MAX_EXHAUSTIVE,
@@ -58,20 +58,26 @@ CRITERION_TEXT = {
 }
 
 
+@dataclass(frozen=True)
 class Float64Model:
-    """The unfolded BatchNorm network evaluated in float64, eval mode: a checkpoint's, or
-    (:meth:`from_predictor`) an exported ``bn.onnx``'s, through its float64 twin."""
+    """The float64 truth: a network's float32 parameters evaluated in float64 (its twin),
+    with where it came from. Usually the unfolded BatchNorm network (a checkpoint's, or an
+    exported ``bn.onnx``'s); see :func:`resolve_float64`."""
 
-    def __init__(self, ckpt: Checkpoint, source: str):
+    source: str
+    vocab: Vocab
+    block_size: int
+    twin: Float64Twin
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, source: str) -> Float64Model:
+        """The unfolded BatchNorm checkpoint ``ckpt`` (read from ``source``) in float64."""
         if not ckpt.config.batchnorm:
             raise BnfoldError(
                 f"{source}: the float64 reference must be the unfolded BatchNorm checkpoint"
                 " (this one is already folded)"
             )
-        self.source = source
-        self.vocab = ckpt.vocab
-        self.block_size = ckpt.config.block_size
-        self.twin: Float64Twin = TorchTwin(ckpt.model)
+        return cls(source, ckpt.vocab, ckpt.config.block_size, TorchTwin(ckpt.model))
 
     @classmethod
     def from_predictor(cls, p: Predictor, *, folded: bool = False) -> Float64Model | None:
@@ -81,12 +87,10 @@ class Float64Model:
         twin = None if (p.folded and not folded) else p.float64_twin()
         if twin is None:
             return None
-        model = cls.__new__(cls)
-        model.source, model.vocab, model.block_size = _label(p), p.vocab, p.block_size
+        source = _label(p)
         if p.folded:
-            model.source += " (folded: its own parameters; no BatchNorm network given)"
-        model.twin = twin
-        return model
+            source += " (folded: its own parameters; no BatchNorm network given)"
+        return cls(source, p.vocab, p.block_size, twin)
 
     def logits(self, contexts: np.ndarray) -> np.ndarray:
         return self.twin.logits(contexts)
@@ -187,18 +191,19 @@ def resolve_float64(
 ) -> Float64Model | None:
     """Find the unfolded BN network for the float64 ground truth (see module docstring)."""
     if isinstance(float64_reference, Checkpoint):
-        return Float64Model(float64_reference, "<in memory>")
+        return Float64Model.from_checkpoint(float64_reference, "<in memory>")
     if float64_reference is not None:
-        return Float64Model(load_checkpoint(float64_reference), str(float64_reference))
+        ckpt = load_checkpoint(float64_reference)
+        return Float64Model.from_checkpoint(ckpt, str(float64_reference))
     sides = [p for p in (reference, candidate) if isinstance(p, TorchPredictor)]
     for p in sides:
         if p.checkpoint.config.batchnorm:
-            return Float64Model(p.checkpoint, _label(p))
+            return Float64Model.from_checkpoint(p.checkpoint, _label(p))
     for p in sides:
         src = p.checkpoint.meta.get("folded_from") or {}
         path = Path(src.get("path", ""))
         if src.get("path") and path.is_file() and file_sha256(path) == src.get("sha256"):
-            return Float64Model(load_checkpoint(path), str(path))
+            return Float64Model.from_checkpoint(load_checkpoint(path), str(path))
     for p in (reference, candidate):  # e.g. bn.onnx: its graph run in double
         found = Float64Model.from_predictor(p)
         if found is not None:
