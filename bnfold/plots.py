@@ -6,7 +6,6 @@ through ``pyplot``: no GUI backend, no global figure state, safe in servers and 
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 
@@ -274,12 +273,10 @@ def fold_comparison_stats(bn_model: nn.Module, folded: nn.Module):
         raise BnfoldError("BN and folded models have different layer shapes")
     diffs = [(b - a).abs().max().item() for a, b in zip(pb, pf, strict=True)]
     # the verdict is the one bnfold.rounding gives everywhere: against the BN network
-    # evaluated in float64
-    truth = copy.deepcopy(bn_model).double().eval()
-    with torch.no_grad():
-        z = truth(x).numpy()
-    twin = TorchTwin(folded)  # the parameter test, as everywhere else
+    # evaluated in float64, with the folded network's parameter test
     xs = x.numpy()
+    z = TorchTwin(bn_model).logits(xs)
+    twin = TorchTwin(folded)
     rerounded = [r.logits(xs) for r in rerounded_copies(twin)]
     verdict = judge_outputs(
         pb[-1].numpy(), pf[-1].numpy(), z, twin=twin.logits(xs), rerounded=rerounded
