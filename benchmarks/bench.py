@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cli import main  # noqa: E402
+from bnfold.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     main(["bench", *sys.argv[1:]], prog_name="bnfold")

@@ -1,5 +1,5 @@
 """Memory per character of turning a words file into training contexts, side by side:
-the lecture's loop of Python lists against ``bnfold.data.build_contexts`` (vectorised).
+the lecture's loop of Python lists against ``bnfold.mlp.data.build_contexts`` (vectorised).
 
     .venv/bin/python benchmarks/data_memory.py [--copies 10] [--long 1000000]
 
@@ -42,7 +42,7 @@ def measure(builder: str, path: str) -> None:
     """Child process: print chars, contexts and bytes of peak RSS growth per character."""
     import torch  # noqa: F401  (imported before the baseline)
 
-    from bnfold.data import Vocab, build_contexts
+    from bnfold.mlp.data import Vocab, build_contexts
 
     words = [w.strip() for w in Path(path).read_text(encoding="utf-8").split("\n") if w.strip()]
     vocab = Vocab.from_words(words)

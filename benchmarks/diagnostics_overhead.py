@@ -23,10 +23,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bnfold.data import load_dataset  # noqa: E402
-from bnfold.diagnostics import attach_diagnostics, write_training_report  # noqa: E402
-from bnfold.model import ModelConfig  # noqa: E402
-from bnfold.train import TrainConfig, train  # noqa: E402
+from bnfold.mlp.data import load_dataset  # noqa: E402
+from bnfold.mlp.model import ModelConfig  # noqa: E402
+from bnfold.mlp.train import TrainConfig, train  # noqa: E402
+from bnfold.report.diagnostics import attach_diagnostics, write_training_report  # noqa: E402
 
 
 class Timed:

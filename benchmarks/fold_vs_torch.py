@@ -28,12 +28,12 @@ from torch.nn.utils.fusion import fuse_linear_bn_eval
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bnfold.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
-from bnfold.domain import all_contexts  # noqa: E402
-from bnfold.fold import fold_batchnorm  # noqa: E402
-from bnfold.infer import TorchPredictor  # noqa: E402
-from bnfold.model import MLP  # noqa: E402
-from bnfold.verify import verify  # noqa: E402
+from bnfold.fold.modules import fold_batchnorm  # noqa: E402
+from bnfold.mlp.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
+from bnfold.mlp.model import MLP  # noqa: E402
+from bnfold.runtime.infer import TorchPredictor  # noqa: E402
+from bnfold.verify.domain import all_contexts  # noqa: E402
+from bnfold.verify.verdict import verify  # noqa: E402
 
 
 def torch_fused(model: MLP) -> MLP:

@@ -1,13 +1,14 @@
 """How often does the main job walk the input domain, and what does its post-training phase
 cost? ``train-fold`` after training (fold, verify, export, the four-network table, the
-model card: ``bnfold.pipeline._fold_verify_export``) on one fixed ``bn.pt``, for this
+model card: ``bnfold.pipeline.train_fold._fold_verify_export``) on one fixed ``bn.pt``, for this
 checkout and, with ``--compare DIR``, another one (e.g. ``git archive`` of the previous
 main), side by side: each checkout in its own fresh process, in alternating order, so
 drift in machine load hits both alike.
 
 Per checkout it prints the contexts each (reference, candidate) pair was compared on and
 the contexts the float64 BN network evaluated (both counted by wrapping
-``bnfold.domain.PairStats.add`` and ``bnfold.verify.Float64Model.logits``), and the wall
+``bnfold.verify.domain.PairStats.add`` and
+``bnfold.verify.verdict.Float64Model.logits``), and the wall
 and CPU seconds of the phase (median over every repeat), with the load average before each
 process. The report figures' second process is not part of the phase.
 
@@ -39,10 +40,10 @@ STAGES = ("fold", "verify", "export")  # the stage rows whose times are reported
 
 def worker(repeats: int, bn: Path) -> None:
     """In a process whose ``bnfold`` is the checkout under test: count, then time."""
-    import bnfold.pipeline as pipeline
-    from bnfold.checkpoint import load_checkpoint
-    from bnfold.domain import PairStats
-    from bnfold.verify import Float64Model
+    import bnfold.pipeline.train_fold as pipeline
+    from bnfold.mlp.checkpoint import load_checkpoint
+    from bnfold.verify.domain import PairStats
+    from bnfold.verify.verdict import Float64Model
 
     pairs: Counter = Counter()
     truth: Counter = Counter()
@@ -65,7 +66,7 @@ def worker(repeats: int, bn: Path) -> None:
         work = Path(tempfile.mkdtemp(prefix="main-job-walks-"))
         out = work / "models"
         if staged:
-            from bnfold.files import StagedOutputs
+            from bnfold.io.files import StagedOutputs
 
             where = StagedOutputs(out)
             args = (where, where.root / "bn.pt")
@@ -91,7 +92,7 @@ def full_worker(out: Path) -> None:
     timed (printed last, to stderr)."""
     import runpy
 
-    import bnfold.pipeline as pipeline
+    import bnfold.pipeline.train_fold as pipeline
 
     inner = pipeline._fold_verify_export
 
@@ -148,7 +149,7 @@ def main() -> None:
     if args.full_worker:
         return full_worker(args.full_worker)
     sys.path.insert(0, str(REPO))
-    from bnfold.pipeline import train_to_checkpoint
+    from bnfold.pipeline.train_fold import train_to_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         bn = args.checkpoint

@@ -7,7 +7,8 @@ rewriter, ONNX Runtime's own graph optimiser (basic and extended level, written 
 
 For every case and tool: BatchNormalization nodes left, and whether the tool's output still
 computes the original function (ONNX Runtime, optimisations off, seeded random inputs at
-batch 2 and 3, judged against a float64 evaluation by bnfold.rounding). A case is *handled fully*
+batch 2 and 3, judged against a float64 evaluation by bnfold.verify.rounding).
+A case is *handled fully*
 when the output is right and every BN that can be folded exactly is gone. "BN folded"
 counts BatchNormalization nodes removed, in correct outputs only.
 """
@@ -32,8 +33,8 @@ sys.path.insert(0, str(REPO / "tests"))
 import onnx_zoo  # noqa: E402
 
 from bnfold.errors import BnfoldError  # noqa: E402
-from bnfold.onnxfold import fold_onnx  # noqa: E402
-from bnfold.onnxfold.compare import compare, random_feeds  # noqa: E402
+from bnfold.pipeline.onnx_fold import fold_onnx  # noqa: E402
+from bnfold.verify.onnx import compare, random_feeds  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "onnx_zoo.txt"
 

@@ -9,7 +9,7 @@ one run, it prints (with the load average, since the machine is shared):
 
 * names/s of the table engine (warm: startup excluded; and cold, with its table build),
   the network engine, and a plain batched ONNX Runtime sampling loop
-  (:func:`bnfold.bench.plain_ort_sampler`), alternating rounds, best of each, wall and
+  (:func:`bnfold.pipeline.bench.plain_ort_sampler`), alternating rounds, best of each, wall and
   CPU time (CPU time is the robust figure on a busy machine), and their ratios;
 * the cost of ORT's public ``InferenceSession.run`` (what ``OnnxPredictor`` calls) against
   the private ``_sess.run`` it used before and I/O binding, at batch 1 and 4,096;
@@ -32,9 +32,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bnfold.bench import engine_side_by_side  # noqa: E402
-from bnfold.onnx_runtime import OnnxPredictor  # noqa: E402
-from bnfold.sample import SampleOptions, sample_names  # noqa: E402
+from bnfold.pipeline.bench import engine_side_by_side  # noqa: E402
+from bnfold.runtime.onnx_runtime import OnnxPredictor  # noqa: E402
+from bnfold.sampling.sample import SampleOptions, sample_names  # noqa: E402
 
 
 def load() -> str:
@@ -126,7 +126,7 @@ def cli_memory(model: Path, n: int) -> None:
     )
     for args in (["-n", str(n)], ["-n", str(n // 5), "--json"]):
         t0 = time.perf_counter()
-        cmd = [sys.executable, "-m", "cli", "sample", str(model), *args]
+        cmd = [sys.executable, "-m", "bnfold", "sample", str(model), *args]
         out = subprocess.run(
             [sys.executable, "-c", probe, *cmd],
             capture_output=True,

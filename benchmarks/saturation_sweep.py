@@ -28,10 +28,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bnfold.data import load_dataset  # noqa: E402
-from bnfold.diagnostics import Diagnostics, saturation_census  # noqa: E402
-from bnfold.model import ModelConfig  # noqa: E402
-from bnfold.train import TrainConfig, train  # noqa: E402
+from bnfold.mlp.data import load_dataset  # noqa: E402
+from bnfold.mlp.model import ModelConfig  # noqa: E402
+from bnfold.mlp.train import TrainConfig, train  # noqa: E402
+from bnfold.report.diagnostics import Diagnostics, saturation_census  # noqa: E402
 
 
 def run(data, decay: float, seed: int) -> dict:

@@ -4,7 +4,7 @@
 
 Every (preset, seed) runs as its own subprocess (``--child``), so the clock starts when the
 process is spawned and includes interpreter start, imports and data loading, as a user's
-``bnfold train`` would. The child trains with the ordinary ``bnfold.train.train`` and an
+``bnfold train`` would. The child trains with the ordinary ``bnfold.mlp.train.train`` and an
 observer that evaluates the dev loss every ``--eval-every`` steps (fast presets) or
 ``--lecture-eval-every`` steps (lecture); each evaluation's own time is measured and
 subtracted, so "time to dev <= X" is what a run stopped at that step would have cost.
@@ -54,9 +54,9 @@ FAST_OLD = dict(
 def child(preset: str, seed: int, data_path: str, eval_every: int, spawn: float) -> None:
     """Runs in the subprocess: train and print one JSON line per dev evaluation."""
     sys.path.insert(0, str(ROOT))
-    from bnfold.data import load_dataset
-    from bnfold.model import ModelConfig
-    from bnfold.train import TrainConfig, split_loss, train
+    from bnfold.mlp.data import load_dataset
+    from bnfold.mlp.model import ModelConfig
+    from bnfold.mlp.train import TrainConfig, split_loss, train
 
     data = load_dataset(data_path, block_size=3)
     if preset == "fast-old":
@@ -149,7 +149,7 @@ def run_cli(preset: str, seed: int, args) -> dict:
     cpu_before = children_cpu()
     with tempfile.TemporaryDirectory() as out:
         spawn = time.monotonic()
-        cmd = [sys.executable, "-m", "cli", "train", "--preset", preset, "--seed", str(seed)]
+        cmd = [sys.executable, "-m", "bnfold", "train", "--preset", preset, "--seed", str(seed)]
         cmd += ["--data", args.data, "--out", out, "--json"]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
         wall = time.monotonic() - spawn

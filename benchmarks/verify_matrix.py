@@ -3,16 +3,16 @@
 Trains 21 BatchNorm MLPs (vocabularies of 27, 63 and 88 characters; block sizes 3-5;
 widths 64-512; depths 2-6; 300 to 20,000 training steps) with the project's own
 ``train_to_checkpoint``, then judges, in one walk over each model's input domain
-(``bnfold.domain.compare_over_domain``), against the BN network:
+(``bnfold.verify.domain.compare_over_domain``), against the BN network:
 
 * two correct candidates: bnfold's fold and torch's ``fuse_linear_bn_eval``;
-* the seven real errors of ``bnfold.verify_cases.FAULTS``;
+* the seven real errors of ``bnfold.verify.cases.FAULTS``;
 
-under the three ways ``bnfold.rounding`` judges: ``float64`` with the BN network as truth
+under the three ways ``bnfold.verify.rounding`` judges: ``float64`` with the BN network as truth
 (``fold``, ``train-fold``, ``export``, ``verify`` given a BN ``.pt`` or ``bn.onnx``), the
 same with bnfold's folded network's own parameters as truth (``verify`` of two folded
 files), and ``magnitude`` (networks with no float64 evaluation at all). Every candidate
-gets the parameter test through its float64 twin (``bnfold.twins``).
+gets the parameter test through its float64 twin (``bnfold.runtime.twins``).
 
 Prints and saves ``benchmarks/results/verify_matrix.txt``: one line per model with each
 candidate's error/bound, then the safety margins: the largest error/bound among correct
@@ -36,14 +36,14 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bnfold.checkpoint import load_checkpoint  # noqa: E402
-from bnfold.data import read_words  # noqa: E402
-from bnfold.domain import compare_over_domain, plan_domain  # noqa: E402
-from bnfold.fold import fold_batchnorm  # noqa: E402
-from bnfold.pipeline import train_to_checkpoint  # noqa: E402
-from bnfold.twins import TorchTwin, float32_spacing  # noqa: E402
-from bnfold.verify import Float64Model  # noqa: E402
-from bnfold.verify_cases import FAULTS, faulty_networks, torch_fused, wider_alphabet  # noqa: E402
+from bnfold.fold.modules import fold_batchnorm  # noqa: E402
+from bnfold.mlp.checkpoint import load_checkpoint  # noqa: E402
+from bnfold.mlp.data import read_words  # noqa: E402
+from bnfold.pipeline.train_fold import train_to_checkpoint  # noqa: E402
+from bnfold.runtime.twins import TorchTwin, float32_spacing  # noqa: E402
+from bnfold.verify.cases import FAULTS, faulty_networks, torch_fused, wider_alphabet  # noqa: E402
+from bnfold.verify.domain import compare_over_domain, plan_domain  # noqa: E402
+from bnfold.verify.verdict import Float64Model  # noqa: E402
 
 MAX_EXHAUSTIVE = 100_000  # check every context up to this; else a seeded sample
 SAMPLE = 30_000

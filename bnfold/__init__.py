@@ -1,3 +1,5 @@
 """bnfold: train a BatchNorm character MLP, fold its BatchNorms, prove it, export, sample."""
 
-__version__ = "0.1.0"
+from bnfold.version import __version__
+
+__all__ = ["__version__"]

@@ -22,7 +22,7 @@ def trained_checkpoint(tmp_path_factory) -> Path:
 
     Read-only for tests: copy it before modifying.
     """
-    from bnfold.pipeline import train_to_checkpoint
+    from bnfold.pipeline.train_fold import train_to_checkpoint
 
     out = tmp_path_factory.mktemp("trained")
     path, _ = train_to_checkpoint(
@@ -34,7 +34,7 @@ def trained_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def onnx_model(trained_checkpoint, tmp_path_factory) -> Path:
     """``folded.onnx`` exported from the session's short-trained checkpoint."""
-    from bnfold.export import export_checkpoint
+    from bnfold.pipeline.export import export_checkpoint
 
     out = tmp_path_factory.mktemp("onnx")
     return export_checkpoint(trained_checkpoint, out).paths["folded"]
@@ -55,21 +55,21 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def bn(trained_checkpoint):
     """The trained BN checkpoint as a torch predictor."""
-    from bnfold.infer import TorchPredictor
+    from bnfold.runtime.infer import TorchPredictor
 
     return TorchPredictor(trained_checkpoint)
 
 
 @pytest.fixture(scope="session")
 def onnx_predictor(onnx_model):
-    from bnfold.infer import load_predictor
+    from bnfold.runtime.infer import load_predictor
 
     return load_predictor(onnx_model)
 
 
 @pytest.fixture(scope="session")
 def labeler(bn, names_path):
-    from bnfold.sample import load_labeler
+    from bnfold.sampling.sample import load_labeler
 
     return load_labeler(bn, names_path)
 

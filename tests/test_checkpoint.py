@@ -5,16 +5,16 @@ import shutil
 import pytest
 import torch
 
-from bnfold.checkpoint import (
+from bnfold.errors import BnfoldError
+from bnfold.io.files import _umask
+from bnfold.mlp.checkpoint import (
     Checkpoint,
     atomic_write,
     load_checkpoint,
     save_checkpoint,
 )
-from bnfold.data import Vocab
-from bnfold.errors import BnfoldError
-from bnfold.files import _umask
-from bnfold.model import MLP, ModelConfig
+from bnfold.mlp.data import Vocab
+from bnfold.mlp.model import MLP, ModelConfig
 
 
 def test_round_trip(tmp_path):

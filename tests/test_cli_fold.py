@@ -9,9 +9,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from bnfold.checkpoint import load_checkpoint, save_checkpoint
-from bnfold.data import file_sha256
-from cli import main
+from bnfold.cli import main
+from bnfold.mlp.checkpoint import load_checkpoint, save_checkpoint
+from bnfold.mlp.data import file_sha256
 
 REQUIRED = (
     "contexts_checked",

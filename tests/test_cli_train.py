@@ -9,8 +9,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from bnfold.checkpoint import load_checkpoint
-from cli import main
+from bnfold.cli import main
+from bnfold.mlp.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -87,7 +87,7 @@ def test_non_utf8_data_is_reported_with_line_number(tmp_path):
 
 def bnfold(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """The real command in a fresh process, stderr apart (not a terminal: no progress bar)."""
-    cmd = [sys.executable, "-m", "cli", *args]
+    cmd = [sys.executable, "-m", "bnfold", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 

@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bnfold.data import END, Vocab, build_contexts, load_dataset, read_words, split_words
 from bnfold.errors import BnfoldError
+from bnfold.mlp.data import END, Vocab, build_contexts, load_dataset, read_words, split_words
 
 
 def write(tmp_path, content: bytes | str, name: str = "words.txt"):

@@ -14,8 +14,10 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import nn
 
-from bnfold.data import distinct_contexts
-from bnfold.diagnostics import (
+from bnfold.errors import BnfoldError
+from bnfold.mlp.data import distinct_contexts
+from bnfold.mlp.model import MLP, ModelConfig
+from bnfold.report.diagnostics import (
     Diagnostics,
     activation_stats,
     load_report,
@@ -26,9 +28,7 @@ from bnfold.diagnostics import (
     weight_grad_stats,
     write_report,
 )
-from bnfold.errors import BnfoldError
-from bnfold.model import MLP, ModelConfig
-from bnfold.plots import fold_comparison_figure, fold_comparison_stats, input_domain
+from bnfold.report.plots import fold_comparison_figure, fold_comparison_stats, input_domain
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TRAINING_FIGURES = [
@@ -204,7 +204,7 @@ def test_distinct_contexts_matches_unique():
 
 
 def hand_fold(bn_model: MLP) -> MLP:
-    """Fold by the textbook formula, independent of bnfold.fold."""
+    """Fold by the textbook formula, independent of bnfold.fold.modules."""
     folded = MLP(replace(bn_model.config, batchnorm=False)).eval()
     src = list(bn_model.net)
     pairs = [(m, src[i + 1]) for i, m in enumerate(src) if isinstance(m, nn.Linear)]
@@ -273,7 +273,7 @@ def test_input_domain_enumerates_every_context_once():
 @pytest.fixture(scope="module")
 def cli_report(tmp_path_factory, names_path) -> Path:
     """`bnfold train --report DIR` on a short run (the files every later test reads)."""
-    from cli import main
+    from bnfold.cli import main
 
     out = tmp_path_factory.mktemp("trained_report")
     result = CliRunner().invoke(
@@ -314,12 +314,12 @@ def test_report_json_contents(cli_report):
         assert len(u["log10"]) == 120 and not any(u["frozen"])
     census = report["census"]
     assert census["examples"] == 182625 and census["distinct"] < census["examples"]
-    if report.get("fold_comparison"):  # present when bnfold.fold folds the model
+    if report.get("fold_comparison"):  # present when bnfold.fold.modules folds the model
         assert report["fold_comparison"]["max_abs_logit_diff"] < 1e-3
 
 
 def test_bnfold_report_command(cli_report):
-    from cli import main
+    from bnfold.cli import main
 
     result = CliRunner().invoke(main, ["report", str(cli_report)])
     assert result.exit_code == 0, result.output
@@ -333,7 +333,7 @@ def test_bnfold_report_command(cli_report):
 
 
 def test_bnfold_report_names_saturated_and_dead_layers(tmp_path):
-    from cli import main
+    from bnfold.cli import main
 
     model = small_model(6)
     with torch.no_grad():
@@ -350,7 +350,7 @@ def test_bnfold_report_names_saturated_and_dead_layers(tmp_path):
 
 
 def test_bnfold_report_on_missing_or_bad_dir(tmp_path):
-    from cli import main
+    from bnfold.cli import main
 
     result = CliRunner().invoke(main, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "no such report" in result.output

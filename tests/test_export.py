@@ -12,16 +12,16 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from bnfold.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from bnfold.data import Vocab, file_sha256
+from bnfold.cli import main
 from bnfold.errors import BnfoldError
-from bnfold.export import build_graph, export_checkpoint, metadata, op_types, set_metadata
-from bnfold.fold import fold_batchnorm
-from bnfold.infer import TorchPredictor, load_predictor
-from bnfold.model import MLP, ModelConfig
-from bnfold.onnx_runtime import OnnxPredictor
-from bnfold.verify import verify
-from cli import main
+from bnfold.fold.modules import fold_batchnorm
+from bnfold.mlp.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from bnfold.mlp.data import Vocab, file_sha256
+from bnfold.mlp.model import MLP, ModelConfig
+from bnfold.pipeline.export import build_graph, export_checkpoint, metadata, op_types, set_metadata
+from bnfold.runtime.infer import TorchPredictor, load_predictor
+from bnfold.runtime.onnx_runtime import OnnxPredictor
+from bnfold.verify.verdict import verify
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_metadata_round_trip(exported, trained_checkpoint):
         assert m["source_checkpoint"] == trained_checkpoint.name
         assert m["end_token"] == 0
         assert m["data_sha256"] == ckpt.meta["data_sha256"]
-        from bnfold import __version__
+        from bnfold.version import __version__
 
         assert m["bnfold_version"] == __version__
         want_cfg = ckpt.config.to_dict() | {"batchnorm": kind == "bn"}

@@ -2,7 +2,7 @@
 
 Ground truth is always an independent float64 evaluation of the *unfolded* network by
 torch's own BatchNorm modules in eval mode (``copy.deepcopy(model).double().eval()``), never
-anything computed by bnfold.fold.
+anything computed by bnfold.fold.modules.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from bnfold.errors import BnfoldError
-from bnfold.fold import (
+from bnfold.fold.modules import (
     INTO_FOLLOWING,
     INTO_PRECEDING,
     fold_batchnorm,
@@ -30,7 +30,7 @@ from bnfold.fold import (
     fold_conv_bn,
     fold_linear_bn,
 )
-from bnfold.model import MLP, ModelConfig
+from bnfold.mlp.model import MLP, ModelConfig
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from bnfold.domain import PairStats
 from bnfold.errors import BnfoldError
-from bnfold.files import StagedOutputs
-from bnfold.networks import FOUR_NETWORKS
-from bnfold.pipeline import UNVERIFIED_CHECKPOINT, run_main_job
-from bnfold.verify import Float64Model, verify
+from bnfold.io.files import StagedOutputs
+from bnfold.pipeline.train_fold import UNVERIFIED_CHECKPOINT, run_main_job
+from bnfold.verify.domain import PairStats
+from bnfold.verify.networks import FOUR_NETWORKS
+from bnfold.verify.verdict import Float64Model, verify
 
 NAMES = Path(__file__).resolve().parent.parent / "data" / "names.txt"
 SMALL = {"data_path": NAMES, "steps": 30, "batch_size": 256, "n_hidden": 16, "progress": False}
@@ -83,7 +83,7 @@ def test_a_failure_in_export_leaves_the_old_set_byte_identical(shipped, tmp_path
     def broken_write(*args, **kwargs):
         raise BnfoldError("injected: the disk broke while writing the ONNX files")
 
-    monkeypatch.setattr("bnfold.export.write_onnx", broken_write)
+    monkeypatch.setattr("bnfold.pipeline.export.write_onnx", broken_write)
     with pytest.raises(BnfoldError, match="injected"):
         run_main_job(out, **{**SMALL, "seed": 7})
     assert snapshot(out) == before

@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 from torch import nn
 
+from bnfold.cli import main
 from bnfold.errors import BnfoldError
-from bnfold.onnxfold import check_contract, fold_onnx, load_model
-from bnfold.onnxfold.compare import compare, random_feeds, run
-from cli import main
+from bnfold.pipeline.onnx_fold import check_contract, fold_onnx, load_model
+from bnfold.verify.onnx import compare, random_feeds, run
 
 BUILT: dict[str, onnx.ModelProto] = {}
 
@@ -338,7 +338,7 @@ def test_cli_verify_refuses_models_with_different_inputs(gemm_file, tmp_path):
 
 
 def test_cli_fold_bnfold_export_checks_the_whole_domain(trained_checkpoint, tmp_path):
-    from bnfold.export import export_checkpoint
+    from bnfold.pipeline.export import export_checkpoint
 
     export_checkpoint(trained_checkpoint, tmp_path)
     r = invoke("fold", tmp_path / "bn.onnx", "--json")

@@ -18,7 +18,7 @@ import torch
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from bnfold.errors import BnfoldError
-from bnfold.onnx_files import load_onnx_file
+from bnfold.io.onnx_files import load_onnx_file
 
 REPO = Path(__file__).resolve().parent.parent
 BNFOLD = str(Path(sys.executable).with_name("bnfold"))
@@ -274,7 +274,7 @@ def test_nan_checkpoint_and_onnx_are_refused(tmp_path, payload, onnx_dir):
 
 
 def test_json_output_has_no_nan():
-    from bnfold import jsonsafe
+    from bnfold.io import jsonsafe
 
     text = jsonsafe.dumps({"logprob": float("-inf"), "xs": [1.5, float("nan")]})
     assert json.loads(text) == {"logprob": None, "xs": [1.5, None]}
@@ -376,7 +376,7 @@ def test_ctrl_c_in_train_fold_saves_the_checkpoint_aside_and_leaves_out_alone(tm
     for name in ("bn.pt", "folded.pt", "bn.onnx", "folded.onnx", "README.md"):
         assert (out / name).read_text() == f"shipped {name}"
     assert not (out / "report").exists()
-    from bnfold.checkpoint import load_checkpoint
+    from bnfold.mlp.checkpoint import load_checkpoint
 
     partial = load_checkpoint(out / "bn.interrupted.pt")
     assert partial.meta["interrupted"] and 0 < partial.meta["steps_done"] < int(NEVER_ENDS)
@@ -405,7 +405,7 @@ def test_stale_temp_files_are_removed_on_the_next_write(tmp_path):
 def test_figures_are_written_atomically(tmp_path, monkeypatch):
     from matplotlib.figure import Figure
 
-    from bnfold import plots
+    from bnfold.report import plots
 
     (tmp_path / "loss.png").write_bytes(b"the old figure")
 
@@ -429,7 +429,7 @@ def test_a_byte_order_mark_is_not_a_character(tmp_path):
     r = bnfold("train", "--data", "bom.txt", "--out", "o", "--steps", "2", "--batch-size", "8",
                "--n-layers", "1", cwd=tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stderr
-    from bnfold.checkpoint import load_checkpoint
+    from bnfold.mlp.checkpoint import load_checkpoint
 
     vocab = load_checkpoint(tmp_path / "o" / "bn.pt").vocab
     assert "\ufeff" not in vocab.chars and vocab.chars == tuple(sorted(set(words.strip()) - {"\n"}))
@@ -453,7 +453,7 @@ def test_endless_and_huge_inputs_are_bounded(tmp_path):
 
 
 def test_words_from_a_pipe_are_read_with_a_bound(tmp_path):
-    from bnfold.data import MAX_WORDS_BYTES
+    from bnfold.mlp.data import MAX_WORDS_BYTES
 
     fifo = tmp_path / "words.fifo"
     os.mkfifo(fifo)

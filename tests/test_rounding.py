@@ -1,11 +1,11 @@
-"""bnfold.rounding: verdicts on outputs whose truth is known by construction."""
+"""bnfold.verify.rounding: verdicts on outputs whose truth is known by construction."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from bnfold.rounding import RoundingAccumulator, judge_outputs
+from bnfold.verify.rounding import RoundingAccumulator, judge_outputs
 
 
 @pytest.fixture(scope="module")

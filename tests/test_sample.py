@@ -12,15 +12,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import bnfold.sample as sample_mod
 import bnfold.sampling.engine as engine_mod
-from bnfold.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from bnfold.data import END, Vocab, read_words, split_words
+import bnfold.sampling.sample as sample_mod
 from bnfold.errors import BnfoldError
-from bnfold.fold import fold_batchnorm
-from bnfold.infer import TorchPredictor
-from bnfold.model import MLP, ModelConfig
-from bnfold.sample import (
+from bnfold.fold.modules import fold_batchnorm
+from bnfold.mlp.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from bnfold.mlp.data import END, Vocab, read_words, split_words
+from bnfold.mlp.model import MLP, ModelConfig
+from bnfold.runtime.infer import TorchPredictor
+from bnfold.sampling.sample import (
     Labeler,
     SampleOptions,
     SamplerEngine,
@@ -427,7 +427,7 @@ def test_extreme_logits_are_sampled_safely(bn):
 
 
 def test_cli_sample(trained_checkpoint):
-    from cli import main
+    from bnfold.cli import main
 
     r = CliRunner()
     out = r.invoke(main, ["sample", str(trained_checkpoint), "-n", "7", "--seed", "3"])
@@ -459,7 +459,7 @@ def test_cli_sample(trained_checkpoint):
     ],
 )
 def test_cli_bad_options(trained_checkpoint, args, message):
-    from cli import main
+    from bnfold.cli import main
 
     out = CliRunner().invoke(main, ["sample", str(trained_checkpoint), *args])
     assert out.exit_code == 2 and "error:" in out.output and message in out.output
@@ -467,7 +467,7 @@ def test_cli_bad_options(trained_checkpoint, args, message):
 
 
 def test_cli_missing_default_model(monkeypatch, tmp_path):
-    import cli
+    from bnfold import cli
 
     monkeypatch.setattr(cli, "DEFAULT_MODELS", tmp_path)
     out = CliRunner().invoke(cli.main, ["sample"])

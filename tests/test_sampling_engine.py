@@ -15,13 +15,14 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bnfold.checkpoint import Checkpoint, load_checkpoint
-from bnfold.data import Vocab
+from bnfold.cli import main
 from bnfold.errors import BnfoldError
-from bnfold.infer import TorchPredictor
-from bnfold.model import MLP, ModelConfig
-from bnfold.predictor import ModelSpec
-from bnfold.sample import (
+from bnfold.mlp.checkpoint import Checkpoint, load_checkpoint
+from bnfold.mlp.data import Vocab
+from bnfold.mlp.model import MLP, ModelConfig
+from bnfold.runtime.infer import TorchPredictor
+from bnfold.runtime.predictor import ModelSpec
+from bnfold.sampling.sample import (
     SampleOptions,
     SamplerEngine,
     iter_names,
@@ -29,7 +30,6 @@ from bnfold.sample import (
     run_engine,
     sample_names,
 )
-from cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -214,7 +214,7 @@ def test_cli_engines_agree_and_json_is_one_streamed_document(onnx_model):
 def test_cli_full_disk_is_one_error_line(onnx_model):
     with open("/dev/full", "w") as full:
         done = subprocess.run(
-            [sys.executable, "-m", "cli", "sample", str(onnx_model), "-n", "5"],
+            [sys.executable, "-m", "bnfold", "sample", str(onnx_model), "-n", "5"],
             stdout=full,
             stderr=subprocess.PIPE,
             text=True,
@@ -229,7 +229,7 @@ def test_cli_full_disk_is_one_error_line(onnx_model):
 
 
 def test_cli_closed_pipe_stops_quietly(onnx_model):
-    cmd = [sys.executable, "-m", "cli", "sample", str(onnx_model), "-n", "200000"]
+    cmd = [sys.executable, "-m", "bnfold", "sample", str(onnx_model), "-n", "200000"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
     first = proc.stdout.readline()
     proc.stdout.close()  # the reader goes away, as `| head -1` does

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from bnfold.data import END
+from bnfold.mlp.data import END
 from bnfold.sampling.tokens import (
     bits_to_uniform,
     filtered_rows,

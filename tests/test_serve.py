@@ -48,8 +48,8 @@ def edge_server(live, serve_settings):
 @pytest.fixture(scope="module")
 def reference(onnx_model):
     """The CLI's sampler on the same model: what the service must return."""
-    from bnfold.infer import load_predictor
-    from bnfold.sample import SampleOptions, load_labeler, sample_names
+    from bnfold.runtime.infer import load_predictor
+    from bnfold.sampling.sample import SampleOptions, load_labeler, sample_names
 
     predictor = load_predictor(onnx_model)
     labeler = load_labeler(predictor, NAMES)
@@ -69,7 +69,7 @@ def strip(items):
 
 
 def test_post_and_get_match_the_cli_sampler(server, reference, onnx_model):
-    from bnfold.data import file_sha256
+    from bnfold.mlp.data import file_sha256
 
     opts = {"count": 7, "seed": 11, "prefix": "ma", "temperature": 0.8, "top_k": 10}
     r = httpx.post(server + "/v1/names", json=opts)

@@ -12,10 +12,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from bnfold.data import Vocab
 from bnfold.errors import BnfoldError
-from bnfold.predictor import Predictor
-from bnfold.sample import SampleOptions, sample_names
+from bnfold.mlp.data import Vocab
+from bnfold.runtime.predictor import Predictor
+from bnfold.sampling.sample import SampleOptions, sample_names
 from bnfold.serve.batcher import Batcher, DeadlineExceeded, Request
 from bnfold.serve.metrics import Metrics
 from bnfold.serve.service import NameService

@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bnfold.data import distinct_contexts, load_dataset
 from bnfold.errors import BnfoldError
-from bnfold.model import MLP, ModelConfig
-from bnfold.train import (
+from bnfold.mlp.data import distinct_contexts, load_dataset
+from bnfold.mlp.model import MLP, ModelConfig
+from bnfold.mlp.train import (
     PRESETS,
     FusedAdamW,
     TrainConfig,

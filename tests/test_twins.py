@@ -1,4 +1,4 @@
-"""Float64 twins (bnfold.twins) and the parameter test they feed (bnfold.rounding).
+"""Float64 twins (bnfold.runtime.twins) and the parameter test they feed (bnfold.verify.rounding).
 
 The twins are checked against evaluations nobody here wrote: numpy in float64 for a graph
 built with ``onnx.helper``, and torch's ``.double()`` for the exported ONNX files."""
@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bnfold.checkpoint import Checkpoint, load_checkpoint
-from bnfold.domain import plan_domain
-from bnfold.export import build_graph, metadata, set_metadata
-from bnfold.fold import fold_batchnorm
-from bnfold.infer import TorchPredictor, load_predictor
-from bnfold.onnx_runtime import OnnxPredictor
-from bnfold.rounding import judge_outputs
-from bnfold.twins import double_graph, float32_spacing, onnx_twin, rerounding_noise
-from bnfold.verify import verify
-from bnfold.verify_cases import fold_with, scale_row, torch_fused
+from bnfold.fold.modules import fold_batchnorm
+from bnfold.mlp.checkpoint import Checkpoint, load_checkpoint
+from bnfold.pipeline.export import build_graph, metadata, set_metadata
+from bnfold.runtime.infer import TorchPredictor, load_predictor
+from bnfold.runtime.onnx_runtime import OnnxPredictor
+from bnfold.runtime.twins import double_graph, float32_spacing, onnx_twin, rerounding_noise
+from bnfold.verify.cases import fold_with, scale_row, torch_fused
+from bnfold.verify.domain import plan_domain
+from bnfold.verify.rounding import judge_outputs
+from bnfold.verify.verdict import verify
 
 
 def _helper_graph(w: np.ndarray, b: np.ndarray):
@@ -73,7 +73,7 @@ def test_a_graph_without_double_kernels_has_no_twin():
 
 
 def test_exported_onnx_twins_match_torch_in_double(trained_checkpoint, tmp_path):
-    from bnfold.export import export_checkpoint
+    from bnfold.pipeline.export import export_checkpoint
 
     paths = export_checkpoint(trained_checkpoint, tmp_path).paths
     bn = load_checkpoint(trained_checkpoint)
@@ -132,7 +132,7 @@ def _onnx_predictor(model, ckpt, label: str) -> OnnxPredictor:
 def test_two_onnx_files_judge_parameters_through_double_graphs(trained_checkpoint, tmp_path):
     """With ONNX files alone, bn.onnx run in double is the truth, and the candidate's twin
     tells a correct fold from a wrong eps that float32 outputs barely show."""
-    from bnfold.export import export_checkpoint
+    from bnfold.pipeline.export import export_checkpoint
 
     bn_onnx = load_predictor(export_checkpoint(trained_checkpoint, tmp_path).paths["bn"])
     ckpt = load_checkpoint(trained_checkpoint)

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from bnfold.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from bnfold.domain import all_contexts
 from bnfold.errors import BnfoldError
-from bnfold.infer import TorchPredictor, load_predictor
-from bnfold.model import MLP, ModelConfig
-from bnfold.pipeline import fold_checkpoint
-from bnfold.verify import verify
+from bnfold.mlp.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from bnfold.mlp.model import MLP, ModelConfig
+from bnfold.pipeline.train_fold import fold_checkpoint
+from bnfold.runtime.infer import TorchPredictor, load_predictor
+from bnfold.verify.domain import all_contexts
+from bnfold.verify.verdict import verify
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,7 @@ def test_different_model_families_are_refused(pair, tmp_path):
 
 def test_fold_and_verify_in_memory(pair):
     """Fold and verify without files (speed is measured in benchmarks, not asserted)."""
-    from bnfold.fold import fold_batchnorm
+    from bnfold.fold.modules import fold_batchnorm
 
     bn, _ = pair
     ckpt = load_checkpoint(bn)

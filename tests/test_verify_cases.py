@@ -10,14 +10,14 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from bnfold.checkpoint import Checkpoint, load_checkpoint
-from bnfold.data import Vocab, read_words
-from bnfold.fold import fold_batchnorm
-from bnfold.infer import TorchPredictor
-from bnfold.pipeline import train_to_checkpoint
-from bnfold.verify import verify
-from bnfold.verify_cases import FAULTS, faulty_networks, torch_fused, wider_alphabet
-from cli import main
+from bnfold.cli import main
+from bnfold.fold.modules import fold_batchnorm
+from bnfold.mlp.checkpoint import Checkpoint, load_checkpoint
+from bnfold.mlp.data import Vocab, read_words
+from bnfold.pipeline.train_fold import train_to_checkpoint
+from bnfold.runtime.infer import TorchPredictor
+from bnfold.verify.cases import FAULTS, faulty_networks, torch_fused, wider_alphabet
+from bnfold.verify.verdict import verify
 
 SMALL_DOMAIN = dict(max_exhaustive=50_000, sample_size=20_000)
 

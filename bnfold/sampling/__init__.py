@@ -1,2 +1,3 @@
 """Sampling in three parts: pure token functions (``tokens``), row state (``rows``) and the
-row table (``table``), scheduled by the engine (``engine``); :mod:`bnfold.sample` drives it."""
+row table (``table``), scheduled by the engine (``engine``);
+:mod:`bnfold.sampling.sample` drives it."""

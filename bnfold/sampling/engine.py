@@ -1,9 +1,10 @@
 """The sampling engine: jobs in, names out, one step at a time, never calling a model.
 
-API (stable; :mod:`bnfold.sample` and the service drive it the same way)
+API (stable; :mod:`bnfold.sampling.sample` and the service drive it the same way)
 -------------------------------------------------------------------------
 An engine samples the jobs of one *option group* (:func:`~bnfold.sampling.options.group_key`:
-temperature, top-k, top-p, min/max length) for one model (a :class:`~bnfold.predictor.ModelSpec`:
+temperature, top-k, top-p, min/max length) for one model
+(a :class:`~bnfold.runtime.predictor.ModelSpec`:
 vocab, block_size, sha256). It never runs the model: each step it says which contexts it
 needs logits for, and the caller answers them, so a service can put the needs of many
 engines into one forward pass.
@@ -20,7 +21,7 @@ engines into one forward pass.
   consumes the logits of exactly those contexts ((m, vocab) float32, or None when m is 0),
   draws one token for every row in flight, and returns the jobs that finished in this
   step (done, or failed with ``job.error`` set). ``engine.done`` is True when nothing is
-  queued or in flight. :func:`run_engine` in :mod:`bnfold.sample` is this loop.
+  queued or in flight. :func:`run_engine` in :mod:`bnfold.sampling.sample` is this loop.
 * Results: ``job.names`` / ``job.logprobs`` / ``job.indexes`` (stream indexes, in order).
 
 Engines (``kind``): ``"network"`` needs the logits of every row's context at every step
@@ -59,9 +60,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from bnfold.data import END
 from bnfold.errors import BnfoldError
-from bnfold.predictor import ModelSpec
+from bnfold.mlp.data import END
+from bnfold.runtime.predictor import ModelSpec
 from bnfold.sampling.options import (
     DEFAULT_BATCH,
     NEW_ONLY_DRAWS,

@@ -9,8 +9,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from bnfold.data import Vocab
 from bnfold.errors import BnfoldError
+from bnfold.mlp.data import Vocab
 from bnfold.sampling.tokens import MASK64
 
 MAX_COUNT = 10_000_000  # names per request

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bnfold.data import END
+from bnfold.mlp.data import END
 
 MASK64 = (1 << 64) - 1
 GOLDEN = 0x9E3779B97F4A7C15

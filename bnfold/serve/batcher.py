@@ -17,7 +17,7 @@ phases, one line each::
   request is a job like any other: the engine labels each finished name and keeps only the
   new ones, so no thread ever waits for another. Prefix rows go through the normal step.
 * **Step.** The contexts every engine needs are concatenated into one forward pass
-  (:func:`bnfold.sample.forward`, the CLI's), and each engine consumes its slice. The
+  (:func:`bnfold.sampling.sample.forward`, the CLI's), and each engine consumes its slice. The
   table engine needs logits only for contexts it has not stored, so a warm step may run
   no forward pass at all. Any exception here takes the one failure path: every request in
   those engines is answered with the error and the engines are dropped.
@@ -50,9 +50,9 @@ from typing import Any
 
 import numpy as np
 
-from bnfold.sample import forward
 from bnfold.sampling.engine import SampleJob, SamplerEngine
 from bnfold.sampling.options import SampleOptions, group_key
+from bnfold.sampling.sample import forward
 from bnfold.serve.settings import ServeSettings
 
 log = logging.getLogger("bnfold.serve")

@@ -61,7 +61,9 @@ def _response(a: Answer) -> Response:
 
 
 def _page() -> str:
-    return importlib.resources.files("bnfold").joinpath("static/index.html").read_text("utf-8")
+    return (
+        importlib.resources.files("bnfold.serve").joinpath("static/index.html").read_text("utf-8")
+    )
 
 
 class NamesRoute(APIRoute):

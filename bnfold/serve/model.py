@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from bnfold.infer import load_predictor
-from bnfold.predictor import Predictor
-from bnfold.sample import Labeler, SampleOptions, load_labeler, sample_names
+from bnfold.runtime.infer import load_predictor
+from bnfold.runtime.predictor import Predictor
+from bnfold.sampling.sample import Labeler, SampleOptions, load_labeler, sample_names
 from bnfold.serve.settings import ServeSettings
 
 

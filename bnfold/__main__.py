@@ -1,0 +1,6 @@
+"""``python -m bnfold``: the same command line as the installed ``bnfold`` script."""
+
+from bnfold.cli import main
+
+if __name__ == "__main__":
+    main()

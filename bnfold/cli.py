@@ -1,0 +1,796 @@
+"""The ``bnfold`` command: a thin layer over the library. Every command turns a
+``BnfoldError`` into one line on stderr and exit code 2 (never a traceback)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from bnfold.errors import BnfoldError, TrainingInterrupted
+from bnfold.io import jsonsafe
+from bnfold.sampling.engine import DEFAULT_ENGINE, DEFAULT_TABLE_BYTES, ENGINES
+from bnfold.sampling.options import DEFAULT_BATCH, SampleOptions
+from bnfold.serve.settings import ServeSettings
+from bnfold.verify.domain import MAX_SAMPLE_SIZE
+
+SAMPLE = SampleOptions()  # the sampling defaults, stated once (in SampleOptions)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO_ROOT / "data" / "names.txt"
+DEFAULT_MODELS = REPO_ROOT / "models"
+
+
+def echo_error(message: str, hint: str | None = None) -> None:
+    """The one format of every user-facing error: ``error: ...`` (plus ``hint: ...``)."""
+    click.echo(f"error: {message}", err=True)
+    if hint:
+        click.echo(f"hint: {hint}", err=True)
+
+
+def clear_errors(fn):
+    """Report BnfoldError (and Ctrl-C) as a single line, with a non-zero exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BnfoldError as e:
+            echo_error(str(e))
+            sys.exit(2)
+        except TrainingInterrupted as e:
+            click.echo(str(e), err=True)
+            sys.exit(130)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _show_one_line(e: click.UsageError, file=None) -> None:
+    """A usage error as ``error: ...`` plus a hint, instead of click's 4-line block."""
+    command = e.ctx.command_path if e.ctx is not None else "bnfold"
+    echo_error(e.format_message(), hint=f"see '{command} --help'")
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors():
+    try:
+        yield
+    except click.UsageError as e:
+        # `bnfold` alone shows the help (click's NoArgsIsHelpError), not an error
+        if type(e).__name__ != "NoArgsIsHelpError":
+            e.show = functools.partial(_show_one_line, e)  # click's main() calls e.show()
+        raise
+
+
+class BnfoldGroup(click.Group):
+    """The ``bnfold`` group: every usage error (unknown command or option, bad value) is
+    one ``error:`` line and a hint, exit code 2, like every other bad input."""
+
+    def make_context(self, *args, **kwargs) -> click.Context:
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context):
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+def command_line(ctx: click.Context) -> str:
+    """The command as a user would retype it: ``bnfold NAME`` plus every option that was
+    given explicitly (not left at its default), whatever ``sys.argv`` looks like."""
+    words = ["bnfold", ctx.info_name or ""]
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name)
+        if source in (None, click.core.ParameterSource.DEFAULT) or param.name not in ctx.params:
+            continue
+        value, flag = ctx.params[param.name], param.opts[0]
+        if getattr(param, "is_flag", False):
+            words += [flag] if value else []
+        else:
+            words += [flag, str(value)]
+    return shlex.join(words)
+
+
+def shipped_model() -> Path:
+    """The default MODEL of `sample` and `serve`: the shipped models/folded.onnx."""
+    model = DEFAULT_MODELS / "folded.onnx"
+    if not model.exists():
+        raise BnfoldError(
+            f"no MODEL given and the shipped model {model} is missing: pass a .onnx or"
+            " .pt file, or make models/ with `bnfold train-fold`"
+        )
+    return model
+
+
+def print_json(obj: dict) -> None:
+    """Valid JSON on stdout: a NaN or infinite number (e.g. the log-probability of a name
+    the model gives probability 0 at temperature 1) is written as null."""
+    click.echo(jsonsafe.dumps(obj, indent=2, sort_keys=True))
+
+
+positive = click.IntRange(min=1)
+
+
+def train_options(fn):
+    """Options shared by ``train`` and ``train-fold``: one definition, two commands."""
+    options = [
+        click.option(
+            "--data",
+            type=click.Path(path_type=Path),
+            default=DEFAULT_DATA,
+            show_default=True,
+            help="Words file, one word per line (UTF-8).",
+        ),
+        click.option(
+            "--out",
+            type=click.Path(path_type=Path),
+            default=DEFAULT_MODELS,
+            show_default=True,
+            help="Output directory.",
+        ),
+        click.option(
+            "--preset",
+            type=click.Choice(["fast", "lecture"]),
+            default="fast",
+            show_default=True,
+            help="Training recipe.",
+        ),
+        click.option("--steps", type=positive, help="Override the preset's step count."),
+        click.option("--batch-size", type=positive, help="Override the preset's batch size."),
+        click.option(
+            "--lr",
+            type=click.FloatRange(min=0, min_open=True),
+            help="Override the preset's peak learning rate.",
+        ),
+        click.option("--n-embd", type=positive, default=10, show_default=True),
+        click.option("--n-hidden", type=positive, default=100, show_default=True),
+        click.option(
+            "--n-layers",
+            type=positive,
+            default=5,
+            show_default=True,
+            help="Hidden Linear-BN-Tanh blocks.",
+        ),
+        click.option(
+            "--block-size",
+            type=positive,
+            default=3,
+            show_default=True,
+            help="Context length in characters.",
+        ),
+        click.option("--seed", type=click.IntRange(min=0), default=42, show_default=True),
+        click.option(
+            "--threads",
+            type=click.IntRange(min=0),
+            default=None,
+            help="torch threads for training; 0 = as many cores as are free (up to 2), the"
+            " preset's default for `fast`. The number used is recorded in the checkpoint:"
+            " pass it to repeat a run bit for bit.",
+        ),
+        click.option(
+            "--report",
+            type=click.Path(path_type=Path, file_okay=False),
+            default=None,
+            help="Record training diagnostics and write a report (figures, index.html,"
+            " diagnostics.json) to this directory; read it back with `bnfold report DIR`.",
+        ),
+        click.option("--json", "as_json", is_flag=True, help="Print a JSON summary."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@click.group(cls=BnfoldGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="bnfold")
+def main() -> None:
+    """Train a BatchNorm MLP, fold its BatchNorms, verify, export to ONNX, sample, serve."""
+
+
+def wall_seconds() -> float:
+    """Seconds since this process started (interpreter start-up and imports included)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _IMPORTED  # where /proc is missing: since cli was imported
+
+
+_IMPORTED = time.monotonic()
+
+
+def pipeline_train_args(options: dict) -> dict:
+    """Map the shared training options to ``train_fold.train_to_checkpoint`` keywords."""
+    options = dict(options)
+    options["data_path"] = options.pop("data")
+    return options
+
+
+@main.command()
+@train_options
+@clear_errors
+def train(out, report, as_json, **train_args):
+    """Train the BatchNorm MLP and write OUT/bn.pt."""
+    from bnfold.pipeline.train_fold import train_to_checkpoint
+
+    path, summary = train_to_checkpoint(
+        out_dir=out,
+        report_dir=report,
+        progress=False if as_json else None,
+        **pipeline_train_args(train_args),
+    )
+    wall = round(wall_seconds(), 2)
+    if as_json:
+        print_json({**summary, "wall_seconds": wall})
+    else:
+        click.echo(format_train_summary(summary, path))
+        click.echo(f"wall time {wall:.1f} s (process start to exit)")
+
+
+def format_train_summary(s: dict, path: Path) -> str:
+    note = "  (interrupted: saved the last completed step)" if s["interrupted"] else ""
+    return (
+        f"trained {s['preset']} preset: {s['steps']} steps in {s['seconds']:.1f} s, "
+        f"{s['params']:,} parameters{note}\n"
+        f"loss (eval mode)  train {s['train_loss']:.4f}  dev {s['dev_loss']:.4f}  "
+        f"test {s['test_loss']:.4f}\n"
+        f"wrote {path}" + (f"\nwrote report {s['report']}" if s.get("report") else "")
+    )
+
+
+@main.command()
+@click.argument("report_dir", metavar="DIR", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict's numbers as JSON.")
+@clear_errors
+def report(report_dir, as_json):
+    """Print a short verdict on a training report written by `train --report DIR`:
+    worst saturation, weights whose update:data ratio stays far from 1e-3, dead neurons."""
+    from bnfold.report.diagnostics import load_report, verdict, verdict_lines
+
+    saved = load_report(report_dir)
+    if as_json:
+        print_json(verdict(saved))
+    else:
+        click.echo(f"report {report_dir}")
+        for line in verdict_lines(saved):
+            click.echo(f"  {line}")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Output directory (default: the checkpoint's folder).",
+)
+@click.option(
+    "--tolerance",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Explicit override: largest allowed absolute |logit difference| between ONNX"
+    " Runtime and torch  [default: what float32 rounding explains, judged against the BN"
+    " network in float64]",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+@clear_errors
+def export(checkpoint, out, tolerance, as_json):
+    """Export CHECKPOINT (bn.pt) to OUT/bn.onnx (with its BatchNorm nodes) and
+    OUT/folded.onnx (BNs folded), after checking both in ONNX Runtime against torch on every
+    possible context."""
+    from bnfold.pipeline.export import export_checkpoint
+
+    result = export_checkpoint(checkpoint, out, tolerance=tolerance)
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        click.echo(result.format())
+
+
+@main.command()
+@click.option(
+    "--models",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_MODELS,
+    show_default=True,
+    help="Directory with bn.pt (and folded.pt, bn.onnx, folded.onnx; made if missing).",
+)
+@click.option(
+    "--repeats",
+    type=positive,
+    default=20_000,
+    show_default=True,
+    help="Single-example calls timed per network.",
+)
+@click.option(
+    "--names",
+    "n_names",
+    type=positive,
+    default=20_000,
+    show_default=True,
+    help="Names drawn for the batched names/s figure.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@clear_errors
+def bench(models, repeats, n_names, as_json):
+    """Benchmark torch BN, torch folded, ONNX BN and ONNX folded on one thread: p50/p99
+    single-example latency, rows/s at batch 1024, names/s, and the ratios between them."""
+    from bnfold.pipeline.bench import format_bench, run_bench
+
+    result = run_bench(models, repeats=repeats, n_names=n_names, progress=not as_json)
+    if as_json:
+        print_json(result)
+    else:
+        click.echo(format_bench(result))
+
+
+# --- fold / verify / train-fold ---------------------------------------------------------
+
+
+def verify_options(fn):
+    """Verification options shared by ``fold``, ``verify`` and ``train-fold``."""
+    options = [
+        click.option(
+            "--tolerance",
+            type=click.FloatRange(min=0),
+            default=None,
+            help="Explicit override: largest allowed absolute logit difference  [default:"
+            " what float32 rounding explains: judged against a float64 evaluation of the"
+            " BN network (or, for two folded files, of the reference's own parameters),"
+            " plus the parameter test; a bound from the logits' magnitude only when no"
+            " float64 evaluation exists]",
+        ),
+        click.option(
+            "--max-exhaustive",
+            type=positive,
+            default=4_000_000,
+            show_default=True,
+            help="Check every context when vocab^block_size is at most this; otherwise a"
+            " seeded random sample plus every dev/test context.",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+# `fold` and `verify` (not `train-fold`, whose --data is the training file)
+contexts_data_option = click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_DATA,
+    show_default=True,
+    help="Words file for dev/test contexts (used only when the domain is sampled).",
+)
+
+
+inputs_option = click.option(
+    "--inputs",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="ONNX only: .npz with one array per graph input to verify on  [default: the"
+    " whole domain of a bnfold model, else seeded random inputs from the declared shapes]",
+)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Folded file to write  [default: folded.pt next to CHECKPOINT; for MODEL.onnx,"
+    " MODEL.folded.onnx]",
+)
+@verify_options
+@contexts_data_option
+@inputs_option
+@click.option("--json", "as_json", is_flag=True, help="Print the fold and verification as JSON.")
+@clear_errors
+def fold(checkpoint, out, tolerance, max_exhaustive, data, inputs, as_json):
+    """Fold every BatchNorm of CHECKPOINT (a bnfold .pt, or any .onnx model) into its
+    neighbouring layers, verify, write the result.
+
+    Exit code 1 (and nothing written) when verification fails."""
+    from bnfold.pipeline.onnx_fold import fold_onnx_file, is_onnx
+
+    if is_onnx(checkpoint):
+        path, fold_report, verification = fold_onnx_file(
+            checkpoint,
+            out,
+            inputs=inputs,
+            tolerance=tolerance,
+            max_exhaustive=max_exhaustive,
+        )
+    else:
+        if inputs is not None:
+            raise BnfoldError("--inputs applies to .onnx models only")
+        from bnfold.pipeline.train_fold import fold_checkpoint
+
+        path, fold_report, verification = fold_checkpoint(
+            checkpoint, out, tolerance=tolerance, data_path=data, max_exhaustive=max_exhaustive
+        )
+    if as_json:
+        print_json(
+            {
+                "path": str(path) if path else None,
+                "fold": fold_report.to_dict(),
+                "verification": verification.to_dict(),
+                "passed": verification.passed,
+            }
+        )
+    else:
+        click.echo(fold_report.format())
+        click.echo(verification.format())
+        click.echo(f"wrote {path}" if path else "verification failed: nothing written")
+    if not verification.passed:
+        sys.exit(1)
+
+
+@main.command("verify")
+@click.argument("reference", type=click.Path(path_type=Path))
+@click.argument("candidate", type=click.Path(path_type=Path))
+@verify_options
+@click.option(
+    "--float64-reference",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="BatchNorm checkpoint evaluated in float64 as ground truth  [default: a side that"
+    " is a BN .pt, else the source a folded .pt records, else a side that is a bn.onnx"
+    " (run in double by ONNX Runtime), else the reference's own parameters in double]",
+)
+@click.option(
+    "--sample-size",
+    type=click.IntRange(min=1, max=MAX_SAMPLE_SIZE),
+    default=1_000_000,
+    show_default=True,
+    help="Random contexts checked when the domain is too large to check them all.",
+)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@contexts_data_option
+@inputs_option
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@clear_errors
+def verify_command(
+    reference,
+    candidate,
+    tolerance,
+    max_exhaustive,
+    float64_reference,
+    sample_size,
+    seed,
+    data,
+    inputs,
+    as_json,
+):
+    """Prove CANDIDATE computes the same logits as REFERENCE (.pt or .onnx) over every
+    context (or a large sample); for two ONNX models that are not both bnfold's, the same
+    outputs on the same inputs. Exit code 1 when it does not."""
+    from bnfold.pipeline.onnx_fold import generic_onnx_pair, verify_onnx_files
+    from bnfold.verify.verdict import verify_paths
+
+    if generic_onnx_pair(reference, candidate):
+        result = verify_onnx_files(
+            reference,
+            candidate,
+            inputs=inputs,
+            tolerance=tolerance,
+            max_exhaustive=max_exhaustive,
+            seed=seed,
+        )
+    else:
+        result = verify_paths(
+            reference,
+            candidate,
+            data_path=data,
+            tolerance=tolerance,
+            max_exhaustive=max_exhaustive,
+            float64_reference=float64_reference,
+            sample_size=sample_size,
+            seed=seed,
+            progress=not as_json,
+        )
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        click.echo(result.format())
+    if not result.passed:
+        sys.exit(1)
+
+
+@main.command("train-fold")
+@train_options
+@verify_options
+@clear_errors
+def train_fold(as_json, tolerance, max_exhaustive, **train_args):
+    """The main job: train the BN MLP, fold every BatchNorm, verify over the whole input
+    domain, export both networks to ONNX and write a model card (OUT/README.md); ends with
+    one summary table. Exit code 1 when verification fails."""
+    from bnfold.pipeline.train_fold import run_main_job
+
+    out = train_args.pop("out")
+    report = train_args.pop("report") or Path(out) / "report"
+    result = run_main_job(
+        out,
+        tolerance=tolerance,
+        max_exhaustive=max_exhaustive,
+        command=command_line(click.get_current_context()),
+        report_dir=report,
+        progress=False if as_json else None,
+        **pipeline_train_args(train_args),
+    )
+    wall = round(wall_seconds(), 2)
+    if as_json:
+        print_json({**result.to_dict(), "wall_seconds": wall})
+    else:
+        click.echo(result.format())
+        click.echo(f"\nwall time {wall:.1f} s (process start to exit)")
+    if not result.passed:
+        sys.exit(1)
+
+
+# --- sample -----------------------------------------------------------------------------
+
+# `sample` and `serve` label names against the model's training words
+words_option = click.option(
+    "--words",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_DATA,
+    show_default=True,
+    help="The model's training words file, for the train/dev/test/new labels.",
+)
+
+# `sample` and `serve` draw names through the same engines
+engine_option = click.option(
+    "--engine",
+    type=click.Choice(ENGINES),
+    default=DEFAULT_ENGINE,
+    show_default=True,
+    help="table: each context's next-token row computed once and kept; network: the model"
+    " every step (the reference). Same names either way.",
+)
+
+
+@main.command()
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.option(
+    "-n", "--count", type=int, default=SAMPLE.count, show_default=True, help="Names to sample."
+)
+@click.option("--seed", type=int, default=SAMPLE.seed, show_default=True, help="Random seed.")
+@click.option(
+    "--temperature",
+    type=float,
+    default=SAMPLE.temperature,
+    show_default=True,
+    help="0 = greedy (argmax).",
+)
+@click.option("--top-k", type=int, help="Sample only among the K most likely tokens.")
+@click.option("--top-p", type=float, help="Nucleus sampling: the smallest set of mass >= P.")
+@click.option("--prefix", default="", help="Start every name with these characters.")
+@click.option(
+    "--min-length",
+    type=int,
+    default=SAMPLE.min_length,
+    show_default=True,
+    help="Characters, prefix included.",
+)
+@click.option(
+    "--max-length",
+    type=int,
+    default=SAMPLE.max_length,
+    show_default=True,
+    help="Characters, prefix included.",
+)
+@click.option("--new-only", is_flag=True, help="Only names in none of train / dev / test.")
+@words_option
+@click.option("-v", "--verbose", is_flag=True, help="Columns: name, label, log-probability.")
+@click.option(
+    "--batch-size",
+    type=int,
+    default=DEFAULT_BATCH,
+    show_default=True,
+    help="Names in flight per step (speed only: never changes the names).",
+)
+@engine_option
+@click.option(
+    "--table-mb",
+    type=int,
+    default=DEFAULT_TABLE_BYTES >> 20,
+    show_default=True,
+    help="Memory cap of the table engine's stored rows, in MiB (past it, rows are evicted).",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="One JSON document (model, options, then the names streamed one per line).",
+)
+@clear_errors
+def sample(model, words, verbose, batch_size, engine, table_mb, as_json, **options):
+    """Sample names from MODEL (.onnx or .pt; default: the shipped models/folded.onnx).
+
+    The same model, seed and options give the same names whatever --batch-size and
+    --engine. The log-probability is the model's, at temperature 1, of the whole name and
+    its end token. Names are written as they are sampled (memory stays bounded).
+    """
+    from bnfold.runtime.infer import load_predictor
+    from bnfold.sampling.sample import (
+        SampleOptions,
+        iter_names,
+        load_labeler,
+        write_json,
+        write_text,
+    )
+
+    model = model or shipped_model()
+    predictor = load_predictor(model)
+    opts = SampleOptions(**options).check(predictor.vocab)
+    if table_mb < 1:
+        raise BnfoldError(f"table-mb must be a positive number of MiB, got {table_mb}")
+    labeler = None
+    if verbose or as_json or opts.new_only:
+        labeler = load_labeler(predictor, words)
+        if not labeler.verified:
+            click.echo(
+                f"note: {model} does not record the sha256 of its training words; the labels"
+                f" assume it is {words}",
+                err=True,
+            )
+    names = iter_names(
+        predictor,
+        opts,
+        labeler,
+        engine=engine,
+        batch_size=batch_size,
+        table_bytes=table_mb << 20,
+    )
+    out = sys.stdout
+    try:
+        if as_json:
+            header = {
+                "model": str(model),
+                "model_sha256": predictor.sha256,
+                "backend": predictor.backend,
+                "engine": engine,
+                "seed": opts.seed,
+                "options": opts.to_dict(),
+                "words": {
+                    "file": str(words),
+                    "sha256": labeler.sha256,
+                    "verified": labeler.verified,
+                },
+            }
+            write_json(out, header, names)
+        else:
+            write_text(out, names, verbose)
+        out.flush()
+    except BrokenPipeError:  # the reader stopped (`| head`): stop quietly, as SIGPIPE would
+        _discard_stdout()
+        sys.exit(141)
+    except OSError as e:  # a full disk: say so, and drop the unwritten rest
+        _discard_stdout()
+        raise BnfoldError(f"cannot write the names to standard output: {e.strerror or e}") from None
+
+
+def _discard_stdout() -> None:
+    """Point file descriptor 1 at /dev/null, so the interpreter's final flush of what could
+    not be written succeeds quietly instead of printing a second error."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real fd (e.g. under a test runner)
+        pass
+
+
+# --- serve ------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option(
+    "--workers",
+    type=positive,
+    default=1,
+    show_default=True,
+    help="Worker processes; each loads its own ONNX Runtime session (one thread).",
+)
+@words_option
+@click.option(
+    "--max-count",
+    type=positive,
+    default=ServeSettings.max_count,
+    show_default=True,
+    help="Names per request cap.",
+)
+@click.option(
+    "--queue-size",
+    type=positive,
+    default=ServeSettings.queue_size,
+    show_default=True,
+    help="Requests admitted at once per worker (waiting or running); beyond: 429.",
+)
+@click.option(
+    "--deadline",
+    type=click.FloatRange(min=0, min_open=True),
+    default=ServeSettings.deadline,
+    show_default=True,
+    help="Seconds a request may take before it is answered 504.",
+)
+@click.option(
+    "--max-body",
+    type=positive,
+    default=ServeSettings.max_body,
+    show_default=True,
+    help="Request body bytes.",
+)
+@click.option(
+    "--batching",
+    type=click.Choice(["on", "off"]),
+    default="on",
+    show_default=True,
+    help="on: run every request's rows in one forward step; off: one request at a time.",
+)
+@click.option(
+    "--max-rows",
+    type=positive,
+    default=ServeSettings.max_rows,
+    show_default=True,
+    help="Rows per forward step.",
+)
+@engine_option
+@click.option(
+    "--memory-mb",
+    type=positive,
+    default=ServeSettings.memory_mb,
+    show_default=True,
+    help="Memory of all sampling engines together, per worker (see README, Reliability).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["critical", "error", "warning", "info", "debug", "trace"]),
+    default="info",
+    show_default=True,
+)
+@clear_errors
+def serve(model, host, port, workers, words, max_count, queue_size, deadline, max_body,
+          batching, max_rows, engine, memory_mb, log_level):  # fmt: skip
+    """Serve names over HTTP from MODEL (default: the shipped models/folded.onnx):
+    POST/GET /v1/names, /v1/model, /livez, /readyz, /metrics and a web page at /."""
+    from bnfold.serve import check_port, load_model, run_server
+
+    model = model or shipped_model()
+    settings = ServeSettings(
+        model=str(Path(model).resolve()),
+        words=str(Path(words).resolve()),
+        max_count=max_count,
+        queue_size=queue_size,
+        deadline=deadline,
+        max_body=max_body,
+        batching=batching == "on",
+        max_rows=max_rows,
+        engine=engine,
+        memory_mb=memory_mb,
+        table_mb=min(ServeSettings.table_mb, memory_mb),
+    ).check()
+    check_port(host, port)  # one clear line, before the model is loaded
+    load_model(settings)  # fail here, with one clear line, rather than in every worker
+    click.echo(f"serving {model} on http://{host}:{port}/ ({workers} worker(s))", err=True)
+    run_server(settings, host=host, port=port, workers=workers, log_level=log_level)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,835 @@
+"""Fold every eval-mode BatchNorm into the neighbouring Linear/Conv/ConvTranspose layer, and say
+what was done.
+
+In eval mode a BatchNorm is a fixed per-channel affine map ``bn(x) = x * s + t`` with
+``s = gamma / sqrt(running_var + eps)`` and ``t = beta - running_mean * s``. That map can be
+absorbed by the layer just before it (scale the layer's output rows) or, when nothing else
+sits in between, by the layer just after it (scale the layer's input columns and push the
+shift through the weights). All arithmetic is done in float64 and cast back once, to the
+layer's own dtype.
+
+The pure functions (:func:`bn_scale_shift`, :func:`fold_bn_into_preceding`,
+:func:`fold_bn_into_following`) work on tensors, in the spirit of
+``torch.nn.utils.fusion``. The module-level helpers (:func:`fold_linear_bn`,
+:func:`fold_conv_bn`, :func:`fold_bn_linear`, :func:`fold_bn_conv`) return new layers. The
+entry point :func:`fold_batchnorm` folds a whole model (our :class:`~bnfold.mlp.model.MLP`, any
+``nn.Sequential``, any ``torch.fx``-traceable module) into a *new* model in eval mode and
+returns a :class:`FoldReport` listing what it folded and what it left alone and why. It
+never folds when it cannot show the fold is exact: it skips with a reason instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
+
+from bnfold.errors import BnfoldError
+from bnfold.mlp.model import MLP
+
+Tensor = torch.Tensor
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+LAYER_TYPES = (nn.Linear, *CONV_TYPES, *TRANSPOSED_TYPES)
+INTO_PRECEDING = "into_preceding"
+INTO_FOLLOWING = "into_following"
+
+
+# --------------------------------------------------------------------------------------
+# Pure tensor functions
+# --------------------------------------------------------------------------------------
+
+
+def bn_scale_shift(
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The eval-mode BatchNorm as ``x * scale + shift`` per channel, in float64.
+
+    Args:
+        running_mean: (C,) running mean.
+        running_var: (C,) running variance.
+        eps: the BatchNorm's epsilon.
+        weight: (C,) gamma, or ``None`` for ``affine=False`` (gamma = 1).
+        bias: (C,) beta, or ``None`` for ``affine=False`` (beta = 0).
+
+    Returns:
+        ``(scale, shift)``, both float64 of shape (C,): ``scale = gamma / sqrt(var + eps)``,
+        ``shift = beta - mean * scale``.
+
+    Raises:
+        ValueError: when the statistics give a non-finite scale or shift
+        (e.g. ``running_var + eps <= 0`` or NaN statistics).
+    """
+    mean = running_mean.detach().to(torch.float64)
+    var = running_var.detach().to(torch.float64)
+    gamma = torch.ones_like(mean) if weight is None else weight.detach().to(torch.float64)
+    beta = torch.zeros_like(mean) if bias is None else bias.detach().to(torch.float64)
+    denom = var + float(eps)
+    if not bool(torch.all(denom > 0)):
+        raise ValueError("running_var + eps is not positive for every channel")
+    scale = gamma / torch.sqrt(denom)
+    shift = beta - mean * scale
+    if not (bool(torch.isfinite(scale).all()) and bool(torch.isfinite(shift).all())):
+        raise ValueError("BatchNorm statistics or parameters are not finite")
+    return scale, shift
+
+
+def _out_dtype(weight: Tensor, bias: Tensor | None, dtype: torch.dtype | None):
+    if dtype is not None:
+        return dtype, dtype
+    return weight.dtype, (bias.dtype if bias is not None else weight.dtype)
+
+
+def fold_bn_into_preceding(
+    weight: Tensor,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    bn_weight: Tensor | None = None,
+    bn_bias: Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Weights of ``layer`` such that ``layer'(x) == bn(layer(x))`` (BN after the layer).
+
+    ``W' = W * s[:, None, ...]`` and ``b' = (b - mean) * s + beta``, with
+    ``s = gamma / sqrt(var + eps)``.
+
+    Args:
+        weight: Linear (out, in) or Conv (out, in/groups, *kernel) weight.
+        bias: (out,) bias or ``None`` (treated as zero; the result always has a bias).
+        running_mean, running_var, eps: the BatchNorm's statistics; (out,) or (1,).
+        bn_weight, bn_bias: gamma and beta, ``None`` for ``affine=False``.
+        dtype: dtype of the result; default: the layer's own (bias: the bias's dtype).
+
+    Returns:
+        ``(new_weight, new_bias)``, computed in float64 and cast to ``dtype``. A
+        one-channel BN is a scalar affine map and broadcasts over every output.
+    """
+    out = weight.shape[0]
+    c = running_mean.numel()
+    if c not in (out, 1):
+        raise ValueError(f"BatchNorm has {c} channels but the layer has {out} outputs")
+    s, t = bn_scale_shift(running_mean, running_var, eps, bn_weight, bn_bias)
+    s, t = s.expand(out), t.expand(out)
+    w64 = weight.detach().to(torch.float64)
+    b64 = torch.zeros(out, dtype=torch.float64) if bias is None else bias.detach().double()
+    new_w = w64 * s.reshape(-1, *([1] * (weight.dim() - 1)))
+    new_b = b64 * s + t  # == (b - mean) * s + beta
+    wd, bd = _out_dtype(weight, bias, dtype)
+    return new_w.to(wd), new_b.to(bd)
+
+
+def _per_input(v: Tensor, out: int, in_per_group: int, groups: int) -> Tensor:
+    """(C_in,) per-input-channel vector -> (out, C_in/groups) aligned with a weight."""
+    if v.numel() == 1:
+        return v.reshape(1, 1).expand(out, in_per_group)
+    return (
+        v.reshape(groups, 1, in_per_group)
+        .expand(groups, out // groups, in_per_group)
+        .reshape(out, in_per_group)
+    )
+
+
+def fold_bn_into_following(
+    weight: Tensor,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    bn_weight: Tensor | None = None,
+    bn_bias: Tensor | None = None,
+    groups: int = 1,
+    dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Weights of ``layer`` such that ``layer'(x) == layer(bn(x))`` (BN before the layer).
+
+    With ``bn(x) = x * s + t`` on the layer's input channels: ``W' = W * s`` along the
+    input axis and ``b' = b + W @ t`` (for a Conv: ``b' = b + sum(W * t)`` over input
+    channels and kernel positions). For a Conv this is exact only when the convolution
+    never sees padding zeros (the BN would have shifted them): the caller checks that.
+
+    Args:
+        weight: Linear (out, in) or Conv (out, in/groups, *kernel) weight.
+        bias: (out,) bias or ``None`` (treated as zero; the result always has a bias).
+        running_mean, running_var, eps: the BatchNorm's statistics; (in,) or (1,).
+        bn_weight, bn_bias: gamma and beta, ``None`` for ``affine=False``.
+        groups: the convolution's ``groups`` (1 for Linear).
+        dtype: dtype of the result; default: the layer's own (bias: the bias's dtype).
+
+    Returns:
+        ``(new_weight, new_bias)``, computed in float64 and cast to ``dtype``.
+    """
+    out, in_per_group = weight.shape[0], weight.shape[1]
+    c = running_mean.numel()
+    if c not in (in_per_group * groups, 1):
+        raise ValueError(
+            f"BatchNorm has {c} channels but the layer takes {in_per_group * groups} inputs"
+        )
+    s, t = bn_scale_shift(running_mean, running_var, eps, bn_weight, bn_bias)
+    s_w = _per_input(s, out, in_per_group, groups)
+    t_w = _per_input(t, out, in_per_group, groups)
+    kernel = [1] * (weight.dim() - 2)
+    w64 = weight.detach().to(torch.float64)
+    b64 = torch.zeros(out, dtype=torch.float64) if bias is None else bias.detach().double()
+    new_w = w64 * s_w.reshape(out, in_per_group, *kernel)
+    new_b = b64 + (w64 * t_w.reshape(out, in_per_group, *kernel)).flatten(1).sum(1)
+    wd, bd = _out_dtype(weight, bias, dtype)
+    return new_w.to(wd), new_b.to(bd)
+
+
+def transposed_as_conv_weight(weight: Tensor, groups: int) -> Tensor:
+    """A ConvTranspose weight ``(C_in, C_out/groups, *k)`` laid out output-major as
+    ``(C_out, C_in/groups, *k)`` (a pure permutation), so :func:`fold_bn_into_preceding`
+    scales its output channels. :func:`conv_as_transposed_weight` undoes it."""
+    c_in, out_per_group, *kernel = weight.shape
+    if c_in % groups:
+        raise ValueError(f"{c_in} input channels do not split into {groups} groups")
+    return (
+        weight.reshape(groups, c_in // groups, out_per_group, *kernel)
+        .transpose(1, 2)
+        .reshape(groups * out_per_group, c_in // groups, *kernel)
+    )
+
+
+def conv_as_transposed_weight(weight: Tensor, groups: int) -> Tensor:
+    """Inverse of :func:`transposed_as_conv_weight`."""
+    c_out, in_per_group, *kernel = weight.shape
+    return (
+        weight.reshape(groups, c_out // groups, in_per_group, *kernel)
+        .transpose(1, 2)
+        .reshape(groups * in_per_group, c_out // groups, *kernel)
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Module-level helpers (new modules; inputs untouched)
+# --------------------------------------------------------------------------------------
+
+
+def _bn_stats(bn: _BatchNorm) -> tuple[Tensor, Tensor, float, Tensor | None, Tensor | None]:
+    reason = bn_refusal(bn)
+    if reason:
+        raise ValueError(reason)
+    return bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias  # type: ignore[return-value]
+
+
+def _with_params(layer: nn.Module, weight: Tensor, bias: Tensor) -> nn.Module:
+    new = copy.deepcopy(layer)
+    rg = layer.weight.requires_grad
+    new.weight = nn.Parameter(weight, requires_grad=rg)
+    new.bias = nn.Parameter(bias, requires_grad=rg)
+    return new.eval()
+
+
+def fold_linear_bn(linear: nn.Linear, bn: _BatchNorm) -> nn.Linear:
+    """A new Linear computing ``bn(linear(x))`` in eval mode, for 2-D ``x`` (or any ``x``
+    when the BN has one channel). Works without a Linear bias and with ``affine=False``."""
+    return _with_params(linear, *fold_bn_into_preceding(linear.weight, linear.bias, *_bn_stats(bn)))
+
+
+def fold_into_layer_output(
+    layer: nn.Module, weight: Tensor, bias: Tensor | None, bn_stats: tuple, dtype=None
+) -> tuple[Tensor, Tensor]:
+    """:func:`fold_bn_into_preceding` for any Linear/Conv/ConvTranspose ``layer`` (whose
+    ``weight``/``bias`` are given separately, e.g. as float64 work copies): a transposed
+    convolution's weight is permuted to output-major layout and back (exact)."""
+    if isinstance(layer, nn.modules.conv._ConvTransposeNd):
+        w = transposed_as_conv_weight(weight, layer.groups)
+        new_w, new_b = fold_bn_into_preceding(w, bias, *bn_stats, dtype=dtype)
+        return conv_as_transposed_weight(new_w, layer.groups), new_b
+    return fold_bn_into_preceding(weight, bias, *bn_stats, dtype=dtype)
+
+
+def fold_conv_bn(conv: nn.modules.conv._ConvNd, bn: _BatchNorm) -> nn.modules.conv._ConvNd:
+    """A new Conv or ConvTranspose (any groups) computing ``bn(conv(x))`` in eval mode
+    (batched ``x``)."""
+    return _with_params(conv, *fold_into_layer_output(conv, conv.weight, conv.bias, _bn_stats(bn)))
+
+
+def fold_bn_linear(bn: _BatchNorm, linear: nn.Linear) -> nn.Linear:
+    """A new Linear computing ``linear(bn(x))`` in eval mode, for 2-D ``x`` (or any ``x``
+    when the BN has one channel)."""
+    return _with_params(linear, *fold_bn_into_following(linear.weight, linear.bias, *_bn_stats(bn)))
+
+
+def conv_following_refusal(conv: nn.Module) -> str | None:
+    """Why a BN in front of ``conv`` cannot be folded into it, or ``None`` if it can.
+
+    The BN's shift ``t`` becomes a constant per-channel input offset; the convolution maps
+    it to a constant output offset only if it never sees zero padding (zero-padding pads
+    with 0, not with ``t``). Replicate/reflect/circular padding keeps constants constant.
+    """
+    if isinstance(conv, nn.modules.conv._ConvTransposeNd):
+        return (
+            f"a BN before a {type(conv).__name__} does not fold: a transposed convolution spreads"
+            " the BN's shift unevenly over its output, so it is not a constant bias"
+        )
+    if not isinstance(conv, CONV_TYPES):
+        return f"{type(conv).__name__} is not a supported convolution"
+    if conv.padding_mode != "zeros":
+        return None
+    pad = conv.padding
+    if pad == "valid":
+        return None
+    if pad == "same":
+        if all(d * (k - 1) == 0 for d, k in zip(conv.dilation, conv.kernel_size, strict=True)):
+            return None
+        return (
+            "the convolution zero-pads its input ('same'); the BN shift would not reach the padding"
+        )
+    if any(int(p) != 0 for p in pad):
+        return (
+            f"the convolution zero-pads its input (padding={tuple(pad)}); the BN shift would"
+            " not reach the padding, so folding forward is not exact"
+        )
+    return None
+
+
+def fold_bn_conv(bn: _BatchNorm, conv: nn.modules.conv._ConvNd) -> nn.modules.conv._ConvNd:
+    """A new Conv computing ``conv(bn(x))`` in eval mode (batched ``x``). Refuses
+    (``ValueError``) when the convolution zero-pads, since then no fold is exact."""
+    reason = conv_following_refusal(conv)
+    if reason:
+        raise ValueError(reason)
+    w, b = fold_bn_into_following(conv.weight, conv.bias, *_bn_stats(bn), groups=conv.groups)
+    return _with_params(conv, w, b)
+
+
+def bn_refusal(bn: nn.Module) -> str | None:
+    """Why ``bn`` cannot be folded at all (no usable running statistics), or ``None``."""
+    if isinstance(bn, nn.modules.lazy.LazyModuleMixin) and bn.has_uninitialized_params():
+        return "lazy BatchNorm that has not been initialised yet"
+    if not getattr(bn, "track_running_stats", False):
+        return (
+            "track_running_stats=False: it normalises with each batch's own statistics even"
+            " in eval mode, which is not a fixed affine map"
+        )
+    if bn.running_mean is None or bn.running_var is None:
+        return "no running statistics (running_mean/running_var are None)"
+    try:
+        bn_scale_shift(bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FoldedBN:
+    """One BatchNorm folded away: ``direction`` is ``into_preceding`` (``layer`` ran just
+    before the BN) or ``into_following`` (``layer`` ran just after it)."""
+
+    bn: str
+    layer: str
+    direction: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class SkippedBN:
+    """One BatchNorm left in the model, and why."""
+
+    bn: str
+    reason: str
+
+
+@dataclass
+class FoldReport:
+    model_type: str
+    folded: list[FoldedBN] = field(default_factory=list)
+    skipped: list[SkippedBN] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    shapes_checked: bool = False  # channel axes checked by shape propagation on an example
+    seconds: float = 0.0
+    example_max_abs_diff: float | None = None  # original vs folded on the example input
+
+    @property
+    def complete(self) -> bool:
+        """Every BatchNorm in the model was folded."""
+        return not self.skipped
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["complete"] = self.complete
+        return d
+
+    def format(self) -> str:
+        lines = [
+            f"folded {len(self.folded)} BatchNorm(s) of {self.model_type}, left {len(self.skipped)}"
+        ]
+        for f in self.folded:
+            arrow = (
+                f"{f.layer} <- {f.bn}" if f.direction == INTO_PRECEDING else f"{f.bn} -> {f.layer}"
+            )
+            lines.append(f"  folded  {arrow}  ({f.direction.replace('_', ' ')})")
+            if f.note:
+                lines.append(f"          note: {f.note}")
+        for s in self.skipped:
+            lines.append(f"  left    {s.bn}: {s.reason}")
+        for n in self.notes:
+            lines.append(f"  note: {n}")
+        if self.example_max_abs_diff is not None:
+            lines.append(
+                f"  example input: max |original - folded| = {self.example_max_abs_diff:.3g}"
+            )
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# Whole-model folding
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    bn: str
+    layer: str  # the module folded into (a clone's name when ``clone_of`` is set)
+    direction: str
+    note: str = ""
+    clone_of: str | None = None  # the shared module this call's clone copies
+    call: torch.fx.Node | None = None  # the layer's call node (retargeted to the clone)
+
+
+class _Tracer(torch.fx.Tracer):
+    """Stock tracer; BatchNorm, Linear and Conv stay leaves (they are torch.nn modules)."""
+
+
+def _trace(model: nn.Module) -> torch.fx.GraphModule:
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as e:  # fx raises many types (TraceError, TypeError, NotImplementedError)
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BnfoldError(
+            f"cannot fold {type(model).__name__}: it is not torch.fx-traceable ({msg[:160]});"
+            " fold its traceable submodules (e.g. nn.Sequential parts) instead"
+        ) from None
+    return torch.fx.GraphModule(model, graph)
+
+
+class _ShapeRecorder(torch.fx.Interpreter):
+    """Run the graph once and record each tensor-valued node's shape in ``node.meta``.
+    (torch's ShapeProp does the same but imports sympy on first use: ~1 s.)"""
+
+    def run_node(self, n: torch.fx.Node):
+        result = super().run_node(n)
+        if isinstance(result, Tensor):
+            n.meta["bnfold_shape"] = tuple(result.shape)
+        return result
+
+
+def _describe(arg) -> str:
+    """A node in words, without object addresses (reasons must be reproducible)."""
+    if not isinstance(arg, torch.fx.Node):
+        return type(arg).__name__
+    if arg.op == "placeholder":
+        return f"the model input {arg.target}"
+    if arg.op == "call_function":
+        name = getattr(arg.target, "__qualname__", None) or getattr(arg.target, "__name__", "")
+        module = getattr(arg.target, "__module__", None) or ""
+        return f"function {module + '.' if module else ''}{name or type(arg.target).__name__}"
+    if arg.op == "call_method":
+        return f"method .{arg.target}()"
+    return str(arg.target)
+
+
+def _shape(node: torch.fx.Node) -> tuple[int, ...] | None:
+    return node.meta.get("bnfold_shape")
+
+
+def _axis_problem(
+    layer: nn.Module, bn: _BatchNorm, shape: tuple[int, ...] | None
+) -> tuple[str | None, str]:
+    """(reason to refuse or None, note). ``shape`` is the BN's input shape when known.
+
+    The BN normalises axis 1 of its input; the layer's feature axis is the last axis for a
+    Linear and axis ``ndim - spatial - 1`` for a Conv (axis 1 when batched). A one-channel
+    BN is a scalar affine map and folds whatever the axes.
+    """
+    if bn.num_features == 1:
+        return None, ""
+    is_linear = isinstance(layer, nn.Linear)
+    spatial = 0 if is_linear else len(layer.kernel_size)
+    bn_rank = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}.get(type(bn))
+    lname = type(layer).__name__
+    if shape is not None:
+        ndim = len(shape)
+        layer_axis = ndim - 1 if is_linear else ndim - spatial - 1
+        if layer_axis != 1:
+            return (
+                f"the BN normalises axis 1 of a {ndim}-D tensor {list(shape)} but the {lname}'s"
+                f" feature axis is {layer_axis}: the channel axes differ, folding would be wrong",
+                "",
+            )
+        return None, ""
+    # No example input: decide from module types alone and say so.
+    if bn_rank is None:  # SyncBatchNorm or a subclass: accepts any rank
+        return (
+            f"{type(bn).__name__} accepts inputs of any rank; pass an example input so the"
+            " channel axis can be checked",
+            "",
+        )
+    if is_linear:
+        if 2 not in bn_rank:
+            return (
+                f"{type(bn).__name__} normalises axis 1 of a {bn_rank[0]}-D tensor but a Linear"
+                " acts on the last axis: the channel axes differ",
+                "",
+            )
+        # On 3-D input (N, L, F) a Linear acts on F but BatchNorm1d on L: the same module
+        # pair folds right for one rank and wrong for the other, so only shapes can tell.
+        return (
+            f"{type(bn).__name__} after a Linear: its channel axis is the Linear's feature"
+            " axis only on 2-D input, and with no example input the rank cannot be proven;"
+            " pass example_input",
+            "",
+        )
+    conv_rank = spatial + 2
+    if conv_rank not in bn_rank:
+        return (
+            f"{type(bn).__name__} expects {bn_rank[-1]}-D input but {lname} works on"
+            f" {conv_rank}-D batches: the channel axes cannot match",
+            "",
+        )
+    if len(bn_rank) > 1:  # BatchNorm1d with Conv1d: unbatched (C, L) would also run
+        return (
+            f"{type(bn).__name__} with a {lname}: on unbatched (C, L) input the channel axes"
+            " differ, and with no example input the rank cannot be proven; pass example_input",
+            "",
+        )
+    return None, ""
+
+
+def _plan(
+    root: nn.Module, gm: torch.fx.GraphModule, shapes_known: bool
+) -> tuple[list[_Plan], list[SkippedBN], list[str]]:
+    """Decide, for every BN of ``root`` (traced as ``gm``), where it folds or why it can't."""
+    modules = dict(root.named_modules())
+    aliases: dict[int, list[str]] = {}
+    for name, m in root.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(m), []).append(name)
+    calls: dict[str, list[torch.fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls.setdefault(node.target, []).append(node)
+
+    notes: list[str] = []
+    if any(
+        n.op == "call_function" and n.target in (F.batch_norm, torch.batch_norm)
+        for n in gm.graph.nodes
+    ):
+        notes.append("functional batch_norm calls (F.batch_norm) are not folded")
+
+    def shared(name: str) -> str | None:
+        m = modules[name]
+        names = aliases.get(id(m), [name])
+        if len(names) > 1:
+            return f"registered under several names ({', '.join(names)})"
+        if len(calls.get(name, [])) > 1:
+            return f"called {len(calls[name])} times (shared by several paths)"
+        return None
+
+    def layer_refusal(name: str) -> str | None:
+        m = modules[name]
+        if not isinstance(m, LAYER_TYPES):
+            return f"{type(m).__name__} is not a Linear/Conv/ConvTranspose layer"
+        if parametrize.is_parametrized(m):
+            return f"{name} has parametrizations (e.g. weight_norm)"
+        if m._forward_hooks or m._forward_pre_hooks:
+            return f"{name} has forward hooks"
+        return None
+
+    def target(call: torch.fx.Node) -> tuple[str, str | None, str]:
+        """(module to fold into, module it clones or None, note). A shared layer is
+        cloned for this one call: its other calls keep the original weights, so the fold
+        stays exact (the result is then a torch.fx.GraphModule)."""
+        why = shared(call.target)
+        if why is None:
+            return call.target, None, ""
+        clone = f"{call.target.replace('.', '_')}_bnfold_{call.name}"
+        return clone, call.target, f"{call.target} is {why}: folded into a copy for this call"
+
+    plans: list[_Plan] = []
+    skipped: list[SkippedBN] = []
+    used_sides: set[tuple[str, str]] = set()
+    bn_names = [n for n, m in modules.items() if isinstance(m, _BatchNorm)]
+    for bn_name in bn_names:
+        bn = modules[bn_name]
+        why = bn_refusal(bn)
+        if why is None:
+            s = shared(bn_name)
+            why = f"the BN is {s}" if s else None
+        if why is None and (bn._forward_hooks or bn._forward_pre_hooks):
+            why = "the BN has forward hooks"
+        nodes = calls.get(bn_name, [])
+        if why is None and not nodes:
+            why = "never called in forward()"
+        if why is None:
+            node = nodes[0]
+            if len(node.args) != 1 or node.kwargs:
+                why = "called with extra arguments"
+        if why:
+            skipped.append(SkippedBN(bn_name, why))
+            continue
+        node = nodes[0]
+        src = node.args[0]
+        shape = _shape(src) if shapes_known and isinstance(src, torch.fx.Node) else None
+        reasons: list[str] = []
+
+        # 1) into the preceding layer
+        if isinstance(src, torch.fx.Node) and src.op == "call_module":
+            lr = layer_refusal(src.target)
+            if lr is None and len(src.users) > 1:
+                others = [u.name for u in src.users if u is not node]
+                lr = (
+                    f"the output of {src.target} (the BN's input) is also used by"
+                    f" {', '.join(others)}"
+                )
+            if lr is None and (src.name, "out") in used_sides:
+                lr = f"{src.target} already absorbed a BN on its output"
+            if lr is None:
+                problem, note = _axis_problem(modules[src.target], bn, shape)
+                lr = problem
+                if problem is None:
+                    layer, clone_of, why = target(src)
+                    note = "; ".join(x for x in (note, why) if x)
+                    plans.append(_Plan(bn_name, layer, INTO_PRECEDING, note, clone_of, src))
+                    used_sides.add((src.name, "out"))
+                    continue
+            reasons.append(f"preceding: {lr}")
+        else:
+            reasons.append(
+                f"preceding: its input comes from {_describe(src)}, not a Linear/Conv/ConvTranspose"
+                " layer"
+            )
+
+        # 2) into the following layer
+        users = list(node.users)
+        if len(users) != 1:
+            reasons.append(
+                f"following: its output has {len(users)} consumers, so it cannot be removed"
+            )
+        elif users[0].op != "call_module":
+            reasons.append(f"following: its output goes to {_describe(users[0])}, not a layer")
+        else:
+            user = users[0]
+            lname = user.target
+            fr = layer_refusal(lname)
+            if fr is None and (len(user.args) != 1 or user.kwargs or user.args[0] is not node):
+                fr = f"{lname} is called with extra arguments"
+            if fr is None and isinstance(modules[lname], nn.modules.conv._ConvNd):
+                fr = conv_following_refusal(modules[lname])
+            if fr is None and (user.name, "in") in used_sides:
+                fr = f"{lname} already absorbed a BN on its input"
+            if fr is None:
+                problem, note = _axis_problem(modules[lname], bn, shape)
+                fr = problem
+                if problem is None:
+                    layer, clone_of, why = target(user)
+                    note = "; ".join(x for x in (note, why) if x)
+                    plans.append(_Plan(bn_name, layer, INTO_FOLLOWING, note, clone_of, user))
+                    used_sides.add((user.name, "in"))
+                    continue
+            reasons.append(f"following: {fr}")
+        skipped.append(SkippedBN(bn_name, "; ".join(reasons)))
+    return plans, skipped, notes
+
+
+def _apply(modules: dict[str, nn.Module], plans: list[_Plan]) -> None:
+    """Fold the planned BNs into their layers: float64 throughout, one cast at the end."""
+    work: dict[str, tuple[Tensor, Tensor]] = {}
+    for p in plans:
+        layer, bn = modules[p.layer], modules[p.bn]
+        if p.layer not in work:
+            w = layer.weight.detach().double()
+            transposed = isinstance(layer, nn.modules.conv._ConvTransposeNd)
+            out = w.shape[1] * layer.groups if transposed else w.shape[0]
+            b = (
+                torch.zeros(out, dtype=torch.float64)
+                if layer.bias is None
+                else layer.bias.detach().double()
+            )
+            work[p.layer] = (w, b)
+        w, b = work[p.layer]
+        stats = (bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+        if p.direction == INTO_PRECEDING:
+            work[p.layer] = fold_into_layer_output(layer, w, b, stats, dtype=torch.float64)
+        else:
+            groups = getattr(layer, "groups", 1)
+            work[p.layer] = fold_bn_into_following(w, b, *stats, groups=groups, dtype=torch.float64)
+    for name, (w, b) in work.items():
+        layer = modules[name]
+        wd = layer.weight.dtype
+        bd = layer.bias.dtype if layer.bias is not None else wd
+        w_new, b_new = w.to(wd), b.to(bd)
+        rg = layer.weight.requires_grad
+        layer.weight = nn.Parameter(w_new, requires_grad=rg)
+        layer.bias = nn.Parameter(b_new, requires_grad=rg)
+
+
+def _overflow(modules: dict[str, nn.Module], plans: list[_Plan]) -> dict[str, str]:
+    """BNs whose fold would overflow the layer's dtype: {bn: reason}."""
+    bad: dict[str, str] = {}
+    trial = {p.layer: copy.deepcopy(modules[p.layer]) for p in plans}
+    _apply({**modules, **trial}, plans)
+    for p in plans:
+        layer = trial[p.layer]
+        if not (
+            bool(torch.isfinite(layer.weight).all()) and bool(torch.isfinite(layer.bias).all())
+        ):
+            bad[p.bn] = (
+                f"folding into {p.layer} overflows {layer.weight.dtype} (non-finite weights)"
+            )
+    return bad
+
+
+def _as_args(example_input) -> tuple:
+    if example_input is None:
+        return ()
+    return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+
+
+def fold_batchnorm(
+    model: nn.Module, example_input: Tensor | Sequence[Tensor] | None = None
+) -> tuple[nn.Module, FoldReport]:
+    """Fold every foldable eval-mode BatchNorm of ``model`` into a neighbouring layer.
+
+    Args:
+        model: our :class:`~bnfold.mlp.model.MLP`, an ``nn.Sequential``, or any
+            ``torch.fx``-traceable module. Left untouched (the work is done on a deep copy).
+        example_input: optional input (a tensor or a tuple of positional inputs). With it,
+            shapes are propagated so every BN's channel axis is checked against the layer's
+            feature axis, and the original and folded models are compared on it. Without it
+            the check relies on module types and the report says what was assumed. For our
+            MLP an example is built from its config.
+
+    Returns:
+        ``(new_model, report)``; ``new_model`` is in eval mode. For our MLP it is
+        ``MLP(replace(config, batchnorm=False))`` when every BN folds; a top-level
+        ``nn.Sequential`` loses its folded BN entries; any other module keeps its class
+        with each folded BN replaced by ``nn.Identity``.
+
+    Folding is defined by eval-mode behaviour: a model in train mode is folded with its
+    running statistics (the report says so). BNs are preferably folded into the layer
+    before them, otherwise into the layer after them; a BN is left alone, with the reason
+    in the report, when it has no running statistics, is shared, its input feeds other
+    consumers, its channel axis is not (or, without an example input, cannot be shown to
+    be) the layer's feature axis, or the fold would not be exact for another reason. A
+    shared *layer* is copied for the call whose BN is folded; the result is then a
+    ``torch.fx.GraphModule``.
+    """
+    if not isinstance(model, nn.Module):
+        raise BnfoldError(f"expected an nn.Module, got {type(model).__name__}")
+    t0 = time.perf_counter()
+    report = FoldReport(model_type=type(model).__name__)
+    training = [n or type(model).__name__ for n, m in model.named_modules() if m.training]
+    if training:
+        report.notes.append(
+            "the model was in train mode: folded with its running statistics, i.e. its"
+            " eval-mode behaviour (the result is in eval mode)"
+        )
+    work = copy.deepcopy(model).eval()
+    is_mlp = type(model) is MLP and model.config.batchnorm
+    args = _as_args(example_input)
+    if not args and is_mlp:
+        args = (torch.zeros(2, model.config.block_size, dtype=torch.long),)
+    gm = _trace(work)
+    if args:
+        try:
+            with torch.no_grad():
+                _ShapeRecorder(gm).run(*args)
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BnfoldError(
+                f"the example input does not run through the model: {msg[:200]}"
+            ) from None
+        report.shapes_checked = True
+    modules = dict(work.named_modules())
+    plans, skipped, notes = _plan(work, gm, shapes_known=bool(args))
+    report.notes.extend(notes)
+    for p in plans:
+        if p.clone_of is not None and p.layer not in modules:
+            work.add_module(p.layer, copy.deepcopy(modules[p.clone_of]))
+            modules[p.layer] = getattr(work, p.layer)
+    bad = _overflow(modules, plans)
+    if bad:
+        skipped.extend(SkippedBN(bn, why) for bn, why in bad.items())
+        plans = [p for p in plans if p.bn not in bad]
+    for p in plans:
+        if p.clone_of is not None:
+            gm.add_submodule(p.layer, modules[p.layer])  # the graph's owner must know it too
+            p.call.target = p.layer
+    _apply(modules, plans)
+    for p in plans:
+        work.set_submodule(p.bn, nn.Identity())
+    report.folded = [FoldedBN(p.bn, p.clone_of or p.layer, p.direction, p.note) for p in plans]
+    order = {n: i for i, n in enumerate(modules)}
+    report.skipped = sorted(skipped, key=lambda s: order.get(s.bn, 0))
+    removed = {p.bn for p in plans}
+
+    result: nn.Module = work
+    cloned = any(p.clone_of is not None for p in plans)
+    if cloned:  # the forward itself changed (one call now uses a copy): the traced graph
+        gm.graph.eliminate_dead_code()
+        result = torch.fx.GraphModule(work, gm.graph)
+        report.notes.append(
+            "shared layers were copied for their folded calls, so the result is a"
+            " torch.fx.GraphModule"
+        )
+    elif is_mlp and report.complete:
+        result = _as_folded_mlp(work, model.config)
+    elif isinstance(work, nn.Sequential):
+        keep = [(k, m) for k, m in work.named_children() if k not in removed]
+        if all(k.isdigit() for k, _ in work.named_children()):
+            result = nn.Sequential(*[m for _, m in keep])
+        else:
+            result = nn.Sequential(OrderedDict(keep))
+    elif is_mlp:
+        report.notes.append(
+            "not every BatchNorm folded, so the result is not a batchnorm=False MLP; folded BNs"
+            " were replaced by nn.Identity"
+        )
+    elif removed:
+        report.notes.append("folded BatchNorms were replaced by nn.Identity")
+    result.eval()
+
+    if args:
+        reference = copy.deepcopy(model).eval()
+        with torch.no_grad():
+            a, b = reference(*args), result(*args)
+        if isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape:
+            report.example_max_abs_diff = float((a.double() - b.double()).abs().max())
+    report.seconds = round(time.perf_counter() - t0, 4)
+    return result, report
+
+
+def _as_folded_mlp(work: MLP, config) -> MLP:
+    """Our MLP with its (now Identity) BNs dropped: exactly ``MLP(batchnorm=False)``."""
+    folded = MLP(replace(config, batchnorm=False))
+    layers = [m for m in work.net if not isinstance(m, nn.Identity)]
+    state = {"tok_emb.weight": work.tok_emb.weight.detach().clone()}
+    for i, m in enumerate(layers):
+        for k, v in m.state_dict().items():
+            state[f"net.{i}.{k}"] = v.detach().clone()
+    try:
+        folded.load_state_dict(state)
+    except RuntimeError as e:  # would mean our MLP changed shape: a bug, not a user error
+        raise BnfoldError(f"folded MLP does not match MLP(batchnorm=False): {e}") from None
+    return folded.eval()

@@ -1,0 +1,251 @@
+"""Reading an ONNX graph for folding: one loader, constant values, producers and consumers.
+
+Everything here only *reads* the graph except :func:`prune`, which drops what folding left
+unused. The fold rules (:mod:`bnfold.fold.onnx.rules`) do the surgery through :class:`Graph`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from bnfold.errors import BnfoldError
+from bnfold.io.onnx_files import load_onnx_file
+
+# Ops whose output is an exact, data-independent function of constant inputs: a weight
+# stored as `Transpose(Cast(initializer))` is as constant as the initializer itself.
+CONSTANT_EXPRESSION_OPS = frozenset(
+    {"Identity", "Cast", "Transpose", "Reshape", "Unsqueeze", "Squeeze", "Flatten"}
+)
+
+
+def load_model(path: str | Path) -> onnx.ModelProto:
+    """The one place onnxfold reads an ONNX file: through :func:`load_onnx_file`, so the
+    read is bounded and external data is taken only from inside the model's own folder
+    (inlined; ONNX Runtime never resolves a location itself)."""
+    return load_onnx_file(path, allow_external_data=True).proto
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            return op.version
+    return 0
+
+
+def _subgraph_inputs(node: onnx.NodeProto) -> Iterator[str]:
+    """Names read by a node's subgraphs (If/Loop/Scan bodies see the outer scope)."""
+    for attr in node.attribute:
+        graphs = list(attr.graphs) + ([attr.g] if attr.HasField("g") else [])
+        for g in graphs:
+            for n in g.node:
+                yield from (i for i in n.input if i)
+                yield from _subgraph_inputs(n)
+
+
+@dataclass
+class Graph:
+    """Index of a model's main graph; rebuilt (``refresh``) after every rewrite."""
+
+    model: onnx.ModelProto
+    nodes: list[onnx.NodeProto] = field(default_factory=list)  # the main graph's, in order
+    producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
+    consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
+    initializers: dict[str, onnx.TensorProto] = field(default_factory=dict)
+    graph_inputs: set[str] = field(default_factory=set)
+    graph_outputs: set[str] = field(default_factory=set)
+    ranks: dict[str, int] = field(default_factory=dict)
+    exact: dict[str, np.ndarray] = field(default_factory=dict)  # float64 values of new weights
+    dtypes: dict[str, np.dtype] = field(default_factory=dict)  # ... and the dtype each gets
+    _names: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        # The rules edit this Python list (identity-stable, unlike a protobuf repeated
+        # field); :meth:`commit` writes it back.
+        self.nodes = list(self.model.graph.node)
+        self.refresh()
+
+    def commit(self) -> None:
+        nodes = [onnx.NodeProto() for _ in self.nodes]
+        for new, old in zip(nodes, self.nodes, strict=True):
+            new.CopyFrom(old)
+        del self.g.node[:]
+        self.g.node.extend(nodes)
+        self.nodes = list(self.g.node)
+
+    def index(self, node: onnx.NodeProto) -> int:
+        return next(i for i, n in enumerate(self.nodes) if n is node)
+
+    def remove(self, node: onnx.NodeProto) -> None:
+        del self.nodes[self.index(node)]
+
+    def replace(self, old: onnx.NodeProto, new: list[onnx.NodeProto]) -> None:
+        i = self.index(old)
+        self.nodes[i : i + 1] = new
+
+    @property
+    def g(self) -> onnx.GraphProto:
+        return self.model.graph
+
+    def refresh(self) -> None:
+        g = self.g
+        self.producer = {o: n for n in self.nodes for o in n.output if o}
+        self.consumers = {}
+        for n in self.nodes:
+            for i in list(n.input) + list(_subgraph_inputs(n)):
+                if i:
+                    self.consumers.setdefault(i, []).append(n)
+        self.initializers = {t.name: t for t in g.initializer}
+        self.graph_inputs = {i.name for i in g.input}
+        self.graph_outputs = {o.name for o in g.output}
+        self._names = set(self.producer) | set(self.initializers) | self.graph_inputs
+        self._names |= {n.name for n in self.nodes}
+
+    def infer_ranks(self) -> None:
+        """Ranks of every value that shape inference can tell (for channel-axis checks)."""
+        try:
+            inferred = onnx.shape_inference.infer_shapes(self.model, strict_mode=False)
+        except Exception:  # inference is best effort: unknown ranks refuse the folds needing them
+            inferred = self.model
+        g = inferred.graph
+        for vi in list(g.value_info) + list(g.input) + list(g.output):
+            t = vi.type.tensor_type
+            if vi.type.HasField("tensor_type") and t.HasField("shape"):
+                self.ranks[vi.name] = len(t.shape.dim)
+        for t in g.initializer:
+            self.ranks[t.name] = len(t.dims)
+
+    def fresh_name(self, base: str) -> str:
+        name, k = base, 1
+        while name in self._names:
+            name, k = f"{base}_{k}", k + 1
+        self._names.add(name)
+        return name
+
+    def users(self, value: str) -> list[onnx.NodeProto]:
+        return self.consumers.get(value, [])
+
+    def only_user(self, value: str, node: onnx.NodeProto) -> str | None:
+        """Why ``value`` is read by more than ``node`` (or is a graph output), or ``None``."""
+        if value in self.graph_outputs:
+            return f"{value!r} is also a graph output"
+        others = sorted({n.name or n.op_type for n in self.users(value) if n is not node})
+        if others:
+            return f"{value!r} is also read by {', '.join(others)}"
+        return None
+
+    # ---- constants --------------------------------------------------------------------
+
+    def constant(self, value: str) -> tuple[np.ndarray | None, str]:
+        """``(array, "")`` when ``value`` is a constant (float64 overlay of a weight we
+        wrote, an initializer, a Constant node, or a constant expression of them), else
+        ``(None, why not)``."""
+        if value in self.exact:
+            return self.exact[value], ""
+        if value in self.graph_inputs:
+            return None, f"{value!r} is a graph input"
+        if value in self.initializers:
+            return numpy_helper.to_array(self.initializers[value]), ""
+        node = self.producer.get(value)
+        if node is None:
+            return None, f"{value!r} has no producer"
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            return _constant_node_value(node), ""
+        if node.op_type in CONSTANT_EXPRESSION_OPS and node.domain in ("", "ai.onnx"):
+            inputs = []
+            for i in node.input:
+                if not i:
+                    inputs.append(None)
+                    continue
+                arr, why = self.constant(i)
+                if arr is None:
+                    return None, why
+                inputs.append(arr)
+            return _evaluate(node, inputs, self.model), ""
+        return None, f"{value!r} comes from {node.op_type} node {node.name or '(unnamed)'!r}"
+
+    def add_initializer(self, base: str, value64: np.ndarray, dtype: np.dtype) -> str:
+        """Register a new weight by its float64 value; :meth:`materialize` casts it once."""
+        name = self.fresh_name(base)
+        self.exact[name] = np.asarray(value64, dtype=np.float64)
+        self.dtypes[name] = np.dtype(dtype)
+        return name
+
+    def materialize(self) -> dict[str, str]:
+        """Cast every new float64 weight once to its target dtype and add it as an
+        initializer. Returns {name: reason} for weights that would overflow."""
+        bad: dict[str, str] = {}
+        for name, v in self.exact.items():
+            with np.errstate(over="ignore"):  # an overflow is reported, not warned about
+                arr = v.astype(self.dtypes[name])
+            if not np.isfinite(arr).all():
+                bad[name] = f"the folded weights overflow {arr.dtype}"
+            self.g.initializer.append(numpy_helper.from_array(arr, name))
+        self.exact.clear()
+        self.refresh()
+        return bad
+
+
+def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
+    attr = node.attribute[0]
+    if attr.name == "value":
+        return numpy_helper.to_array(attr.t)
+    if attr.name == "value_float":
+        return np.array(attr.f, dtype=np.float32)
+    if attr.name == "value_floats":
+        return np.array(list(attr.floats), dtype=np.float32)
+    if attr.name == "value_int":
+        return np.array(attr.i, dtype=np.int64)
+    if attr.name == "value_ints":
+        return np.array(list(attr.ints), dtype=np.int64)
+    raise BnfoldError(f"Constant node {node.name!r}: attribute {attr.name} is not supported")
+
+
+def _evaluate(node: onnx.NodeProto, inputs: list, model: onnx.ModelProto) -> np.ndarray:
+    from onnx.reference import ReferenceEvaluator
+
+    feeds = {n: v for n, v in zip(node.input, inputs, strict=True) if n}
+    opsets = {op.domain: op.version for op in model.opset_import}
+    evaluator = ReferenceEvaluator(node, opsets=opsets)
+    return np.asarray(evaluator.run(None, feeds)[0])
+
+
+def prune(model: onnx.ModelProto) -> None:
+    """Drop nodes and initializers nothing reads any more (folding leaves the old weights
+    and their Constant/Cast/Transpose producers behind). Only side-effect-free nodes of
+    the default domain are dropped; graph inputs stay."""
+    g = model.graph
+    while True:
+        read = {o.name for o in g.output}
+        for n in g.node:
+            read.update(i for i in n.input if i)
+            read.update(_subgraph_inputs(n))
+        alive = [
+            n
+            for n in g.node
+            if n.domain not in ("", "ai.onnx")
+            or not (n.op_type == "Constant" or n.op_type in CONSTANT_EXPRESSION_OPS)
+            or any(o in read for o in n.output if o)
+        ]
+        if len(alive) == len(g.node):
+            break
+        kept = [onnx.NodeProto() for _ in alive]
+        for new, old in zip(kept, alive, strict=True):
+            new.CopyFrom(old)
+        del g.node[:]
+        g.node.extend(kept)
+    inputs = {i.name for i in g.input}
+    keep = [t for t in g.initializer if t.name in read or t.name in inputs]
+    if len(keep) != len(g.initializer):
+        del g.initializer[:]
+        g.initializer.extend(keep)
+    produced = {o for n in g.node for o in n.output} | inputs | {t.name for t in keep}
+    vis = [v for v in g.value_info if v.name in produced]
+    if len(vis) != len(g.value_info):
+        del g.value_info[:]
+        g.value_info.extend(vis)

@@ -1,0 +1,594 @@
+"""Training: the lecture's recipe exactly (``lecture``) and a CPU time-to-quality recipe
+(``fast``, the default). Deterministic for the same data, config and seed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, replace
+from typing import Protocol
+
+import click
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnfold.errors import BnfoldError
+from bnfold.mlp.data import Dataset, distinct_contexts
+from bnfold.mlp.model import MLP, ModelConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    preset: str = "fast"
+    steps: int = 200_000
+    batch_size: int = 32
+    optimizer: str = "sgd"  # "sgd" | "adamw"
+    lr: float = 0.1
+    schedule: str = "step"  # "step": lr, then lr/10 for the last quarter | "cosine"
+    warmup_steps: int = 0
+    min_lr_frac: float = 0.0  # cosine floor, as a fraction of lr
+    weight_decay: float = 0.0
+    # Decoupled decay of the hidden BatchNorms' gains only (AdamW): a smaller gain keeps
+    # tanh out of saturation; see the saturation sweep in benchmarks/saturation_sweep.py.
+    bn_gain_decay: float = 0.0
+    adam_beta2: float = 0.999  # AdamW's second-moment decay (beta1 stays 0.9)
+    sampling: str = "random"  # "random": i.i.d. indices per step | "epoch": reshuffle each epoch
+    bn_momentum: float | None = None  # BN running-stat momentum while training (None: 0.1)
+    calibrate_bn: bool = False  # recompute running stats over the whole train set at the end
+    # Run each step on the batch's distinct contexts, weighted by how often each occurs: the
+    # same loss, gradient and BatchNorm statistics as the whole batch (to float rounding),
+    # for 2.4x (batch 2048) to 4x (batch 8192) fewer rows through the network.
+    distinct_rows: bool = False
+    seed: int = 42
+    # torch threads; 0 = decide at run time from the cores that are free (at most 2). Two
+    # threads are faster on an idle machine but collapse when a core is shared, and they
+    # round differently from one: the number actually used is recorded in the checkpoint.
+    threads: int = 1
+    eval_interval: int = 0  # steps between dev-loss evaluations (0: only at the end)
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise BnfoldError(f"unknown preset {self.preset!r} (choose {', '.join(PRESETS)})")
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise BnfoldError(f"{name.replace('_', '-')} must be >= 1")
+        if self.threads < 0:
+            raise BnfoldError("threads must be >= 0")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise BnfoldError(f"unknown optimizer {self.optimizer!r}")
+        if self.schedule not in ("step", "cosine"):
+            raise BnfoldError(f"unknown schedule {self.schedule!r}")
+        if self.sampling not in ("random", "epoch"):
+            raise BnfoldError(f"unknown sampling {self.sampling!r} (choose random, epoch)")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise BnfoldError(f"lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.adam_beta2 < 1:
+            raise BnfoldError("adam-beta2 must be in [0, 1)")
+        if self.bn_momentum is not None and not 0 < self.bn_momentum <= 1:
+            raise BnfoldError("bn-momentum must be in (0, 1]")
+
+    @classmethod
+    def from_preset(cls, preset: str = "fast", **overrides) -> TrainConfig:
+        if preset not in PRESETS:
+            raise BnfoldError(f"unknown preset {preset!r} (choose {', '.join(PRESETS)})")
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return cls(preset=preset, **{**PRESETS[preset], **given})
+
+    def lr_at(self, step: int) -> float:
+        # Warm-up never takes more than a quarter of the run, so a shortened run still trains.
+        warmup = min(self.warmup_steps, self.steps // 4)
+        if step < warmup:
+            return self.lr * (step + 1) / warmup
+        if self.schedule == "step":
+            return self.lr if step < 0.75 * self.steps else self.lr / 10
+        t = (step - warmup) / max(1, self.steps - warmup)
+        floor = self.lr * self.min_lr_frac
+        return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+PRESETS: dict[str, dict] = {
+    # Karpathy's makemore part 3, line for line: SGD, batch 32, 200k steps, 0.1 -> 0.01.
+    "lecture": dict(steps=200_000, batch_size=32, optimizer="sgd", lr=0.1, schedule="step"),
+    # Engineered for time to dev loss on a 2-core CPU (benchmarks/train_presets.py, #14).
+    "fast": dict(
+        steps=500,
+        batch_size=8192,  # big batches, yet cheap: 8192 examples hold ~1,900 distinct contexts
+        distinct_rows=True,  # so each step runs those ~1,900 rows, weighted (same gradient)
+        optimizer="adamw",
+        lr=6e-2,
+        adam_beta2=0.99,
+        schedule="cosine",
+        warmup_steps=80,
+        min_lr_frac=0.01,
+        sampling="epoch",  # without replacement: ~0.007 lower dev loss than i.i.d. draws
+        bn_momentum=0.01,  # running stats as good as a calibration pass, 1.3 s cheaper
+        threads=0,  # as many as are free, up to 2, decided when the run starts
+    ),
+}
+
+
+class TrainObserver(Protocol):
+    """Hooks for diagnostics; every method is optional in spirit (no-ops are fine)."""
+
+    def before_step(self, step: int, model: MLP) -> None: ...
+    def after_backward(self, step: int, model: MLP, loss: torch.Tensor) -> None: ...
+    def after_update(self, step: int, model: MLP, lr: float) -> None: ...
+    def on_eval(self, step: int, split: str, loss: float) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    model: MLP
+    config: TrainConfig
+    steps_done: int
+    seconds: float
+    interrupted: bool
+    losses: torch.Tensor  # per-step train (minibatch) loss
+    metrics: dict
+
+    def summary(self) -> dict:
+        return {
+            **self.metrics,
+            "steps": self.steps_done,
+            "seconds": round(self.seconds, 3),
+            "params": self.model.num_params(),
+            "preset": self.config.preset,
+            "threads": self.config.threads,
+            "interrupted": self.interrupted,
+        }
+
+
+@torch.inference_mode()
+def split_loss(model: MLP, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean cross-entropy in eval mode (BatchNorm uses its running statistics).
+
+    In eval mode a context's logits do not depend on its batch, and contexts repeat a lot
+    (the 182,625 training rows of names.txt hold 5,438 distinct contexts), so the network
+    runs once per distinct context: 7x to 30x less work than one row at a time.
+    """
+    was_training = model.training
+    model.eval()
+    contexts, inverse = distinct_contexts(x)
+    logp = F.log_softmax(model(contexts), dim=-1)
+    model.train(was_training)
+    return -logp[inverse, y].double().mean().item()
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: MLP, x: torch.Tensor) -> None:
+    """Set every BN's running stats to the exact statistics of the whole training set.
+
+    The lecture's "calibrate the batch norm at the end of training": with momentum=None
+    PyTorch keeps a cumulative average, so one train-mode pass over all of ``x`` as a single
+    batch stores its mean and (unbiased) variance, each layer seeing inputs normalised by
+    the statistics it is about to store.
+    """
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    saved = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    was_training = model.training
+    model.train()
+    model(x)
+    for bn, m in zip(bns, saved, strict=True):
+        bn.momentum = m
+    model.train(was_training)
+
+
+class _StopOnSigint:
+    """Turn Ctrl-C into a flag checked between steps, so a step is never half-applied."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _StopOnSigint:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second Ctrl-C means "now"
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def evaluate(model: MLP, data: Dataset) -> dict:
+    return {f"{name}_loss": round(split_loss(model, *data.splits[name]), 6) for name in data.splits}
+
+
+def train(
+    data: Dataset,
+    model_config: ModelConfig,
+    cfg: TrainConfig,
+    observer: TrainObserver | None = None,
+    progress: bool | None = None,
+) -> TrainResult:
+    """Train a fresh model; returns it in eval mode with train/dev/test eval-mode losses.
+
+    ``progress``: a bar on stderr (None: only when stderr is a terminal). Raises
+    ``BnfoldError`` before allocating anything when the run would not fit in memory, and
+    when the loss or the weights stop being finite (nothing is returned to be saved).
+    """
+    if model_config.vocab_size != data.vocab.size:
+        model_config = replace(model_config, vocab_size=data.vocab.size)
+    check_training_memory(model_config, cfg, len(data.splits["train"][0]))
+    if not cfg.threads:
+        cfg = replace(cfg, threads=free_cores())
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _train(data, model_config, cfg, observer, progress)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def free_cores(limit: int = 2, window: float = 0.1) -> int:
+    """How many cores this process may use now (1..``limit``): the cores it may run on,
+    minus what other processes keep busy, judged both over the last ``window`` seconds
+    (/proc/stat, where it exists) and over the last minute (the load average), and the
+    busier of the two wins. Two threads on a core that another process wants are not a
+    little slower but 3-10x slower (measured: 4.2 s vs 14 s and 49 s for the same run),
+    so a burst of load seen by either clock keeps the run on one thread."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    estimates = []
+    with suppress(OSError, ValueError, IndexError):  # no /proc/stat: the load average only
+        estimates.append(_idle_cores(window))  # we are idle while measuring
+    if hasattr(os, "getloadavg"):
+        estimates.append(cores - os.getloadavg()[0])
+    idle = min(estimates, default=1.0)
+    return max(1, min(limit, cores, math.floor(idle + 0.25)))
+
+
+def _idle_cores(window: float) -> float:
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return fields[3] + fields[4], sum(fields[:8])  # idle + iowait, total (no guest)
+
+    idle0, total0 = sample()
+    time.sleep(window)
+    idle1, total1 = sample()
+    if total1 <= total0:
+        raise ValueError("no ticks counted")
+    # The first line of /proc/stat sums over every CPU of the machine.
+    return (idle1 - idle0) / (total1 - total0) * (os.cpu_count() or 1)
+
+
+def training_memory_bytes(model_config: ModelConfig, cfg: TrainConfig, n_examples: int) -> dict:
+    """An estimate of what a run allocates, by part, in bytes: parameters, gradients and
+    AdamW's two moments (SGD keeps none), the activations a step keeps for backward (plus
+    their gradients), and the one-pass evaluation over the distinct contexts."""
+    c = model_config
+    fan_in = c.block_size * c.n_embd
+    params = (
+        c.vocab_size * c.n_embd
+        + fan_in * c.n_hidden
+        + (c.n_layers - 1) * c.n_hidden**2
+        + c.n_hidden * c.vocab_size
+        + 4 * (c.n_layers * c.n_hidden + c.vocab_size)  # BN gain, bias, running mean/var
+    )
+    copies = 4 if cfg.optimizer == "adamw" else 2  # weights, grads (+ 2 moments)
+    width = 2 * fan_in + 3 * c.n_layers * c.n_hidden + 4 * c.vocab_size  # floats per row
+    rows = min(n_examples, c.vocab_size**c.block_size)  # distinct contexts, at most
+    batch = min(cfg.batch_size, n_examples) if cfg.sampling == "epoch" else cfg.batch_size
+    widest = max(fan_in, c.n_hidden, c.vocab_size)
+    return {
+        "parameters and optimizer": 4 * copies * params,
+        "activations": 4 * 2 * batch * width,
+        "evaluation": 4 * 3 * rows * widest,
+        # the int64 tensors plus as much again while building them (an upper bound)
+        "data": n_examples * (8 * (c.block_size + 1) + 56 + 8 * c.block_size),
+    }
+
+
+def available_memory() -> int:
+    """Bytes the system can give without swapping (MemAvailable), else physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_training_memory(model_config: ModelConfig, cfg: TrainConfig, n_examples: int) -> None:
+    """Refuse, before anything is allocated, a run whose estimate exceeds free memory."""
+    parts = training_memory_bytes(model_config, cfg, n_examples)
+    need, have = sum(parts.values()), available_memory()
+    if need > have:
+        detail = ", ".join(f"{k} {_gib(v)}" for k, v in parts.items())
+        raise BnfoldError(
+            f"training needs about {_gib(need)} of memory ({detail}) but {_gib(have)} is"
+            " available: lower --n-hidden, --n-embd, --n-layers, --batch-size or --block-size"
+        )
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+
+class _SigmoidTanh(torch.autograd.Function):
+    """``tanh(x) = 2 * sigmoid(2x) - 1``: the same function to float32 rounding (max
+    difference ~2e-7), computed ~5x faster, because torch's CPU tanh kernel is about ten
+    times slower than its sigmoid (0.43 ms vs 0.04 ms on a 2048 x 100 batch, one thread),
+    which made tanh a fifth of a training step. Backward is torch's own tanh_backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y = torch.sigmoid(x * 2).mul_(2).sub_(1)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (y,) = ctx.saved_tensors
+        return torch.ops.aten.tanh_backward(grad, y)
+
+
+@contextmanager
+def fast_tanh(model: nn.Module) -> Iterator[None]:
+    """While training, every ``nn.Tanh`` computes through :class:`_SigmoidTanh`. The
+    modules stay stock ``nn.Tanh`` (their hooks still fire, folding and export see the
+    same model); only the instance's ``forward`` is swapped, and restored afterwards."""
+    tanhs = [m for m in model.modules() if isinstance(m, nn.Tanh)]
+    for m in tanhs:
+        m.forward = _SigmoidTanh.apply
+    try:
+        yield
+    finally:
+        for m in tanhs:
+            del m.forward
+
+
+def batch_norm_weighted(h: torch.Tensor, bn: nn.BatchNorm1d, weight: torch.Tensor) -> torch.Tensor:
+    """Train-mode ``bn(h_full)`` computed on the distinct rows ``h`` of a batch ``h_full``,
+    row ``j`` standing for ``weight[j]`` identical rows (``weight`` sums to the batch size).
+
+    Batch mean and biased variance are the weighted ones; the running statistics move
+    exactly as nn.BatchNorm1d moves them on the full batch (momentum, or a cumulative mean
+    when it is None; unbiased variance), so the stock module evaluates the result.
+    """
+    n = float(weight.sum())
+    w = (weight / n).unsqueeze(0)  # (1, rows): a matrix product does the weighted sums
+    mean = w @ h
+    centered = h - mean
+    var = w @ (centered * centered)
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    out = centered * scale
+    if bn.bias is not None:
+        out = out + bn.bias
+    if bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            m = 1 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            bn.running_mean.lerp_(mean.squeeze(0), m)
+            bn.running_var.lerp_(var.squeeze(0) * (n / max(n - 1, 1)), m)
+    return out
+
+
+def distinct_rows_loss(model: MLP, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``F.cross_entropy(model(x), y)`` in train mode, run on the distinct rows of ``x``:
+    each distinct context goes through the network once, its BatchNorm statistics weighted
+    by its count, and its loss is the cross-entropy against the counts of its targets."""
+    contexts, inverse = distinct_contexts(x)
+    counts = torch.zeros(len(contexts), model.config.vocab_size)
+    counts.index_put_((inverse, y), torch.ones(len(y)), accumulate=True)
+    weight = counts.sum(1)
+    h = model.tok_emb(contexts).flatten(1)
+    for layer in model.net:
+        h = batch_norm_weighted(h, layer, weight) if isinstance(layer, nn.BatchNorm1d) else layer(h)
+    return -(counts * F.log_softmax(h, dim=-1)).sum() / len(y)
+
+
+def _progress_bar(steps: int, enabled: bool | None):
+    """click's bar on stderr, only on a terminal (or when asked): piped output stays clean."""
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return None
+    return click.progressbar(
+        length=steps,
+        label="train",
+        file=sys.stderr,
+        show_pos=True,
+        update_min_steps=max(1, steps // 200),  # a few hundred redraws, not one per step
+        item_show_func=lambda loss: None if loss is None else f"loss {loss:.4f}",
+    )
+
+
+def _train(data, model_config, cfg, observer, progress) -> TrainResult:
+    torch.manual_seed(cfg.seed)
+    model = MLP(model_config)
+    xtr, ytr = data.splits["train"]
+    xdev, ydev = data.splits["dev"]
+    if len(xtr) == 0:
+        raise BnfoldError("the training split is empty: the words file needs more words")
+    params = list(model.parameters())
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = _adamw(model, cfg)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    saved_momentum = [bn.momentum for bn in bns]
+    # With bn_momentum, a slow running average over the last ~1/momentum batches (taken
+    # while the lr has decayed to almost nothing) matches a full calibration pass at no
+    # cost. Until 1/momentum batches have been seen it is a plain cumulative mean instead,
+    # so that a short run never evaluates with half-initialised statistics.
+    warm_steps = 0 if cfg.bn_momentum is None else math.ceil(1 / cfg.bn_momentum)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n, order, pos = len(xtr), None, 0
+    losses = torch.zeros(cfg.steps)
+    bar = _progress_bar(cfg.steps, progress)
+    model.train()
+    steps_done = 0
+    t0 = time.perf_counter()
+    with _StopOnSigint() as stop, fast_tanh(model):
+        for step in range(cfg.steps):
+            if stop.requested:
+                break
+            batch_size = cfg.batch_size
+            # Batches are drawn from one seeded generator: same seed, same batches.
+            if cfg.sampling == "random":
+                ix = torch.randint(0, n, (batch_size,), generator=gen)
+            else:  # "epoch": without replacement, a fresh permutation each epoch
+                if order is None or pos + batch_size > len(order):
+                    order, pos = torch.randperm(n, generator=gen), 0
+                ix = order[pos : pos + batch_size]
+                pos += batch_size
+            lr = cfg.lr_at(step)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            if step <= warm_steps and cfg.bn_momentum is not None:
+                for bn in bns:
+                    bn.momentum = max(cfg.bn_momentum, 1 / (step + 1))
+            if observer:
+                observer.before_step(step, model)
+            if cfg.distinct_rows:
+                loss = distinct_rows_loss(model, xtr[ix], ytr[ix])
+            else:
+                loss = F.cross_entropy(model(xtr[ix]), ytr[ix])
+            if not torch.isfinite(loss):
+                _diverged(step, float(loss.detach()), lr, bar)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if observer:
+                observer.after_backward(step, model, loss)
+            opt.step()
+            if observer:
+                observer.after_update(step, model, lr)
+            losses[step] = loss.detach()
+            steps_done = step + 1
+            if cfg.eval_interval and (steps_done % cfg.eval_interval == 0) and observer:
+                observer.on_eval(steps_done, "dev", split_loss(model, xdev, ydev))
+            if bar is not None:
+                bar.update(1, float(losses[max(0, step - 99) : step + 1].mean()))
+    if bar is not None:
+        bar.render_finish()
+    for bn, m in zip(bns, saved_momentum, strict=True):
+        bn.momentum = m
+    if cfg.calibrate_bn and steps_done:
+        calibrate_batchnorm(model, xtr)
+    seconds = time.perf_counter() - t0
+    bad = non_finite_tensors(model)
+    if bad:
+        raise BnfoldError(
+            f"training diverged: {', '.join(bad[:3])} hold non-finite values after"
+            f" {steps_done} steps (lr {cfg.lr:g}); nothing was saved: lower --lr"
+        )
+    model.eval()
+    metrics = evaluate(model, data)
+    if observer:
+        observer.on_eval(steps_done, "dev", metrics["dev_loss"])
+    return TrainResult(
+        model, cfg, steps_done, seconds, stop.requested, losses[:steps_done], metrics
+    )
+
+
+def _diverged(step: int, loss: float, lr: float, bar) -> None:
+    if bar is not None:
+        bar.render_finish()
+    raise BnfoldError(
+        f"training diverged: the loss is {loss} at step {step + 1} (lr {lr:g}); nothing was"
+        " saved: lower --lr"
+    )
+
+
+def non_finite_tensors(model: nn.Module) -> list[str]:
+    """Names of the parameters and buffers holding NaN or infinity."""
+    return [
+        name
+        for name, t in [*model.named_parameters(), *model.named_buffers()]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+
+
+class FusedAdamW:
+    """``torch.optim.AdamW(fused=True)``, the same kernel (``torch._fused_adamw_``) and the
+    same state, bit for bit (tests/test_train.py checks it against torch's), without
+    ``torch.optim``: constructing any torch.optim optimizer imports ``torch._dynamo``,
+    0.9 to 1.4 s on this machine, a tenth of the `fast` preset's whole budget.
+
+    ``param_groups`` is a list of ``{"params": [...], "lr", "weight_decay"}`` dicts, as in
+    torch.optim; the training loop sets each group's ``lr`` before every step.
+    """
+
+    def __init__(
+        self,
+        groups: list[dict],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
+        self.betas, self.eps = betas, eps
+        self.param_groups = [{"lr": lr, "weight_decay": weight_decay, **g} for g in groups]
+        for g in self.param_groups:
+            g["params"] = list(g["params"])
+            g["exp_avg"] = [torch.zeros_like(p) for p in g["params"]]
+            g["exp_avg_sq"] = [torch.zeros_like(p) for p in g["params"]]
+            g["step"] = [torch.zeros((), dtype=torch.float32) for _ in g["params"]]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for g in self.param_groups:
+            for p in g["params"]:
+                p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for g in self.param_groups:
+            live = [i for i, p in enumerate(g["params"]) if p.grad is not None]
+            if not live:
+                continue
+            steps = [g["step"][i] for i in live]
+            torch._foreach_add_(steps, 1)
+            torch._fused_adamw_(
+                [g["params"][i] for i in live],
+                [g["params"][i].grad for i in live],
+                [g["exp_avg"][i] for i in live],
+                [g["exp_avg_sq"][i] for i in live],
+                [],
+                steps,
+                amsgrad=False,
+                lr=g["lr"],
+                beta1=self.betas[0],
+                beta2=self.betas[1],
+                weight_decay=g["weight_decay"],
+                eps=self.eps,
+                maximize=False,
+                grad_scale=None,
+                found_inf=None,
+            )
+
+
+def _adamw(model: MLP, cfg: TrainConfig) -> FusedAdamW:
+    params = list(model.parameters())
+    gains = {id(m.weight) for m in model.net[:-1] if isinstance(m, nn.BatchNorm1d)}
+    decayed = gains if cfg.bn_gain_decay else set()
+    groups = [{"params": [p for p in params if id(p) not in decayed]}]
+    if decayed:
+        gain_params = [p for p in params if id(p) in decayed]
+        groups.append({"params": gain_params, "weight_decay": cfg.bn_gain_decay})
+    return FusedAdamW(groups, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+
+
+def train_config_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)

@@ -1,0 +1,137 @@
+"""Fold BatchNormalization nodes of any ONNX model into their neighbouring layers, verify
+the result in ONNX Runtime, and write it only when verification passes.
+
+``graph`` reads a model (the one loader :func:`load_model`), ``rules`` holds one rule per
+fold variant, ``folder`` applies them, ``compare`` checks two models against each other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from bnfold.errors import BnfoldError
+from bnfold.fold.onnx.folder import OnnxFoldReport, fold_onnx
+from bnfold.fold.onnx.graph import load_model
+from bnfold.mlp.checkpoint import atomic_write
+from bnfold.verify.onnx import (
+    DYNAMIC_DIM,
+    Comparison,
+    compare,
+    domain_feeds,
+    npz_feeds,
+    random_feeds,
+)
+
+__all__ = [
+    "Comparison",
+    "OnnxFoldReport",
+    "default_output",
+    "fold_onnx",
+    "fold_onnx_file",
+    "generic_onnx_pair",
+    "is_bnfold_onnx",
+    "is_onnx",
+    "load_model",
+    "verify_onnx_files",
+]
+
+
+def is_onnx(path: Path) -> bool:
+    """The file suffix picks the path: ``.onnx`` is any ONNX model, anything else bnfold's."""
+    return Path(path).suffix.lower() == ".onnx"
+
+
+def generic_onnx_pair(reference: Path, candidate: Path) -> bool:
+    """Whether ``bnfold verify`` compares two ONNX models generically (same inputs, same
+    outputs) rather than as bnfold character models over their context domain."""
+    return (
+        is_onnx(reference)
+        and is_onnx(candidate)
+        and not (is_bnfold_onnx(reference) and is_bnfold_onnx(candidate))
+    )
+
+
+def is_bnfold_onnx(path: Path) -> bool:
+    """Whether ``path`` is an ONNX file written by ``bnfold export`` (its own metadata)."""
+    from bnfold.runtime.onnx_runtime import FORMAT
+
+    meta = {p.key: p.value for p in load_model(path).metadata_props}
+    return meta.get("format") == FORMAT
+
+
+def default_output(path: Path) -> Path:
+    """``model.onnx`` -> ``model.folded.onnx`` next to it."""
+    return path.with_name(f"{path.stem}.folded.onnx")
+
+
+def choose_inputs(
+    model: onnx.ModelProto, inputs: Path | None, max_exhaustive: int, seed: int = 0
+) -> tuple[list[dict], str, int | None]:
+    """The verification input sets, a description and the outputs' class axis (a bnfold
+    model's logits: -1; otherwise unknown): the user's ``.npz``, the whole domain of a
+    bnfold character model, or seeded random inputs from the declared shapes, with the
+    dynamic dims at 2 and again at 3 (the result must run at other batch sizes too)."""
+    if inputs is not None:
+        return [npz_feeds(inputs, model)], f"inputs from {inputs}", None
+    feeds = domain_feeds(model, max_exhaustive, seed)
+    if feeds is not None:
+        (x,) = feeds.values()
+        return [feeds], f"{len(x):,} contexts of the model's input domain", -1
+    sets = [random_feeds(model, seed, dynamic=d) for d in (DYNAMIC_DIM, DYNAMIC_DIM + 1)]
+    if all(a.shape == b.shape for a, b in zip(sets[0].values(), sets[1].values(), strict=True)):
+        sets = sets[:1]  # no dynamic dims
+    shapes = " and ".join(
+        ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items()) for feeds in sets
+    )
+    return sets, f"seeded random inputs (seed {seed}: {shapes})", None
+
+
+def check_contract(original: onnx.ModelProto, folded: onnx.ModelProto) -> None:
+    """The folded model passes the full onnx checker and keeps the graph's interface."""
+    try:
+        onnx.checker.check_model(folded, full_check=True)
+    except Exception as e:  # a bug in a rule, not a user error: say which check failed
+        raise BnfoldError(f"the folded model fails onnx.checker: {str(e)[:300]}") from None
+    for what in ("input", "output"):
+        if [v.SerializeToString() for v in getattr(original.graph, what)] != [
+            v.SerializeToString() for v in getattr(folded.graph, what)
+        ]:
+            raise BnfoldError(f"folding changed the graph's {what}s")
+
+
+def fold_onnx_file(
+    path: Path,
+    out: Path | None = None,
+    *,
+    inputs: Path | None = None,
+    tolerance: float | None = None,
+    max_exhaustive: int = 4_000_000,
+) -> tuple[Path | None, OnnxFoldReport, Comparison]:
+    """Fold ``path``, verify against the original, write ``out`` only if it passed."""
+    model = load_model(path)
+    folded, report = fold_onnx(model)
+    check_contract(model, folded)
+    feeds, described, class_axis = choose_inputs(model, inputs, max_exhaustive)
+    comparison = compare(model, folded, feeds, described, tolerance, class_axis)
+    if not comparison.passed:
+        return None, report, comparison
+    target = out or default_output(path)
+    atomic_write(target, lambda tmp: onnx.save_model(folded, tmp))
+    return target, report, comparison
+
+
+def verify_onnx_files(
+    reference: Path,
+    candidate: Path,
+    *,
+    inputs: Path | None = None,
+    tolerance: float | None = None,
+    max_exhaustive: int = 4_000_000,
+    seed: int = 0,
+) -> Comparison:
+    """Compare any two ONNX models with the same inputs and outputs."""
+    ref, cand = load_model(reference), load_model(candidate)
+    feeds, described, class_axis = choose_inputs(ref, inputs, max_exhaustive, seed)
+    return compare(ref, cand, feeds, described, tolerance, class_axis)
