@@ -34,7 +34,7 @@ def trained_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def onnx_model(trained_checkpoint, tmp_path_factory) -> Path:
     """``folded.onnx`` exported from the session's short-trained checkpoint."""
-    from bnfold.pipeline.export import export_checkpoint
+    from bnfold.pipeline.assemble import export_checkpoint
 
     out = tmp_path_factory.mktemp("onnx")
     return export_checkpoint(trained_checkpoint, out).paths["folded"]

@@ -10,8 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from bnfold.cli import main
+from bnfold.io.files import file_sha256
 from bnfold.mlp.checkpoint import load_checkpoint, save_checkpoint
-from bnfold.mlp.data import file_sha256
 
 REQUIRED = (
     "contexts_checked",

@@ -69,7 +69,7 @@ def strip(items):
 
 
 def test_post_and_get_match_the_cli_sampler(server, reference, onnx_model):
-    from bnfold.mlp.data import file_sha256
+    from bnfold.io.files import file_sha256
 
     opts = {"count": 7, "seed": 11, "prefix": "ma", "temperature": 0.8, "top_k": 10}
     r = httpx.post(server + "/v1/names", json=opts)

@@ -9,7 +9,7 @@ same class describes the folded network: Linear(bias=True) -> Tanh blocks, no Ba
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -38,10 +38,9 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+
+# the default architecture: every default of the model's shape (CLI, pipeline) reads it here
+DEFAULT_MODEL = ModelConfig()
 
 
 class MLP(nn.Module):

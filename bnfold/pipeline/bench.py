@@ -38,8 +38,11 @@ import numpy as np
 
 from bnfold.errors import BnfoldError
 from bnfold.io.onnx_files import load_onnx_file
-from bnfold.pipeline.train_fold import train_to_checkpoint
-from bnfold.runtime.infer import Predictor
+from bnfold.mlp.checkpoint import load_checkpoint
+from bnfold.pipeline.assemble import IN_MEMORY_FOLDED, export_onnx, fold_to_checkpoint
+from bnfold.pipeline.train_fold import save_trained, train_run
+from bnfold.runtime.infer import Predictor, TorchPredictor
+from bnfold.runtime.onnx_runtime import OnnxPredictor
 from bnfold.verify.networks import FOUR_NETWORKS, percentiles_us, single_latency
 
 NETS = FOUR_NETWORKS
@@ -63,41 +66,39 @@ def _log(progress: bool, msg: str) -> None:
 
 
 def load_networks(models_dir: str | Path, work_dir: Path, progress: bool = False):
-    """The four predictors (dict name -> Predictor) and notes on where each came from."""
-    from bnfold.fold.modules import fold_batchnorm
-    from bnfold.mlp.checkpoint import Checkpoint
-    from bnfold.mlp.data import file_sha256
-    from bnfold.runtime.infer import TorchPredictor
-    from bnfold.runtime.onnx_runtime import OnnxPredictor
+    """The four predictors (dict name -> Predictor) and notes on where each came from.
 
+    ``bn.pt`` is read once; a ``folded.pt`` or ONNX file not made from it is not used, and
+    what is missing is made by the pipeline's assembler (folded in memory, the ONNX files
+    exported into ``work_dir`` after the same verification ``bnfold export`` does)."""
     models = Path(models_dir)
     notes: list[str] = []
     bn_path = models / "bn.pt"
-    if not bn_path.is_file():
+    if bn_path.is_file():
+        bn = load_checkpoint(bn_path)
+    else:
         _log(progress, f"no {bn_path}: training a quick model ({QUICK_STEPS} steps)...")
-        bn_path, _ = train_to_checkpoint(
-            REPO / "data" / "names.txt", work_dir, steps=QUICK_STEPS, progress=False
-        )
+        bn_path = work_dir / "bn.pt"
+        run = train_run(REPO / "data" / "names.txt", steps=QUICK_STEPS, progress=False)
+        save_trained(run, bn_path)
+        bn = run.checkpoint
         notes.append(
             f"no bn.pt in {models}: benchmarked a quick {QUICK_STEPS}-step model"
             " (names/s is not representative of a fully trained one)"
         )
-    bn_sha = file_sha256(bn_path)
-    nets: dict[str, Predictor] = {"torch BN": TorchPredictor(bn_path)}
+    nets: dict[str, Predictor] = {"torch BN": TorchPredictor(bn, str(bn_path))}
 
     folded_path = models / "folded.pt"
-    folded = None
-    if folded_path.is_file():
-        cand = TorchPredictor(folded_path)
-        src = cand.checkpoint.meta.get("folded_from") or {}
-        if cand.folded and src.get("sha256") == bn_sha:
-            folded = cand
+    folded = load_checkpoint(folded_path) if folded_path.is_file() else None
+    if folded is not None and (
+        folded.config.batchnorm or (folded.meta.get("folded_from") or {}).get("sha256") != bn.sha256
+    ):
+        folded = None  # not made from this bn.pt
     if folded is None:
-        ck = nets["torch BN"].checkpoint  # type: ignore[attr-defined]
-        model, _ = fold_batchnorm(ck.model)
-        folded = TorchPredictor(Checkpoint(model, ck.vocab), "folded (in memory)")
+        folded, _ = fold_to_checkpoint(bn, bn_path)
+        folded_path = IN_MEMORY_FOLDED
         notes.append("torch folded: bn.pt folded in memory (no matching folded.pt)")
-    nets["torch folded"] = folded
+    nets["torch folded"] = TorchPredictor(folded, str(folded_path))
 
     onnx_nets: dict[str, Predictor] = {}
     for name, file in (("ONNX BN", "bn.onnx"), ("ONNX folded", "folded.onnx")):
@@ -105,13 +106,11 @@ def load_networks(models_dir: str | Path, work_dir: Path, progress: bool = False
             pred = OnnxPredictor(models / file, threads=1)
         except BnfoldError:
             continue
-        if pred.metadata.get("source_sha256") == bn_sha:
+        if pred.metadata.get("source_sha256") == bn.sha256:
             onnx_nets[name] = pred
     if len(onnx_nets) < 2:
-        from bnfold.pipeline.export import export_checkpoint
-
         _log(progress, "exporting bn.pt to ONNX (no bn.onnx/folded.onnx made from it)...")
-        res = export_checkpoint(bn_path, work_dir / "onnx")
+        res = export_onnx(bn, bn_path, work_dir / "onnx", folded=folded, folded_path=folded_path)
         onnx_nets = {
             "ONNX BN": OnnxPredictor(res.paths["bn"], threads=1),
             "ONNX folded": OnnxPredictor(res.paths["folded"], threads=1),

@@ -78,17 +78,19 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def compare_all_pairs(
+def compare_networks(
     nets: dict[str, Predictor],
+    pairs: list[tuple[str, str]],
     plan: DomainPlan,
     float64_model=None,
     *,
     tolerance: float | None = None,
 ) -> DomainComparison:
-    """One walk over ``plan`` judging every pair of ``nets`` (in order), each network and
-    ``float64_model`` (an object with ``logits``, e.g. :class:`bnfold.verify.verdict.Float64Model`)
-    evaluated once per chunk, on one torch thread (on a shared 2-core CPU about twice as
-    fast as two, and a fixed float32 reduction order)."""
+    """One walk over ``plan`` judging each of ``pairs`` (names in ``nets``), each network
+    and ``float64_model`` (an object with ``logits``, e.g.
+    :class:`bnfold.verify.verdict.Float64Model`) evaluated once per chunk, on one torch
+    thread (on a shared 2-core CPU about twice as fast as two, and a fixed float32
+    reduction order). Networks of another vocabulary or block size are refused."""
     names = list(nets)
     first = nets[names[0]]
     for k, p in nets.items():
@@ -97,11 +99,23 @@ def compare_all_pairs(
     with torch_threads(1):
         return compare_over_domain(
             nets,
-            list(combinations(names, 2)),
+            pairs,
             plan,
             float64_logits=float64_model.logits if float64_model is not None else None,
             tolerance=tolerance,
         )
+
+
+def compare_all_pairs(
+    nets: dict[str, Predictor],
+    plan: DomainPlan,
+    float64_model=None,
+    *,
+    tolerance: float | None = None,
+) -> DomainComparison:
+    """:func:`compare_networks` on every pair of ``nets`` (in order)."""
+    pairs = list(combinations(list(nets), 2))
+    return compare_networks(nets, pairs, plan, float64_model, tolerance=tolerance)
 
 
 def networks_summary(comparison: DomainComparison) -> dict:
