@@ -17,7 +17,7 @@ from bnfold.errors import BnfoldError, TrainingInterrupted
 from bnfold.io import jsonsafe
 from bnfold.sampling.engine import DEFAULT_ENGINE, DEFAULT_TABLE_BYTES, ENGINES
 from bnfold.sampling.options import DEFAULT_BATCH, SampleOptions
-from bnfold.serve.settings import ServeSettings
+from bnfold.serve.settings import LOG_LEVELS, ServeSettings
 from bnfold.verify.domain import MAX_SAMPLE_SIZE
 
 SAMPLE = SampleOptions()  # the sampling defaults, stated once (in SampleOptions)
@@ -761,7 +761,7 @@ def _discard_stdout() -> None:
 )
 @click.option(
     "--log-level",
-    type=click.Choice(["critical", "error", "warning", "info", "debug", "trace"]),
+    type=click.Choice(LOG_LEVELS),
     default="info",
     show_default=True,
 )

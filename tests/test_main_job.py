@@ -22,6 +22,8 @@ from bnfold.verify.domain import PairStats
 from bnfold.verify.networks import FOUR_NETWORKS
 from bnfold.verify.verdict import Float64Model, verify
 
+pytestmark = pytest.mark.slow  # every test runs the main job (train -> fold -> verify -> export)
+
 NAMES = Path(__file__).resolve().parent.parent / "data" / "names.txt"
 SMALL = {"data_path": NAMES, "steps": 30, "batch_size": 256, "n_hidden": 16, "progress": False}
 DOMAIN = 27**3  # names.txt: 26 letters + the end token, block size 3: every context

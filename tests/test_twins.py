@@ -129,6 +129,7 @@ def _onnx_predictor(model, ckpt, label: str) -> OnnxPredictor:
     return OnnxPredictor(f"{label}.onnx", model_bytes=proto.SerializeToString())
 
 
+@pytest.mark.slow
 def test_two_onnx_files_judge_parameters_through_double_graphs(trained_checkpoint, tmp_path):
     """With ONNX files alone, bn.onnx run in double is the truth, and the candidate's twin
     tells a correct fold from a wrong eps that float32 outputs barely show."""

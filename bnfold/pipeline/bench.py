@@ -39,10 +39,12 @@ import numpy as np
 from bnfold.errors import BnfoldError
 from bnfold.io.onnx_files import load_onnx_file
 from bnfold.mlp.checkpoint import load_checkpoint
+from bnfold.mlp.threads import torch_threads
 from bnfold.pipeline.assemble import IN_MEMORY_FOLDED, export_onnx, fold_to_checkpoint
 from bnfold.pipeline.train_fold import save_trained, train_run
 from bnfold.runtime.infer import Predictor, TorchPredictor
 from bnfold.runtime.onnx_runtime import OnnxPredictor
+from bnfold.runtime.ort_session import cpu_session
 from bnfold.verify.networks import FOUR_NETWORKS, percentiles_us, single_latency
 
 NETS = FOUR_NETWORKS
@@ -130,13 +132,8 @@ class PlainOrtRun(Predictor):
     backend = "onnxruntime"
 
     def __init__(self, onnx_predictor: Predictor):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
         # the same bytes bnfold runs (read by bnfold's one ONNX loader), a plain session
-        data = load_onnx_file(onnx_predictor.path).data
-        self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(load_onnx_file(onnx_predictor.path).data, plain=True)
         self.input_name = self.session.get_inputs()[0].name
         self.path, self.vocab = onnx_predictor.path, onnx_predictor.vocab
         self.block_size, self.folded = onnx_predictor.block_size, onnx_predictor.folded
@@ -277,13 +274,8 @@ def plain_ort_sampler(onnx_path: str | Path, n: int, batch: int = 4096, seed: in
     one session (one thread), ``batch`` names in flight, each step ``session.run`` on every
     row, a numpy softmax, one uniform per row against the cumulative sum, finished rows
     restarted. It builds no strings (a generous baseline)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
     # the file's bytes through bnfold's one ONNX loader (bounded, no external data)
-    data = load_onnx_file(onnx_path).data
-    sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    sess = cpu_session(load_onnx_file(onnx_path).data, plain=True)
     inp = sess.get_inputs()[0]
     T = int(inp.shape[1])
     rng = np.random.default_rng(seed)
@@ -362,25 +354,18 @@ def run_bench(
 
     if repeats < 1 or n_names < 1:
         raise BnfoldError("repeats and names must be >= 1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with tempfile.TemporaryDirectory(prefix="bnfold-bench-") as tmp:
-            nets, paths, notes = load_networks(models_dir, Path(tmp), progress)
-            _log(progress, f"single-example latency ({repeats:,} calls per network)...")
-            lat = single_latency({**nets, PLAIN_ORT: PlainOrtRun(nets["ONNX folded"])}, repeats)
-            probs_lat = probs_latency(nets, max(1, repeats // 10))
-            _log(progress, f"batched throughput (batch {BATCH})...")
-            rows = batched_rows(nets)
-            _log(
-                progress, f"names/s (lecture loop: {LECTURE_NAMES} names; batched: {n_names:,})..."
-            )
-            lecture = lecture_names(nets["torch BN"])
-            sampled = batched_names(nets, n_names)
-            _log(progress, "names/s side by side: table engine, network engine, plain ORT loop...")
-            engines = engine_side_by_side(nets["ONNX folded"], TABLE_NAMES_PER_NAME * n_names)
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(1), tempfile.TemporaryDirectory(prefix="bnfold-bench-") as tmp:
+        nets, paths, notes = load_networks(models_dir, Path(tmp), progress)
+        _log(progress, f"single-example latency ({repeats:,} calls per network)...")
+        lat = single_latency({**nets, PLAIN_ORT: PlainOrtRun(nets["ONNX folded"])}, repeats)
+        probs_lat = probs_latency(nets, max(1, repeats // 10))
+        _log(progress, f"batched throughput (batch {BATCH})...")
+        rows = batched_rows(nets)
+        _log(progress, f"names/s (lecture loop: {LECTURE_NAMES} names; batched: {n_names:,})...")
+        lecture = lecture_names(nets["torch BN"])
+        sampled = batched_names(nets, n_names)
+        _log(progress, "names/s side by side: table engine, network engine, plain ORT loop...")
+        engines = engine_side_by_side(nets["ONNX folded"], TABLE_NAMES_PER_NAME * n_names)
 
     ratios: dict = {
         "latency_p50_speedup_vs_torch_bn": {

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from itertools import combinations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from bnfold.errors import BnfoldError
+from bnfold.mlp.threads import torch_threads
 from bnfold.runtime.infer import Predictor
 from bnfold.verify.domain import DomainComparison, DomainPlan, compare_over_domain
 
@@ -65,17 +63,6 @@ def single_latency(nets: dict[str, Predictor], repeats: int, rounds: int = 10) -
 
 # the four networks, in the order of the table
 FOUR_NETWORKS = ("torch BN", "torch folded", "ONNX BN", "ONNX folded")
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """torch's intra-op threads set to ``n`` inside the block, restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def compare_networks(

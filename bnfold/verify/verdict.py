@@ -27,12 +27,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from bnfold.errors import BnfoldError
 from bnfold.io.files import file_sha256
 from bnfold.mlp.checkpoint import Checkpoint, load_checkpoint
 from bnfold.mlp.data import Vocab, dataset_from_words, read_words_and_sha256
+from bnfold.mlp.threads import torch_threads
 from bnfold.runtime.infer import Predictor, TorchPredictor, load_predictor
 from bnfold.runtime.twins import Float64Twin, TorchTwin
 from bnfold.verify.domain import (
@@ -311,10 +311,7 @@ def verify(
         extra=extra_contexts,
         extra_label=extra_label,
     )
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         comparison = compare_over_domain(
             {"reference": ref, "candidate": cand},
             [("reference", "candidate")],
@@ -326,8 +323,6 @@ def verify(
             progress=progress,
             label="verify",
         )
-    finally:
-        torch.set_num_threads(before)
     return report_from_pair(
         comparison.pairs[("reference", "candidate")],
         plan,
