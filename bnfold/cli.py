@@ -17,7 +17,7 @@ from bnfold.errors import BnfoldError, TrainingInterrupted
 from bnfold.io import jsonsafe
 from bnfold.sampling.engine import DEFAULT_ENGINE, DEFAULT_TABLE_BYTES, ENGINES
 from bnfold.sampling.options import DEFAULT_BATCH, SampleOptions
-from bnfold.serve.settings import ServeSettings
+from bnfold.serve.settings import LOG_LEVELS, ServeSettings
 from bnfold.verify.domain import MAX_SAMPLE_SIZE
 
 SAMPLE = SampleOptions()  # the sampling defaults, stated once (in SampleOptions)
@@ -289,7 +289,7 @@ def export(checkpoint, out, tolerance, as_json):
     """Export CHECKPOINT (bn.pt) to OUT/bn.onnx (with its BatchNorm nodes) and
     OUT/folded.onnx (BNs folded), after checking both in ONNX Runtime against torch on every
     possible context."""
-    from bnfold.pipeline.export import export_checkpoint
+    from bnfold.pipeline.assemble import export_checkpoint
 
     result = export_checkpoint(checkpoint, out, tolerance=tolerance)
     if as_json:
@@ -416,7 +416,7 @@ def fold(checkpoint, out, tolerance, max_exhaustive, data, inputs, as_json):
     else:
         if inputs is not None:
             raise BnfoldError("--inputs applies to .onnx models only")
-        from bnfold.pipeline.train_fold import fold_checkpoint
+        from bnfold.pipeline.assemble import fold_checkpoint
 
         path, fold_report, verification = fold_checkpoint(
             checkpoint, out, tolerance=tolerance, data_path=data, max_exhaustive=max_exhaustive
@@ -761,7 +761,7 @@ def _discard_stdout() -> None:
 )
 @click.option(
     "--log-level",
-    type=click.Choice(["critical", "error", "warning", "info", "debug", "trace"]),
+    type=click.Choice(LOG_LEVELS),
     default="info",
     show_default=True,
 )

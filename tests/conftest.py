@@ -3,12 +3,23 @@ its ONNX export, predictors and the novelty labeler."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 NAMES = REPO / "data" / "names.txt"
+# the installed console script (``bnfold``), for tests that start it as a user would
+BNFOLD = str(Path(sys.executable).with_name("bnfold"))
+
+
+def bnfold(*args, cwd=REPO, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """The real command in a fresh process, run from the repository root; stdout and
+    stderr captured apart (not a terminal: no progress bar)."""
+    cmd = [sys.executable, "-m", "bnfold", *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, **kw)
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +45,7 @@ def trained_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def onnx_model(trained_checkpoint, tmp_path_factory) -> Path:
     """``folded.onnx`` exported from the session's short-trained checkpoint."""
-    from bnfold.pipeline.export import export_checkpoint
+    from bnfold.pipeline.assemble import export_checkpoint
 
     out = tmp_path_factory.mktemp("onnx")
     return export_checkpoint(trained_checkpoint, out).paths["folded"]
@@ -44,12 +55,10 @@ def onnx_model(trained_checkpoint, tmp_path_factory) -> Path:
 def one_torch_thread():
     """One torch thread for a module (batch-1 calls on a busy 2-core machine are ~10x slower
     with two), restored afterwards: other modules' float tolerances assume the default."""
-    import torch
+    from bnfold.mlp.threads import torch_threads
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

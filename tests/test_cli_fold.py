@@ -10,8 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from bnfold.cli import main
+from bnfold.io.files import file_sha256
 from bnfold.mlp.checkpoint import load_checkpoint, save_checkpoint
-from bnfold.mlp.data import file_sha256
 
 REQUIRED = (
     "contexts_checked",
@@ -94,6 +94,7 @@ def test_errors_are_one_line(bn, tmp_path):
     assert r.exit_code == 2 and "unknown model type" in r.output
 
 
+@pytest.mark.slow
 def test_train_fold_main_job(tmp_path):
     r = run(
         "train-fold", "--steps", "30", "--batch-size", "256", "--out", tmp_path, "--n-hidden", "16"

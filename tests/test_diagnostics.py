@@ -260,6 +260,30 @@ def test_fold_comparison_detects_a_wrong_fold():
         fold_comparison_stats(bn, small_model(n_layers=2, batchnorm=False))
 
 
+def test_fold_comparison_takes_measured_figures_as_they_are(tmp_path, monkeypatch):
+    """Given what a walk measured, the figure draws its distributions but judges nothing:
+    no float64 copy of either network is made."""
+    from bnfold.runtime import twins
+
+    def no_twin(*args, **kwargs):
+        raise AssertionError("the figure evaluated a network in float64 again")
+
+    monkeypatch.setattr(twins.TorchTwin, "__init__", no_twin)
+    bn = bn_model_with_stats()
+    measured = {
+        "contexts": 49,
+        "domain": "as walked",
+        "max_abs_logit_diff": 0.25,
+        "argmax_agreement": 0.5,
+        "verdict": {"passed": False, "margin": 2.0, "reason": "as judged by the walk"},
+    }
+    stats, fig = fold_comparison_figure(bn, hand_fold(bn), tmp_path, measured=measured)
+    assert {k: stats[k] for k in measured} == measured
+    assert len(stats["max_abs_preactivation_diff"]) == 3
+    assert "as judged by the walk" in fig["caption"]
+    png_size(tmp_path / fig["file"])
+
+
 def test_input_domain_enumerates_every_context_once():
     x, desc = input_domain(5, 3)
     assert x.shape == (125, 3) and len(distinct_contexts(x)[0]) == 125
@@ -314,8 +338,9 @@ def test_report_json_contents(cli_report):
         assert len(u["log10"]) == 120 and not any(u["frozen"])
     census = report["census"]
     assert census["examples"] == 182625 and census["distinct"] < census["examples"]
-    if report.get("fold_comparison"):  # present when bnfold.fold.modules folds the model
-        assert report["fold_comparison"]["max_abs_logit_diff"] < 1e-3
+    fold = report["fold_comparison"]  # `bnfold train --report` folds the model it trained
+    assert fold["contexts"] == 27**3 and fold["verdict"]["passed"]
+    assert fold["max_abs_logit_diff"] < 1e-3
 
 
 def test_bnfold_report_command(cli_report):

@@ -15,10 +15,12 @@ from click.testing import CliRunner
 from bnfold.cli import main
 from bnfold.errors import BnfoldError
 from bnfold.fold.modules import fold_batchnorm
+from bnfold.io.files import file_sha256
 from bnfold.mlp.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from bnfold.mlp.data import Vocab, file_sha256
+from bnfold.mlp.data import Vocab
 from bnfold.mlp.model import MLP, ModelConfig
-from bnfold.pipeline.export import build_graph, export_checkpoint, metadata, op_types, set_metadata
+from bnfold.pipeline.assemble import export_checkpoint
+from bnfold.pipeline.export import build_graph, metadata, op_types, set_metadata
 from bnfold.runtime.infer import TorchPredictor, load_predictor
 from bnfold.runtime.onnx_runtime import OnnxPredictor
 from bnfold.verify.verdict import verify

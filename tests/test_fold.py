@@ -220,7 +220,7 @@ def test_affine_false_folds_where_torch_fusion_raises():
     gen = torch.Generator().manual_seed(0)
     lin, bn = nn.Linear(3, 4).eval(), nn.BatchNorm1d(4, affine=False).eval()
     randomise_bn(bn, gen, tiny=False)
-    with pytest.raises(Exception):  # noqa: B017  (pytorch#122183: bn.weight is None)
+    with pytest.raises(TypeError):  # pytorch#122183: bn.weight is None
         fuse_linear_bn_eval(lin, bn)
     x = torch.randn(5, 3, generator=gen)
     with torch.no_grad():

@@ -3,6 +3,7 @@ writes its output set atomically: a run that fails leaves an existing set untouc
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from collections import Counter
@@ -10,13 +11,18 @@ from itertools import combinations
 from pathlib import Path
 
 import pytest
+from torch import nn
 
 from bnfold.errors import BnfoldError
 from bnfold.io.files import StagedOutputs
 from bnfold.pipeline.train_fold import UNVERIFIED_CHECKPOINT, run_main_job
+from bnfold.report import diagnostics
+from bnfold.runtime.twins import TorchTwin
 from bnfold.verify.domain import PairStats
 from bnfold.verify.networks import FOUR_NETWORKS
 from bnfold.verify.verdict import Float64Model, verify
+
+pytestmark = pytest.mark.slow  # every test runs the main job (train -> fold -> verify -> export)
 
 NAMES = Path(__file__).resolve().parent.parent / "data" / "names.txt"
 SMALL = {"data_path": NAMES, "steps": 30, "batch_size": 256, "n_hidden": 16, "progress": False}
@@ -51,13 +57,40 @@ def test_each_pair_is_compared_once_and_float64_evaluated_once(tmp_path, monkeyp
         truth["contexts"] += len(contexts)
         return logits(self, contexts)
 
+    bn_in_float64: Counter = Counter()  # contexts any float64 copy of the BN network saw
+    twin_logits = TorchTwin.logits
+
+    def counting_twin_logits(self, contexts):
+        if any(isinstance(m, nn.BatchNorm1d) for m in self.module.modules()):
+            bn_in_float64["contexts"] += len(contexts)
+        return twin_logits(self, contexts)
+
+    written: Counter = Counter()  # report files written, by name
+    write_text = diagnostics._write_text
+
+    def counting_write_text(path, text):
+        written[Path(path).name] += 1
+        return write_text(path, text)
+
     monkeypatch.setattr(PairStats, "add", counting_add)
     monkeypatch.setattr(Float64Model, "logits", counting_logits)
+    monkeypatch.setattr(TorchTwin, "logits", counting_twin_logits)
+    monkeypatch.setattr(diagnostics, "_write_text", counting_write_text)
     out = tmp_path / "models"
     result = run_main_job(out, **SMALL)
     assert result.passed
     assert compared == {pair: DOMAIN for pair in combinations(FOUR_NETWORKS, 2)}
     assert truth == {"contexts": DOMAIN}
+    # the report's fold figure included: the truth is evaluated once, in this process
+    assert bn_in_float64 == {"contexts": DOMAIN}
+    assert written["diagnostics.json"] == 1
+    # and the figure shows what the walk measured
+    figure = json.loads((out / "report" / "diagnostics.json").read_text())["fold_comparison"]
+    v = result.verification
+    assert figure["max_abs_logit_diff"] == v.max_abs_logit_error
+    assert figure["contexts"] == v.contexts_checked == DOMAIN
+    assert figure["verdict"]["margin"] == v.margin and figure["verdict"]["passed"]
+    assert (out / "report" / "fold_comparison.png").is_file()
     # the verdicts read from the one walk are the ones each command gives on its own
     monkeypatch.undo()
     alone = verify(out / "bn.pt", out / "folded.pt")
@@ -83,7 +116,7 @@ def test_a_failure_in_export_leaves_the_old_set_byte_identical(shipped, tmp_path
     def broken_write(*args, **kwargs):
         raise BnfoldError("injected: the disk broke while writing the ONNX files")
 
-    monkeypatch.setattr("bnfold.pipeline.export.write_onnx", broken_write)
+    monkeypatch.setattr("bnfold.pipeline.train_fold.write_onnx", broken_write)
     with pytest.raises(BnfoldError, match="injected"):
         run_main_job(out, **{**SMALL, "seed": 7})
     assert snapshot(out) == before

@@ -338,7 +338,7 @@ def test_cli_verify_refuses_models_with_different_inputs(gemm_file, tmp_path):
 
 
 def test_cli_fold_bnfold_export_checks_the_whole_domain(trained_checkpoint, tmp_path):
-    from bnfold.pipeline.export import export_checkpoint
+    from bnfold.pipeline.assemble import export_checkpoint
 
     export_checkpoint(trained_checkpoint, tmp_path)
     r = invoke("fold", tmp_path / "bn.onnx", "--json")

@@ -8,27 +8,22 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import BNFOLD, bnfold
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from bnfold.errors import BnfoldError
 from bnfold.io.onnx_files import load_onnx_file
 
+pytestmark = pytest.mark.slow  # the real CLI in fresh processes, on broken files and disks
+
 REPO = Path(__file__).resolve().parent.parent
-BNFOLD = str(Path(sys.executable).with_name("bnfold"))
 SHIPPED = REPO / "models"
-
-
-def bnfold(*args, cwd=None, timeout=300, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [BNFOLD, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout, **kw
-    )
 
 
 def assert_one_error_line(r: subprocess.CompletedProcess, *needles: str) -> str:

@@ -12,6 +12,8 @@ import shutil
 import httpx
 import pytest
 
+pytestmark = pytest.mark.slow  # a real browser against a live server
+
 CHROMIUM = os.environ.get("BNFOLD_CHROMIUM", "/usr/bin/chromium")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 

@@ -16,6 +16,9 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
+
+pytestmark = pytest.mark.slow  # live servers pushed to their limits
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -221,7 +224,11 @@ def test_sigterm_with_a_stalled_body_drains_cleanly(onnx_model, spawn_serve, wai
         wait_ready(url)
         with connect(url) as s:
             s.sendall(b'POST /v1/names HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"cou')
-            time.sleep(0.2)
+            # the server holds the stalled connection (the one asking for /metrics is the
+            # other open one) before it is told to stop
+            deadline = time.monotonic() + 10
+            while metric(url, "bnfold_open_connections") < 2:
+                assert time.monotonic() < deadline, "the stalled connection never opened"
             proc.send_signal(signal.SIGTERM)
             answer = closed_by_server(s, timeout=40)
         assert answer.startswith(b"HTTP/1.1 408 "), answer

@@ -4,7 +4,6 @@ import copy
 import math
 import os
 import signal
-import threading
 from dataclasses import replace
 
 import pytest
@@ -57,6 +56,7 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
         assert ka == kb and torch.equal(va, vb), ka
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("threads", [1, 2])
 def test_short_run_learns_and_is_deterministic(data, threads):
     """Same data, config and seed give bit-identical weights, with one thread and with two
@@ -92,6 +92,7 @@ def test_lecture_preset_is_the_lecture():
     assert PRESETS["fast"]["steps"] < 200_000
 
 
+@pytest.mark.slow
 def test_short_runs_warm_up_and_average_batchnorm_statistics(data):
     """A shortened `fast` run must still train and evaluate with settled BN statistics:
     warm-up is capped at a quarter of the run, and running stats start as a cumulative mean."""
@@ -128,12 +129,30 @@ def test_calibration_stores_exact_population_statistics(data):
     assert bn.momentum == 0.1  # restored
 
 
+class CtrlCAfter:
+    """A training observer that presses Ctrl-C (SIGINT to this process) once step ``step``
+    has updated the weights: an event, not a timer that guesses how long steps take."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def before_step(self, step, model):
+        pass
+
+    def after_backward(self, step, model, loss):
+        pass
+
+    def after_update(self, step, model, lr):
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def on_eval(self, step, split, loss):
+        pass
+
+
 def test_ctrl_c_stops_cleanly_and_keeps_completed_steps(data):
     cfg = TrainConfig.from_preset("fast", steps=50_000)
-    timer = threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGINT))
-    timer.start()
-    result = train(data, ModelConfig(), cfg, progress=False)
-    timer.join()
+    result = train(data, ModelConfig(), cfg, observer=CtrlCAfter(3), progress=False)
     assert result.interrupted and 0 < result.steps_done < cfg.steps
     assert len(result.losses) == result.steps_done
     assert math.isfinite(result.metrics["dev_loss"])

@@ -73,7 +73,7 @@ def test_a_graph_without_double_kernels_has_no_twin():
 
 
 def test_exported_onnx_twins_match_torch_in_double(trained_checkpoint, tmp_path):
-    from bnfold.pipeline.export import export_checkpoint
+    from bnfold.pipeline.assemble import export_checkpoint
 
     paths = export_checkpoint(trained_checkpoint, tmp_path).paths
     bn = load_checkpoint(trained_checkpoint)
@@ -129,10 +129,11 @@ def _onnx_predictor(model, ckpt, label: str) -> OnnxPredictor:
     return OnnxPredictor(f"{label}.onnx", model_bytes=proto.SerializeToString())
 
 
+@pytest.mark.slow
 def test_two_onnx_files_judge_parameters_through_double_graphs(trained_checkpoint, tmp_path):
     """With ONNX files alone, bn.onnx run in double is the truth, and the candidate's twin
     tells a correct fold from a wrong eps that float32 outputs barely show."""
-    from bnfold.pipeline.export import export_checkpoint
+    from bnfold.pipeline.assemble import export_checkpoint
 
     bn_onnx = load_predictor(export_checkpoint(trained_checkpoint, tmp_path).paths["bn"])
     ckpt = load_checkpoint(trained_checkpoint)

@@ -12,7 +12,7 @@ import torch
 from bnfold.errors import BnfoldError
 from bnfold.mlp.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from bnfold.mlp.model import MLP, ModelConfig
-from bnfold.pipeline.train_fold import fold_checkpoint
+from bnfold.pipeline.assemble import fold_checkpoint
 from bnfold.runtime.infer import TorchPredictor, load_predictor
 from bnfold.verify.domain import all_contexts
 from bnfold.verify.verdict import verify

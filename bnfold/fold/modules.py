@@ -12,8 +12,9 @@ The pure functions (:func:`bn_scale_shift`, :func:`fold_bn_into_preceding`,
 :func:`fold_bn_into_following`) work on tensors, in the spirit of
 ``torch.nn.utils.fusion``. The module-level helpers (:func:`fold_linear_bn`,
 :func:`fold_conv_bn`, :func:`fold_bn_linear`, :func:`fold_bn_conv`) return new layers. The
-entry point :func:`fold_batchnorm` folds a whole model (our :class:`~bnfold.mlp.model.MLP`, any
-``nn.Sequential``, any ``torch.fx``-traceable module) into a *new* model in eval mode and
+entry point :func:`fold_batchnorm` folds a whole model (any ``nn.Sequential``, any
+``torch.fx``-traceable module; a model may say how it is folded, see :class:`FoldsItself`)
+into a *new* model in eval mode and
 returns a :class:`FoldReport` listing what it folded and what it left alone and why. It
 never folds when it cannot show the fold is exact: it skips with a reason instead.
 """
@@ -24,7 +25,8 @@ import copy
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.fx
@@ -34,7 +36,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from bnfold.errors import BnfoldError
-from bnfold.mlp.model import MLP
 
 Tensor = torch.Tensor
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -87,6 +88,12 @@ def bn_scale_shift(
     return scale, shift
 
 
+def bias64(bias: Tensor | None, out: int) -> Tensor:
+    """A layer's bias in float64, zeros for a layer without one (a folded layer always
+    has a bias: the BatchNorm's shift)."""
+    return torch.zeros(out, dtype=torch.float64) if bias is None else bias.detach().double()
+
+
 def _out_dtype(weight: Tensor, bias: Tensor | None, dtype: torch.dtype | None):
     if dtype is not None:
         return dtype, dtype
@@ -126,7 +133,7 @@ def fold_bn_into_preceding(
     s, t = bn_scale_shift(running_mean, running_var, eps, bn_weight, bn_bias)
     s, t = s.expand(out), t.expand(out)
     w64 = weight.detach().to(torch.float64)
-    b64 = torch.zeros(out, dtype=torch.float64) if bias is None else bias.detach().double()
+    b64 = bias64(bias, out)
     new_w = w64 * s.reshape(-1, *([1] * (weight.dim() - 1)))
     new_b = b64 * s + t  # == (b - mean) * s + beta
     wd, bd = _out_dtype(weight, bias, dtype)
@@ -184,7 +191,7 @@ def fold_bn_into_following(
     t_w = _per_input(t, out, in_per_group, groups)
     kernel = [1] * (weight.dim() - 2)
     w64 = weight.detach().to(torch.float64)
-    b64 = torch.zeros(out, dtype=torch.float64) if bias is None else bias.detach().double()
+    b64 = bias64(bias, out)
     new_w = w64 * s_w.reshape(out, in_per_group, *kernel)
     new_b = b64 + (w64 * t_w.reshape(out, in_per_group, *kernel)).flatten(1).sum(1)
     wd, bd = _out_dtype(weight, bias, dtype)
@@ -661,12 +668,7 @@ def _apply(modules: dict[str, nn.Module], plans: list[_Plan]) -> None:
             w = layer.weight.detach().double()
             transposed = isinstance(layer, nn.modules.conv._ConvTransposeNd)
             out = w.shape[1] * layer.groups if transposed else w.shape[0]
-            b = (
-                torch.zeros(out, dtype=torch.float64)
-                if layer.bias is None
-                else layer.bias.detach().double()
-            )
-            work[p.layer] = (w, b)
+            work[p.layer] = (w, bias64(layer.bias, out))
         w, b = work[p.layer]
         stats = (bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
         if p.direction == INTO_PRECEDING:
@@ -700,6 +702,21 @@ def _overflow(modules: dict[str, nn.Module], plans: list[_Plan]) -> dict[str, st
     return bad
 
 
+@runtime_checkable
+class FoldsItself(Protocol):
+    """A model that says how it is folded (bnfold's MLP does): the folder knows this
+    protocol, not the model."""
+
+    def fold_example_input(self) -> tuple[Tensor, ...]:
+        """Positional inputs to check every BatchNorm's channel axis on."""
+        ...
+
+    def without_batchnorm(self, folded: nn.Module) -> nn.Module:
+        """This model's own form once every BatchNorm folded; ``folded`` is a copy of it
+        whose BatchNorms are ``nn.Identity``."""
+        ...
+
+
 def _as_args(example_input) -> tuple:
     if example_input is None:
         return ()
@@ -712,17 +729,18 @@ def fold_batchnorm(
     """Fold every foldable eval-mode BatchNorm of ``model`` into a neighbouring layer.
 
     Args:
-        model: our :class:`~bnfold.mlp.model.MLP`, an ``nn.Sequential``, or any
-            ``torch.fx``-traceable module. Left untouched (the work is done on a deep copy).
+        model: an ``nn.Sequential``, or any ``torch.fx``-traceable module. Left untouched
+            (the work is done on a deep copy).
         example_input: optional input (a tensor or a tuple of positional inputs). With it,
             shapes are propagated so every BN's channel axis is checked against the layer's
             feature axis, and the original and folded models are compared on it. Without it
-            the check relies on module types and the report says what was assumed. For our
-            MLP an example is built from its config.
+            the check relies on module types and the report says what was assumed. A
+            :class:`FoldsItself` model gives its own.
 
     Returns:
-        ``(new_model, report)``; ``new_model`` is in eval mode. For our MLP it is
-        ``MLP(replace(config, batchnorm=False))`` when every BN folds; a top-level
+        ``(new_model, report)``; ``new_model`` is in eval mode. For a :class:`FoldsItself`
+        model it is the model's own BatchNorm-free form when every BN folds (bnfold's MLP:
+        ``MLP(batchnorm=False)``); a top-level
         ``nn.Sequential`` loses its folded BN entries; any other module keeps its class
         with each folded BN replaced by ``nn.Identity``.
 
@@ -746,10 +764,10 @@ def fold_batchnorm(
             " eval-mode behaviour (the result is in eval mode)"
         )
     work = copy.deepcopy(model).eval()
-    is_mlp = type(model) is MLP and model.config.batchnorm
+    own = isinstance(model, FoldsItself)
     args = _as_args(example_input)
-    if not args and is_mlp:
-        args = (torch.zeros(2, model.config.block_size, dtype=torch.long),)
+    if not args and own:
+        args = model.fold_example_input()
     gm = _trace(work)
     if args:
         try:
@@ -793,18 +811,18 @@ def fold_batchnorm(
             "shared layers were copied for their folded calls, so the result is a"
             " torch.fx.GraphModule"
         )
-    elif is_mlp and report.complete:
-        result = _as_folded_mlp(work, model.config)
+    elif own and removed and report.complete:
+        result = model.without_batchnorm(work)
     elif isinstance(work, nn.Sequential):
         keep = [(k, m) for k, m in work.named_children() if k not in removed]
         if all(k.isdigit() for k, _ in work.named_children()):
             result = nn.Sequential(*[m for _, m in keep])
         else:
             result = nn.Sequential(OrderedDict(keep))
-    elif is_mlp:
+    elif own and removed:
         report.notes.append(
-            "not every BatchNorm folded, so the result is not a batchnorm=False MLP; folded BNs"
-            " were replaced by nn.Identity"
+            f"not every BatchNorm folded, so the result is not a {type(model).__name__}"
+            " without BatchNorm; folded BNs were replaced by nn.Identity"
         )
     elif removed:
         report.notes.append("folded BatchNorms were replaced by nn.Identity")
@@ -818,18 +836,3 @@ def fold_batchnorm(
             report.example_max_abs_diff = float((a.double() - b.double()).abs().max())
     report.seconds = round(time.perf_counter() - t0, 4)
     return result, report
-
-
-def _as_folded_mlp(work: MLP, config) -> MLP:
-    """Our MLP with its (now Identity) BNs dropped: exactly ``MLP(batchnorm=False)``."""
-    folded = MLP(replace(config, batchnorm=False))
-    layers = [m for m in work.net if not isinstance(m, nn.Identity)]
-    state = {"tok_emb.weight": work.tok_emb.weight.detach().clone()}
-    for i, m in enumerate(layers):
-        for k, v in m.state_dict().items():
-            state[f"net.{i}.{k}"] = v.detach().clone()
-    try:
-        folded.load_state_dict(state)
-    except RuntimeError as e:  # would mean our MLP changed shape: a bug, not a user error
-        raise BnfoldError(f"folded MLP does not match MLP(batchnorm=False): {e}") from None
-    return folded.eval()

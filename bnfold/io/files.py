@@ -9,6 +9,7 @@ naming the path, never an ``OSError`` traceback.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 import stat
@@ -30,6 +31,21 @@ def describe_os_error(e: OSError) -> str:
     if e.errno is not None and e.errno in errno.errorcode:
         return os.strerror(e.errno).lower()
     return str(e) or type(e).__name__
+
+
+def bytes_sha256(data: bytes) -> str:
+    """The hex sha256 of ``data``: how bnfold names a file's contents."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """The hex sha256 of the file at ``path``, read in 1 MiB chunks (for files bnfold does
+    not otherwise read; a file it reads is hashed from the bytes it read)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(MiB), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_bounded(path: str | Path, limit: int, what: str) -> bytes:

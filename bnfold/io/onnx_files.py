@@ -12,7 +12,6 @@ device) and returns the model with the data inlined.
 
 from __future__ import annotations
 
-import hashlib
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import onnx
 from onnx import TensorProto
 
 from bnfold.errors import BnfoldError
-from bnfold.io.files import MiB, describe_os_error, read_bounded
+from bnfold.io.files import MiB, bytes_sha256, describe_os_error, read_bounded
 
 # protobuf cannot hold more than 2 GiB; the default bnfold model is 0.2 MB
 MAX_ONNX_BYTES = 2048 * MiB
@@ -161,7 +160,7 @@ def load_onnx_file(path: str | Path, *, allow_external_data: bool = False) -> On
         for t in external:
             budget -= _inline_external(t, p.parent, where, budget)
         data = proto.SerializeToString()
-    return OnnxFile(p, proto, data, hashlib.sha256(raw).hexdigest())
+    return OnnxFile(p, proto, data, bytes_sha256(raw))
 
 
 def non_finite_initializers(proto: onnx.ModelProto) -> list[str]:

@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from bnfold.errors import BnfoldError, first_validation_error
-from bnfold.io.files import MiB, atomic_write, atomic_write_bytes, read_bounded
+from bnfold.io.files import MiB, atomic_write, atomic_write_bytes, bytes_sha256, read_bounded
 from bnfold.mlp.data import Vocab
 from bnfold.mlp.model import MLP, ModelConfig
 from bnfold.version import __version__
@@ -38,6 +38,10 @@ class Checkpoint:
     vocab: Vocab
     metrics: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)  # data_sha256, train config, versions, ...
+    # the sha256 of the file this checkpoint was read from or last written to (``None``
+    # while it lives in memory only): files are hashed from the bytes read or written,
+    # never read a second time to be hashed
+    sha256: str | None = None
 
     @property
     def config(self) -> ModelConfig:
@@ -66,13 +70,16 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
     # "unexpected pos" RuntimeError; a plain write fails with ENOSPC, which atomic_write names.
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    return atomic_write_bytes(path, buffer.getvalue())
+    data = buffer.getvalue()
+    written = atomic_write_bytes(path, data)
+    ckpt.sha256 = bytes_sha256(data)
+    return written
 
 
 class _ConfigPayload(BaseModel):
     """``ModelConfig`` as stored: exact types (strict: no bools for ints, no strings)."""
 
-    model_config = ConfigDict(strict=True, extra="ignore")  # as ModelConfig.from_dict
+    model_config = ConfigDict(strict=True, extra="ignore")  # unknown keys: newer fields
     vocab_size: int
     block_size: int
     n_embd: int
@@ -190,4 +197,4 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         )
     model.eval()
     meta = dict(payload.get("meta") or {})
-    return Checkpoint(model, vocab, dict(checked.metrics), meta)
+    return Checkpoint(model, vocab, dict(checked.metrics), meta, sha256=bytes_sha256(data))

@@ -7,7 +7,6 @@ character table altogether and can never collide with data.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from dataclasses import dataclass
@@ -15,13 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bnfold.errors import BnfoldError
-from bnfold.io.files import MiB, read_bounded
+from bnfold.io.files import MiB, bytes_sha256, read_bounded
 
 if TYPE_CHECKING:  # torch is imported lazily: sampling and serving ONNX models never need it
     import torch
 
 END = 0  # index of the reserved start/end token
-END_DISPLAY = "."  # how the lecture prints it; display only, never used to encode
 
 
 @dataclass(frozen=True)
@@ -62,14 +60,6 @@ class Vocab:
         return sorted({c for c in text if c not in self._stoi})  # type: ignore[attr-defined]
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # Bounds on a words file: names.txt is 0.23 MB with words of at most 15 characters.
 MAX_WORDS_BYTES = 16 * MiB  # ~70x names.txt; its contexts cost ~70 bytes per character
 MAX_WORD_CHARS = 1_000
@@ -85,7 +75,7 @@ def read_words_and_sha256(path: str | Path) -> tuple[list[str], str]:
     if p.is_dir():
         raise BnfoldError(f"{p}: is a directory, not a words file (e.g. data/names.txt)")
     raw = read_bounded(p, MAX_WORDS_BYTES, "a words file")
-    sha256 = hashlib.sha256(raw).hexdigest()
+    sha256 = bytes_sha256(raw)
     # Editors on Windows start UTF-8 files with a byte-order mark; it is not a character.
     text_bytes = raw[len(UTF8_BOM) :] if raw.startswith(UTF8_BOM) else raw
     words = []
@@ -210,9 +200,18 @@ class Dataset:
 
 
 def load_dataset(path: str | Path, block_size: int = 3, seed: int = 42) -> Dataset:
+    """The words file at ``path`` (read once) as a :class:`Dataset`."""
     if block_size < 1:
         raise BnfoldError(f"block_size must be >= 1, got {block_size}")
     words, sha256 = read_words_and_sha256(path)
+    return dataset_from_words(words, sha256, Path(path), block_size, seed)
+
+
+def dataset_from_words(
+    words: list[str], sha256: str, path: Path, block_size: int = 3, seed: int = 42
+) -> Dataset:
+    """The :class:`Dataset` of ``words`` (read from ``path``, whose bytes hash to
+    ``sha256``): vocabulary, 80/10/10 split by ``seed`` and the contexts of each split."""
     vocab = Vocab.from_words(words)
     train, dev, test = split_words(words, seed)
     empty = [name for name, ws in (("train", train), ("dev", dev), ("test", test)) if not ws]
@@ -225,4 +224,4 @@ def load_dataset(path: str | Path, block_size: int = 3, seed: int = 42) -> Datas
         name: build_contexts(ws, vocab, block_size)
         for name, ws in (("train", train), ("dev", dev), ("test", test))
     }
-    return Dataset(Path(path), sha256, vocab, (train, dev, test), splits)
+    return Dataset(path, sha256, vocab, (train, dev, test), splits)

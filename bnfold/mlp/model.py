@@ -9,7 +9,7 @@ same class describes the folded network: Linear(bias=True) -> Tanh blocks, no Ba
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -38,10 +38,9 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+
+# the default architecture: every default of the model's shape (CLI, pipeline) reads it here
+DEFAULT_MODEL = ModelConfig()
 
 
 class MLP(nn.Module):
@@ -85,6 +84,27 @@ class MLP(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, block_size) int64 contexts -> (B, vocab_size) logits."""
         return self.net(self.tok_emb(idx).flatten(1))
+
+    # -- how bnfold.fold.modules folds it (its FoldsItself protocol) -------------------
+
+    def fold_example_input(self) -> tuple[torch.Tensor]:
+        """Two all-zero contexts, to check every BatchNorm's channel axis on."""
+        return (torch.zeros(2, self.config.block_size, dtype=torch.long),)
+
+    def without_batchnorm(self, folded: nn.Module) -> MLP:
+        """``folded`` (a copy of this MLP whose BatchNorms folded into their Linears and
+        became ``nn.Identity``) as exactly ``MLP(batchnorm=False)``, in eval mode."""
+        plain = MLP(replace(self.config, batchnorm=False))
+        layers = [m for m in folded.net if not isinstance(m, nn.Identity)]
+        state = {"tok_emb.weight": folded.tok_emb.weight.detach().clone()}
+        for i, m in enumerate(layers):
+            for k, v in m.state_dict().items():
+                state[f"net.{i}.{k}"] = v.detach().clone()
+        try:
+            plain.load_state_dict(state)
+        except RuntimeError as e:  # would mean the MLP changed shape: a bug, not a user error
+            raise BnfoldError(f"folded MLP does not match MLP(batchnorm=False): {e}") from None
+        return plain.eval()
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

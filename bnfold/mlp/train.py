@@ -21,8 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnfold.errors import BnfoldError
+from bnfold.mlp.checkpoint import non_finite_tensors
 from bnfold.mlp.data import Dataset, distinct_contexts
 from bnfold.mlp.model import MLP, ModelConfig
+from bnfold.mlp.threads import torch_threads
 
 
 @dataclass(frozen=True)
@@ -228,12 +230,8 @@ def train(
     check_training_memory(model_config, cfg, len(data.splits["train"][0]))
     if not cfg.threads:
         cfg = replace(cfg, threads=free_cores())
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         return _train(data, model_config, cfg, observer, progress)
-    finally:
-        torch.set_num_threads(threads_before)
 
 
 def free_cores(limit: int = 2, window: float = 0.1) -> int:
@@ -488,7 +486,7 @@ def _train(data, model_config, cfg, observer, progress) -> TrainResult:
     if cfg.calibrate_bn and steps_done:
         calibrate_batchnorm(model, xtr)
     seconds = time.perf_counter() - t0
-    bad = non_finite_tensors(model)
+    bad = non_finite_tensors(model.state_dict())
     if bad:
         raise BnfoldError(
             f"training diverged: {', '.join(bad[:3])} hold non-finite values after"
@@ -510,15 +508,6 @@ def _diverged(step: int, loss: float, lr: float, bar) -> None:
         f"training diverged: the loss is {loss} at step {step + 1} (lr {lr:g}); nothing was"
         " saved: lower --lr"
     )
-
-
-def non_finite_tensors(model: nn.Module) -> list[str]:
-    """Names of the parameters and buffers holding NaN or infinity."""
-    return [
-        name
-        for name, t in [*model.named_parameters(), *model.named_buffers()]
-        if t.is_floating_point() and not bool(torch.isfinite(t).all())
-    ]
 
 
 class FusedAdamW:

@@ -38,8 +38,13 @@ import numpy as np
 
 from bnfold.errors import BnfoldError
 from bnfold.io.onnx_files import load_onnx_file
-from bnfold.pipeline.train_fold import train_to_checkpoint
-from bnfold.runtime.infer import Predictor
+from bnfold.mlp.checkpoint import load_checkpoint
+from bnfold.mlp.threads import torch_threads
+from bnfold.pipeline.assemble import IN_MEMORY_FOLDED, export_onnx, fold_to_checkpoint
+from bnfold.pipeline.train_fold import save_trained, train_run
+from bnfold.runtime.infer import Predictor, TorchPredictor
+from bnfold.runtime.onnx_runtime import OnnxPredictor
+from bnfold.runtime.ort_session import cpu_session
 from bnfold.verify.networks import FOUR_NETWORKS, percentiles_us, single_latency
 
 NETS = FOUR_NETWORKS
@@ -63,41 +68,39 @@ def _log(progress: bool, msg: str) -> None:
 
 
 def load_networks(models_dir: str | Path, work_dir: Path, progress: bool = False):
-    """The four predictors (dict name -> Predictor) and notes on where each came from."""
-    from bnfold.fold.modules import fold_batchnorm
-    from bnfold.mlp.checkpoint import Checkpoint
-    from bnfold.mlp.data import file_sha256
-    from bnfold.runtime.infer import TorchPredictor
-    from bnfold.runtime.onnx_runtime import OnnxPredictor
+    """The four predictors (dict name -> Predictor) and notes on where each came from.
 
+    ``bn.pt`` is read once; a ``folded.pt`` or ONNX file not made from it is not used, and
+    what is missing is made by the pipeline's assembler (folded in memory, the ONNX files
+    exported into ``work_dir`` after the same verification ``bnfold export`` does)."""
     models = Path(models_dir)
     notes: list[str] = []
     bn_path = models / "bn.pt"
-    if not bn_path.is_file():
+    if bn_path.is_file():
+        bn = load_checkpoint(bn_path)
+    else:
         _log(progress, f"no {bn_path}: training a quick model ({QUICK_STEPS} steps)...")
-        bn_path, _ = train_to_checkpoint(
-            REPO / "data" / "names.txt", work_dir, steps=QUICK_STEPS, progress=False
-        )
+        bn_path = work_dir / "bn.pt"
+        run = train_run(REPO / "data" / "names.txt", steps=QUICK_STEPS, progress=False)
+        save_trained(run, bn_path)
+        bn = run.checkpoint
         notes.append(
             f"no bn.pt in {models}: benchmarked a quick {QUICK_STEPS}-step model"
             " (names/s is not representative of a fully trained one)"
         )
-    bn_sha = file_sha256(bn_path)
-    nets: dict[str, Predictor] = {"torch BN": TorchPredictor(bn_path)}
+    nets: dict[str, Predictor] = {"torch BN": TorchPredictor(bn, str(bn_path))}
 
     folded_path = models / "folded.pt"
-    folded = None
-    if folded_path.is_file():
-        cand = TorchPredictor(folded_path)
-        src = cand.checkpoint.meta.get("folded_from") or {}
-        if cand.folded and src.get("sha256") == bn_sha:
-            folded = cand
+    folded = load_checkpoint(folded_path) if folded_path.is_file() else None
+    if folded is not None and (
+        folded.config.batchnorm or (folded.meta.get("folded_from") or {}).get("sha256") != bn.sha256
+    ):
+        folded = None  # not made from this bn.pt
     if folded is None:
-        ck = nets["torch BN"].checkpoint  # type: ignore[attr-defined]
-        model, _ = fold_batchnorm(ck.model)
-        folded = TorchPredictor(Checkpoint(model, ck.vocab), "folded (in memory)")
+        folded, _ = fold_to_checkpoint(bn, bn_path)
+        folded_path = IN_MEMORY_FOLDED
         notes.append("torch folded: bn.pt folded in memory (no matching folded.pt)")
-    nets["torch folded"] = folded
+    nets["torch folded"] = TorchPredictor(folded, str(folded_path))
 
     onnx_nets: dict[str, Predictor] = {}
     for name, file in (("ONNX BN", "bn.onnx"), ("ONNX folded", "folded.onnx")):
@@ -105,13 +108,11 @@ def load_networks(models_dir: str | Path, work_dir: Path, progress: bool = False
             pred = OnnxPredictor(models / file, threads=1)
         except BnfoldError:
             continue
-        if pred.metadata.get("source_sha256") == bn_sha:
+        if pred.metadata.get("source_sha256") == bn.sha256:
             onnx_nets[name] = pred
     if len(onnx_nets) < 2:
-        from bnfold.pipeline.export import export_checkpoint
-
         _log(progress, "exporting bn.pt to ONNX (no bn.onnx/folded.onnx made from it)...")
-        res = export_checkpoint(bn_path, work_dir / "onnx")
+        res = export_onnx(bn, bn_path, work_dir / "onnx", folded=folded, folded_path=folded_path)
         onnx_nets = {
             "ONNX BN": OnnxPredictor(res.paths["bn"], threads=1),
             "ONNX folded": OnnxPredictor(res.paths["folded"], threads=1),
@@ -131,13 +132,8 @@ class PlainOrtRun(Predictor):
     backend = "onnxruntime"
 
     def __init__(self, onnx_predictor: Predictor):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
         # the same bytes bnfold runs (read by bnfold's one ONNX loader), a plain session
-        data = load_onnx_file(onnx_predictor.path).data
-        self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(load_onnx_file(onnx_predictor.path).data, plain=True)
         self.input_name = self.session.get_inputs()[0].name
         self.path, self.vocab = onnx_predictor.path, onnx_predictor.vocab
         self.block_size, self.folded = onnx_predictor.block_size, onnx_predictor.folded
@@ -278,13 +274,8 @@ def plain_ort_sampler(onnx_path: str | Path, n: int, batch: int = 4096, seed: in
     one session (one thread), ``batch`` names in flight, each step ``session.run`` on every
     row, a numpy softmax, one uniform per row against the cumulative sum, finished rows
     restarted. It builds no strings (a generous baseline)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
     # the file's bytes through bnfold's one ONNX loader (bounded, no external data)
-    data = load_onnx_file(onnx_path).data
-    sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    sess = cpu_session(load_onnx_file(onnx_path).data, plain=True)
     inp = sess.get_inputs()[0]
     T = int(inp.shape[1])
     rng = np.random.default_rng(seed)
@@ -363,25 +354,18 @@ def run_bench(
 
     if repeats < 1 or n_names < 1:
         raise BnfoldError("repeats and names must be >= 1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with tempfile.TemporaryDirectory(prefix="bnfold-bench-") as tmp:
-            nets, paths, notes = load_networks(models_dir, Path(tmp), progress)
-            _log(progress, f"single-example latency ({repeats:,} calls per network)...")
-            lat = single_latency({**nets, PLAIN_ORT: PlainOrtRun(nets["ONNX folded"])}, repeats)
-            probs_lat = probs_latency(nets, max(1, repeats // 10))
-            _log(progress, f"batched throughput (batch {BATCH})...")
-            rows = batched_rows(nets)
-            _log(
-                progress, f"names/s (lecture loop: {LECTURE_NAMES} names; batched: {n_names:,})..."
-            )
-            lecture = lecture_names(nets["torch BN"])
-            sampled = batched_names(nets, n_names)
-            _log(progress, "names/s side by side: table engine, network engine, plain ORT loop...")
-            engines = engine_side_by_side(nets["ONNX folded"], TABLE_NAMES_PER_NAME * n_names)
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(1), tempfile.TemporaryDirectory(prefix="bnfold-bench-") as tmp:
+        nets, paths, notes = load_networks(models_dir, Path(tmp), progress)
+        _log(progress, f"single-example latency ({repeats:,} calls per network)...")
+        lat = single_latency({**nets, PLAIN_ORT: PlainOrtRun(nets["ONNX folded"])}, repeats)
+        probs_lat = probs_latency(nets, max(1, repeats // 10))
+        _log(progress, f"batched throughput (batch {BATCH})...")
+        rows = batched_rows(nets)
+        _log(progress, f"names/s (lecture loop: {LECTURE_NAMES} names; batched: {n_names:,})...")
+        lecture = lecture_names(nets["torch BN"])
+        sampled = batched_names(nets, n_names)
+        _log(progress, "names/s side by side: table engine, network engine, plain ORT loop...")
+        engines = engine_side_by_side(nets["ONNX folded"], TABLE_NAMES_PER_NAME * n_names)
 
     ratios: dict = {
         "latency_p50_speedup_vs_torch_bn": {

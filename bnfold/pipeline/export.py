@@ -16,15 +16,14 @@ The graphs are written op by op with ``onnx.helper`` rather than traced by
   ORT fuses ``Gemm -> Tanh`` into one ``FusedGemm`` in the folded network.
 
 Correctness does not rest on the builder: before anything is written, both graphs are run
-in ONNX Runtime and compared with torch over the whole input domain by
-:func:`bnfold.verify.verdict.verify`; the figures go into the files' metadata. After writing, each
+in ONNX Runtime and compared with torch over the whole input domain in the assembler's one
+walk (:mod:`bnfold.pipeline.assemble`); the figures go into the files' metadata. After writing, each
 file is loaded back from disk and must reproduce the verified outputs bit for bit.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,9 +33,9 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from bnfold.errors import BnfoldError
-from bnfold.io.files import atomic_write, check_output_file
-from bnfold.mlp.checkpoint import Checkpoint, load_checkpoint
-from bnfold.mlp.data import END, Vocab, file_sha256
+from bnfold.io.files import atomic_write
+from bnfold.mlp.checkpoint import Checkpoint
+from bnfold.mlp.data import END, Vocab
 from bnfold.mlp.model import MLP
 from bnfold.runtime.onnx_runtime import (
     FORMAT,
@@ -45,8 +44,8 @@ from bnfold.runtime.onnx_runtime import (
     OUTPUT_NAME,
     OnnxPredictor,
 )
-from bnfold.verify.domain import DomainComparison, all_contexts, compare_over_domain, plan_domain
-from bnfold.verify.verdict import Float64Model, report_from_pair
+from bnfold.verify.domain import DomainComparison, all_contexts
+from bnfold.verify.verdict import report_from_pair
 from bnfold.version import __version__
 
 OPSET = 17  # BatchNormalization-15, Gemm-13, Gather-13, Flatten-13, Tanh-13
@@ -361,79 +360,6 @@ def write_onnx(
             raise BnfoldError(f"{path}: the written file does not reproduce the verified outputs")
         paths[kind], shas[kind], ops[kind] = path, back.sha256, op_types(proto)
     return paths, shas, ops
-
-
-def export_checkpoint(
-    checkpoint: str | Path,
-    out_dir: str | Path | None = None,
-    *,
-    tolerance: float | None = None,
-    folded_checkpoint: str | Path | None = None,
-) -> ExportResult:
-    """Write ``bn.onnx`` and ``folded.onnx`` for a BN checkpoint (only ``folded.onnx`` for an
-    already folded one) into ``out_dir`` (default: the checkpoint's folder).
-    ``folded_checkpoint``: the folded ``.pt`` made from ``checkpoint`` (its recorded
-    ``folded_from`` sha256 must match), used instead of folding again.
-
-    Nothing is written unless every ONNX graph matches torch over the whole input domain
-    (one walk for every pair, see :func:`bnfold.verify.domain.compare_over_domain`); the figures
-    are stored in each file's metadata.
-    """
-    from bnfold.fold.modules import fold_batchnorm
-    from bnfold.runtime.infer import TorchPredictor
-
-    t0 = time.perf_counter()
-    src = Path(checkpoint)
-    ckpt = load_checkpoint(src)
-    src_sha = file_sha256(src)
-    out = src.parent if out_dir is None else Path(out_dir)
-    for kind in ("bn", "folded") if ckpt.config.batchnorm else ("folded",):
-        check_output_file(out / f"{kind}.onnx")  # before any work
-    notes: list[str] = []
-
-    torch_nets: dict[str, TorchPredictor] = {}
-    if ckpt.config.batchnorm:
-        torch_nets["bn"] = TorchPredictor(ckpt, f"{src.name} (torch)")
-        if folded_checkpoint is not None:  # a verified folded.pt made from this checkpoint
-            fpath = Path(folded_checkpoint)
-            folded_ckpt = load_checkpoint(fpath)
-            recorded = (folded_ckpt.meta.get("folded_from") or {}).get("sha256")
-            if folded_ckpt.config.batchnorm or recorded != src_sha:
-                raise BnfoldError(
-                    f"{fpath}: not the folded form of {src} (its folded_from sha256 differs)"
-                )
-            torch_nets["folded"] = TorchPredictor(folded_ckpt, f"{fpath.name} (torch)")
-        else:
-            folded_model, report = fold_batchnorm(ckpt.model)
-            if not report.complete or not isinstance(folded_model, MLP):
-                raise BnfoldError(f"{src}: not every BatchNorm folds:\n{report.format()}")
-            folded_ckpt = Checkpoint(folded_model, ckpt.vocab, dict(ckpt.metrics), dict(ckpt.meta))
-            torch_nets["folded"] = TorchPredictor(folded_ckpt, "folded (torch)")
-    else:
-        torch_nets["folded"] = TorchPredictor(ckpt, f"{src.name} (torch)")
-        notes.append(f"{src.name} is already folded: wrote folded.onnx only")
-
-    build = build_onnx({k: p.model for k, p in torch_nets.items()}, ckpt, src, src_sha)
-    nets = {**{TORCH_NET[k]: p for k, p in torch_nets.items()}, **build.nets}
-    # one walk over the domain for every pair; the float64 BN network is the truth
-    f64 = Float64Model.from_checkpoint(ckpt, str(src)) if ckpt.config.batchnorm else None
-    plan = plan_domain(ckpt.vocab.size, ckpt.config.block_size)
-    comparison = compare_over_domain(
-        nets, build.pairs, plan, float64_logits=f64.logits if f64 else None, tolerance=tolerance
-    )
-    labels = {name: str(net.path) for name, net in nets.items()}
-    verification, per_file = judge_onnx(comparison, build, labels, f64.source if f64 else None)
-    paths, shas, ops = write_onnx(build, per_file, out)
-    return ExportResult(
-        paths=paths,
-        op_types=ops,
-        verification=verification,
-        sha256=shas,
-        source=src,
-        source_sha256=src_sha,
-        seconds=round(time.perf_counter() - t0, 3),
-        notes=notes,
-    )
 
 
 def _probe_contexts(vocab_size: int, block_size: int, n: int = 4096) -> np.ndarray:

@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import platform
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bnfold.errors import BnfoldError, TrainingInterrupted
-from bnfold.io.files import StagedOutputs, check_output_dir, check_output_file
+import torch
+
+from bnfold.errors import TrainingInterrupted
+from bnfold.io.files import StagedOutputs, atomic_write, check_output_dir, check_output_file
 from bnfold.mlp.checkpoint import Checkpoint, save_checkpoint
-from bnfold.mlp.data import load_dataset
-from bnfold.mlp.model import ModelConfig
+from bnfold.mlp.data import Dataset, load_dataset
+from bnfold.mlp.model import DEFAULT_MODEL, ModelConfig
 from bnfold.mlp.train import TrainConfig, check_training_memory, train, train_config_dict
-from bnfold.verify.domain import plan_domain
-from bnfold.verify.networks import compare_all_pairs, format_four_networks, four_networks
+from bnfold.pipeline.assemble import (
+    assemble,
+    fold_to_checkpoint,
+    record_verification,
+    save_verified,
+    walk_plan,
+)
+from bnfold.pipeline.export import ExportResult, write_onnx
+from bnfold.report.diagnostics import attach_diagnostics, write_training_report
+from bnfold.verify.networks import format_four_networks, four_networks
+from bnfold.verify.verdict import VerifyReport
+from bnfold.version import __version__
 
 # where `train-fold` saves the partial model of a run stopped by Ctrl-C
 INTERRUPTED_CHECKPOINT = "bn.interrupted.pt"
@@ -20,47 +34,37 @@ INTERRUPTED_CHECKPOINT = "bn.interrupted.pt"
 UNVERIFIED_CHECKPOINT = "bn.unverified.pt"
 
 
-def train_to_checkpoint(
+@dataclass
+class TrainedRun:
+    """A finished training run, in memory: the checkpoint (not yet written), its summary,
+    the data it was trained on and the recorded diagnostics (``None`` without a report)."""
+
+    checkpoint: Checkpoint
+    summary: dict
+    data: Dataset
+    diagnostics: object | None  # bnfold.report.diagnostics.Diagnostics
+
+
+def train_run(
     data_path: str | Path,
-    out_dir: str | Path,
     preset: str = "fast",
     steps: int | None = None,
     batch_size: int | None = None,
     lr: float | None = None,
-    n_embd: int = 10,
-    n_hidden: int = 100,
-    n_layers: int = 5,
-    block_size: int = 3,
-    seed: int = 42,
+    n_embd: int = DEFAULT_MODEL.n_embd,
+    n_hidden: int = DEFAULT_MODEL.n_hidden,
+    n_layers: int = DEFAULT_MODEL.n_layers,
+    block_size: int = DEFAULT_MODEL.block_size,
+    seed: int = TrainConfig.seed,
     threads: int | None = None,
     progress: bool | None = None,
     observer=None,
-    report_dir: str | Path | None = None,
+    report: bool = False,
     report_interval: int | None = None,
-    stop_if_interrupted: bool = False,
-    interrupted_dir: str | Path | None = None,
-    report_figures: bool = True,
-) -> tuple[Path, dict]:
-    """Train from a words file and write ``out_dir/bn.pt``; returns (path, summary).
-
-    With ``report_dir``, training diagnostics are recorded (every ``report_interval`` steps;
-    default ~100 records per run, plus ~10 dev-loss evaluations) and a report is written
-    there (``diagnostics.json``, figures, ``index.html``); ``summary["report"]`` is its index.
-
-    Every output is checked before training starts (a file where a folder should be, a
-    folder where ``bn.pt`` should be), so a long run is never lost to a bad ``--out``.
-    Ctrl-C stops training after the current step and saves the partial model to ``bn.pt``;
-    with ``stop_if_interrupted`` it goes to ``INTERRUPTED_CHECKPOINT`` in ``interrupted_dir``
-    (default ``out_dir``) instead, no report is written, and ``TrainingInterrupted`` is
-    raised: ``out_dir`` keeps its models.
-    """
-    out_dir = Path(out_dir)
-    aside = Path(interrupted_dir) if interrupted_dir is not None else out_dir
-    check_output_file(out_dir / "bn.pt")
-    if stop_if_interrupted:
-        check_output_file(aside / INTERRUPTED_CHECKPOINT)
-    if report_dir is not None:
-        check_output_dir(report_dir)
+) -> TrainedRun:
+    """Train from a words file; nothing is written. With ``report``, training diagnostics
+    are recorded (every ``report_interval`` steps; default ~100 records per run, plus ~10
+    dev-loss evaluations)."""
     model_config = ModelConfig(
         vocab_size=2, block_size=block_size, n_embd=n_embd, n_hidden=n_hidden, n_layers=n_layers
     )
@@ -74,12 +78,9 @@ def train_to_checkpoint(
     data = load_dataset(data_path, block_size)
     model_config = replace(model_config, vocab_size=data.vocab.size)
     diagnostics = None
-    if report_dir is not None:
-        from bnfold.report.diagnostics import attach_diagnostics
-
+    if report:
         diagnostics, observer, cfg = attach_diagnostics(cfg, observer, report_interval)
     result = train(data, model_config, cfg, observer=observer, progress=progress)
-    summary = result.summary()
     meta = {
         "data_file": data.path.name,
         "data_sha256": data.sha256,
@@ -87,124 +88,59 @@ def train_to_checkpoint(
         "steps_done": result.steps_done,
         "interrupted": result.interrupted,
     }
-    ckpt = Checkpoint(result.model, data.vocab, metrics=summary, meta=meta)
-    if result.interrupted and stop_if_interrupted:
-        path = save_checkpoint(ckpt, aside / INTERRUPTED_CHECKPOINT)
-        raise TrainingInterrupted(
-            f"interrupted after {result.steps_done} of {cfg.steps} steps: saved the partial"
-            f" model to {path}; nothing else in {aside} was written"
-        )
-    path = save_checkpoint(ckpt, out_dir / "bn.pt")
-    if diagnostics is not None:
-        from bnfold.report.diagnostics import write_training_report
+    ckpt = Checkpoint(result.model, data.vocab, metrics=result.summary(), meta=meta)
+    return TrainedRun(ckpt, result.summary(), data, diagnostics)
 
+
+def save_trained(run: TrainedRun, path: Path, aside: Path | None = None) -> Path:
+    """Write ``run``'s model to ``path``; with ``aside``, a run stopped by Ctrl-C goes to
+    ``aside`` instead and ``TrainingInterrupted`` is raised (nothing else written)."""
+    if aside is not None and run.summary.get("interrupted"):
+        saved = save_checkpoint(run.checkpoint, aside)
+        raise TrainingInterrupted(
+            f"interrupted after {run.summary['steps']} of"
+            f" {run.checkpoint.meta['train_config']['steps']}"
+            f" steps: saved the partial model to {saved}; nothing else in {aside.parent} was"
+            " written"
+        )
+    return save_checkpoint(run.checkpoint, path)
+
+
+def train_to_checkpoint(
+    data_path: str | Path,
+    out_dir: str | Path,
+    *,
+    report_dir: str | Path | None = None,
+    **train_args,
+) -> tuple[Path, dict]:
+    """Train from a words file (``train_args`` go to :func:`train_run`) and write
+    ``out_dir/bn.pt``; returns (path, summary).
+
+    With ``report_dir``, a training report is written there (``diagnostics.json``, figures
+    with the BN-vs-folded comparison, ``index.html``); ``summary["report"]`` is its index.
+    Every output is checked before training starts (a file where a folder should be, a
+    folder where ``bn.pt`` should be), so a long run is never lost to a bad ``--out``.
+    Ctrl-C stops training after the current step and saves the partial model to ``bn.pt``.
+    """
+    out = Path(out_dir) / "bn.pt"
+    check_output_file(out)
+    if report_dir is not None:
+        check_output_dir(report_dir)
+    run = train_run(data_path, report=report_dir is not None, **train_args)
+    path = save_trained(run, out)
+    summary = run.summary
+    if report_dir is not None:
+        folded, _ = fold_to_checkpoint(run.checkpoint, path)
         index = write_training_report(
-            diagnostics, result.model, data, report_dir, meta, figures=report_figures
+            run.diagnostics,
+            run.checkpoint.model,
+            run.data,
+            report_dir,
+            run.checkpoint.meta,
+            folded=folded.model,
         )
         summary = {**summary, "report": str(index)}
     return path, summary
-
-
-def fold_to_checkpoint(src: Checkpoint, source: Path, source_sha256: str):
-    """Every BatchNorm of ``src`` (the checkpoint file ``source``, whose sha256 is given)
-    folded, as a checkpoint that records where it came from; refused when not every
-    BatchNorm folds. Not verified yet. Returns ``(Checkpoint, FoldReport)``."""
-    from bnfold.fold.modules import fold_batchnorm
-    from bnfold.mlp.model import MLP
-
-    folded, report = fold_batchnorm(src.model)
-    if not report.complete or not isinstance(folded, MLP):
-        why = "; ".join(f"{s.bn}: {s.reason}" for s in report.skipped) or "unknown"
-        raise BnfoldError(f"{source}: could not fold every BatchNorm ({why})")
-    meta = {
-        **src.meta,
-        "folded_from": {"path": str(source.resolve()), "sha256": source_sha256},
-        "metrics_from": "the source BatchNorm checkpoint (the folded model is verified equal)",
-    }
-    return Checkpoint(folded, src.vocab, metrics=dict(src.metrics), meta=meta), report
-
-
-def record_verification(folded: Checkpoint, fold_report, verification) -> None:
-    """Store the fold report and the verification (a ``VerifyReport``) in the checkpoint."""
-    folded.meta["fold_report"] = fold_report.to_dict()
-    folded.meta["verification"] = verification.to_dict()
-    folded.metrics["max_abs_logit_error"] = verification.max_abs_logit_error
-    folded.metrics["verified"] = verification.passed
-
-
-def save_verified(folded: Checkpoint, out: Path) -> Path:
-    """Write the folded checkpoint and read it back: it must hold bit for bit the weights
-    that were verified."""
-    import torch
-
-    from bnfold.mlp.checkpoint import load_checkpoint
-
-    path = save_checkpoint(folded, out)
-    written = load_checkpoint(path).model.state_dict()
-    for k, v in folded.model.state_dict().items():
-        if not torch.equal(written[k], v):
-            raise BnfoldError(f"{path}: the written checkpoint differs from the verified model")
-    return path
-
-
-def dev_test_contexts(src: Checkpoint, data_path, max_exhaustive: int):
-    """Every dev/test context of ``data_path`` when the domain is too large to check
-    exhaustively and the file is the one ``src`` was trained on, else ``None``."""
-    from bnfold.verify.verdict import split_contexts
-
-    cfg = src.config
-    if data_path is None or cfg.vocab_size**cfg.block_size <= max_exhaustive:
-        return None
-    return split_contexts(data_path, cfg.block_size, src.meta.get("data_sha256"))
-
-
-def fold_checkpoint(
-    bn_path: str | Path,
-    out_path: str | Path | None = None,
-    *,
-    tolerance: float | None = None,
-    data_path: str | Path | None = None,
-    write_on_failure: bool = False,
-    **verify_options,
-):
-    """Fold every BatchNorm of ``bn_path`` and write the verified result (default
-    ``folded.pt`` next to the input). Returns ``(path, FoldReport, VerifyReport)``.
-
-    The folded model is verified against the BN model (and a float64 evaluation of it)
-    *before* it is written; when verification fails nothing is written (path ``None``)
-    unless ``write_on_failure``. The written file is reloaded and compared bit for bit
-    with what was verified. ``data_path`` supplies the dev/test contexts that are added to
-    the random sample when the domain is too large to check exhaustively.
-    ``verify_options`` go to :func:`bnfold.verify.verdict.verify`.
-    """
-    from bnfold.mlp.checkpoint import load_checkpoint
-    from bnfold.mlp.data import file_sha256
-    from bnfold.runtime.infer import TorchPredictor
-    from bnfold.verify.verdict import DEFAULT_MAX_EXHAUSTIVE, verify
-
-    bn_path = Path(bn_path)
-    src = load_checkpoint(bn_path)
-    if not src.config.batchnorm:
-        raise BnfoldError(f"{bn_path}: already folded (no BatchNorm left); give the BN checkpoint")
-    out = Path(out_path) if out_path is not None else bn_path.with_name("folded.pt")
-    if out.exists() and out.resolve() == bn_path.resolve():
-        raise BnfoldError(f"{out}: the output would overwrite the input checkpoint")
-    check_output_file(out)
-    ckpt, report = fold_to_checkpoint(src, bn_path, file_sha256(bn_path))
-    max_exhaustive = verify_options.get("max_exhaustive", DEFAULT_MAX_EXHAUSTIVE)
-    extra = dev_test_contexts(src, data_path, max_exhaustive)
-    if extra is not None:
-        verify_options.setdefault("extra_contexts", extra)
-    vr = verify(
-        TorchPredictor(src, str(bn_path)),
-        TorchPredictor(ckpt, str(out)),
-        tolerance=tolerance,
-        **verify_options,  # the float64 ground truth is the BN side: found automatically
-    )
-    record_verification(ckpt, report, vr)
-    if not (vr.passed or write_on_failure):
-        return None, report, vr
-    return save_verified(ckpt, out), report, vr
 
 
 # --------------------------------------------------------------------------- the main job
@@ -305,128 +241,102 @@ def run_main_job(
     tolerance: float | None = None,
     max_exhaustive: int | None = None,
     command: str = "bnfold train-fold",
+    report_dir: str | Path | None = None,
     **train_args,
 ) -> MainJobResult:
     """train -> fold -> verify -> export -> model card, all into ``out_dir``.
 
-    ``train_args`` go to :func:`train_to_checkpoint` (``report_dir`` defaults to
-    ``out_dir/report``). Every output is written into a staging folder beside ``out_dir``
-    (and beside the report folder, when that is elsewhere) and moved into place only when
-    every stage passed, so a run that fails or is stopped half-way leaves ``out_dir`` as it
-    was: no new ``bn.pt`` beside old folded files. When verification fails, nothing
-    unverified is written or exported: the trained model is kept aside as
-    ``UNVERIFIED_CHECKPOINT`` and nothing else in ``out_dir`` changes. ``command`` is
-    recorded in the model card so the run can be repeated.
-    """
-    from bnfold.report.diagnostics import finish_report_figures, start_report_figures
+    ``train_args`` go to :func:`train_run`; the training report goes to ``report_dir``
+    (default ``out_dir/report``). Every output is written into a staging folder beside
+    ``out_dir`` (and beside the report folder, when that is elsewhere) and moved into place
+    only when every stage passed, so a run that fails or is stopped half-way leaves
+    ``out_dir`` as it was: no new ``bn.pt`` beside old folded files. When verification
+    fails, nothing unverified is written or exported: the trained model is kept aside as
+    ``UNVERIFIED_CHECKPOINT`` and nothing else in ``out_dir`` changes. A run stopped by
+    Ctrl-C saves its partial model as ``INTERRUPTED_CHECKPOINT`` in ``out_dir`` and raises
+    ``TrainingInterrupted``. ``command`` is recorded in the model card so the run can be
+    repeated.
 
+    The trained model stays in memory from training to the report: ``bn.pt`` is written
+    once and never read back, and the report (its fold figure included) is written once,
+    from what the one walk measured.
+    """
     out_dir = Path(out_dir)
-    report_dir = Path(train_args.pop("report_dir", None) or out_dir / "report")
-    for name in (*MAIN_JOB_FILES, UNVERIFIED_CHECKPOINT):  # all checked before training
-        check_output_file(out_dir / name)
+    report_dir = Path(report_dir or out_dir / "report")
+    for name in (*MAIN_JOB_FILES, UNVERIFIED_CHECKPOINT, INTERRUPTED_CHECKPOINT):
+        check_output_file(out_dir / name)  # all checked before training
     check_output_dir(report_dir)
     staged = [StagedOutputs(out_dir)]
     try:
         if not staged[0].holds(report_dir):
             staged.append(StagedOutputs(report_dir))
-        report_stage = staged[-1]
-        bn_staged, summary = train_to_checkpoint(
-            out_dir=staged[0].root,
-            report_dir=report_stage.path(report_dir),
-            stop_if_interrupted=True,
-            interrupted_dir=out_dir,
-            report_figures=False,
-            **train_args,
+        run = train_run(report=True, **train_args)
+        bn_staged = save_trained(
+            run, staged[0].path(out_dir / "bn.pt"), aside=out_dir / INTERRUPTED_CHECKPOINT
         )
-        if "report" in summary:
-            summary["report"] = str(report_stage.final(summary["report"]))
-        # The report's figures are drawn by a second process while this one folds,
-        # verifies and exports: on two cores, about 2.5 s off the main job's wall time.
-        figures = start_report_figures(report_stage.path(report_dir), bn_staged)
-        try:
-            result = _fold_verify_export(
-                staged[0], bn_staged, summary, tolerance, max_exhaustive, command, train_args
-            )
-        except BaseException:
-            figures.kill()
-            figures.wait()
-            raise
+        summary = {**run.summary, "report": str(report_dir / "index.html")}
+        result, folded = _fold_verify_export(
+            staged[0], run, summary, tolerance, max_exhaustive, command
+        )
         if not result.passed:
-            figures.kill()
-            figures.wait()
             staged[0].keep(bn_staged, out_dir / UNVERIFIED_CHECKPOINT)
             return result
-        try:
-            finish_report_figures(figures, report_dir)
-        except BnfoldError as e:  # the models are good: they go into place, then the error
-            failed_figures = e
-        else:
-            failed_figures = None
+        write_training_report(
+            run.diagnostics,
+            run.checkpoint.model,
+            run.data,
+            staged[-1].path(report_dir),
+            run.checkpoint.meta,
+            folded=folded.model,
+            measured=fold_figure_stats(result.verification),
+        )
         for stage in staged:
             stage.commit(last=("README.md",))  # the card, with every file's sha256, last
     finally:
         for stage in staged:
             stage.discard()
-    if failed_figures is not None:
-        raise failed_figures
     return result
+
+
+def fold_figure_stats(v: VerifyReport) -> dict:
+    """What the walk measured for the fold pair, as the report's fold figure shows it."""
+    keys = ("criterion", "bound", "margin", "passed", "reason", "near_ties", "flips")
+    return {
+        "contexts": v.contexts_checked,
+        "domain": v.coverage,
+        "max_abs_logit_diff": v.max_abs_logit_error,
+        "argmax_agreement": v.argmax_agreement,
+        "verdict": {k: getattr(v, k) for k in keys},
+    }
 
 
 def _fold_verify_export(
     stage: StagedOutputs,
-    bn_staged: Path,
+    run: TrainedRun,
     summary: dict,
     tolerance: float | None,
     max_exhaustive: int | None,
     command: str,
-    train_args: dict,
-) -> MainJobResult:
-    """Fold, export and verify the checkpoint ``bn_staged``, writing into ``stage``.
+) -> tuple[MainJobResult, Checkpoint]:
+    """Fold, verify and export the trained checkpoint (already written into ``stage``),
+    writing into ``stage``. Returns the result and the folded checkpoint.
 
-    One walk over the domain compares the four networks (torch BN, torch folded, ONNX BN,
-    ONNX folded; all six pairs) and the float64 truth, each evaluated once: the fold's
-    verification, the export's ONNX Runtime check and the four-network table are read
-    from it. Nothing is written before its verdict is known.
+    One walk over the domain (:func:`bnfold.pipeline.assemble.assemble`) compares the four
+    networks (torch BN, torch folded, ONNX BN, ONNX folded; all six pairs) and the float64
+    truth, each evaluated once: the fold's verification, the export's ONNX Runtime check
+    and the four-network table are read from it. Nothing is written before its verdict is
+    known.
     """
-    import time
-
-    from bnfold.mlp.checkpoint import load_checkpoint
-    from bnfold.mlp.data import file_sha256
-    from bnfold.pipeline.export import TORCH_NET, ExportResult, build_onnx, judge_onnx, write_onnx
-    from bnfold.runtime.infer import TorchPredictor
-    from bnfold.verify.verdict import DEFAULT_MAX_EXHAUSTIVE, Float64Model, report_from_pair
-
     out_dir = stage.target
     # the final paths name every file in reports and metadata, never the staging folder
     bn_path, folded_path = out_dir / "bn.pt", out_dir / "folded.pt"
-    src, src_sha = load_checkpoint(bn_staged), file_sha256(bn_staged)
-    folded, fold_report = fold_to_checkpoint(src, bn_path, src_sha)
-    t0 = time.perf_counter()
-    build = build_onnx({"bn": src.model, "folded": folded.model}, src, bn_path, src_sha)
-    export_seconds = time.perf_counter() - t0
-    nets = {
-        TORCH_NET["bn"]: TorchPredictor(src, str(bn_path)),
-        TORCH_NET["folded"]: TorchPredictor(folded, str(folded_path)),
-        **build.nets,
-    }
-    limit = DEFAULT_MAX_EXHAUSTIVE if max_exhaustive is None else max_exhaustive
-    plan = plan_domain(
-        src.config.vocab_size,
-        src.config.block_size,
-        max_exhaustive=limit,
-        extra=dev_test_contexts(src, train_args.get("data_path"), limit),
+    src = run.checkpoint
+    plan = walk_plan(src, run.data.path, max_exhaustive)
+    a = assemble(
+        src, bn_path, folded_path=folded_path, all_pairs=True, plan=plan, tolerance=tolerance
     )
-    truth = Float64Model.from_checkpoint(src, str(bn_path))
-    comparison = compare_all_pairs(nets, plan, truth, tolerance=tolerance)
-
-    verification = report_from_pair(
-        comparison.pairs[(TORCH_NET["bn"], TORCH_NET["folded"])],
-        plan,
-        reference=str(bn_path),
-        candidate=str(folded_path),
-        float64_source=truth.source,
-        seconds=comparison.seconds,
-    )
+    folded, fold_report = a.checkpoints["folded"], a.fold_report
+    verification = a.fold_verification()
     record_verification(folded, fold_report, verification)
     passed = verification.passed
     rows = [
@@ -435,31 +345,28 @@ def _fold_verify_export(
     ]
     result = MainJobResult(rows, summary, fold_report, verification)
     if not passed:
-        return result
+        return result, folded
     save_verified(folded, stage.path(folded_path))
 
     t0 = time.perf_counter()
-    labels = {
-        TORCH_NET["bn"]: f"{bn_path.name} (torch)",
-        TORCH_NET["folded"]: f"{folded_path.name} (torch)",
-        **{name: str(net.path) for name, net in build.nets.items()},
-    }
-    checks, per_file = judge_onnx(comparison, build, labels, truth.source)
-    paths, shas, ops = write_onnx(build, per_file, stage.root)
+    checks, per_file = a.onnx_verification()
+    paths, shas, ops = write_onnx(a.build, per_file, stage.root)
     result.export = ExportResult(
         paths={kind: stage.final(p) for kind, p in paths.items()},
         op_types=ops,
         verification=checks,
         sha256=shas,
         source=bn_path,
-        source_sha256=src_sha,
-        seconds=round(export_seconds + time.perf_counter() - t0, 3),
+        source_sha256=src.sha256,
+        seconds=round(a.build_seconds + time.perf_counter() - t0, 3),
     )
     rows.append(result.export.stage_row())
-    files = dict(zip(nets, (bn_path, folded_path, *result.export.paths.values()), strict=True))
-    result.networks = four_networks(comparison, nets, files)
-    card = write_model_card(stage.root, result, command, train_args.get("seed", 42))
-    result.model_card = stage.final(card)
+    files = dict(zip(a.nets, (bn_path, folded_path, *result.export.paths.values()), strict=True))
+    result.networks = four_networks(a.comparison, a.nets, files)
+    written = {bn_path.name: src.sha256, folded_path.name: folded.sha256}
+    written.update({p.name: shas[kind] for kind, p in paths.items()})
+    seed = src.meta["train_config"]["seed"]
+    result.model_card = stage.final(write_model_card(stage.root, result, command, seed, written))
     rows.append(
         {
             "stage": "card",
@@ -468,18 +375,14 @@ def _fold_verify_export(
             "output": str(result.model_card),
         }
     )
-    return result
+    return result, folded
 
 
-def write_model_card(out_dir: Path, job: MainJobResult, command: str, seed: int) -> Path:
-    """``out_dir/README.md``: how the models were made, how good they are, and checksums."""
-    import platform
-
-    import torch
-
-    from bnfold.io.files import atomic_write
-    from bnfold.mlp.data import file_sha256
-    from bnfold.version import __version__
+def write_model_card(
+    out_dir: Path, job: MainJobResult, command: str, seed: int, sha256: dict[str, str]
+) -> Path:
+    """``out_dir/README.md``: how the models were made, how good they are, and checksums
+    (``sha256``: file name -> the hash of the bytes written, so no file is read again)."""
 
     t, v, n = job.train, job.verification, job.networks
     files = MAIN_JOB_FILES[:4]
@@ -537,7 +440,7 @@ def write_model_card(out_dir: Path, job: MainJobResult, command: str, seed: int)
     lines += ["", "## Files", "", "| file | bytes | sha256 |", "| --- | --- | --- |"]
     for name in files:
         p = out_dir / name
-        lines.append(f"| `{name}` | {p.stat().st_size:,} | `{file_sha256(p)}` |")
+        lines.append(f"| `{name}` | {p.stat().st_size:,} | `{sha256[name]}` |")
     lines.append("")
     path = out_dir / "README.md"
     atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines), encoding="utf-8"))

@@ -34,9 +34,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Literal
 
@@ -432,70 +429,29 @@ def write_training_report(
     data,
     report_dir: str | Path,
     meta=None,
-    figures: bool = True,
+    *,
+    folded: nn.Module | None = None,
+    measured: dict | None = None,
 ) -> Path:
-    """After training: the dead-unit census over ``data``'s train split, the report files,
-    and, when ``bnfold.fold.modules`` is available, the BN-vs-folded comparison figure. With
-    ``figures=False`` only ``diagnostics.json`` and the index are written; the figures can
-    be drawn later from the saved files (:func:`start_report_figures`)."""
+    """After training: the dead-unit census over ``data``'s train split, then the report
+    (``diagnostics.json``, figures, ``index.html``), each file written once. With
+    ``folded`` (``model`` with every BatchNorm folded) the report gains the BN-vs-folded
+    figure; ``measured`` holds what the pipeline's walk found for that pair
+    (:func:`bnfold.report.plots.fold_comparison_stats`), so the figure judges nothing
+    again."""
     diagnostics.finalize(model, data.splits["train"][0])
-    index = diagnostics.save(report_dir, meta=meta, figures=figures)
-    folded = _fold_or_none(model) if figures else None
+    report = diagnostics.to_dict()
+    if meta:
+        report["meta"] = meta
+    out = _report_dir(report_dir)
+    extra = []
     if folded is not None:
-        index = add_fold_comparison(report_dir, model, folded)
-    return index
+        from bnfold.report import plots
 
-
-def render_report_figures(report_dir: str | Path, bn_checkpoint: str | Path) -> Path:
-    """Draw the figures of a report saved with ``figures=False``, from its files alone:
-    ``diagnostics.json`` and the BN checkpoint the run wrote."""
-    from bnfold.mlp.checkpoint import load_checkpoint
-
-    report = load_report(report_dir)
-    index = write_report(report, report_dir)
-    model = load_checkpoint(bn_checkpoint).model
-    folded = _fold_or_none(model)
-    return add_fold_comparison(report_dir, model, folded) if folded is not None else index
-
-
-def start_report_figures(report_dir: str | Path, bn_checkpoint: str | Path) -> subprocess.Popen:
-    """:func:`render_report_figures` in a child process (one torch thread), so that the
-    main job folds, verifies and exports on one core while the figures (~2.5 s of CPU,
-    matplotlib's import included) are drawn on the other. Wait with
-    :func:`finish_report_figures`."""
-    code = (
-        "import sys; from bnfold.report.diagnostics import render_report_figures as r; "
-        "r(*sys.argv[1:])"
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-c", code, str(report_dir), str(bn_checkpoint)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
-
-
-def finish_report_figures(proc: subprocess.Popen, report_dir: str | Path) -> None:
-    """Wait for :func:`start_report_figures`; its failure is ours (one error line)."""
-    _, err = proc.communicate()
-    if proc.returncode:
-        last = (err or b"").decode("utf-8", "replace").strip().splitlines()[-1:] or ["?"]
-        raise BnfoldError(
-            f"{report_dir}: drawing the report's figures failed ({last[0]}); the models"
-            " are written, the report has no figures"
-        )
-
-
-def _fold_or_none(model: nn.Module):
-    try:
-        from bnfold.fold.modules import fold_batchnorm
-    except ImportError:  # the folding module is optional for a training report
-        return None
-    folded, report = fold_batchnorm(model)
-    if getattr(folded, "config", None) is None or folded.config.batchnorm:
-        return None  # not every BN folded: nothing like-for-like to compare
-    return folded
+        stats, figure = plots.fold_comparison_figure(model, folded, out, measured=measured)
+        report["fold_comparison"] = stats
+        extra.append(figure)
+    return write_report(report, out, extra_figures=extra)
 
 
 # ------------------------------------------------------------------- report files --
@@ -504,10 +460,7 @@ def _fold_or_none(model: nn.Module):
 def write_report(report: dict, report_dir: str | Path, extra_figures=(), figures=True) -> Path:
     """Render the figures of ``report`` into ``report_dir`` and write JSON + index
     (``figures=False``: JSON and index only, matplotlib not even imported)."""
-    out = Path(report_dir)
-    if out.exists() and not out.is_dir():
-        raise BnfoldError(f"{out}: exists and is not a directory (give a report directory)")
-    out.mkdir(parents=True, exist_ok=True)
+    out = _report_dir(report_dir)
     if figures:
         from bnfold.report import plots  # matplotlib is only imported when figures are drawn
 
@@ -518,6 +471,15 @@ def write_report(report: dict, report_dir: str | Path, extra_figures=(), figures
     report["figures"] = figures
     _write_json(report, out / REPORT_JSON)
     return write_index(report, out)
+
+
+def _report_dir(report_dir: str | Path) -> Path:
+    """``report_dir``, made if missing; refused when a file is in its place."""
+    out = Path(report_dir)
+    if out.exists() and not out.is_dir():
+        raise BnfoldError(f"{out}: exists and is not a directory (give a report directory)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -613,20 +575,6 @@ def load_report(report_dir: str | Path) -> dict:
             f"{path}: malformed diagnostics report: {first_validation_error(e)}"
         ) from None
     return report
-
-
-def add_fold_comparison(report_dir: str | Path, bn_model: nn.Module, folded: nn.Module) -> Path:
-    """Add the BN-vs-folded comparison (figure + numbers) to a saved report."""
-    from bnfold.report import plots
-
-    out = Path(report_dir)
-    report = load_report(out)
-    stats, figure = plots.fold_comparison_figure(bn_model, folded, out)
-    report["fold_comparison"] = stats
-    report["figures"] = [f for f in report.get("figures", []) if f["file"] != figure["file"]]
-    report["figures"].append(figure)
-    _write_json(report, out / REPORT_JSON)
-    return write_index(report, out)
 
 
 def write_index(report: dict, out: Path) -> Path:

@@ -262,8 +262,15 @@ def preactivations(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return [*captured, logits]
 
 
-def fold_comparison_stats(bn_model: nn.Module, folded: nn.Module):
-    """Pre-activations and logits of both networks over the input domain, and the numbers."""
+def fold_comparison_stats(bn_model: nn.Module, folded: nn.Module, measured: dict | None = None):
+    """Pre-activations and logits of both networks over the input domain (float32: what
+    the figure draws), and the numbers.
+
+    ``measured``: what a walk over the domain already found for this pair (``contexts``,
+    ``domain``, ``max_abs_logit_diff``, ``argmax_agreement``, ``verdict``), as the main
+    job passes it; those numbers are taken as they are and nothing is evaluated in float64
+    here. Without it (a training report on its own) the verdict is judged here, against
+    the BN network in float64, as :mod:`bnfold.verify.rounding` judges everywhere."""
     cb, cf = bn_model.config, folded.config
     if (cb.vocab_size, cb.block_size, cb.n_layers) != (cf.vocab_size, cf.block_size, cf.n_layers):
         raise BnfoldError("BN and folded models differ in vocabulary, block size or depth")
@@ -272,8 +279,8 @@ def fold_comparison_stats(bn_model: nn.Module, folded: nn.Module):
     if len(pb) != len(pf) or any(a.shape != b.shape for a, b in zip(pb, pf, strict=True)):
         raise BnfoldError("BN and folded models have different layer shapes")
     diffs = [(b - a).abs().max().item() for a, b in zip(pb, pf, strict=True)]
-    # the verdict is the one bnfold.verify.rounding gives everywhere: against the BN network
-    # evaluated in float64, with the folded network's parameter test
+    if measured is not None:
+        return {**measured, "max_abs_preactivation_diff": diffs[:-1]}, pb, pf
     xs = x.numpy()
     z = TorchTwin(bn_model).logits(xs)
     twin = TorchTwin(folded)
@@ -292,10 +299,13 @@ def fold_comparison_stats(bn_model: nn.Module, folded: nn.Module):
     return stats, pb, pf
 
 
-def fold_comparison_figure(bn_model: nn.Module, folded: nn.Module, out: Path):
+def fold_comparison_figure(
+    bn_model: nn.Module, folded: nn.Module, out: Path, measured: dict | None = None
+):
     """``fold_comparison.png``: |logit difference| distribution over the input domain and,
-    per block, the BN network's Linear+BN pre-activations against the folded Linear's."""
-    stats, pb, pf = fold_comparison_stats(bn_model, folded)
+    per block, the BN network's Linear+BN pre-activations against the folded Linear's
+    (``measured``: see :func:`fold_comparison_stats`)."""
+    stats, pb, pf = fold_comparison_stats(bn_model, folded, measured)
     n = len(pb)
     ncols = 4
     nrows = math.ceil((n + 1) / ncols)

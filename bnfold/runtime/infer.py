@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from bnfold.errors import BnfoldError
-from bnfold.mlp.data import file_sha256
 from bnfold.runtime.onnx_runtime import OnnxPredictor
 from bnfold.runtime.predictor import ModelSpec, Predictor
 from bnfold.runtime.twins import TorchTwin
@@ -39,10 +38,11 @@ class TorchPredictor(Predictor):
 
             ckpt = load_checkpoint(source)
             label = label or str(source)
-            sha = file_sha256(source)
         else:
             ckpt = source
-            sha = _checkpoint_sha256(ckpt)
+        # a checkpoint read or written is named by its file's sha256, one in memory only
+        # by the hash of its contents
+        sha = ckpt.sha256 or _checkpoint_sha256(ckpt)
         self.path = Path(label or "<in memory>")
         self.checkpoint = ckpt
         self.model = ckpt.model.eval()

@@ -15,7 +15,6 @@ list and run options; ``benchmarks/sampler.py`` measures it against the alternat
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -23,8 +22,10 @@ import numpy as np
 import onnx
 
 from bnfold.errors import BnfoldError
+from bnfold.io.files import bytes_sha256
 from bnfold.io.onnx_files import load_onnx_file, non_finite_initializers, weight_count
 from bnfold.mlp.data import END, Vocab
+from bnfold.runtime.ort_session import cpu_session
 from bnfold.runtime.predictor import Predictor
 from bnfold.runtime.twins import OnnxTwin, onnx_twin
 
@@ -39,22 +40,6 @@ REQUIRED_KEYS = ("format", "format_version", "vocabulary", "end_token", "block_s
 OPTIONAL_JSON_KEYS = ("model_config", "verification")
 
 _SMALL = 64  # up to this many ids, a Python min/max beats a numpy reduction
-
-
-def session_options(threads: int = 1):
-    """ORT options for small, latency-bound graphs: ``threads`` intra-op threads, one
-    inter-op thread, sequential execution, all graph optimisations."""
-    import onnxruntime as ort
-
-    if not isinstance(threads, int) or threads < 1:
-        raise BnfoldError(f"threads must be a positive integer, got {threads!r}")
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3  # errors only: no warnings on stderr at load time
-    return so
 
 
 def parse_metadata(meta: dict[str, str], where: str) -> dict:
@@ -139,12 +124,10 @@ class OnnxPredictor(Predictor):
             proto = onnx.ModelProto.FromString(model_bytes)
         self.parameters = weight_count(proto)
         self.proto = proto  # for the float64 twin (verification); small for these models
-        self.sha256 = hashlib.sha256(model_bytes).hexdigest()
+        self.sha256 = bytes_sha256(model_bytes)
         self.threads = threads
         try:
-            self.session = ort.InferenceSession(
-                model_bytes, session_options(threads), providers=["CPUExecutionProvider"]
-            )
+            self.session = cpu_session(model_bytes, threads)
         except BnfoldError:
             raise
         except Exception as e:  # ORT raises its own types for unparsable/invalid models

@@ -91,17 +91,12 @@ class OnnxTwin:
     by ONNX Runtime on the CPU (one thread)."""
 
     def __init__(self, model: onnx.ModelProto, input_name: str):
-        import onnxruntime as ort
+        from bnfold.runtime.ort_session import cpu_session
 
         self.model = model
         self.input_name = input_name
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
         # no graph rewrites: a fused kernel may compute in float32 internally
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        self.session = ort.InferenceSession(
-            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-        )
+        self.session = cpu_session(model.SerializeToString(), optimize=False)
 
     def logits(self, contexts: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: contexts})[0]

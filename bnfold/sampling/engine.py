@@ -482,7 +482,7 @@ class SamplerEngine:
         if z is not None:
             local = self._store_new(plan, z)
         shift = np.uint64(UNIFORM_BITS - (t.buckets.bit_length() - 1))
-        g = t.guide.reshape(-1)[slot * t.buckets + (bits >> shift).astype(np.int64)]
+        g = t.flat_guide[slot * t.buckets + (bits >> shift).astype(np.int64)]
         tok = g.astype(np.int64)
         split = g == t.split
         if split.any():
@@ -493,7 +493,7 @@ class SamplerEngine:
             tok[rows] = inverse_cdf(cdf[idx], bits_to_uniform(bits[rows]))
 
         def lp_of(tk: np.ndarray) -> np.ndarray:
-            out = t.lp.reshape(-1)[slot * t.vocab + tk]
+            out = t.flat_lp[slot * t.vocab + tk]
             if local is not None:
                 rows, idx, _, lp_local = local
                 out[rows] = lp_local[idx, tk[rows]]

@@ -40,7 +40,7 @@ import numpy as np
 
 from bnfold.errors import BnfoldError
 from bnfold.io import jsonsafe
-from bnfold.mlp.data import file_sha256, read_words, split_words
+from bnfold.mlp.data import read_words_and_sha256, split_words
 from bnfold.runtime.predictor import Predictor
 from bnfold.sampling.engine import (
     DEFAULT_ENGINE,
@@ -241,8 +241,7 @@ class Labeler:
 
     def __init__(self, words_file: str | Path, expected_sha256: str | None = None):
         self.path = Path(words_file)
-        words = read_words(self.path)
-        self.sha256 = file_sha256(self.path)
+        words, self.sha256 = read_words_and_sha256(self.path)  # one read: words and hash
         if expected_sha256 is not None and expected_sha256 != self.sha256:
             raise BnfoldError(
                 f"{self.path} (sha256 {self.sha256[:12]}...) is not the words file this model"

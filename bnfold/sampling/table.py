@@ -56,9 +56,9 @@ class RowTable:
         self.cdf = np.empty((slots, vocab), dtype=np.float32)
         self.lp = np.empty((slots, vocab), dtype=np.float64)
         self.guide = np.empty((slots, self.buckets), dtype=guide_dtype)
-        self._flat_cdf = self.cdf  # 2-D gathers below; flat views for element gathers
-        self._flat_lp = self.lp.reshape(-1)
-        self._flat_guide = self.guide.reshape(-1)
+        # flat views (no copies) for the engine's element gathers, made once, not per step
+        self.flat_lp = self.lp.reshape(-1)
+        self.flat_guide = self.guide.reshape(-1)
         self.stored = 0  # rows written (including those that replaced another)
 
     @property

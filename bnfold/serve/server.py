@@ -13,9 +13,7 @@ from typing import Any
 from bnfold.errors import BnfoldError
 from bnfold.serve.http import create_app
 from bnfold.serve.protocol import BoundedHttpToolsProtocol
-from bnfold.serve.settings import ENV_SETTINGS, ServeSettings
-
-LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+from bnfold.serve.settings import ENV_SETTINGS, LOG_LEVELS, ServeSettings
 
 
 def check_port(host: str, port: int) -> None:

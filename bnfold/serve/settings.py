@@ -12,6 +12,7 @@ from bnfold.errors import BnfoldError
 from bnfold.sampling.engine import DEFAULT_ENGINE, ENGINES
 
 ENV_SETTINGS = "BNFOLD_SERVE_SETTINGS"  # JSON ServeSettings, read by each worker's factory
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 MIB = 1 << 20
 
 

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from itertools import combinations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from bnfold.errors import BnfoldError
+from bnfold.mlp.threads import torch_threads
 from bnfold.runtime.infer import Predictor
 from bnfold.verify.domain import DomainComparison, DomainPlan, compare_over_domain
 
@@ -67,15 +65,32 @@ def single_latency(nets: dict[str, Predictor], repeats: int, rounds: int = 10) -
 FOUR_NETWORKS = ("torch BN", "torch folded", "ONNX BN", "ONNX folded")
 
 
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """torch's intra-op threads set to ``n`` inside the block, restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def compare_networks(
+    nets: dict[str, Predictor],
+    pairs: list[tuple[str, str]],
+    plan: DomainPlan,
+    float64_model=None,
+    *,
+    tolerance: float | None = None,
+) -> DomainComparison:
+    """One walk over ``plan`` judging each of ``pairs`` (names in ``nets``), each network
+    and ``float64_model`` (an object with ``logits``, e.g.
+    :class:`bnfold.verify.verdict.Float64Model`) evaluated once per chunk, on one torch
+    thread (on a shared 2-core CPU about twice as fast as two, and a fixed float32
+    reduction order). Networks of another vocabulary or block size are refused."""
+    names = list(nets)
+    first = nets[names[0]]
+    for k, p in nets.items():
+        if p.vocab.chars != first.vocab.chars or p.block_size != first.block_size:
+            raise BnfoldError(f"{k} ({p.path}) is not comparable with {first.path}")
+    with torch_threads(1):
+        return compare_over_domain(
+            nets,
+            pairs,
+            plan,
+            float64_logits=float64_model.logits if float64_model is not None else None,
+            tolerance=tolerance,
+        )
 
 
 def compare_all_pairs(
@@ -85,23 +100,9 @@ def compare_all_pairs(
     *,
     tolerance: float | None = None,
 ) -> DomainComparison:
-    """One walk over ``plan`` judging every pair of ``nets`` (in order), each network and
-    ``float64_model`` (an object with ``logits``, e.g. :class:`bnfold.verify.verdict.Float64Model`)
-    evaluated once per chunk, on one torch thread (on a shared 2-core CPU about twice as
-    fast as two, and a fixed float32 reduction order)."""
-    names = list(nets)
-    first = nets[names[0]]
-    for k, p in nets.items():
-        if p.vocab.chars != first.vocab.chars or p.block_size != first.block_size:
-            raise BnfoldError(f"{k} ({p.path}) is not comparable with {first.path}")
-    with torch_threads(1):
-        return compare_over_domain(
-            nets,
-            list(combinations(names, 2)),
-            plan,
-            float64_logits=float64_model.logits if float64_model is not None else None,
-            tolerance=tolerance,
-        )
+    """:func:`compare_networks` on every pair of ``nets`` (in order)."""
+    pairs = list(combinations(list(nets), 2))
+    return compare_networks(nets, pairs, plan, float64_model, tolerance=tolerance)
 
 
 def networks_summary(comparison: DomainComparison) -> dict:

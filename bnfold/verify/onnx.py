@@ -21,6 +21,7 @@ from onnx import helper
 
 from bnfold.errors import BnfoldError
 from bnfold.runtime.onnx_runtime import INPUT_NAME, parse_metadata
+from bnfold.runtime.ort_session import cpu_session
 from bnfold.runtime.twins import double_graph
 from bnfold.verify.domain import all_contexts
 from bnfold.verify.rounding import RoundingVerdict, judge_outputs
@@ -31,13 +32,7 @@ SAMPLE_ROWS = 65_536  # contexts sampled when a bnfold model's domain is too lar
 
 def session(model: onnx.ModelProto):
     """An ORT CPU session with every graph optimisation off (one thread: reproducible)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.intra_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return cpu_session(model.SerializeToString(), optimize=False)
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], what: str = "model") -> dict:

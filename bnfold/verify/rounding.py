@@ -92,8 +92,6 @@ FLOAT64_FLOOR_ULPS = 4.0  # F: floor, in units of u times the largest |truth| lo
 TWIN_MULTIPLE = 3.0  # P: the candidate's parameters may be off by P x one re-rounding
 MAGNITUDE_ULPS = 256.0  # M: allowed |cand - ref| in units of u times each row's scale
 
-CRITERIA = ("float64", "magnitude", "absolute")
-
 
 @dataclass(frozen=True)
 class RoundingVerdict:

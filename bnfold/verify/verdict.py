@@ -27,11 +27,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from bnfold.errors import BnfoldError
+from bnfold.io.files import file_sha256
 from bnfold.mlp.checkpoint import Checkpoint, load_checkpoint
-from bnfold.mlp.data import Vocab, file_sha256, load_dataset
+from bnfold.mlp.data import Vocab, dataset_from_words, read_words_and_sha256
+from bnfold.mlp.threads import torch_threads
 from bnfold.runtime.infer import Predictor, TorchPredictor, load_predictor
 from bnfold.runtime.twins import Float64Twin, TorchTwin
 from bnfold.verify.domain import (
@@ -220,10 +221,29 @@ def split_contexts(
     """Every dev and test context of a words file, or ``None`` when the file is missing or
     is not the one the model was trained on (sha256 differs)."""
     p = Path(data_path)
-    if not p.is_file() or (expected_sha256 and file_sha256(p) != expected_sha256):
+    if not p.is_file():
         return None
-    data = load_dataset(p, block_size)
+    words, sha256 = read_words_and_sha256(p)  # one read: the words and the file's hash
+    if expected_sha256 and sha256 != expected_sha256:
+        return None
+    data = dataset_from_words(words, sha256, p, block_size)
     return np.concatenate([data.splits["dev"][0].numpy(), data.splits["test"][0].numpy()])
+
+
+def dev_test_contexts(
+    vocab_size: int,
+    block_size: int,
+    data_path: str | Path | None,
+    max_exhaustive: int,
+    expected_sha256: str | None,
+) -> np.ndarray | None:
+    """Every dev/test context of ``data_path`` when the domain (``vocab_size **
+    block_size``) is too large to check exhaustively and the file is the one the model was
+    trained on (``expected_sha256``, when recorded), else ``None``: what joins the random
+    sample of a verdict."""
+    if data_path is None or vocab_size**block_size <= max_exhaustive:
+        return None
+    return split_contexts(data_path, block_size, expected_sha256)
 
 
 def _check_same_family(ref: Predictor, cand: Predictor, f64: Float64Model | None) -> None:
@@ -291,10 +311,7 @@ def verify(
         extra=extra_contexts,
         extra_label=extra_label,
     )
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         comparison = compare_over_domain(
             {"reference": ref, "candidate": cand},
             [("reference", "candidate")],
@@ -306,8 +323,6 @@ def verify(
             progress=progress,
             label="verify",
         )
-    finally:
-        torch.set_num_threads(before)
     return report_from_pair(
         comparison.pairs[("reference", "candidate")],
         plan,
@@ -378,15 +393,16 @@ def verify_paths(
     provided the file is the one a checkpoint side records (sha256) or no side records one.
     """
     ref, cand = load_predictor(reference), load_predictor(candidate)
-    domain = ref.vocab.size**ref.block_size
-    if data_path is not None and domain > options.get("max_exhaustive", DEFAULT_MAX_EXHAUSTIVE):
-        shas = [
-            p.checkpoint.meta.get("data_sha256")
-            for p in (ref, cand)
-            if isinstance(p, TorchPredictor) and p.checkpoint.meta.get("data_sha256")
-        ]
-        extra = split_contexts(data_path, ref.block_size, shas[0] if shas else None)
-        if extra is not None:
-            options.setdefault("extra_contexts", extra)
-            options.setdefault("extra_label", f"dev/test ({Path(data_path).name})")
+    shas = [
+        p.checkpoint.meta.get("data_sha256")
+        for p in (ref, cand)
+        if isinstance(p, TorchPredictor) and p.checkpoint.meta.get("data_sha256")
+    ]
+    limit = options.get("max_exhaustive", DEFAULT_MAX_EXHAUSTIVE)
+    extra = dev_test_contexts(
+        ref.vocab.size, ref.block_size, data_path, limit, shas[0] if shas else None
+    )
+    if extra is not None:
+        options.setdefault("extra_contexts", extra)
+        options.setdefault("extra_label", f"dev/test ({Path(data_path).name})")
     return verify(ref, cand, **options)
