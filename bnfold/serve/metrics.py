@@ -33,6 +33,7 @@ def endpoint_label(path: str) -> str:
         return DOCS_ASSETS
     return "other"
 
+
 REJECTION_REASONS = (
     "queue_full",  # 429: queue_size requests in flight
     "deadline",  # 504
