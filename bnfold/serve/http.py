@@ -157,9 +157,11 @@ def create_fastapi_app(settings: ServeSettings, *, loader=None) -> FastAPI:
             await svc.stop()
             restore()
 
-    # /docs and /redoc load Swagger UI and ReDoc from files fastapi-offline ships, served
-    # under DOCS_ASSETS, not from a CDN: the docs work on a machine without internet
+    # /docs loads Swagger UI from files fastapi-offline ships, served under DOCS_ASSETS,
+    # not from a CDN: the docs work on a machine without internet. No /redoc: ReDoc's
+    # page still fetches its logo from the vendor's CDN.
     app = FastAPIOffline(
+        redoc_url=None,
         title="bnfold names",
         version="1",
         summary="Sample names from a folded BatchNorm MLP (ONNX), with step-level batching.",

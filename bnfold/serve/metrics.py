@@ -17,11 +17,10 @@ ENDPOINTS = frozenset(
         "/metrics",
         "/docs",
         "/docs/oauth2-redirect",
-        "/redoc",
         "/openapi.json",
     ]
 )
-DOCS_ASSETS = "/static-offline-docs"  # Swagger UI's and ReDoc's files, served locally
+DOCS_ASSETS = "/static-offline-docs"  # Swagger UI's files, served locally
 
 
 def endpoint_label(path: str) -> str:
