@@ -765,11 +765,28 @@ def _discard_stdout() -> None:
     default="info",
     show_default=True,
 )
+@click.option(
+    "--access-log",
+    is_flag=True,
+    default=ServeSettings.access_log,
+    help="Log one line per request (client, request line, status) on stdout, whatever"
+    " --log-level is.",
+)
 @clear_errors
 def serve(model, host, port, workers, words, max_count, queue_size, deadline, max_body,
-          batching, max_rows, engine, memory_mb, log_level):  # fmt: skip
-    """Serve names over HTTP from MODEL (default: the shipped models/folded.onnx):
-    POST/GET /v1/names, /v1/model, /livez, /readyz, /metrics and a web page at /."""
+          batching, max_rows, engine, memory_mb, log_level, access_log):  # fmt: skip
+    """Serve names over HTTP from MODEL (default: the shipped models/folded.onnx).
+
+    \b
+    /              a web page: every sampling option, the names
+    /v1/names      GET (query string) or POST (JSON body): sample names
+    /v1/model      the loaded model: vocabulary, sizes, verification
+    /docs          the API's interactive docs (Swagger UI, works offline)
+    /openapi.json  the API's OpenAPI schema
+    /metrics       Prometheus metrics
+    /livez         200 while the process is alive
+    /readyz        200 once the model is loaded and warmed up
+    """
     from bnfold.serve import check_port, load_model, run_server
 
     model = model or shipped_model()
@@ -785,6 +802,7 @@ def serve(model, host, port, workers, words, max_count, queue_size, deadline, ma
         engine=engine,
         memory_mb=memory_mb,
         table_mb=min(ServeSettings.table_mb, memory_mb),
+        access_log=access_log,
     ).check()
     check_port(host, port)  # one clear line, before the model is loaded
     load_model(settings)  # fail here, with one clear line, rather than in every worker

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.resources
+import json
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -39,8 +40,10 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from bnfold.serve.metrics import DOCS_ASSETS, endpoint_label
 from bnfold.serve.schema import (
     ERRORS,
     RETRY_AFTER,
@@ -52,18 +55,25 @@ from bnfold.serve.schema import (
 from bnfold.serve.service import NameService, hook_signals
 from bnfold.serve.settings import ServeSettings
 
-ENDPOINTS = frozenset(["/", "/v1/names", "/v1/model", "/livez", "/readyz", "/metrics"])
 _RETRY = {"Retry-After": RETRY_AFTER}
+_SCHEMA_SLOT = "__REQUEST_SCHEMA__"  # where the page gets the request schema (its limits)
 
 
 def _response(a: Answer) -> Response:
     return Response(a.body, a.status, _RETRY if a.retry else None, media_type="application/json")
 
 
-def _page() -> str:
-    return (
-        importlib.resources.files("bnfold.serve").joinpath("static/index.html").read_text("utf-8")
-    )
+def _page(parser: RequestParser) -> str:
+    """The web page, with this server's request schema (every option's default and
+    limits, ``max-count`` included) written into it, so the page's fields refuse exactly
+    what the API refuses and nothing it accepts."""
+    html = importlib.resources.files("bnfold.serve").joinpath("static/index.html")
+    text = html.read_text("utf-8")
+    if text.count(_SCHEMA_SLOT) != 1:
+        raise RuntimeError(f"static/index.html must hold {_SCHEMA_SLOT} exactly once")
+    # inside <script>, "</" could end the element early: JSON allows it escaped as \u003c
+    schema = json.dumps(parser.model.model_json_schema()).replace("<", "\\u003c")
+    return text.replace(_SCHEMA_SLOT, schema)
 
 
 class NamesRoute(APIRoute):
@@ -133,7 +143,7 @@ def create_fastapi_app(settings: ServeSettings, *, loader=None) -> FastAPI:
     settings.check()
     svc = NameService(settings, loader)
     names = NamesEndpoint(svc, RequestParser(settings.max_count))
-    page = _page()
+    page = _page(names.parser)
     m = svc.metrics
 
     @contextlib.asynccontextmanager
@@ -147,12 +157,17 @@ def create_fastapi_app(settings: ServeSettings, *, loader=None) -> FastAPI:
             await svc.stop()
             restore()
 
-    app = FastAPI(
+    # /docs loads Swagger UI from files fastapi-offline ships, served under DOCS_ASSETS,
+    # not from a CDN: the docs work on a machine without internet. No /redoc: ReDoc's
+    # page still fetches its logo from the vendor's CDN.
+    app = FastAPIOffline(
+        redoc_url=None,
         title="bnfold names",
         version="1",
         summary="Sample names from a folded BatchNorm MLP (ONNX), with step-level batching.",
         lifespan=lifespan,
         routes=_names_routes(names),
+        static_url=DOCS_ASSETS,
     )
     app.state.service = svc
     app.state.names = names
@@ -248,7 +263,7 @@ class Edge:
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
         path = scope["path"]
-        endpoint = path if path in ENDPOINTS else "other"
+        endpoint = endpoint_label(path)
         status = 0
 
         async def send_status(message):

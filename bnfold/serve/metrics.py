@@ -4,6 +4,35 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+# The ``endpoint`` label of ``bnfold_request_seconds``: every route by its path, the docs'
+# assets under one prefix, anything else as "other" (a client picks the path, so the label
+# set must stay bounded, whatever it sends).
+ENDPOINTS = frozenset(
+    [
+        "/",
+        "/v1/names",
+        "/v1/model",
+        "/livez",
+        "/readyz",
+        "/metrics",
+        "/docs",
+        "/docs/oauth2-redirect",
+        "/openapi.json",
+    ]
+)
+DOCS_ASSETS = "/static-offline-docs"  # Swagger UI's files, served locally
+
+
+def endpoint_label(path: str) -> str:
+    """The ``endpoint`` label of a request path: the path itself for a route, the
+    :data:`DOCS_ASSETS` prefix for any file under it, "other" for anything else."""
+    if path in ENDPOINTS:
+        return path
+    if path.startswith(DOCS_ASSETS + "/"):
+        return DOCS_ASSETS
+    return "other"
+
+
 REJECTION_REASONS = (
     "queue_full",  # 429: queue_size requests in flight
     "deadline",  # 504

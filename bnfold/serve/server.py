@@ -40,12 +40,33 @@ def uvicorn_options(settings: ServeSettings) -> dict[str, Any]:
     return {
         "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         "http": BoundedHttpToolsProtocol,
-        "access_log": False,
+        "access_log": settings.access_log,
         "timeout_graceful_shutdown": int(math.ceil(settings.drain_timeout)),
         "timeout_keep_alive": settings.keep_alive,
         "limit_concurrency": settings.max_connections,
         "backlog": 2048,
     }
+
+
+def logging_config(log_level: str, access_log: bool) -> dict[str, Any]:
+    """uvicorn's logging configuration with ``log_level`` for its messages and, when
+    ``access_log`` is on, the access log at INFO whatever ``log_level`` is: asking for
+    ``--access-log`` gives one line per request even with ``--log-level warning``
+    (uvicorn's own ``log_level`` would set both loggers to the same level)."""
+    import copy
+
+    from uvicorn.config import LOG_LEVELS as UVICORN_LEVELS
+    from uvicorn.config import LOGGING_CONFIG
+
+    if log_level not in LOG_LEVELS:
+        raise BnfoldError(f"log level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+    config = copy.deepcopy(LOGGING_CONFIG)
+    level = UVICORN_LEVELS[log_level]
+    loggers = config["loggers"]
+    loggers["uvicorn.error"]["level"] = level
+    loggers["uvicorn.asgi"] = {"level": level}
+    loggers["uvicorn.access"]["level"] = "INFO" if access_log else level
+    return config
 
 
 def app_from_env():
@@ -65,13 +86,12 @@ def run_server(
     workers: int = 1,
     log_level: str = "info",
 ) -> None:
-    """Run uvicorn (uvloop + httptools with the bounds of :mod:`bnfold.serve.protocol`,
-    no access log)."""
+    """Run uvicorn (uvloop + httptools with the bounds of :mod:`bnfold.serve.protocol`;
+    an access log only with ``settings.access_log``)."""
     import uvicorn
 
     settings.check()
-    if log_level not in LOG_LEVELS:
-        raise BnfoldError(f"log level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+    log_config = logging_config(log_level, settings.access_log)
     os.environ[ENV_SETTINGS] = settings.to_env()
     # uvicorn re-raises SIGTERM/SIGINT once it has shut down gracefully: exit 0 then
     signal.signal(signal.SIGTERM, _exit_quietly)
@@ -81,6 +101,6 @@ def run_server(
         host=host,
         port=port,
         workers=workers,
-        log_level=log_level,
+        log_config=log_config,  # the levels are set there (log_level=None: not overridden)
         **uvicorn_options(settings),
     )

@@ -42,6 +42,7 @@ class ServeSettings:
     header_timeout: float = 10.0  # seconds to receive the request line + headers; then close
     body_timeout: float = 10.0  # seconds to receive the body once headers are in; then 408
     keep_alive: int = 5  # seconds an idle keep-alive connection stays open
+    access_log: bool = False  # one line per request on stdout (uvicorn's access log)
 
     def check(self) -> ServeSettings:
         ints = (
@@ -66,6 +67,8 @@ class ServeSettings:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise BnfoldError(f"{_flag(name)} must be a number > 0, got {v!r}")
+        if not isinstance(self.access_log, bool):
+            raise BnfoldError(f"access-log must be true or false, got {self.access_log!r}")
         if self.engine not in ENGINES:
             raise BnfoldError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.table_mb > self.memory_mb:
