@@ -92,6 +92,49 @@ def test_activation_stats_known_values():
     assert s["std"] == pytest.approx(float(t.std()), abs=1e-7)
 
 
+def test_weighted_activation_stats_count_each_row_as_often_as_its_weight():
+    t = torch.tensor([[0.99, 0.1], [-0.5, 0.98], [0.2, -0.3]])
+    w = torch.tensor([3, 1, 2])
+    s = activation_stats(t, row_weight=w)
+    full = t.repeat_interleave(w, dim=0)
+    assert s["saturation"] == pytest.approx(float((full.abs() > 0.97).float().mean()))
+    assert s["mean"] == pytest.approx(float(full.mean()))
+    assert s["std"] == pytest.approx(float(full.std(unbiased=False)))
+
+
+def test_batch_saturation_on_distinct_rows_counts_every_example():
+    """The `fast` preset trains on each batch's distinct contexts: the recorded batch
+    saturation must be the whole batch's, as a plain train-mode forward sees it."""
+    from bnfold.mlp.train import distinct_rows_loss
+
+    model = small_model(8)
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randint(0, 3, (512, 2), generator=gen)  # few contexts, many repeats
+    y = torch.randint(0, 7, (512,), generator=gen)
+    kept = []
+    hooks = [
+        m.register_forward_hook(lambda mod, i, o: kept.append(o.detach()))
+        for m in model.net
+        if isinstance(m, nn.Tanh)
+    ]
+    with torch.no_grad():  # train mode: the output depends on the batch, not on running stats
+        model.train()(x)
+    for h in hooks:
+        h.remove()
+    diag = Diagnostics(interval=1)
+    model.train()
+    diag.on_batch(0, x)
+    diag.before_step(0, model)
+    loss = distinct_rows_loss(model, x, y)
+    loss.backward()
+    diag.after_backward(0, model, loss)
+    diag.after_update(0, model, 0.0)
+    for layer, t in zip(diag.layers, kept, strict=True):
+        assert len(diag._acts[0]) < len(x)  # the loop did run on distinct rows
+        assert layer["saturation"][0] == pytest.approx(float((t.abs() > 0.97).float().mean()))
+        assert layer["mean"][0] == pytest.approx(float(t.mean()), abs=1e-6)
+
+
 def test_update_ratio_known_value_and_frozen():
     after = torch.tensor([1.0, -1.0, 2.0, -2.0])
     delta = torch.tensor([0.01, -0.01, 0.01, -0.01])

@@ -125,6 +125,9 @@ class TrainObserver(Protocol):
     # Optional: called once before the first step, with the untrained model and the
     # training inputs (the report's view of the network at initialisation).
     def on_start(self, model: MLP, x_train: torch.Tensor) -> None: ...
+    # Optional: each step's batch of contexts, before ``before_step`` (when the loop runs
+    # on the distinct contexts, their counts weight what the observer sees).
+    def on_batch(self, step: int, x_batch: torch.Tensor) -> None: ...
 
 
 @dataclass
@@ -475,9 +478,10 @@ def _train(data, model_config, cfg, observer, progress) -> TrainResult:
     bar = _progress_bar(cfg.steps, progress)
     model.train()
     steps_done = 0
-    # an optional hook (the protocol's other methods are required): not every observer
-    # looks at the untrained network
+    # optional hooks (the protocol's other methods are required): not every observer
+    # looks at the untrained network or at the batches
     on_start = getattr(observer, "on_start", None)
+    on_batch = getattr(observer, "on_batch", None)
     if on_start is not None:
         on_start(model, xtr)
     t0 = time.perf_counter()
@@ -500,6 +504,8 @@ def _train(data, model_config, cfg, observer, progress) -> TrainResult:
             if step <= warm_steps and cfg.bn_momentum is not None:
                 for bn in bns:
                     bn.momentum = max(cfg.bn_momentum, 1 / (step + 1))
+            if on_batch is not None:
+                on_batch(step, xtr[ix])
             if observer:
                 observer.before_step(step, model)
             if cfg.distinct_rows:

@@ -4,7 +4,7 @@
 records, as in the lecture:
 
 - per Tanh layer: activation mean/std and the *batch saturation* (share of
-  ``|tanh| > 0.97`` in that step's train-mode batch), and the mean/std of the loss gradient
+  ``|tanh| > 0.97`` over that step's train-mode batch), and the mean/std of the loss gradient
   at the Tanh output (a tensor hook, installed only on recorded steps);
 - per 2-D weight (the embedding table and every Linear): gradient mean/std and the
   grad:data ratio ``std(grad) / std(weight)``;
@@ -17,8 +17,10 @@ records, as in the lecture:
   *frozen* with no ratio, never as ``-inf``/NaN.
 
 When the run trains on each batch's distinct contexts (``TrainConfig.distinct_rows``, the
-``fast`` preset), a recorded step's activation and gradient statistics are over those
-distinct rows, each counted once; the censuses count every example.
+``fast`` preset), a recorded step's activation statistics weight each distinct row by how
+often its context occurs in the batch (``on_batch``), so they count every example as the
+censuses do; its gradient statistics are over those distinct rows, each counted once (a
+row's gradient is the sum over the examples that share its context).
 
 Every step it keeps the minibatch train loss (a detached scalar: no sync, no copy), and it
 keeps every dev loss the training loop reports through ``on_eval``. The gradient histograms
@@ -138,10 +140,21 @@ def _std(t: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- statistics (pure) --
 
 
-def activation_stats(t: torch.Tensor, threshold: float = SATURATION) -> dict:
-    """Mean, std and saturation (share of ``|t| > threshold``) of a Tanh output."""
+def activation_stats(
+    t: torch.Tensor, threshold: float = SATURATION, row_weight: torch.Tensor | None = None
+) -> dict:
+    """Mean, std and saturation (share of ``|t| > threshold``) of a Tanh output; with
+    ``row_weight``, row ``j`` counts ``row_weight[j]`` times (std: the population std)."""
     t = t.detach().float()
-    mean, std, sat = torch.stack([t.mean(), _std(t), (t.abs() > threshold).float().mean()]).tolist()
+    if row_weight is None:
+        sat = (t.abs() > threshold).float().mean()
+        mean, std, sat = torch.stack([t.mean(), _std(t), sat]).tolist()
+        return {"mean": mean, "std": std, "saturation": sat}
+    w = row_weight.to(t.dtype) / (row_weight.sum() * t[0].numel())
+    mean = w @ t.flatten(1).sum(1)
+    var = w @ ((t - mean) ** 2).flatten(1).sum(1)
+    sat = w @ (t.abs() > threshold).flatten(1).sum(1).to(t.dtype)
+    mean, std, sat = torch.stack([mean, var.sqrt(), sat]).tolist()
     return {"mean": mean, "std": std, "saturation": sat}
 
 
@@ -385,6 +398,12 @@ class Observers:
             if start is not None:
                 start(model, x_train)
 
+    def on_batch(self, step, x_batch):
+        for o in self.observers:
+            on_batch = getattr(o, "on_batch", None)  # optional in the TrainObserver protocol
+            if on_batch is not None:
+                on_batch(step, x_batch)
+
     def before_step(self, step, model):
         for o in self.observers:
             o.before_step(step, model)
@@ -427,6 +446,7 @@ class Diagnostics:
         self._grads: dict[int, torch.Tensor] = {}
         self._before: dict[str, torch.Tensor] = {}
         self._wstats: dict[str, dict] = {}
+        self._batch: tuple[int, torch.Tensor] | None = None  # (examples, distinct counts)
 
     def recording(self, step: int) -> bool:
         return step % self.interval == 0
@@ -447,6 +467,22 @@ class Diagnostics:
                 "parameters": parameter_labels(model),
                 "modules": module_labels(model),
             }
+
+    def on_batch(self, step: int, x_batch: torch.Tensor) -> None:
+        """A recorded step's batch: how often each of its distinct contexts occurs, so
+        that, when the loop runs on the distinct contexts, the batch saturation still
+        counts every example (as the census does), not every distinct context once."""
+        if self.recording(step):
+            _, inverse = distinct_contexts(x_batch)
+            self._batch = (len(x_batch), torch.bincount(inverse))
+
+    def _row_weight(self, rows: int) -> torch.Tensor | None:
+        """The distinct contexts' counts when ``rows`` activations are one per distinct
+        context of the batch; ``None`` when they are one per example (or unknown)."""
+        if self._batch is None:
+            return None
+        examples, counts = self._batch
+        return counts if rows == len(counts) and rows != examples else None
 
     def before_step(self, step: int, model: nn.Module) -> None:
         if not self.recording(step):
@@ -502,7 +538,11 @@ class Diagnostics:
             self.layers = [{"module": n} for n in names]
         for i, layer in enumerate(self.layers):
             a, g = self._acts.get(i), self._grads.get(i)
-            s = activation_stats(a, self.threshold) if a is not None else {}
+            s = (
+                activation_stats(a, self.threshold, self._row_weight(len(a)))
+                if a is not None
+                else {}
+            )
             gs = gradient_stats(g) if g is not None else {}
             for key in ("mean", "std", "saturation"):
                 layer.setdefault(key, []).append(s.get(key))
@@ -522,7 +562,7 @@ class Diagnostics:
             u.setdefault("frozen", []).append(r["frozen"])
         self.steps.append(step)
         self.lrs.append(lr)
-        self._before, self._wstats = {}, {}
+        self._before, self._wstats, self._batch = {}, {}, None
 
     def on_eval(self, step: int, split: str, loss: float) -> None:
         self.evals.append({"step": step, "split": split, "loss": float(loss)})

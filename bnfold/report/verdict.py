@@ -14,8 +14,8 @@ SATURATION_MEASURE = (
     " initialisation: each BatchNorm normalising with the training set's own statistics)"
 )
 BATCH_SATURATION = (
-    "batch saturation: the same share in one train-mode batch, at each recorded step"
-    " (the distinct contexts of the batch, each counted once, when training on them)"
+    "batch saturation: the same share over the examples of one train-mode batch, at each"
+    " recorded step"
 )
 GUIDE_LOG10 = -3.0  # the lecture's ~1e-3 update:data guide line
 FAR_DECADES = 1.0  # "far from 1e-3": median log10 ratio outside [-4, -2]
