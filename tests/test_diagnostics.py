@@ -301,9 +301,13 @@ def test_robust_axis_fits_the_bulk_not_the_outliers():
     hist = histogram(g, lo=-lim, hi=lim)
     assert 0 < hist["outside"] <= 0.006
     assert hist["edges"][0] == pytest.approx(-lim) and hist["edges"][-1] == pytest.approx(lim)
-    # several curves on one axis: the typical curve's range, not the widest one's
-    wide = torch.randn(300, generator=torch.Generator().manual_seed(4)) * 3e-3
-    assert panel_limit([g, g.clone(), wide]) == pytest.approx(lim)
+    # several curves on one axis: each keeps all but 1% of its values on it, and the
+    # outliers of the narrow one do not stretch it beyond the wide one's bulk
+    wide = torch.randn(3000, generator=torch.Generator().manual_seed(4)) * 3e-3
+    both = panel_limit([g, wide])
+    assert 3e-3 < both < 1e-2
+    for t in (g, wide):
+        assert histogram(t, lo=-both, hi=both)["outside"] <= 0.01
 
 
 def test_layer_names_follow_the_blocks():

@@ -73,6 +73,8 @@ HIST_BINS = 60
 # the bulk of the distribution into one bin (the default run's spread is ~3e-5, its extreme
 # values ~50x that). The share left outside is recorded with the histogram.
 ROBUST_QUANTILE = 0.995
+PANEL_QUANTILE = 0.99  # per curve, when several share one axis (see panel_limit)
+SNAPSHOT_BINS = 120  # gradient histograms: a narrow curve on a shared axis keeps its shape
 IMAGE_EXAMPLES = 64  # training examples (rows) in the saturation image, a fixed sample
 IMAGE_SEED = 0
 REPORT_JSON = "diagnostics.json"
@@ -243,13 +245,11 @@ def robust_limit(tensors, q: float = ROBUST_QUANTILE) -> float:
     return limit if limit > 0 else 1.0
 
 
-def panel_limit(tensors, q: float = ROBUST_QUANTILE) -> float:
-    """One symmetric axis ``+-limit`` for several distributions drawn together: the median
-    of their :func:`robust_limit`. It fits the typical curve (the hidden layers, whose
-    spreads are alike); a curve much wider than the rest (the embedding's gradient, say)
-    runs past the axis and its histogram records the share that does."""
-    limits = sorted(robust_limit([t], q) for t in tensors)
-    return limits[(len(limits) - 1) // 2] if limits else 1.0
+def panel_limit(tensors, q: float = PANEL_QUANTILE) -> float:
+    """One symmetric axis ``+-limit`` for several distributions drawn together: the widest
+    of their :func:`robust_limit` at ``q``, so every curve keeps all but ``1 - q`` of its
+    values on the axis while a handful of outliers cannot stretch it."""
+    return max((robust_limit([t], q) for t in tensors), default=1.0)
 
 
 def _dataset_norm(weight: torch.Tensor):
@@ -588,10 +588,10 @@ class Diagnostics:
         layers = []
         for i in range(len(self.layers)):
             g = grads.get(i)
-            hist = histogram(g, self.bins, -glim, glim) if g is not None else None
+            hist = histogram(g, SNAPSHOT_BINS, -glim, glim) if g is not None else None
             layers.append({"grad_hist": hist, **(gradient_stats(g) if g is not None else {})})
         weights = {
-            n: {"hist": histogram(g, self.bins, -wlim, wlim), **gradient_stats(g)}
+            n: {"hist": histogram(g, SNAPSHOT_BINS, -wlim, wlim), **gradient_stats(g)}
             for n, g in wgrads.items()
         }
         return {

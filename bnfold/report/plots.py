@@ -276,14 +276,14 @@ def _grad_panels(report: dict, title: str, xlabel: str, legend) -> Figure:
         for label, hist, text in legend(snap):
             x, y = _centers(hist)
             outside = hist.get("outside", 0.0)
-            if outside >= 0.01:  # the axis fits the typical curve; say what a wide one loses
+            if outside > 0.015:  # the axis is cut at the 99% quantile: say when more is lost
                 text += f" ({outside:.0%} beyond the axis)"
             ax.plot(x, y, color=layer_colour(label), lw=1.4, label=text)
             lim = max(lim, abs(hist["edges"][0]), abs(hist["edges"][-1]))
         ax.set_xlim(-lim or -1.0, lim or 1.0)
         ax.set_ylim(bottom=0)
         ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
-        ax.set_title(f"{title} {when} (step {snap['step']}, train-mode batch)")
+        ax.set_title(f"{title} {when} (step {snap['step']})")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("density")
         _legend_below(ax)
@@ -307,7 +307,9 @@ def gradients_figure(report: dict) -> Figure:
                     f"layer {i + 1}: mean {layer['mean']:+.1e}, std {layer['std']:.1e}",
                 )
 
-    return _grad_panels(report, "Gradient at the tanh outputs", "d loss / d tanh output", legend)
+    return _grad_panels(
+        report, "Tanh-output gradient", "d loss / d tanh output (one train-mode batch)", legend
+    )
 
 
 def weight_gradients_figure(report: dict) -> Figure:
@@ -324,7 +326,7 @@ def weight_gradients_figure(report: dict) -> Figure:
             label = _label(report, name)
             yield label, w["hist"], f"{label} ({shape}): std {w['std']:.1e}, grad:data {rtxt}"
 
-    return _grad_panels(report, "Weight gradients", "gradient", legend)
+    return _grad_panels(report, "Weight gradients", "gradient (one train-mode batch)", legend)
 
 
 def update_ratio_figure(report: dict) -> Figure:
@@ -339,7 +341,7 @@ def update_ratio_figure(report: dict) -> Figure:
         ("other parameters (BatchNorm gain: solid, bias: dashed)", other),
     ]
     groups = [(t, names) for t, names in groups if names]
-    fig = _figure(10, 3.8 * max(1, len(groups)))
+    fig = _figure(13, 3.8 * max(1, len(groups)))
     for k, (title, names) in enumerate(groups):
         ax = fig.add_subplot(len(groups), 1, k + 1)
         for name in names:
@@ -356,7 +358,12 @@ def update_ratio_figure(report: dict) -> Figure:
         ax.set_xlabel("step")
         ax.set_ylabel("log10 std(update)/std(data)")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8, ncol=2 if len(names) < 8 else 3, loc="lower left")
+        ax.legend(
+            fontsize=8,
+            ncol=2 if len(names) > 10 else 1,
+            loc="center left",
+            bbox_to_anchor=(1.01, 0.5),
+        )
     return fig
 
 
@@ -410,7 +417,7 @@ def training_figures(report: dict, out: Path) -> list[dict]:
                 gradients_figure,
                 "Histograms of the loss gradient at each Tanh output, at the first and the"
                 " last recorded step (healthy: a similar spread in every layer). Each axis"
-                " spans the 99.5% quantile of |gradient|.",
+                " spans the widest curve's 99th percentile of |gradient|.",
             )
         )
     if any(s and s.get("weights") for s in snaps.values()):
@@ -419,7 +426,8 @@ def training_figures(report: dict, out: Path) -> list[dict]:
                 "weight_gradients.png",
                 weight_gradients_figure,
                 "Gradient histograms of every 2-D weight at the first and the last recorded"
-                " step, with its grad:data ratio (std of gradient / std of weight).",
+                " step, with its grad:data ratio (std of gradient / std of weight). Each axis"
+                " spans the widest curve's 99th percentile of |gradient|.",
             )
         )
     if report.get("updates") and report.get("steps"):
@@ -524,7 +532,7 @@ def fold_comparison_figure(bn_model: nn.Module, folded: nn.Module, out: Path):
     ax.plot(
         [], [], " ", label=f"{'PASS' if v['passed'] else 'FAIL'}: error/bound {v['margin']:.2g}"
     )
-    ax.legend(fontsize=LEGEND_SIZE, handlelength=0)
+    ax.legend(fontsize=LEGEND_SIZE, handlelength=0, loc="upper left")
     diffs = [*stats["max_abs_preactivation_diff"], stats["max_abs_logit_diff"]]
     for k in range(n):
         ax = axes[k + 1]
@@ -535,13 +543,12 @@ def fold_comparison_figure(bn_model: nn.Module, folded: nn.Module, out: Path):
         ha, hb = torch.histc(a, 60, lo, hi).numpy(), torch.histc(b, 60, lo, hi).numpy()
         ax.stairs(ha, edges, fill=True, color="tab:blue", alpha=0.45, label="Linear+BN")
         ax.stairs(hb, edges, color="tab:red", lw=1.2, label="folded Linear")
-        diff = diffs[k]
-        ax.plot([], [], " ", label=f"max |diff| {diff:.1e}")
         name = "output (logits)" if k == n - 1 else f"layer {k + 1} pre-activation"
-        ax.set_title(name, fontsize=11)
+        ax.set_title(f"{name}: max |diff| {diffs[k]:.1e}", fontsize=11)
         ax.set_xlabel("logit" if k == n - 1 else "value fed to tanh")
         ax.set_ylabel("count")
-        ax.legend(fontsize=LEGEND_SIZE)
+    # one legend for the pre-activation panels, above them, off the histograms
+    fig.legend(*axes[1].get_legend_handles_labels(), loc="outside upper right", ncol=2)
     for ax in axes[n + 1 :]:
         ax.set_visible(False)
     fig.suptitle(f"BN network vs folded network, eval mode, {stats['domain']}")
