@@ -220,15 +220,16 @@ def _saturation_item(v: dict, report: dict) -> dict:
     }[state]
     details = []
     if v["saturation"] is not None:
-        init = v["saturation_init"] or [None] * len(v["saturation"])
-        details.append(
-            "Per layer, at initialisation → after training: "
-            + "; ".join(
-                f"layer {i + 1} {_pct(a) if a is not None else '?'} → {_pct(b)}"
-                for i, (a, b) in enumerate(zip(init, v["saturation"], strict=True))
-            )
-            + "."
-        )
+        init, end = v["saturation_init"], v["saturation"]
+        if init is not None and len(init) == len(end):
+            per = [
+                f"layer {i + 1} {_pct(a)} → {_pct(b)}"
+                for i, (a, b) in enumerate(zip(init, end, strict=True))
+            ]
+            details.append("Per layer, at initialisation → after training: " + "; ".join(per) + ".")
+        else:
+            per = [f"layer {i + 1} {_pct(b)}" for i, b in enumerate(end)]
+            details.append("Per layer, after training: " + "; ".join(per) + ".")
         details.append(f"Measured as the {SATURATION_MEASURE}.")
     else:
         details.append(f"Measured on {w['on']} (no train-set census in this report).")
