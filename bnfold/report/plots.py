@@ -241,8 +241,10 @@ def saturation_image_figure(report: dict) -> Figure:
             img = _image(layer["image"])
             ax.imshow(img, cmap="gray", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
             dead = layer["dead"]
-            if dead:
-                ax.plot(dead, [-1.2] * len(dead), "v", color="red", ms=5, clip_on=False)
+            if dead:  # just above the image, outside the axes (the limits stay the image's)
+                ax.plot(dead, [-0.5 - 0.06 * len(img)] * len(dead), "v", color="red", ms=6)
+                ax.set_ylim(len(img) - 0.5, -0.5)
+                ax.lines[-1].set_clip_on(False)
             ax.set_yticks([])
             ax.set_title(
                 f"layer {i + 1} {when}: {_pct(layer['saturation'])} saturated (train set),"
