@@ -109,19 +109,18 @@ def loss_figure(report: dict) -> Figure:
     shown = []
     if len(loss):
         steps = np.arange(len(loss))
-        ax.plot(steps, loss, color="tab:blue", alpha=0.25, lw=0.6, label="train (minibatch)")
         w = max(1, len(loss) // 100)
-        n = len(loss) // w * w
-        # The lecture's smoothing: mean of log-loss over consecutive blocks of steps.
-        smooth = 10 ** np.log10(loss[:n]).reshape(-1, w).mean(1)
-        ax.plot(
-            steps[:n].reshape(-1, w).mean(1),
-            smooth,
-            color="tab:blue",
-            lw=2,
-            label=f"train, mean over {w} steps" if w > 1 else "train",
-        )
-        shown += [*smooth, float(np.nanmin(loss))]
+        if w == 1:  # a short run: every step is drawn as it is
+            ax.plot(steps, loss, color="tab:blue", lw=1.5, label="train (minibatch)")
+            shown += list(loss)
+        else:
+            ax.plot(steps, loss, color="tab:blue", alpha=0.25, lw=0.6, label="train (minibatch)")
+            n = len(loss) // w * w
+            # The lecture's smoothing: mean of log-loss over consecutive blocks of steps.
+            smooth = 10 ** np.log10(loss[:n]).reshape(-1, w).mean(1)
+            x = steps[:n].reshape(-1, w).mean(1)
+            ax.plot(x, smooth, color="tab:blue", lw=2, label=f"train, mean over {w} steps")
+            shown += [*smooth, float(np.nanmin(loss))]
     dev = [e for e in report.get("evals", []) if e["split"] == "dev" and e["loss"] is not None]
     if dev:
         ax.plot(
@@ -133,6 +132,19 @@ def loss_figure(report: dict) -> Figure:
             label=f"dev (eval mode), final {dev[-1]['loss']:.4f}",
         )
         shown += [e["loss"] for e in dev]
+    calibration = (report.get("meta") or {}).get("calibration") or {}
+    before = calibration.get("dev_loss_before")
+    if before is not None and dev:
+        ax.plot(
+            [dev[-1]["step"]],
+            [before],
+            "o",
+            mfc="none",
+            mec="tab:orange",
+            ms=8,
+            label=f"dev before the BatchNorm calibration, {before:.4f}",
+        )
+        shown.append(before)
     finite = [v for v in shown if math.isfinite(v)]
     if finite:
         lo, hi = min(finite), max(finite)
