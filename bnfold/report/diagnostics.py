@@ -287,8 +287,9 @@ def saturation_census(
 
     ``statistics="running"``: eval mode, BatchNorm with its running statistics (the network
     as deployed). ``"dataset"``: each BatchNorm normalises with the statistics of ``x``
-    itself, as a train-mode pass over all of ``x`` as one batch would (and as calibration
-    would store them); the running statistics are not touched. That is the honest view of
+    itself, as a train-mode pass over all of ``x`` as one batch would (what a calibration
+    pass estimates, to the n/(n-1) of its unbiased variance); the running statistics are
+    not touched. That is the honest view of
     an untrained network, whose running statistics hold no estimate yet.
 
     The network is a fixed function of the context here, so the pass runs over the
