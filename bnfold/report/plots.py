@@ -536,6 +536,7 @@ def fold_comparison_figure(bn_model: nn.Module, folded: nn.Module, out: Path):
     nz = d[d > 0]
     if len(nz):
         ax.hist(np.log10(nz), bins=60, color="tab:purple")
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.7)  # headroom: the numbers sit above the bars
     ax.set_title("logits: folded - BN", fontsize=11)
     ax.set_xlabel("log10 |difference|")
     ax.set_ylabel("count")
