@@ -72,6 +72,7 @@ _CYCLE = [
     "tab:cyan",
 ]
 LEGEND_SIZE = 9
+PEAK_CAP = 2.5  # gradient panels: y axis up to this many times the median curve's peak
 PHASES = (("init", "at initialisation"), ("end", "after training"))
 
 
@@ -286,16 +287,23 @@ def _grad_panels(report: dict, title: str, xlabel: str, legend) -> Figure:
         if not snap:
             ax.set_visible(False)
             continue
+        curves = [(label, *_centers(hist), hist, text) for label, hist, text in legend(snap)]
+        # A sparse gradient (the embedding rows a small batch never used) is a spike at 0
+        # that would flatten every other curve: the y axis stops at PEAK_CAP x the typical
+        # peak, and the legend says which curves run past it.
+        peaks = sorted(float(y.max()) for _, _, y, _, _ in curves) or [1.0]
+        top = min(peaks[-1], PEAK_CAP * peaks[(len(peaks) - 1) // 2]) * 1.05
         lim = 0.0
-        for label, hist, text in legend(snap):
-            x, y = _centers(hist)
+        for label, x, y, hist, text in curves:
             outside = hist.get("outside", 0.0)
             if outside > 0.015:  # the axis is cut at the 99% quantile: say when more is lost
                 text += f" ({outside:.0%} beyond the axis)"
+            if y.max() > top:
+                text += " (peak cut off)"
             ax.plot(x, y, color=layer_colour(label), lw=1.4, label=text)
             lim = max(lim, abs(hist["edges"][0]), abs(hist["edges"][-1]))
         ax.set_xlim(-lim or -1.0, lim or 1.0)
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, top if top > 0 else 1.0)
         ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
         ax.set_title(f"{title} {when} (step {snap['step']})")
         ax.set_xlabel(xlabel)
