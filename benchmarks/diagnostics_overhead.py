@@ -42,6 +42,12 @@ class Timed:
         getattr(self.inner, name)(*args)
         self.hooks += time.perf_counter() - t
 
+    def on_start(self, model, x_train):
+        self._call("on_start", model, x_train)
+
+    def on_batch(self, step, x_batch):
+        self._call("on_batch", step, x_batch)
+
     def before_step(self, step, model):
         self._call("before_step", step, model)
 

@@ -183,6 +183,13 @@ def train_options(fn):
             help="Record training diagnostics and write a report (figures, index.html,"
             " diagnostics.json) to this directory; read it back with `bnfold report DIR`.",
         ),
+        click.option(
+            "--calibrate",
+            is_flag=True,
+            help="After training, set every BatchNorm's running statistics to those of the"
+            " whole training set (the lecture's calibration pass) and report how far they"
+            " moved and the dev loss before and after.",
+        ),
         click.option("--json", "as_json", is_flag=True, help="Print a JSON summary."),
     ]
     for option in reversed(options):
@@ -246,8 +253,18 @@ def format_train_summary(s: dict, path: Path) -> str:
         f"{s['params']:,} parameters{note}\n"
         f"loss (eval mode)  train {s['train_loss']:.4f}  dev {s['dev_loss']:.4f}  "
         f"test {s['test_loss']:.4f}\n"
-        f"wrote {path}" + (f"\nwrote report {s['report']}" if s.get("report") else "")
+        + calibration_line(s.get("calibration"))
+        + f"wrote {path}"
+        + (f"\nwrote report {s['report']}" if s.get("report") else "")
     )
+
+
+def calibration_line(calibration: dict | None) -> str:
+    """The summary's line on the calibration pass (empty when none ran)."""
+    from bnfold.pipeline.train_fold import calibration_note
+
+    note = calibration_note(calibration)
+    return f"{note.removeprefix('; ')}\n" if note else ""
 
 
 @main.command()
@@ -257,15 +274,17 @@ def format_train_summary(s: dict, path: Path) -> str:
 def report(report_dir, as_json):
     """Print a short verdict on a training report written by `train --report DIR`:
     worst saturation, weights whose update:data ratio stays far from 1e-3, dead neurons."""
-    from bnfold.report.diagnostics import load_report, verdict, verdict_lines
+    from bnfold.report.diagnostics import load_report, verdict, verdict_items
 
     saved = load_report(report_dir)
     if as_json:
         print_json(verdict(saved))
     else:
         click.echo(f"report {report_dir}")
-        for line in verdict_lines(saved):
-            click.echo(f"  {line}")
+        for item in verdict_items(saved):
+            click.echo(f"  {item['sentence']}")
+            for detail in item["details"]:
+                click.echo(f"      {detail}")
 
 
 @main.command()

@@ -103,9 +103,17 @@ def test_train_fold_main_job(tmp_path):
     lines = r.output.strip().splitlines()
     table = lines[lines.index(next(ln for ln in lines if ln.startswith("stage"))) :]
     table = table[: table.index("")]  # the stage table ends at the four-networks table
-    assert [ln.split()[0] for ln in table[2:]] == ["train", "fold", "verify", "export", "card"]
-    assert "PASS" in table[-3] and "exhaustive" in table[-3]
-    assert "PASS" in table[-2] and "bn.onnx (6 BN nodes)" in table[-2]
+    rows = []  # a row's details wrap onto indented continuation lines
+    for ln in table[2:]:
+        if ln.startswith(" "):
+            rows[-1] += " " + ln.strip()
+        else:
+            rows.append(ln)
+    stages = ["train", "fold", "verify", "export", "card", "report"]
+    assert [row.split()[0] for row in rows] == stages
+    assert "PASS" in rows[2] and "exhaustive" in rows[2]
+    assert "PASS" in rows[3] and "bn.onnx (6 BN nodes)" in rows[3]
+    assert str(tmp_path / "report" / "index.html") in rows[-1]
     card = (tmp_path / "README.md").read_text()
     for name in ("bn.pt", "folded.pt", "bn.onnx", "folded.onnx"):
         assert f"`{name}`" in card and file_sha256(tmp_path / name) in card
@@ -134,6 +142,7 @@ def test_train_fold_main_job(tmp_path):
         "verify",
         "export",
         "card",
+        "report",
     ]
     assert d["export"]["passed"] and set(d["networks"]["latency_us"]) == {
         "torch BN",

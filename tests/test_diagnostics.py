@@ -20,10 +20,16 @@ from bnfold.mlp.model import MLP, ModelConfig
 from bnfold.report.diagnostics import (
     Diagnostics,
     activation_stats,
+    histogram,
     load_report,
+    module_labels,
+    panel_limit,
+    parameter_labels,
+    robust_limit,
     saturation_census,
     update_ratio,
     verdict,
+    verdict_items,
     verdict_lines,
     weight_grad_stats,
     write_report,
@@ -33,7 +39,9 @@ from bnfold.report.plots import fold_comparison_figure, fold_comparison_stats, i
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TRAINING_FIGURES = [
     "loss.png",
+    "saturation.png",
     "activations.png",
+    "saturation_image.png",
     "gradients.png",
     "weight_gradients.png",
     "update_ratio.png",
@@ -82,6 +90,49 @@ def test_activation_stats_known_values():
     assert s["saturation"] == pytest.approx(4 / 8)  # 0.97 itself is not > 0.97
     assert s["mean"] == pytest.approx(float(t.mean()), abs=1e-7)
     assert s["std"] == pytest.approx(float(t.std()), abs=1e-7)
+
+
+def test_weighted_activation_stats_count_each_row_as_often_as_its_weight():
+    t = torch.tensor([[0.99, 0.1], [-0.5, 0.98], [0.2, -0.3]])
+    w = torch.tensor([3, 1, 2])
+    s = activation_stats(t, row_weight=w)
+    full = t.repeat_interleave(w, dim=0)
+    assert s["saturation"] == pytest.approx(float((full.abs() > 0.97).float().mean()))
+    assert s["mean"] == pytest.approx(float(full.mean()))
+    assert s["std"] == pytest.approx(float(full.std(unbiased=False)))
+
+
+def test_batch_saturation_on_distinct_rows_counts_every_example():
+    """The `fast` preset trains on each batch's distinct contexts: the recorded batch
+    saturation must be the whole batch's, as a plain train-mode forward sees it."""
+    from bnfold.mlp.train import distinct_rows_loss
+
+    model = small_model(8)
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randint(0, 3, (512, 2), generator=gen)  # few contexts, many repeats
+    y = torch.randint(0, 7, (512,), generator=gen)
+    kept = []
+    hooks = [
+        m.register_forward_hook(lambda mod, i, o: kept.append(o.detach()))
+        for m in model.net
+        if isinstance(m, nn.Tanh)
+    ]
+    with torch.no_grad():  # train mode: the output depends on the batch, not on running stats
+        model.train()(x)
+    for h in hooks:
+        h.remove()
+    diag = Diagnostics(interval=1)
+    model.train()
+    diag.on_batch(0, x)
+    diag.before_step(0, model)
+    loss = distinct_rows_loss(model, x, y)
+    loss.backward()
+    diag.after_backward(0, model, loss)
+    diag.after_update(0, model, 0.0)
+    for layer, t in zip(diag.layers, kept, strict=True):
+        assert len(diag._acts[0]) < len(x)  # the loop did run on distinct rows
+        assert layer["saturation"][0] == pytest.approx(float((t.abs() > 0.97).float().mean()))
+        assert layer["mean"][0] == pytest.approx(float(t.mean()), abs=1e-6)
 
 
 def test_update_ratio_known_value_and_frozen():
@@ -187,6 +238,86 @@ def test_census_finds_units_saturated_on_every_example():
         float((t.abs() > 0.97).float().mean())
     )
     assert model.training is False
+
+
+def test_census_with_dataset_statistics_is_a_train_mode_pass_over_the_whole_set():
+    model = small_model(7)
+    x = torch.randint(0, 7, (3000, 2), generator=torch.Generator().manual_seed(2))
+    census = saturation_census(model, x, statistics="dataset")
+    assert census["statistics"] == "dataset" and census["examples"] == 3000
+    # the census left the running statistics as they were (fresh: zeros and ones)
+    for m in model.net:
+        if isinstance(m, nn.BatchNorm1d):
+            assert torch.equal(m.running_mean, torch.zeros_like(m.running_mean))
+            assert torch.equal(m.running_var, torch.ones_like(m.running_var))
+    # torch's own BatchNorm in train mode, all 3000 rows as one batch, duplicates included
+    kept = []
+    handles = [
+        m.register_forward_hook(lambda mod, i, o: kept.append(o.detach()))
+        for m in model.net
+        if isinstance(m, nn.Tanh)
+    ]
+    with torch.no_grad():
+        model.train()(x)
+    for h in handles:
+        h.remove()
+    for layer, t in zip(census["layers"], kept, strict=True):
+        assert layer["saturation"] == pytest.approx(
+            float((t.abs() > 0.97).float().mean()), abs=1e-6
+        )
+        assert layer["mean"] == pytest.approx(float(t.mean()), abs=1e-5)
+        assert layer["std"] == pytest.approx(float(t.std(unbiased=False)), rel=1e-4)
+    with pytest.raises(BnfoldError, match="unknown census statistics"):
+        saturation_census(model, x, statistics="batch")
+
+
+def test_census_image_is_white_where_saturated_and_dead_columns_are_all_white():
+    model = small_model(4)
+    with torch.no_grad():
+        bn = model.net[1]  # layer 1: units 0, 1 and 5 pinned at tanh(+-6), unit 2 at 0
+        bn.weight[[0, 1, 2, 5]] = 0.0
+        bn.bias[[0, 1, 2, 5]] = torch.tensor([6.0, -6.0, 0.0, 6.0])
+    x = torch.randint(0, 7, (500, 2), generator=torch.Generator().manual_seed(1))
+    census = saturation_census(model.eval(), x, image_examples=40)
+    image = census["layers"][0]["image"]
+    assert census["image_examples"] == 40 and len(image) == 40
+    assert all(len(row) == 16 and set(row) <= {"0", "1"} for row in image)
+    columns = ["".join(row[u] for row in image) for u in range(16)]
+    assert columns[0] == columns[1] == columns[5] == "1" * 40
+    assert columns[2] == "0" * 40
+    # the same examples in both censuses: the sample does not depend on the statistics
+    again = saturation_census(model, x, statistics="dataset", image_examples=40)
+    assert [c == "1" * 40 for c in columns] == [
+        "".join(row[u] for row in again["layers"][0]["image"]) == "1" * 40 for u in range(16)
+    ]
+
+
+def test_robust_axis_fits_the_bulk_not_the_outliers():
+    """The default run's tanh gradients: spread ~3e-5, a few values at ~1.5e-3."""
+    g = torch.randn(20_000, generator=torch.Generator().manual_seed(3)) * 3e-5
+    g[:20] = 1.5e-3
+    lim = robust_limit([g])
+    assert 5e-5 < lim < 2e-4
+    hist = histogram(g, lo=-lim, hi=lim)
+    assert 0 < hist["outside"] <= 0.006
+    assert hist["edges"][0] == pytest.approx(-lim) and hist["edges"][-1] == pytest.approx(lim)
+    # several curves on one axis: each keeps all but 1% of its values on it, and the
+    # outliers of the narrow one do not stretch it beyond the wide one's bulk
+    wide = torch.randn(3000, generator=torch.Generator().manual_seed(4)) * 3e-3
+    both = panel_limit([g, wide])
+    assert 3e-3 < both < 1e-2
+    for t in (g, wide):
+        assert histogram(t, lo=-both, hi=both)["outside"] <= 0.01
+
+
+def test_layer_names_follow_the_blocks():
+    model = small_model()
+    labels = parameter_labels(model)
+    assert labels["tok_emb.weight"] == "embedding"
+    assert labels["net.0.weight"] == "layer 1 Linear"
+    assert labels["net.4.weight"] == "layer 2 BN gain" and labels["net.4.bias"] == "layer 2 BN bias"
+    assert labels["net.9.weight"] == "output Linear" and labels["net.10.weight"] == "output BN gain"
+    assert module_labels(model)["net.7"] == "layer 3"
 
 
 def test_distinct_contexts_matches_unique():
@@ -296,18 +427,20 @@ def test_input_domain_enumerates_every_context_once():
 
 @pytest.fixture(scope="module")
 def cli_report(tmp_path_factory, names_path) -> Path:
-    """`bnfold train --report DIR` on a short run (the files every later test reads)."""
+    """`bnfold train --report DIR --calibrate` on a short run (the files every later test
+    reads; the summary is saved beside the report as summary.json)."""
     from bnfold.cli import main
 
     out = tmp_path_factory.mktemp("trained_report")
     result = CliRunner().invoke(
         main,
         ["train", "--data", str(names_path), "--out", str(out), "--steps", "120",
-         "--batch-size", "256", "--report", str(out / "report"), "--json"],
+         "--batch-size", "256", "--report", str(out / "report"), "--calibrate", "--json"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
     assert summary["report"] == str(out / "report" / "index.html")
+    (out / "summary.json").write_text(result.output)
     return out / "report"
 
 
@@ -321,7 +454,7 @@ def test_report_files_are_pngs_of_sensible_size(cli_report):
     for fig in report["figures"]:
         assert f'src="{fig["file"]}"' in index
         png_size(cli_report / fig["file"])
-    assert [f["file"] for f in report["figures"]][:5] == TRAINING_FIGURES
+    assert [f["file"] for f in report["figures"]][: len(TRAINING_FIGURES)] == TRAINING_FIGURES
 
 
 def test_report_json_contents(cli_report):
@@ -341,6 +474,18 @@ def test_report_json_contents(cli_report):
     fold = report["fold_comparison"]  # `bnfold train --report` folds the model it trained
     assert fold["contexts"] == 27**3 and fold["verdict"]["passed"]
     assert fold["max_abs_logit_diff"] < 1e-3
+    # the initialisation view: a census of the untrained network, the first recorded step
+    init = report["census_init"]
+    assert init["statistics"] == "dataset" and census["statistics"] == "running"
+    assert init["examples"] == 182625 and len(init["layers"]) == 5
+    assert report["snapshots"]["init"]["step"] == 0 and report["snapshots"]["end"]["step"] == 119
+    for phase in ("init", "end"):
+        snap = report["snapshots"][phase]
+        assert all(layer["grad_hist"]["density"] for layer in snap["layers"])
+        assert set(snap["weights"]) == set(report["weights"])
+    # one name per block, everywhere
+    labels = report["labels"]["parameters"]
+    assert labels["net.3.weight"] == "layer 2 Linear" and labels["net.15.weight"] == "output Linear"
 
 
 def test_bnfold_report_command(cli_report):
@@ -399,21 +544,60 @@ def _report(saturation: float, grad_std: list[float], dead: int = 0) -> dict:
 
 
 @pytest.mark.parametrize(
-    "saturation, grad_std, dead, expected",
+    "saturation, grad_std, dead, state",
     [
         (0.03, [1.0] * 5, 0, "ok"),
-        (0.48, [2.4, 2.1, 2.0, 2.0, 2.3], 0, "harmless here"),  # the default run's figures
-        (0.48, [0.01, 0.1, 0.5, 1.0, 1.0], 0, "unhealthy: the gradient vanishes"),
-        (0.48, [1.0] * 5, 20, "unhealthy: more than 10% dead units in layer 3"),
+        (0.48, [2.4, 2.1, 2.0, 2.0, 2.3], 0, "harmless"),  # the default run's figures
+        (0.48, [0.01, 0.1, 0.5, 1.0, 1.0], 0, "vanishing"),
+        (0.48, [1.0] * 5, 20, "dead units"),
     ],
 )
 def test_saturation_verdict_judges_by_gradient_flow_and_dead_units(
-    saturation, grad_std, dead, expected
+    saturation, grad_std, dead, state
 ):
-    line = next(x for x in verdict_lines(_report(saturation, grad_std, dead)) if "saturation" in x)
-    assert expected in line
-    if expected == "harmless here":
-        assert "saturation_sweep.txt" in line  # the measurement it rests on
+    report = _report(saturation, grad_std, dead)
+    assert verdict(report)["saturation_state"] == state
+    item = next(i for i in verdict_items(report) if i["topic"] == "saturation")
+    assert "layer 1 at" in item["sentence"]  # every layer ties: the first is named
+    assert ("layer 3" in item["sentence"]) is (state == "dead units")
+    assert "\n" not in item["sentence"] and item["details"]
+
+
+def default_architecture_report(**train_overrides) -> dict:
+    """A saved report of the default architecture on names.txt, the `fast` preset with
+    ``train_overrides``: flagged "too fast" everywhere, saturated ~48%, gradient flowing."""
+    from bnfold.mlp.train import TrainConfig, train_config_dict
+
+    report = _report(0.48, [1.0] * 5)
+    report["updates"] = {
+        n: {"shape": list(p.shape), "log10": [-1.8] * 3}
+        for n, p in MLP(ModelConfig()).named_parameters()
+    }
+    config = train_config_dict(TrainConfig.from_preset("fast", **train_overrides))
+    report["meta"] = {"data_file": "names.txt", "train_config": config}
+    return report
+
+
+def cited(report: dict) -> set[str]:
+    """The benchmark result files the verdict's details cite."""
+    text = " ".join(d for item in verdict_items(report) for d in item["details"])
+    return {f for f in ("saturation_sweep.txt", "update_ratio_sweep.txt") if f in text}
+
+
+def test_sweep_evidence_is_cited_only_for_the_configuration_it_was_measured_on():
+    measured = default_architecture_report(seed=1337, threads=2)
+    assert verdict(measured)["measured_configuration"]
+    assert cited(measured) == {"saturation_sweep.txt", "update_ratio_sweep.txt"}
+    one_step = default_architecture_report(steps=1)
+    other_data = default_architecture_report()
+    other_data["meta"]["data_file"] = "words.txt"
+    narrower = default_architecture_report()
+    narrower["updates"]["net.3.weight"]["shape"] = [64, 100]
+    for report in (one_step, other_data, narrower):
+        v = verdict(report)
+        assert not v["measured_configuration"] and cited(report) == set()
+        # the judgement itself does not depend on the evidence
+        assert v["saturation_state"] == "harmless" and v["update_ratio_explained"]
 
 
 @pytest.mark.parametrize(
@@ -433,4 +617,80 @@ def test_update_ratio_flag_is_explained_only_for_short_adamw_runs_that_flow(
     report["meta"] = {"train_config": {"optimizer": optimizer}}
     line = next(x for x in verdict_lines(report) if "update:data" in x)
     assert "far from 1e-3" in line
-    assert ("update_ratio_sweep.txt" in line) is explained
+    assert verdict(report)["update_ratio_explained"] is explained
+
+
+def test_calibrate_reports_what_the_calibration_pass_changed(cli_report):
+    summary = json.loads((cli_report.parent / "summary.json").read_text())
+    cal = summary["calibration"]
+    # the dev loss after calibration is the one the run reports; six BatchNorms measured
+    assert cal["dev_loss_after"] == pytest.approx(summary["dev_loss"], abs=1e-6)
+    assert cal["dev_loss_before"] != cal["dev_loss_after"]
+    assert [lay["module"] for lay in cal["layers"]] == [f"net.{3 * i + 1}" for i in range(6)]
+    assert all(lay["max_mean_shift_sd"] > 0 for lay in cal["layers"])
+    report = load_report(cli_report)
+    assert report["meta"]["calibration"] == cal
+    item = next(i for i in verdict_items(report) if i["topic"] == "calibration")
+    assert len(item["details"]) == 7  # one per BatchNorm, then what the pass does
+
+
+def test_calibration_pass_measures_against_the_uncalibrated_run(tmp_path, names_path):
+    """``dev_loss_before`` is the dev loss of the same run without ``--calibrate``."""
+    from bnfold.cli import main
+
+    def run(*extra):
+        out = tmp_path / ("cal" if extra else "plain")
+        result = CliRunner().invoke(
+            main,
+            ["train", "--data", str(names_path), "--out", str(out), "--steps", "20",
+             "--batch-size", "128", "--threads", "1", "--json", *extra],
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    plain, calibrated = run(), run("--calibrate")
+    assert "calibration" not in plain
+    assert calibrated["calibration"]["dev_loss_before"] == pytest.approx(
+        plain["dev_loss"], abs=1e-6
+    )
+
+
+def test_plot_functions_return_figures(cli_report):
+    from matplotlib.figure import Figure
+
+    from bnfold.report import plots
+
+    report = load_report(cli_report)
+    for draw in (
+        plots.loss_figure,
+        plots.saturation_figure,
+        plots.activations_figure,
+        plots.saturation_image_figure,
+        plots.gradients_figure,
+        plots.weight_gradients_figure,
+        plots.update_ratio_figure,
+    ):
+        fig = draw(report)
+        assert isinstance(fig, Figure) and fig.axes, draw.__name__
+
+
+def test_index_page_folds_each_verdicts_details_away(cli_report):
+    index = (cli_report / "index.html").read_text()
+    items = verdict_items(load_report(cli_report))
+    assert index.count("<details>") == sum(1 for i in items if i["details"])
+    assert "saturation_sweep.txt" not in index  # a 120-step run was not measured by the sweep
+
+
+def test_stage_table_fits_the_width_without_losing_words():
+    from bnfold.pipeline.train_fold import format_stage_table
+
+    details = "a long sentence of details " * 6
+    rows = [
+        {"stage": "train", "status": "ok", "details": details.strip(), "output": "m/bn.pt"},
+        {"stage": "report", "status": "ok", "details": "short", "output": "m/r/index.html"},
+    ]
+    for width in (60, 80, 200):
+        lines = format_stage_table(rows, width=width).splitlines()
+        assert max(len(line) for line in lines) <= width
+        assert " ".join(w for line in lines[2:] for w in line.split()).count("long") == 6
+    assert len(format_stage_table(rows, width=200).splitlines()) == 4  # no wrapping needed

@@ -168,6 +168,10 @@ def test_a_report_folder_elsewhere_is_staged_beside_it(tmp_path):
     out, report = tmp_path / "models", tmp_path / "elsewhere" / "report"
     result = run_main_job(out, report_dir=report, **SMALL)
     assert result.passed and result.train["report"] == str(report / "index.html")
+    # the summary names the report's page
+    assert result.rows[-1]["stage"] == "report"
+    assert result.rows[-1]["output"] == str(report / "index.html")
+    assert str(report / "index.html") in result.format()
     assert (report / "index.html").is_file() and (report / "fold_comparison.png").is_file()
     assert not (out / "report").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "models"]

@@ -410,7 +410,7 @@ def test_figures_are_written_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Figure, "savefig", half_then_crash)
     with pytest.raises(BnfoldError, match="loss.png: cannot write: no space left on device"):
-        plots.loss_figure({"train_loss": [3.0, 2.5]}, tmp_path / "loss.png")
+        plots.write_figure(plots.loss_figure({"train_loss": [3.0, 2.5]}), tmp_path / "loss.png")
     assert [p.name for p in tmp_path.iterdir()] == ["loss.png"]
     assert (tmp_path / "loss.png").read_bytes() == b"the old figure"
 

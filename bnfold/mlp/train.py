@@ -124,6 +124,12 @@ class TrainObserver(Protocol):
     def after_backward(self, step: int, model: MLP, loss: torch.Tensor) -> None: ...
     def after_update(self, step: int, model: MLP, lr: float) -> None: ...
     def on_eval(self, step: int, split: str, loss: float) -> None: ...
+    # Optional: called once before the first step, with the untrained model and the
+    # training inputs (the report's view of the network at initialisation).
+    def on_start(self, model: MLP, x_train: torch.Tensor) -> None: ...
+    # Optional: each step's batch of contexts, before ``before_step`` (when the loop runs
+    # on the distinct contexts, their counts weight what the observer sees).
+    def on_batch(self, step: int, x_batch: torch.Tensor) -> None: ...
 
 
 @dataclass
@@ -135,10 +141,13 @@ class TrainResult:
     interrupted: bool
     losses: torch.Tensor  # per-step train (minibatch) loss
     metrics: dict
+    calibration: dict | None = None  # what calibration_pass measured, when it ran
 
     def summary(self) -> dict:
+        extra = {"calibration": self.calibration} if self.calibration is not None else {}
         return {
             **self.metrics,
+            **extra,
             "steps": self.steps_done,
             "seconds": round(self.seconds, 3),
             "params": self.model.num_params(),
@@ -184,6 +193,35 @@ def calibrate_batchnorm(model: MLP, x: torch.Tensor) -> None:
     for bn, m in zip(bns, saved, strict=True):
         bn.momentum = m
     model.train(was_training)
+
+
+@torch.no_grad()
+def calibration_pass(
+    model: MLP, x_train: torch.Tensor, x_dev: torch.Tensor, y_dev: torch.Tensor
+) -> dict:
+    """:func:`calibrate_batchnorm`, measured: per BatchNorm, how far its running mean moved
+    (in running standard deviations, after calibration) and the range of new/old running
+    std; and the dev loss before and after (``None`` when the dev split is empty)."""
+    bns = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    old = [(m.running_mean.clone(), m.running_var.clone()) for _, m in bns]
+    has_dev = len(x_dev) > 0
+    before = split_loss(model, x_dev, y_dev) if has_dev else None
+    calibrate_batchnorm(model, x_train)
+    after = split_loss(model, x_dev, y_dev) if has_dev else None
+    layers = []
+    for (name, bn), (mean0, var0) in zip(bns, old, strict=True):
+        sd = (bn.running_var + bn.eps).sqrt()
+        shift = ((bn.running_mean - mean0).abs() / sd).max()
+        ratio = sd / (var0 + bn.eps).sqrt()
+        layers.append(
+            {
+                "module": name,
+                "max_mean_shift_sd": float(shift),
+                "std_ratio_min": float(ratio.min()),
+                "std_ratio_max": float(ratio.max()),
+            }
+        )
+    return {"dev_loss_before": before, "dev_loss_after": after, "layers": layers}
 
 
 class _StopOnSigint:
@@ -438,6 +476,12 @@ def _train(data, model_config, cfg, observer, progress) -> TrainResult:
     bar = _progress_bar(cfg.steps, progress)
     model.train()
     steps_done = 0
+    # optional hooks (the protocol's other methods are required): not every observer
+    # looks at the untrained network or at the batches
+    on_start = getattr(observer, "on_start", None)
+    on_batch = getattr(observer, "on_batch", None)
+    if on_start is not None:
+        on_start(model, xtr)
     t0 = time.perf_counter()
     with _StopOnSigint() as stop, fast_tanh(model):
         for step in range(cfg.steps):
@@ -458,6 +502,8 @@ def _train(data, model_config, cfg, observer, progress) -> TrainResult:
             if step <= warm_steps and cfg.bn_momentum is not None:
                 for bn in bns:
                     bn.momentum = max(cfg.bn_momentum, 1 / (step + 1))
+            if on_batch is not None:
+                on_batch(step, xtr[ix])
             if observer:
                 observer.before_step(step, model)
             if cfg.distinct_rows:
@@ -483,8 +529,9 @@ def _train(data, model_config, cfg, observer, progress) -> TrainResult:
         bar.render_finish()
     for bn, m in zip(bns, saved_momentum, strict=True):
         bn.momentum = m
+    calibration = None
     if cfg.calibrate_bn and steps_done:
-        calibrate_batchnorm(model, xtr)
+        calibration = calibration_pass(model, xtr, xdev, ydev)
     seconds = time.perf_counter() - t0
     bad = non_finite_tensors(model.state_dict())
     if bad:
@@ -497,7 +544,7 @@ def _train(data, model_config, cfg, observer, progress) -> TrainResult:
     if observer:
         observer.on_eval(steps_done, "dev", metrics["dev_loss"])
     return TrainResult(
-        model, cfg, steps_done, seconds, stop.requested, losses[:steps_done], metrics
+        model, cfg, steps_done, seconds, stop.requested, losses[:steps_done], metrics, calibration
     )
 
 

@@ -61,15 +61,24 @@ def train_run(
     observer=None,
     report: bool = False,
     report_interval: int | None = None,
+    calibrate: bool = False,
 ) -> TrainedRun:
     """Train from a words file; nothing is written. With ``report``, training diagnostics
     are recorded (every ``report_interval`` steps; default ~100 records per run, plus ~10
-    dev-loss evaluations)."""
+    dev-loss evaluations). With ``calibrate``, the lecture's calibration pass runs after
+    training and ``summary["calibration"]`` says how far the running statistics moved and
+    the dev loss before and after (also in the checkpoint's metadata and the report)."""
     model_config = ModelConfig(
         vocab_size=2, block_size=block_size, n_embd=n_embd, n_hidden=n_hidden, n_layers=n_layers
     )
     cfg = TrainConfig.from_preset(
-        preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads
+        preset,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        threads=threads,
+        calibrate_bn=calibrate or None,  # None: the preset's own choice
     )
     # Refuse impossible sizes before reading: a words file of S bytes makes at most S + 1
     # contexts (train() checks again with the real vocabulary and split).
@@ -88,6 +97,8 @@ def train_run(
         "steps_done": result.steps_done,
         "interrupted": result.interrupted,
     }
+    if result.calibration is not None:
+        meta["calibration"] = result.calibration
     ckpt = Checkpoint(result.model, data.vocab, metrics=result.summary(), meta=meta)
     return TrainedRun(ckpt, result.summary(), data, diagnostics)
 
@@ -149,16 +160,31 @@ def train_to_checkpoint(
 MAIN_JOB_FILES = ("bn.pt", "folded.pt", "bn.onnx", "folded.onnx", "README.md")
 
 
-def format_stage_table(rows: list[dict]) -> str:
-    """One row per pipeline stage: ``{"stage", "status", "details", "output"}``."""
+MIN_DETAILS = 24  # the details column never wraps narrower than this
+
+
+def format_stage_table(rows: list[dict], width: int | None = None) -> str:
+    """One row per pipeline stage: ``{"stage", "status", "details", "output"}``, fitted to
+    ``width`` characters (default: the terminal's, or 80 when there is none): the details
+    column wraps onto continuation lines; paths are never broken (they stay copyable)."""
+    import shutil
+    import textwrap
+
+    width = width or shutil.get_terminal_size().columns
     cols = ("stage", "status", "details", "output")
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
+    room = width - sum(widths[c] for c in cols if c != "details") - 2 * (len(cols) - 1)
+    widths["details"] = max(MIN_DETAILS, min(widths["details"], room))
     out = [
         "  ".join(c.ljust(widths[c]) for c in cols).rstrip(),
         "  ".join("-" * widths[c] for c in cols),
     ]
     for r in rows:
-        out.append("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols).rstrip())
+        details = textwrap.wrap(str(r.get("details", "")), widths["details"]) or [""]
+        for k, line in enumerate(details):
+            cells = {c: str(r.get(c, "")) if k == 0 else "" for c in cols}
+            cells["details"] = line
+            out.append("  ".join(cells[c].ljust(widths[c]) for c in cols).rstrip())
     return "\n".join(out)
 
 
@@ -167,9 +193,21 @@ def train_stage_row(summary: dict, path: Path) -> dict:
         "stage": "train",
         "status": "interrupted" if summary.get("interrupted") else "ok",
         "details": f"{summary['steps']} steps, {summary['seconds']:.1f} s;"
-        f" dev loss {summary['dev_loss']:.4f}, test {summary['test_loss']:.4f}",
+        f" dev loss {summary['dev_loss']:.4f}, test {summary['test_loss']:.4f}"
+        + calibration_note(summary.get("calibration")),
         "output": str(path),
     }
+
+
+def calibration_note(calibration: dict | None) -> str:
+    """``"; BN calibrated: running means moved <= 0.031 sd, dev 2.0751 -> 2.0747"``, or ``""``
+    when no calibration pass ran."""
+    if not calibration:
+        return ""
+    shift = max((lay["max_mean_shift_sd"] for lay in calibration["layers"]), default=0.0)
+    before, after = calibration["dev_loss_before"], calibration["dev_loss_after"]
+    dev = f", dev {before:.4f} -> {after:.4f}" if before is not None and after is not None else ""
+    return f"; BN calibrated: running means moved <= {shift:.2g} sd{dev}"
 
 
 def fold_stage_rows(path: Path | None, fold_report, verification) -> list[dict]:
@@ -289,6 +327,14 @@ def run_main_job(
             run.checkpoint.meta,
             folded=folded.model,
             measured=fold_figure_stats(result.verification),
+        )
+        result.rows.append(
+            {
+                "stage": "report",
+                "status": "ok",
+                "details": "training diagnostics: open index.html in a browser",
+                "output": summary["report"],
+            }
         )
         for stage in staged:
             stage.commit(last=("README.md",))  # the card, with every file's sha256, last

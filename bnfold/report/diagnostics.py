@@ -3,9 +3,9 @@
 ``Diagnostics`` is a ``TrainObserver``. Every ``interval`` steps (the *recorded* steps) it
 records, as in the lecture:
 
-- per Tanh layer: activation mean/std and saturation (share of ``|tanh| > 0.97``), and the
-  mean/std of the loss gradient at the Tanh output (a tensor hook, installed only on
-  recorded steps);
+- per Tanh layer: activation mean/std and the *batch saturation* (share of
+  ``|tanh| > 0.97`` over that step's train-mode batch), and the mean/std of the loss gradient
+  at the Tanh output (a tensor hook, installed only on recorded steps);
 - per 2-D weight (the embedding table and every Linear): gradient mean/std and the
   grad:data ratio ``std(grad) / std(weight)``;
 - per parameter: ``log10(std(update) / std(data))``. The *update* is the parameter's actual
@@ -17,17 +17,25 @@ records, as in the lecture:
   *frozen* with no ratio, never as ``-inf``/NaN.
 
 When the run trains on each batch's distinct contexts (``TrainConfig.distinct_rows``, the
-``fast`` preset), a recorded step's activation and gradient statistics are over those
-distinct rows, each counted once; the census after training counts every example.
+``fast`` preset), a recorded step's activation statistics weight each distinct row by how
+often its context occurs in the batch (``on_batch``), so they count every example as the
+censuses do; its gradient statistics are over those distinct rows, each counted once (a
+row's gradient is the sum over the examples that share its context).
 
 Every step it keeps the minibatch train loss (a detached scalar: no sync, no copy), and it
-keeps every dev loss the training loop reports through ``on_eval``. Histograms are built
-from the tensors of the last recorded step only, when the report is written.
+keeps every dev loss the training loop reports through ``on_eval``. The gradient histograms
+are built from the tensors of two recorded steps, the first (the initialisation) and the
+last, when the report is written.
 
-``finalize(model, x_train)`` runs once after training: one eval-mode pass over the whole
-training set that counts *dead* units (saturated on every training example) and the
-saturation over the set. ``save(dir)`` writes ``diagnostics.json``, the figures and
-``index.html``; ``bnfold report DIR`` reads the JSON back (``load_report``/``verdict``).
+The report's one saturation figure is the *train-set saturation*: the share of
+``|tanh| > 0.97`` over every training example (:func:`saturation_census`). It is measured
+twice: by ``on_start`` on the untrained network (each BatchNorm normalising with the
+training set's own statistics, as a train-mode pass does; its running statistics hold no
+estimate yet) and by ``finalize(model, x_train)`` after training (eval mode, the network as
+deployed), which also counts *dead* units (saturated on every training example). The
+activation histograms, the saturation image and the verdict all read these two censuses.
+``save(dir)`` writes ``diagnostics.json``, the figures and ``index.html``; ``bnfold report
+DIR`` reads the JSON back (``load_report``/``verdict``).
 """
 
 from __future__ import annotations
@@ -46,36 +54,26 @@ from bnfold.io import jsonsafe
 from bnfold.io.files import MiB, atomic_write, read_bounded
 from bnfold.io.jsonsafe import json_safe
 from bnfold.mlp.data import distinct_contexts
+from bnfold.report.verdict import (  # noqa: F401  (re-exported: `bnfold report` reads them here)
+    BATCH_SATURATION,
+    SATURATION_MEASURE,
+    verdict,
+    verdict_items,
+    verdict_lines,
+)
 
 FORMAT = "bnfold-diagnostics"
 FORMAT_VERSION = 1
 SATURATION = 0.97  # |tanh| above this counts as saturated (the lecture's threshold)
-GUIDE_LOG10 = -3.0  # the lecture's ~1e-3 update:data guide line
-FAR_DECADES = 1.0  # "far from 1e-3": median log10 ratio outside [-4, -2]
-LECTURE_SATURATION = 0.05  # the lecture's rule of thumb: ~5% saturated or less
-# Gradient flow counts as healthy while every Tanh layer's mean gradient std is within this
-# factor of the last layer's (no vanishing or exploding gradient through the stack).
-FLOW_FACTOR = 10.0
-DEAD_SHARE = 0.10  # a layer with more than this share of dead units is unhealthy
-# What saturation costs this model, measured (benchmarks/saturation_sweep.py, `fast` preset,
-# seeds 42 and 1337; benchmarks/results/saturation_sweep.txt). BatchNorm re-centres and
-# re-scales every layer's input, so a saturated tanh still passes gradient on the examples
-# where it is not saturated; the sweep found no vanishing gradient and no dead unit at the
-# default's ~50%, and lowering saturation by decaying the BN gains cost dev loss.
-SATURATION_EVIDENCE = (
-    "measured on the default model, saturation ~48% gives dev 2.075 with no vanishing"
-    " gradient and no dead unit, and pushing it down to ~10% costs 0.010 dev loss, to ~4%"
-    " 0.043 (benchmarks/results/saturation_sweep.txt)"
-)
-# The lecture's 1e-3 update:data guide is for SGD over 200,000 steps; a 500-step AdamW run
-# must move faster. Measured on the default model by changing --lr alone:
-UPDATE_RATIO_EVIDENCE = (
-    "measured on the default model (fast preset, 500 AdamW steps), only lr 0.006 and 0.02"
-    " keep every ratio within a decade of 1e-3, and they end at dev 2.1333 and 2.0803, against"
-    " 2.0726 at lr 0.04 and 2.0747 at the default 0.06"
-    " (benchmarks/results/update_ratio_sweep.txt)"
-)
 HIST_BINS = 60
+# Gradient histograms span +-(this quantile of |gradient|): a few outliers must not squeeze
+# the bulk of the distribution into one bin (the default run's spread is ~3e-5, its extreme
+# values ~50x that). The share left outside is recorded with the histogram.
+ROBUST_QUANTILE = 0.995
+PANEL_QUANTILE = 0.99  # per curve, when several share one axis (see panel_limit)
+SNAPSHOT_BINS = 120  # gradient histograms: a narrow curve on a shared axis keeps its shape
+IMAGE_EXAMPLES = 64  # training examples (rows) in the saturation image, a fixed sample
+IMAGE_SEED = 0
 REPORT_JSON = "diagnostics.json"
 MAX_REPORT_BYTES = 256 * MiB  # the default run's diagnostics.json is 0.2 MB
 UPDATE_RATIO_DEFINITION = (
@@ -98,6 +96,42 @@ def tanh_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Tanh)]
 
 
+def module_labels(model: nn.Module) -> dict[str, str]:
+    """The report's name for every module that holds parameters: ``embedding``, ``layer N``
+    (the modules up to and including the N-th Tanh) or ``output`` (after the last Tanh).
+    The N-th Tanh is ``layer N`` too: one name per block, in every figure and sentence."""
+    n_tanh = len(tanh_layers(model))
+    labels, seen = {}, 0
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Tanh):
+            seen += 1
+        elif isinstance(m, nn.Embedding):
+            labels[name] = "embedding"
+        elif next(m.parameters(recurse=False), None) is not None:
+            labels[name] = f"layer {seen + 1}" if seen < n_tanh else "output"
+    return labels
+
+
+def parameter_labels(model: nn.Module) -> dict[str, str]:
+    """``{"net.3.weight": "layer 2 Linear", "net.4.weight": "layer 2 BN gain", ...}``."""
+    blocks = module_labels(model)
+    labels = {}
+    for mname, m in model.named_modules():
+        if mname not in blocks:
+            continue
+        for pname, _ in m.named_parameters(recurse=False):
+            full = f"{mname}.{pname}" if mname else pname
+            if isinstance(m, nn.Embedding):
+                labels[full] = "embedding"
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                labels[full] = f"{blocks[mname]} BN {'gain' if pname == 'weight' else pname}"
+            elif isinstance(m, nn.Linear):
+                labels[full] = f"{blocks[mname]} Linear" + ("" if pname == "weight" else " bias")
+            else:
+                labels[full] = f"{blocks[mname]} {type(m).__name__}.{pname}"
+    return labels
+
+
 def _std(t: torch.Tensor) -> torch.Tensor:
     return t.std() if t.numel() > 1 else t.new_zeros(())
 
@@ -105,10 +139,21 @@ def _std(t: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- statistics (pure) --
 
 
-def activation_stats(t: torch.Tensor, threshold: float = SATURATION) -> dict:
-    """Mean, std and saturation (share of ``|t| > threshold``) of a Tanh output."""
+def activation_stats(
+    t: torch.Tensor, threshold: float = SATURATION, row_weight: torch.Tensor | None = None
+) -> dict:
+    """Mean, std and saturation (share of ``|t| > threshold``) of a Tanh output; with
+    ``row_weight``, row ``j`` counts ``row_weight[j]`` times (std: the population std)."""
     t = t.detach().float()
-    mean, std, sat = torch.stack([t.mean(), _std(t), (t.abs() > threshold).float().mean()]).tolist()
+    if row_weight is None:
+        sat = (t.abs() > threshold).float().mean()
+        mean, std, sat = torch.stack([t.mean(), _std(t), sat]).tolist()
+        return {"mean": mean, "std": std, "saturation": sat}
+    w = row_weight.to(t.dtype) / (row_weight.sum() * t[0].numel())
+    mean = w @ t.flatten(1).sum(1)
+    var = w @ ((t - mean) ** 2).flatten(1).sum(1)
+    sat = w @ (t.abs() > threshold).flatten(1).sum(1).to(t.dtype)
+    mean, std, sat = torch.stack([mean, var.sqrt(), sat]).tolist()
     return {"mean": mean, "std": std, "saturation": sat}
 
 
@@ -154,50 +199,144 @@ def update_ratio(before: torch.Tensor, after: torch.Tensor) -> dict:
 
 
 def histogram(t: torch.Tensor, bins: int = HIST_BINS, lo=None, hi=None) -> dict:
-    """Density histogram ``{"edges": [...], "density": [...]}`` (as the lecture plots)."""
+    """Density histogram over ``[lo, hi]`` (default: the data's range), as the lecture plots.
+
+    ``{"edges", "density", "outside"}``: the density is relative to *every* value, so the
+    curve's area is the share inside the range and ``outside`` the share beyond it.
+    """
     t = t.detach().float().flatten()
-    lo = float(t.min()) if lo is None else lo
-    hi = float(t.max()) if hi is None else hi
+    if t.numel() == 0:
+        lo, hi = -1.0, 1.0
+    lo = float(t.min()) if lo is None else float(lo)
+    hi = float(t.max()) if hi is None else float(hi)
     if not hi > lo:
         lo, hi = lo - 0.5, hi + 0.5  # constant tensor: one visible bar, not a crash
-    counts = torch.histc(t, bins, lo, hi)
-    width = (hi - lo) / bins
-    density = counts / max(float(counts.sum()) * width, 1e-30)
-    edges = torch.linspace(lo, hi, bins + 1)
-    return {"edges": _round(edges.tolist()), "density": _round(density.tolist())}
+    counts = torch.histogram(t, bins=bins, range=(lo, hi)).hist
+    return _density(counts, lo, hi, float(t.numel()))
+
+
+def _density(counts: torch.Tensor, lo: float, hi: float, total: float) -> dict:
+    width = (hi - lo) / len(counts)
+    density = counts / max(total * width, 1e-30)
+    outside = 1 - float(counts.sum()) / total if total else 0.0
+    edges = torch.linspace(lo, hi, len(counts) + 1)
+    return {
+        "edges": _round(edges.tolist()),
+        "density": _round(density.tolist()),
+        "outside": max(0.0, round(outside, 6)),
+    }
+
+
+def robust_limit(tensors, q: float = ROBUST_QUANTILE) -> float:
+    """The ``q``-quantile of ``|value|`` over all ``tensors``: ``+-limit`` holds all but
+    ``1 - q`` of the values. Falls back to the largest ``|value|`` when the quantile is 0,
+    and to 1 when there are no values (never an empty axis)."""
+    parts = [t.detach().float().abs().flatten() for t in tensors]
+    vals = torch.cat(parts) if parts else torch.zeros(0)
+    if vals.numel() == 0:
+        return 1.0
+    k = min(vals.numel(), max(1, math.ceil(q * vals.numel())))
+    limit = float(vals.kthvalue(k).values)
+    if limit <= 0:
+        limit = float(vals.max())
+    return limit if limit > 0 else 1.0
+
+
+def panel_limit(tensors, q: float = PANEL_QUANTILE) -> float:
+    """One symmetric axis ``+-limit`` for several distributions drawn together: the widest
+    of their :func:`robust_limit` at ``q``, so every curve keeps all but ``1 - q`` of its
+    values on the axis while a handful of outliers cannot stretch it."""
+    return max((robust_limit([t], q) for t in tensors), default=1.0)
+
+
+def _dataset_norm(weight: torch.Tensor):
+    """A BatchNorm forward hook that normalises with the (``weight``-ed) statistics of its
+    input rows, as train mode does on one batch, but leaves the running statistics alone."""
+
+    def hook(bn, inputs, out):
+        h = inputs[0]
+        w = (weight / weight.sum()).to(h.dtype).unsqueeze(0)
+        mean = w @ h
+        centered = h - mean
+        scale = torch.rsqrt(w @ (centered * centered) + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        return centered * scale + (bn.bias if bn.bias is not None else 0)
+
+    return hook
 
 
 @torch.no_grad()
 def saturation_census(
-    model: nn.Module, x: torch.Tensor, threshold: float = SATURATION, chunk: int = 65536
+    model: nn.Module,
+    x: torch.Tensor,
+    threshold: float = SATURATION,
+    chunk: int = 65536,
+    statistics: Literal["running", "dataset"] = "running",
+    image_examples: int = IMAGE_EXAMPLES,
+    bins: int = HIST_BINS,
 ) -> dict:
-    """One eval-mode pass over ``x``: per Tanh layer, the units saturated on *every*
-    example (dead: their gradient is ~0 whatever the input) and the saturated share.
+    """One pass over ``x``: per Tanh layer, the *train-set saturation* (share of
+    ``|tanh| > threshold`` over every example and unit), the units saturated on *every*
+    example (dead: their gradient is ~0 whatever the input), the mean, std and density
+    histogram of the outputs, and the lecture's image: ``|tanh| > threshold`` for a fixed
+    seeded sample of ``image_examples`` examples (one string of 0/1 per example).
 
-    In eval mode the network is a fixed function of the context, so the pass runs over the
+    ``statistics="running"``: eval mode, BatchNorm with its running statistics (the network
+    as deployed). ``"dataset"``: each BatchNorm normalises with the statistics of ``x``
+    itself, as a train-mode pass over all of ``x`` as one batch would (what a calibration
+    pass estimates, to the n/(n-1) of its unbiased variance); the running statistics are
+    not touched. That is the honest view of
+    an untrained network, whose running statistics hold no estimate yet.
+
+    The network is a fixed function of the context here, so the pass runs over the
     *distinct* contexts only (a few thousand of the ~180k training examples of names.txt),
     each weighted by how often it occurs: same answer, a fraction of the work.
     """
+    if statistics not in ("running", "dataset"):
+        raise BnfoldError(f"unknown census statistics {statistics!r} (running, dataset)")
     layers = tanh_layers(model)
     n = len(x)
+    weight = torch.zeros(0)
+    sample = torch.zeros(0, dtype=torch.long)
     if n:
+        gen = torch.Generator().manual_seed(IMAGE_SEED)
+        pick = torch.randperm(n, generator=gen)[:image_examples].sort().values
         x, inverse = distinct_contexts(x)
         weight = torch.bincount(inverse, minlength=len(x))
-    always = [None] * len(layers)
-    counts = [0.0] * len(layers)
+        sample = inverse[pick]
+    if statistics == "dataset":
+        chunk = max(1, len(x))  # the statistics are the whole set's: one pass, one batch
+    per = [
+        {"always": None, "sat": 0.0, "s1": 0.0, "s2": 0.0, "hist": torch.zeros(bins), "img": None}
+        for _ in layers
+    ]
     offset = [0]
 
     def hook(i):
         def fn(module, inputs, out):
+            p, lo = per[i], offset[0]
+            out = out.float()
             sat = out.abs() > threshold
             rows = sat.all(0)
-            always[i] = rows if always[i] is None else always[i] & rows
-            w = weight[offset[0] : offset[0] + len(out)]
-            counts[i] += float(w.to(out.dtype) @ sat.sum(1).to(out.dtype))
+            p["always"] = rows if p["always"] is None else p["always"] & rows
+            w = weight[lo : lo + len(out)].to(out.dtype)
+            p["sat"] += float(w @ sat.sum(1).to(out.dtype))
+            p["s1"] += float(w @ out.sum(1))
+            p["s2"] += float(w @ (out * out).sum(1))
+            rw = w.unsqueeze(1).expand_as(out).flatten()
+            p["hist"] += torch.histogram(out.flatten(), bins, range=(-1.0, 1.0), weight=rw).hist
+            if p["img"] is None:
+                p["img"] = torch.zeros(len(sample), out.shape[1], dtype=torch.bool)
+            here = (sample >= lo) & (sample < lo + len(out))
+            p["img"][here] = sat[sample[here] - lo]
 
         return fn
 
     handles = [m.register_forward_hook(hook(i)) for i, (_, m) in enumerate(layers)]
+    if statistics == "dataset":
+        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        handles += [bn.register_forward_hook(_dataset_norm(weight)) for bn in bns]
     was_training = model.training
     model.eval()
     try:
@@ -209,12 +348,33 @@ def saturation_census(
         for h in handles:
             h.remove()
     out = []
-    for (name, _), dead, c in zip(layers, always, counts, strict=True):
+    for (name, _), p in zip(layers, per, strict=True):
+        dead = p["always"]
         units = 0 if dead is None else dead.numel()
-        dead_idx = [] if dead is None else dead.nonzero().flatten().tolist()
-        share = c / (n * units) if n and units else 0.0
-        out.append({"module": name, "units": units, "dead": dead_idx, "saturation": share})
-    return {"examples": n, "distinct": len(x), "threshold": threshold, "layers": out}
+        total = n * units
+        mean = p["s1"] / total if total else 0.0
+        var = max(0.0, p["s2"] / total - mean * mean) if total else 0.0
+        img = [] if p["img"] is None else p["img"]
+        out.append(
+            {
+                "module": name,
+                "units": units,
+                "dead": [] if dead is None else dead.nonzero().flatten().tolist(),
+                "saturation": p["sat"] / total if total else 0.0,
+                "mean": mean,
+                "std": math.sqrt(var),
+                "act_hist": _density(p["hist"], -1.0, 1.0, float(total)),
+                "image": ["".join("1" if v else "0" for v in row.tolist()) for row in img],
+            }
+        )
+    return {
+        "examples": n,
+        "distinct": len(x),
+        "threshold": threshold,
+        "statistics": statistics,
+        "image_examples": len(sample),
+        "layers": out,
+    }
 
 
 def _round(xs: list[float], digits: int = 6) -> list[float]:
@@ -229,6 +389,18 @@ class Observers:
 
     def __init__(self, *observers):
         self.observers = [o for o in observers if o is not None]
+
+    def on_start(self, model, x_train):
+        for o in self.observers:
+            start = getattr(o, "on_start", None)  # optional in the TrainObserver protocol
+            if start is not None:
+                start(model, x_train)
+
+    def on_batch(self, step, x_batch):
+        for o in self.observers:
+            on_batch = getattr(o, "on_batch", None)  # optional in the TrainObserver protocol
+            if on_batch is not None:
+                on_batch(step, x_batch)
 
     def before_step(self, step, model):
         for o in self.observers:
@@ -261,19 +433,54 @@ class Diagnostics:
         self.layers: list[dict] = []  # per Tanh layer: name + per-record series
         self.weights: dict[str, dict] = {}  # 2-D parameters: grad series
         self.updates: dict[str, dict] = {}  # every parameter: update-ratio series
+        self.labels: dict[str, dict] = {}  # the report's names of parameters and modules
+        self.census_init: dict | None = None
         self.census: dict | None = None
         self.fold: dict | None = None
-        self.last: dict = {}  # tensors of the last recorded step, for the histograms
+        self.first: dict = {}  # tensors of the first recorded step (the initialisation)
+        self.last: dict = {}  # tensors of the last recorded step
         self._hooks: list = []
         self._acts: dict[int, torch.Tensor] = {}
         self._grads: dict[int, torch.Tensor] = {}
         self._before: dict[str, torch.Tensor] = {}
         self._wstats: dict[str, dict] = {}
+        self._batch: tuple[int, torch.Tensor] | None = None  # (examples, distinct counts)
 
     def recording(self, step: int) -> bool:
         return step % self.interval == 0
 
     # -- TrainObserver ------------------------------------------------------------------
+
+    def on_start(self, model: nn.Module, x_train: torch.Tensor) -> None:
+        """The untrained network's train-set saturation (BatchNorm on the set's own
+        statistics: see :func:`saturation_census`)."""
+        self._label(model)
+        self.census_init = saturation_census(
+            model, x_train, self.threshold, statistics="dataset", bins=self.bins
+        )
+
+    def _label(self, model: nn.Module) -> None:
+        if not self.labels:
+            self.labels = {
+                "parameters": parameter_labels(model),
+                "modules": module_labels(model),
+            }
+
+    def on_batch(self, step: int, x_batch: torch.Tensor) -> None:
+        """A recorded step's batch: how often each of its distinct contexts occurs, so
+        that, when the loop runs on the distinct contexts, the batch saturation still
+        counts every example (as the census does), not every distinct context once."""
+        if self.recording(step):
+            _, inverse = distinct_contexts(x_batch)
+            self._batch = (len(x_batch), torch.bincount(inverse))
+
+    def _row_weight(self, rows: int) -> torch.Tensor | None:
+        """The distinct contexts' counts when ``rows`` activations are one per distinct
+        context of the batch; ``None`` when they are one per example (or unknown)."""
+        if self._batch is None:
+            return None
+        examples, counts = self._batch
+        return counts if rows == len(counts) and rows != examples else None
 
     def before_step(self, step: int, model: nn.Module) -> None:
         if not self.recording(step):
@@ -308,7 +515,7 @@ class Diagnostics:
             self._before[name] = p.detach().clone()
         self.last = {
             "step": step,
-            "acts": dict(self._acts),
+            "record": len(self.steps),
             "grads": dict(self._grads),
             "wgrads": {
                 n: p.grad.detach().clone()
@@ -316,17 +523,24 @@ class Diagnostics:
                 if p.ndim == 2 and not is_frozen(p)
             },
         }
+        if not self.first:
+            self.first = self.last
 
     def after_update(self, step: int, model: nn.Module, lr: float) -> None:
         self._remove_hooks()
         if not self._before:
             return
+        self._label(model)
         names = [n for n, _ in tanh_layers(model)]
         if not self.layers:
             self.layers = [{"module": n} for n in names]
         for i, layer in enumerate(self.layers):
             a, g = self._acts.get(i), self._grads.get(i)
-            s = activation_stats(a, self.threshold) if a is not None else {}
+            s = (
+                activation_stats(a, self.threshold, self._row_weight(len(a)))
+                if a is not None
+                else {}
+            )
             gs = gradient_stats(g) if g is not None else {}
             for key in ("mean", "std", "saturation"):
                 layer.setdefault(key, []).append(s.get(key))
@@ -346,7 +560,7 @@ class Diagnostics:
             u.setdefault("frozen", []).append(r["frozen"])
         self.steps.append(step)
         self.lrs.append(lr)
-        self._before, self._wstats = {}, {}
+        self._before, self._wstats, self._batch = {}, {}, None
 
     def on_eval(self, step: int, split: str, loss: float) -> None:
         self.evals.append({"step": step, "split": split, "loss": float(loss)})
@@ -359,22 +573,33 @@ class Diagnostics:
     # -- after training -----------------------------------------------------------------
 
     def finalize(self, model: nn.Module, x_train: torch.Tensor) -> None:
-        """Dead units and saturation over the whole training set (eval mode, one pass)."""
-        self.census = saturation_census(model, x_train, self.threshold)
+        """Dead units and train-set saturation after training (eval mode, one pass)."""
+        self._label(model)
+        self.census = saturation_census(model, x_train, self.threshold, bins=self.bins)
+
+    def _snapshot(self, snap: dict) -> dict | None:
+        """Histograms of one recorded step's gradients, each panel on one robust axis."""
+        if not snap:
+            return None
+        grads, wgrads = snap["grads"], snap["wgrads"]
+        glim, wlim = panel_limit(grads.values()), panel_limit(wgrads.values())
+        layers = []
+        for i in range(len(self.layers)):
+            g = grads.get(i)
+            hist = histogram(g, SNAPSHOT_BINS, -glim, glim) if g is not None else None
+            layers.append({"grad_hist": hist, **(gradient_stats(g) if g is not None else {})})
+        weights = {
+            n: {"hist": histogram(g, SNAPSHOT_BINS, -wlim, wlim), **gradient_stats(g)}
+            for n, g in wgrads.items()
+        }
+        return {
+            "step": snap["step"],
+            "record": snap["record"],
+            "layers": layers,
+            "weights": weights,
+        }
 
     def to_dict(self) -> dict:
-        snapshot = {"step": self.last.get("step")}
-        acts, grads = self.last.get("acts", {}), self.last.get("grads", {})
-        snapshot["layers"] = [
-            {
-                "act_hist": histogram(acts[i], self.bins, -1.0, 1.0) if i in acts else None,
-                "grad_hist": histogram(grads[i], self.bins) if i in grads else None,
-            }
-            for i in range(len(self.layers))
-        ]
-        snapshot["weights"] = {
-            n: histogram(g, self.bins) for n, g in self.last.get("wgrads", {}).items()
-        }
         losses = torch.stack(self.losses).tolist() if self.losses else []
         for i, layer in enumerate(self.layers):
             layer["name"] = f"layer {i + 1} (Tanh)"
@@ -383,16 +608,19 @@ class Diagnostics:
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
                 "saturation_threshold": self.threshold,
+                "saturation_measure": SATURATION_MEASURE,
                 "interval": self.interval,
                 "update_ratio_definition": UPDATE_RATIO_DEFINITION,
                 "train_loss": _round(losses),
                 "evals": self.evals,
                 "steps": self.steps,
                 "lr": _round(self.lrs),
+                "labels": self.labels,
                 "layers": self.layers,
                 "weights": self.weights,
                 "updates": self.updates,
-                "snapshot": snapshot,
+                "snapshots": {"init": self._snapshot(self.first), "end": self._snapshot(self.last)},
+                "census_init": self.census_init,
                 "census": self.census,
                 "fold_comparison": self.fold,
             }
@@ -522,6 +750,16 @@ class _Census(_Strict):
     layers: list[_CensusLayer] = Field(min_length=1)
 
 
+class _Calibration(_Strict):
+    dev_loss_before: float | None
+    dev_loss_after: float | None
+    layers: list[dict] = []
+
+
+class _Meta(_Strict):
+    calibration: _Calibration | None = None
+
+
 class _FoldComparison(_Strict):
     contexts: int
     domain: str
@@ -546,6 +784,8 @@ class _ReportFile(_Strict):
     layers: list[_LayerSeries] = []
     updates: dict[str, _UpdateSeries] = {}
     census: _Census | None = None
+    census_init: _Census | None = None
+    meta: _Meta | None = None
     fold_comparison: _FoldComparison | None = None
     figures: list[_Figure] = []
 
@@ -578,26 +818,38 @@ def load_report(report_dir: str | Path) -> dict:
 
 
 def write_index(report: dict, out: Path) -> Path:
+    """``index.html``: the verdict (one sentence per finding, its details folded away
+    under ``<details>``), the measures' definitions, then every figure with its caption."""
     import html
 
-    lines = verdict_lines(report)
+    def item(it: dict) -> str:
+        details = "".join(f"<p>{html.escape(d)}</p>" for d in it["details"])
+        more = f"<details><summary>details</summary>{details}</details>" if details else ""
+        return f"<li>{html.escape(it['sentence'])}.{more}</li>"
+
+    summary = "\n".join(item(it) for it in verdict_items(report))
     items = "\n".join(
         f'<figure><img src="{html.escape(f["file"])}" alt="{html.escape(f["caption"])}">'
         f"<figcaption>{html.escape(f['caption'])}</figcaption></figure>"
         for f in report.get("figures", [])
     )
-    summary = "\n".join(f"<li>{html.escape(line)}</li>" for line in lines)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>bnfold training report</title>
 <style>
-body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; }}
+body {{ font-family: sans-serif; max-width: 1300px; margin: 2em auto; padding: 0 1em; }}
+li {{ margin: .4em 0; }} details {{ color: #333; margin: .2em 0 .6em 1em; }}
+details p {{ margin: .3em 0; }} summary {{ cursor: pointer; color: #555; }}
 figure {{ margin: 2em 0; }} img {{ max-width: 100%; border: 1px solid #ddd; }}
-figcaption {{ color: #444; margin-top: .3em; }}
+figcaption {{ color: #444; margin-top: .3em; }} dt {{ font-weight: bold; }}
 </style></head><body>
 <h1>bnfold training report</h1>
 <ul>
 {summary}
 </ul>
+<dl>
+<dt>Saturation</dt><dd>{html.escape(SATURATION_MEASURE)}; the saturation-over-training
+figure also shows the {html.escape(BATCH_SATURATION)}.</dd>
+</dl>
 <p><a href="{REPORT_JSON}">{REPORT_JSON}</a> holds every number behind these figures.</p>
 {items}
 </body></html>
@@ -605,179 +857,3 @@ figcaption {{ color: #444; margin-top: .3em; }}
     path = out / "index.html"
     _write_text(path, page)
     return path
-
-
-# ------------------------------------------------------------------------ verdict --
-
-
-def _median(xs: list[float]) -> float:
-    s = sorted(xs)
-    m = len(s) // 2
-    return s[m] if len(s) % 2 else (s[m - 1] + s[m]) / 2
-
-
-def verdict(report: dict) -> dict:
-    """The numbers behind ``bnfold report``: saturation, update ratios, dead units, fold."""
-    layers = report.get("layers", [])
-    steps = report.get("steps", [])
-    census = report.get("census")
-    sat_last = []
-    for layer in layers:
-        vals = [v for v in layer.get("saturation", []) if v is not None]
-        sat_last.append(vals[-1] if vals else None)
-    worst = None
-    if census:
-        i = max(range(len(census["layers"])), key=lambda k: census["layers"][k]["saturation"])
-        worst = {"layer": i + 1, "saturation": census["layers"][i]["saturation"], "on": "train set"}
-    elif any(s is not None for s in sat_last):
-        i = max((k for k, s in enumerate(sat_last) if s is not None), key=lambda k: sat_last[k])
-        on = f"batch at step {steps[-1]}" if steps else "the last recorded batch"
-        worst = {"layer": i + 1, "saturation": sat_last[i], "on": on}
-    far, frozen = [], []
-    for name, u in report.get("updates", {}).items():
-        vals = [v for v in u.get("log10", []) if v is not None]
-        if u.get("frozen") and all(u["frozen"]):
-            frozen.append(name)
-            continue
-        # Judged like the lecture: the 2-D weights. A BatchNorm gain sits near 1 in every
-        # unit, so std(data) is a spread, not a scale, and its ratio is not comparable.
-        if not vals or len(u.get("shape", [])) != 2:
-            continue
-        med = _median(vals)
-        if abs(med - GUIDE_LOG10) > FAR_DECADES:
-            far.append(
-                {
-                    "param": name,
-                    "shape": u.get("shape"),
-                    "median_log10": med,
-                    "direction": "too slow" if med < GUIDE_LOG10 else "too fast",
-                }
-            )
-    dead = None
-    if census:
-        dead = [
-            {"layer": i + 1, "dead": len(lay["dead"]), "units": lay["units"]}
-            for i, lay in enumerate(census["layers"])
-        ]
-    evals = [e for e in report.get("evals", []) if e.get("split") == "dev"]
-    return {
-        "gradient_flow": gradient_flow(layers),
-        "steps": len(report.get("train_loss", [])),
-        "records": len(steps),
-        "final_dev_loss": evals[-1]["loss"] if evals else None,
-        "saturation_last_step": sat_last,
-        "worst_saturation": worst,
-        "update_ratio_far": far,
-        "frozen": frozen,
-        "dead_units": dead,
-        "examples": census["examples"] if census else None,
-        "fold": report.get("fold_comparison"),
-    }
-
-
-def gradient_flow(layers: list[dict]) -> dict | None:
-    """Per Tanh layer, the mean over recorded steps of the std of the loss gradient at its
-    output, and each layer's ratio to the last layer's (1 = the gradient neither vanishes
-    nor explodes on its way down the stack)."""
-    means = []
-    for layer in layers:
-        vals = [g for g in layer.get("grad_std", []) if g is not None]
-        means.append(sum(vals) / len(vals) if vals else None)
-    if not means or any(m is None for m in means) or not means[-1]:
-        return None
-    ratios = [m / means[-1] for m in means]
-    healthy = all(1 / FLOW_FACTOR <= r <= FLOW_FACTOR for r in ratios)
-    return {"grad_std": means, "ratio_to_last": ratios, "healthy": healthy}
-
-
-def saturation_verdict(v: dict) -> str:
-    """Saturation judged by what it does here (gradient flow, dead units), not by the
-    lecture's ~5% rule alone: see SATURATION_EVIDENCE."""
-    w, flow, dead = v["worst_saturation"], v["gradient_flow"], v["dead_units"]
-    if w["saturation"] < LECTURE_SATURATION:
-        return "ok"
-    dead_layers = [d for d in dead or [] if d["units"] and d["dead"] / d["units"] > DEAD_SHARE]
-    if dead_layers:
-        return (
-            "unhealthy: more than 10% dead units in layer"
-            f" {', '.join(str(d['layer']) for d in dead_layers)}"
-        )
-    if flow is None:
-        return "above the lecture's ~5% (no gradient statistics recorded to judge it by)"
-    if not flow["healthy"]:
-        worst = min(flow["ratio_to_last"])
-        return (
-            "unhealthy: the gradient vanishes down the stack (layer gradient std down to"
-            f" {worst:.2g}x the last layer's)"
-        )
-    spread = f"{min(flow['ratio_to_last']):.2f}-{max(flow['ratio_to_last']):.2f}"
-    return (
-        "above the lecture's ~5%, but harmless here: the gradient reaches every layer"
-        f" (gradient std {spread}x the last layer's) and no layer has dead units; "
-        + SATURATION_EVIDENCE
-    )
-
-
-def update_ratio_verdict(v: dict, report: dict) -> str:
-    """Why weights flagged "too fast" are expected in a short AdamW run whose gradient flows
-    (see UPDATE_RATIO_EVIDENCE); empty when that does not apply."""
-    train_config = (report.get("meta") or {}).get("train_config") or {}
-    flow = v["gradient_flow"]
-    if (
-        train_config.get("optimizer") != "adamw"
-        or any(f["direction"] != "too fast" for f in v["update_ratio_far"])
-        or flow is None
-        or not flow["healthy"]
-    ):
-        return ""
-    return (
-        ": expected for a short AdamW schedule whose gradient reaches every layer, not a"
-        " fault; " + UPDATE_RATIO_EVIDENCE
-    )
-
-
-def verdict_lines(report: dict) -> list[str]:
-    v = verdict(report)
-    dev = f", final dev loss {v['final_dev_loss']:.4f}" if v["final_dev_loss"] is not None else ""
-    lines = [
-        f"{v['steps']} training steps, statistics recorded at {v['records']} steps"
-        f" (every {report.get('interval')}){dev}"
-    ]
-    w = v["worst_saturation"]
-    if w:
-        verdict_word = saturation_verdict(v)
-        lines.append(
-            f"worst saturation: layer {w['layer']} at {100 * w['saturation']:.1f}%"
-            f" (|tanh| > {report.get('saturation_threshold')}, {w['on']}): {verdict_word}"
-        )
-    if v["update_ratio_far"]:
-        parts = [
-            f"{f['param']} {tuple(f['shape'])} {10 ** f['median_log10']:.0e} ({f['direction']})"
-            for f in v["update_ratio_far"]
-        ]
-        lines.append(
-            "update:data ratio far from 1e-3 (median over recorded steps off by more than a"
-            " decade): " + "; ".join(parts) + update_ratio_verdict(v, report)
-        )
-    elif report.get("updates"):
-        lines.append("update:data ratio: every trained 2-D weight's median within a decade of 1e-3")
-    if v["frozen"]:
-        lines.append("frozen (never updated): " + ", ".join(v["frozen"]))
-    if v["dead_units"] is not None:
-        total = sum(d["dead"] for d in v["dead_units"])
-        if total:
-            per = ", ".join(
-                f"layer {d['layer']}: {d['dead']}/{d['units']}"
-                for d in v["dead_units"]
-                if d["dead"]
-            )
-            lines.append(f"dead neurons (saturated on all {v['examples']:,} train examples): {per}")
-        else:
-            lines.append(f"dead neurons: none (checked on all {v['examples']:,} train examples)")
-    f = v["fold"]
-    if f:
-        lines.append(
-            f"folded vs BN network: max |logit difference| {f['max_abs_logit_diff']:.2e}"
-            f" over {f['contexts']:,} contexts ({f['domain']})"
-        )
-    return lines
