@@ -2,7 +2,8 @@
 thin ASGI layer in front of it, the :class:`Edge`, for what FastAPI does not do: request
 latency by status for ``/metrics`` (including answers FastAPI never sees), and the
 request-body size limit (the body is read there, at most ``max_body`` bytes, and handed on
-in one piece).
+in one piece). The app also serves the web page (``/``, with the request schema written
+into it) and the API docs (``/docs``, Swagger UI from local files: no CDN).
 
 ``GET`` and ``POST /v1/names`` are one path, :class:`NamesEndpoint`: the query string or
 the body goes through the same strict schema (:class:`~bnfold.serve.schema.RequestParser`,
