@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from bnfold.errors import BnfoldError
+from bnfold.mlp.checkpoint import non_finite_tensors
 from bnfold.mlp.data import distinct_contexts, load_dataset
 from bnfold.mlp.model import MLP, ModelConfig
 from bnfold.mlp.train import (
@@ -18,10 +19,10 @@ from bnfold.mlp.train import (
     FusedAdamW,
     TrainConfig,
     _SigmoidTanh,
+    adamw,
     calibrate_batchnorm,
     distinct_rows_loss,
     fast_tanh,
-    non_finite_tensors,
     split_loss,
     train,
     training_memory_bytes,
@@ -264,11 +265,23 @@ def test_a_diverging_run_stops_with_an_error(data):
 
 def test_non_finite_tensors_names_them():
     m = MLP(ModelConfig())
-    assert non_finite_tensors(m) == []
+    assert non_finite_tensors(m.state_dict()) == []
     with torch.no_grad():
         m.net[4].running_var[3] = float("nan")
         m.net[0].weight[0, 0] = float("inf")
-    assert non_finite_tensors(m) == ["net.0.weight", "net.4.running_var"]
+    assert non_finite_tensors(m.state_dict()) == ["net.0.weight", "net.4.running_var"]
+
+
+def test_the_private_adamw_kernel_is_there_and_has_a_public_fallback(monkeypatch):
+    """bnfold's AdamW calls ``torch._fused_adamw_``: this fails loudly the day torch drops
+    it, and without it training falls back to the public ``torch.optim.AdamW``."""
+    assert callable(torch._fused_adamw_), "torch dropped _fused_adamw_: see FusedAdamW"
+    params = [torch.nn.Parameter(torch.ones(3))]
+    assert isinstance(adamw([{"params": params}], lr=0.1), FusedAdamW)
+    monkeypatch.delattr(torch, "_fused_adamw_")
+    fallback = adamw([{"params": params}], lr=0.1, weight_decay=0.01)
+    assert isinstance(fallback, torch.optim.AdamW) and fallback.defaults["fused"]
+    assert fallback.param_groups[0]["weight_decay"] == 0.01
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])

@@ -615,7 +615,7 @@ class FusedAdamW:
             )
 
 
-def _adamw(model: MLP, cfg: TrainConfig) -> FusedAdamW:
+def _adamw(model: MLP, cfg: TrainConfig):
     params = list(model.parameters())
     gains = {id(m.weight) for m in model.net[:-1] if isinstance(m, nn.BatchNorm1d)}
     decayed = gains if cfg.bn_gain_decay else set()
@@ -623,7 +623,16 @@ def _adamw(model: MLP, cfg: TrainConfig) -> FusedAdamW:
     if decayed:
         gain_params = [p for p in params if id(p) in decayed]
         groups.append({"params": gain_params, "weight_decay": cfg.bn_gain_decay})
-    return FusedAdamW(groups, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    return adamw(groups, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+
+
+def adamw(groups: list[dict], **hyper):
+    """AdamW over ``groups``: :class:`FusedAdamW` (no ``torch.optim`` import) while torch
+    has the private kernel it calls, else the public ``torch.optim.AdamW(fused=True)``,
+    the same arithmetic (tests/test_train.py checks both, and fails when the kernel goes)."""
+    if hasattr(torch, "_fused_adamw_"):
+        return FusedAdamW(groups, **hyper)
+    return torch.optim.AdamW(groups, fused=True, **hyper)
 
 
 def train_config_dict(cfg: TrainConfig) -> dict:

@@ -130,7 +130,7 @@ class SampleJob:
         "prefix_ids",
         "new_only",
         "found",
-        "finished",
+        "done",
         "error",
     )
 
@@ -146,12 +146,8 @@ class SampleJob:
         self.left = options.count if self.new_only else stop - start
         self.inflight = 0  # rows sampling this job's names right now
         self.slot = -1  # index in the engine's job table while it is there
-        self.finished = False
+        self.done = False  # finished or failed
         self.error: BnfoldError | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.finished
 
     @property
     def names(self) -> list[str | None]:
@@ -284,7 +280,7 @@ class SamplerEngine:
         job.prefix_ids = np.asarray(self.vocab.encode(options.prefix), dtype=self._tok_dtype)
         if job.stop == job.start:
             self._end_new_only(job) if job.new_only else None
-            job.finished = True
+            job.done = True
             return job  # nothing to sample
         if self._free:
             job.slot = self._free.pop()
@@ -589,7 +585,7 @@ class SamplerEngine:
         return done
 
     def _complete(self, job: SampleJob) -> SampleJob:
-        job.finished = True
+        job.done = True
         self._release(job)
         return job
 

@@ -18,8 +18,12 @@ from bnfold.serve.settings import ServeSettings
 class LoadedModel:
     predictor: Predictor
     labeler: Labeler
-    sha256: str
     info: dict[str, Any]
+
+    @property
+    def sha256(self) -> str:
+        """The model file's sha256 (the predictor's: stated once)."""
+        return self.predictor.sha256
 
 
 def load_model(settings: ServeSettings) -> LoadedModel:
@@ -62,7 +66,7 @@ def load_model(settings: ServeSettings) -> LoadedModel:
             "ort_threads": predictor.threads,
         },
     }
-    return LoadedModel(predictor, labeler, predictor.sha256, info)
+    return LoadedModel(predictor, labeler, info)
 
 
 def warm_up(model: LoadedModel, settings: ServeSettings) -> None:
