@@ -38,6 +38,7 @@ import numpy as np
 
 from bnfold.errors import BnfoldError
 from bnfold.io.onnx_files import load_onnx_file
+from bnfold.mlp.data import DEFAULT_WORDS
 from bnfold.pipeline.train_fold import train_to_checkpoint
 from bnfold.runtime.infer import Predictor
 from bnfold.verify.networks import FOUR_NETWORKS, percentiles_us, single_latency
@@ -46,7 +47,6 @@ NETS = FOUR_NETWORKS
 BATCH = 1024
 LECTURE_NAMES = 200  # names for the one-at-a-time baseline (~0.2 s at ~1,000 names/s)
 QUICK_STEPS = 2_000
-REPO = Path(__file__).resolve().parents[2]
 # the targets, measured on this machine (1 thread); shown next to the figures
 TARGETS = {
     "onnx_folded_p50_us": 8.1,
@@ -76,7 +76,7 @@ def load_networks(models_dir: str | Path, work_dir: Path, progress: bool = False
     if not bn_path.is_file():
         _log(progress, f"no {bn_path}: training a quick model ({QUICK_STEPS} steps)...")
         bn_path, _ = train_to_checkpoint(
-            REPO / "data" / "names.txt", work_dir, steps=QUICK_STEPS, progress=False
+            DEFAULT_WORDS, work_dir, steps=QUICK_STEPS, progress=False
         )
         notes.append(
             f"no bn.pt in {models}: benchmarked a quick {QUICK_STEPS}-step model"
