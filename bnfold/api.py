@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bnfold.errors import BnfoldError
-from bnfold.io.schema import FoldVerifyDocument
 from bnfold.mlp.data import DEFAULT_WORDS, file_sha256
 
 if TYPE_CHECKING:
@@ -293,7 +292,7 @@ class VerifyResult:
             "verification": v,
             "passed": self.passed,
         }
-        return FoldVerifyDocument.model_validate(doc).model_dump(mode="json")
+        return checked_document(doc)
 
     def __str__(self) -> str:
         return "\n".join(_verification_lines(self.verification, self.reference, self.candidate))
@@ -333,7 +332,7 @@ class FoldResult:
             else _verification_dict(v, self.source, self.candidate, self.tolerance),
             "passed": self.passed,
         }
-        return FoldVerifyDocument.model_validate(doc).model_dump(mode="json")
+        return checked_document(doc)
 
     def __str__(self) -> str:
         lines = [self.fold_report.format()]
@@ -347,6 +346,14 @@ class FoldResult:
                 f"wrote {self.path}" if self.path else "verification failed: nothing written"
             )
         return "\n".join(lines)
+
+
+def checked_document(doc: dict) -> dict:
+    """``doc`` validated against the one fold/verify schema (a bug here, never the user's,
+    must not print a document that breaks its consumers)."""
+    from bnfold.io.schema import FoldVerifyDocument
+
+    return FoldVerifyDocument.model_validate(doc).model_dump(mode="json")
 
 
 def _is_path(x: Any) -> bool:
@@ -367,6 +374,7 @@ def torch_file_kind(path: str | Path) -> str | None:
     import torch
 
     from bnfold.io.files import read_bounded
+    from bnfold.mlp.checkpoint import FORMAT as CHECKPOINT_FORMAT
     from bnfold.mlp.checkpoint import MAX_CHECKPOINT_BYTES
 
     p = Path(path)
@@ -384,6 +392,8 @@ def torch_file_kind(path: str | Path) -> str | None:
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # torch refuses a pickled class: a module saved whole
         return "pickled module" if "GLOBAL" in str(e) else None
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        return None  # bnfold's own checkpoint: its error stands as it is
     if isinstance(obj, dict):
         inner = next(
             (
@@ -411,7 +421,9 @@ def _torch_route_error(path: Path, error: BnfoldError) -> BnfoldError:
     if what is None:
         return error
     hint = TORCH_ROUTES
-    if kind == "state_dict":
+    if kind == "torchscript":  # fx cannot trace a ScriptModule: the original module can
+        hint = "use the nn.Module it was made from: " + TORCH_ROUTES
+    elif kind == "state_dict":
         hint = "build the model in Python, load_state_dict() the weights, then " + TORCH_ROUTES
     elif kind == "pickled module":
         hint = "load it yourself if you trust it (torch.load(path, weights_only=False)), then " + (
@@ -701,7 +713,7 @@ def _export_module(model: Any, inputs: Any, out: Any, tolerance, opset: int) -> 
         with warnings.catch_warnings():  # the exporter's deprecation notes are not ours
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                model.eval(),
+                model,
                 args,
                 buffer,
                 dynamo=False,

@@ -75,9 +75,7 @@ def load_networks(models_dir: str | Path, work_dir: Path, progress: bool = False
     bn_path = models / "bn.pt"
     if not bn_path.is_file():
         _log(progress, f"no {bn_path}: training a quick model ({QUICK_STEPS} steps)...")
-        bn_path, _ = train_to_checkpoint(
-            DEFAULT_WORDS, work_dir, steps=QUICK_STEPS, progress=False
-        )
+        bn_path, _ = train_to_checkpoint(DEFAULT_WORDS, work_dir, steps=QUICK_STEPS, progress=False)
         notes.append(
             f"no bn.pt in {models}: benchmarked a quick {QUICK_STEPS}-step model"
             " (names/s is not representative of a fully trained one)"
