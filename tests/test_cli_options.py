@@ -48,4 +48,4 @@ def test_words_file_has_one_name_everywhere():
         names = {o for p in options(name) for o in p.opts}
         assert "--words" in names and "--data" not in names, name
     text = " ".join(CliRunner().invoke(main, ["train", "--help"]).output.split())
-    assert "[default: the packaged names.txt]" in text and "[default: ./models]" in text
+    assert "default: (the packaged names.txt)" in text and "default: (./models)" in text
