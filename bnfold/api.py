@@ -476,7 +476,7 @@ def fold(
         return _fold_module(model, inputs, tolerance, out)
     path = Path(model)
     if _is_onnx(path):
-        from bnfold.pipeline.onnx_fold import fold_onnx_file
+        from bnfold.pipeline.onnx_fold import default_output, fold_onnx_file
 
         _check_has_batchnorm(path)
         written, rep, comparison = fold_onnx_file(
@@ -486,7 +486,7 @@ def fold(
             tolerance=tolerance,
             max_exhaustive=max_exhaustive,
         )
-        target = Path(out) if out is not None else path.with_name(f"{path.stem}.folded.onnx")
+        target = Path(out) if out is not None else default_output(path)
         return FoldResult(str(path), rep, comparison, written, None, tolerance, str(target))
     if inputs is not None:
         raise BnfoldError("inputs apply to .onnx models and torch modules only")
@@ -599,25 +599,24 @@ def verify(
             )
         from bnfold.verify.verdict import verify_paths
 
-        for p in (ref, cand):
-            if not _is_onnx(p) and p.suffix == ".pt" and p.is_file():
-                from bnfold.mlp.checkpoint import load_checkpoint
-
-                try:
-                    load_checkpoint(p)
-                except BnfoldError as e:
-                    raise _torch_route_error(p, e) from None
-        report_ = verify_paths(
-            ref,
-            cand,
-            data_path=DEFAULT_WORDS if words is None else Path(words),
-            tolerance=tolerance,
-            max_exhaustive=max_exhaustive,
-            float64_reference=float64_reference,
-            sample_size=sample_size,
-            seed=seed,
-            progress=progress,
-        )
+        try:
+            report_ = verify_paths(
+                ref,
+                cand,
+                data_path=DEFAULT_WORDS if words is None else Path(words),
+                tolerance=tolerance,
+                max_exhaustive=max_exhaustive,
+                float64_reference=float64_reference,
+                sample_size=sample_size,
+                seed=seed,
+                progress=progress,
+            )
+        except BnfoldError as e:  # a torch file of another kind: say what it is, and routes
+            for p in (ref, cand):
+                routed = e if _is_onnx(p) else _torch_route_error(p, e)
+                if routed is not e:
+                    raise routed from None
+            raise
         return VerifyResult(str(ref), str(cand), report_, tolerance)
     if inputs is None or _is_path(inputs):
         raise BnfoldError(
