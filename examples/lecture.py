@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(set(''.join(words))) + 1} tokens (26 letters and the end token '.')")
 
     section(f"2. training ({args.preset} preset)")
-    config = bnfold.TrainConfig(preset=args.preset)
+    config = bnfold.TrainConfig.from_preset(args.preset, steps=args.steps)
     print(f"{config.steps:,} steps of {config.optimizer}, batch {config.batch_size}")
     run = bnfold.train(
         out=args.out, preset=args.preset, steps=args.steps, report=args.out / "report"
