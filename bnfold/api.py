@@ -478,6 +478,12 @@ def fold(
     if _is_onnx(path):
         from bnfold.pipeline.onnx_fold import default_output, fold_onnx_file
 
+        if inputs is not None and not _is_path(inputs):
+            raise BnfoldError(
+                "for an ONNX file, inputs is an .npz file (one array per graph input)",
+                hint="numpy.savez('inputs.npz', **{input_name: array}); or fold the torch"
+                " module itself: bnfold.fold(module, inputs=tensor)",
+            )
         _check_has_batchnorm(path)
         written, rep, comparison = fold_onnx_file(
             path,
