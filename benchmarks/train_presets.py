@@ -48,6 +48,7 @@ FAST_OLD = dict(
     sampling="epoch",
     bn_momentum=0.01,
     threads=1,
+    distinct_rows=False,  # the default before the fast preset turned it on
 )
 
 

@@ -1,5 +1,75 @@
-"""bnfold: train a BatchNorm character MLP, fold its BatchNorms, prove it, export, sample."""
+"""bnfold: train a BatchNorm character MLP, fold its BatchNorms (in it, in any torch module,
+in any ONNX file), prove the folded network computes the same thing, export, sample.
+
+The Python API, one import::
+
+    import bnfold
+
+    run = bnfold.train(steps=300)                # ./models/bn.pt
+    folded = bnfold.fold(run.path)               # ./models/folded.pt, verified
+    print(bnfold.verify(run.path, folded.path))  # as `bnfold verify` prints it
+
+Functions: :func:`train`, :func:`report`, :func:`fold`, :func:`verify`, :func:`export`,
+:func:`sample` (:mod:`bnfold.api`). ``import bnfold`` stays fast: torch, ONNX and pydantic
+are imported by the functions that need them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from bnfold.version import __version__
 
-__all__ = ["__version__"]
+# Three API functions share their names with subpackages (bnfold.fold, bnfold.report,
+# bnfold.verify). Python binds a subpackage to its parent's attribute when it is first
+# imported, so they are imported here (empty __init__s: free), before the functions bind
+# the names: any later `import bnfold.fold.modules` leaves `bnfold.fold` the function.
+for _package in ("fold", "report", "verify"):
+    importlib.import_module(f"bnfold.{_package}")
+
+from bnfold.api import (  # noqa: E402
+    Exported,
+    FoldResult,
+    Samples,
+    Trained,
+    TrainReport,
+    VerifyResult,
+    export,
+    fold,
+    report,
+    sample,
+    train,
+    verify,
+)
+from bnfold.errors import BnfoldError  # noqa: E402
+
+if TYPE_CHECKING:
+    from bnfold.mlp.train import TrainConfig
+
+__all__ = [
+    "BnfoldError",
+    "Exported",
+    "FoldResult",
+    "Samples",
+    "TrainConfig",
+    "TrainReport",
+    "Trained",
+    "VerifyResult",
+    "__version__",
+    "export",
+    "fold",
+    "report",
+    "sample",
+    "train",
+    "verify",
+]
+
+
+def __getattr__(name: str) -> Any:
+    """PEP 562: ``bnfold.TrainConfig`` imports torch only when asked for."""
+    if name == "TrainConfig":
+        from bnfold.mlp.train import TrainConfig
+
+        return TrainConfig
+    raise AttributeError(f"module 'bnfold' has no attribute {name!r}")

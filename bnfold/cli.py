@@ -13,18 +13,18 @@ from pathlib import Path
 
 import click
 
+from bnfold.api import DEFAULT_MODELS
 from bnfold.errors import BnfoldError, TrainingInterrupted
 from bnfold.io import jsonsafe
+from bnfold.mlp.data import DEFAULT_WORDS
 from bnfold.sampling.engine import DEFAULT_ENGINE, DEFAULT_TABLE_BYTES, ENGINES
-from bnfold.sampling.options import DEFAULT_BATCH, SampleOptions
+from bnfold.sampling.options import DEFAULT_BATCH, MAX_COUNT, MAX_LENGTH_CAP, SampleOptions
 from bnfold.serve.settings import LOG_LEVELS, ServeSettings
 from bnfold.verify.domain import MAX_SAMPLE_SIZE
 
 SAMPLE = SampleOptions()  # the sampling defaults, stated once (in SampleOptions)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = REPO_ROOT / "data" / "names.txt"
-DEFAULT_MODELS = REPO_ROOT / "models"
+WORDS_DEFAULT_TEXT = "the packaged names.txt"
 
 
 def echo_error(message: str, hint: str | None = None) -> None:
@@ -35,14 +35,17 @@ def echo_error(message: str, hint: str | None = None) -> None:
 
 
 def clear_errors(fn):
-    """Report BnfoldError (and Ctrl-C) as a single line, with a non-zero exit code."""
+    """Report BnfoldError (and Ctrl-C) as a single line (plus a hint), exit code 2; a
+    command run with ``--json`` also prints ``{"error": ..., "hint": ...}`` on stdout."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except BnfoldError as e:
-            echo_error(str(e))
+            if kwargs.get("as_json"):
+                print_json({"error": str(e), "hint": e.hint})
+            echo_error(str(e), e.hint)
             sys.exit(2)
         except TrainingInterrupted as e:
             click.echo(str(e), err=True)
@@ -101,12 +104,14 @@ def command_line(ctx: click.Context) -> str:
 
 
 def shipped_model() -> Path:
-    """The default MODEL of `sample` and `serve`: the shipped models/folded.onnx."""
+    """The default MODEL of `sample` and `serve`: ./models/folded.onnx in the current folder
+    (in a checkout of the repository, the shipped model)."""
     model = DEFAULT_MODELS / "folded.onnx"
     if not model.exists():
         raise BnfoldError(
-            f"no MODEL given and the shipped model {model} is missing: pass a .onnx or"
-            " .pt file, or make models/ with `bnfold train-fold`"
+            f"no MODEL given and {model} (the default: the shipped model in a checkout) is"
+            " missing in the current folder",
+            hint="pass a .onnx or .pt file, or make ./models with `bnfold train-fold`",
         )
     return model
 
@@ -120,22 +125,39 @@ def print_json(obj: dict) -> None:
 positive = click.IntRange(min=1)
 
 
+def words_options(help_text: str, default: Path | None, show_default: str | bool = True):
+    """``--words FILE`` (the one name of the words file in every command) and its old name
+    ``--data``, kept hidden for scripts written before (the command merges the two)."""
+
+    def decorate(fn):
+        fn = click.option("--data", "data_alias", type=click.Path(path_type=Path),
+                          hidden=True, help="Deprecated name of --words.")(fn)  # fmt: skip
+        return click.option(
+            "--words",
+            type=click.Path(path_type=Path),
+            default=default,
+            show_default=WORDS_DEFAULT_TEXT if show_default is True else show_default,
+            help=help_text,
+        )(fn)
+
+    return decorate
+
+
+def merge_words(words: Path | None, data_alias: Path | None) -> Path | None:
+    """``--words``, or the deprecated ``--data`` when only that was given."""
+    return words if data_alias is None else data_alias
+
+
 def train_options(fn):
     """Options shared by ``train`` and ``train-fold``: one definition, two commands."""
     options = [
-        click.option(
-            "--data",
-            type=click.Path(path_type=Path),
-            default=DEFAULT_DATA,
-            show_default=True,
-            help="Words file, one word per line (UTF-8).",
-        ),
+        words_options("Training words file, one word per line (UTF-8).", DEFAULT_WORDS),
         click.option(
             "--out",
             type=click.Path(path_type=Path),
             default=DEFAULT_MODELS,
-            show_default=True,
-            help="Output directory.",
+            show_default="./models",
+            help="Output directory (relative to the current folder).",
         ),
         click.option(
             "--preset",
@@ -151,8 +173,20 @@ def train_options(fn):
             type=click.FloatRange(min=0, min_open=True),
             help="Override the preset's peak learning rate.",
         ),
-        click.option("--n-embd", type=positive, default=10, show_default=True),
-        click.option("--n-hidden", type=positive, default=100, show_default=True),
+        click.option(
+            "--n-embd",
+            type=positive,
+            default=10,
+            show_default=True,
+            help="Embedding dimensions per character.",
+        ),
+        click.option(
+            "--n-hidden",
+            type=positive,
+            default=100,
+            show_default=True,
+            help="Neurons per hidden layer.",
+        ),
         click.option(
             "--n-layers",
             type=positive,
@@ -167,7 +201,13 @@ def train_options(fn):
             show_default=True,
             help="Context length in characters.",
         ),
-        click.option("--seed", type=click.IntRange(min=0), default=42, show_default=True),
+        click.option(
+            "--seed",
+            type=click.IntRange(min=0),
+            default=42,
+            show_default=True,
+            help="Random seed (weights and batches): the same seed repeats the run.",
+        ),
         click.option(
             "--threads",
             type=click.IntRange(min=0),
@@ -221,7 +261,7 @@ _IMPORTED = time.monotonic()
 def pipeline_train_args(options: dict) -> dict:
     """Map the shared training options to ``train_fold.train_to_checkpoint`` keywords."""
     options = dict(options)
-    options["data_path"] = options.pop("data")
+    options["data_path"] = merge_words(options.pop("words"), options.pop("data_alias"))
     return options
 
 
@@ -230,41 +270,18 @@ def pipeline_train_args(options: dict) -> dict:
 @clear_errors
 def train(out, report, as_json, **train_args):
     """Train the BatchNorm MLP and write OUT/bn.pt."""
-    from bnfold.pipeline.train_fold import train_to_checkpoint
+    from bnfold import api
 
-    path, summary = train_to_checkpoint(
-        out_dir=out,
-        report_dir=report,
-        progress=False if as_json else None,
-        **pipeline_train_args(train_args),
+    args = pipeline_train_args(train_args)
+    run = api.train(
+        args.pop("data_path"), out, report=report, progress=False if as_json else None, **args
     )
     wall = round(wall_seconds(), 2)
     if as_json:
-        print_json({**summary, "wall_seconds": wall})
+        print_json({**run.to_dict(), "wall_seconds": wall})
     else:
-        click.echo(format_train_summary(summary, path))
+        click.echo(str(run))
         click.echo(f"wall time {wall:.1f} s (process start to exit)")
-
-
-def format_train_summary(s: dict, path: Path) -> str:
-    note = "  (interrupted: saved the last completed step)" if s["interrupted"] else ""
-    return (
-        f"trained {s['preset']} preset: {s['steps']} steps in {s['seconds']:.1f} s, "
-        f"{s['params']:,} parameters{note}\n"
-        f"loss (eval mode)  train {s['train_loss']:.4f}  dev {s['dev_loss']:.4f}  "
-        f"test {s['test_loss']:.4f}\n"
-        + calibration_line(s.get("calibration"))
-        + f"wrote {path}"
-        + (f"\nwrote report {s['report']}" if s.get("report") else "")
-    )
-
-
-def calibration_line(calibration: dict | None) -> str:
-    """The summary's line on the calibration pass (empty when none ran)."""
-    from bnfold.pipeline.train_fold import calibration_note
-
-    note = calibration_note(calibration)
-    return f"{note.removeprefix('; ')}\n" if note else ""
 
 
 @main.command()
@@ -274,17 +291,13 @@ def calibration_line(calibration: dict | None) -> str:
 def report(report_dir, as_json):
     """Print a short verdict on a training report written by `train --report DIR`:
     worst saturation, weights whose update:data ratio stays far from 1e-3, dead neurons."""
-    from bnfold.report.diagnostics import load_report, verdict, verdict_items
+    from bnfold import api
 
-    saved = load_report(report_dir)
+    result = api.report(report_dir)
     if as_json:
-        print_json(verdict(saved))
+        print_json(result.to_dict())
     else:
-        click.echo(f"report {report_dir}")
-        for item in verdict_items(saved):
-            click.echo(f"  {item['sentence']}")
-            for detail in item["details"]:
-                click.echo(f"      {detail}")
+        click.echo(str(result))
 
 
 @main.command()
@@ -308,13 +321,13 @@ def export(checkpoint, out, tolerance, as_json):
     """Export CHECKPOINT (bn.pt) to OUT/bn.onnx (with its BatchNorm nodes) and
     OUT/folded.onnx (BNs folded), after checking both in ONNX Runtime against torch on every
     possible context."""
-    from bnfold.pipeline.assemble import export_checkpoint
+    from bnfold import api
 
-    result = export_checkpoint(checkpoint, out, tolerance=tolerance)
+    result = api.export(checkpoint, out=out, tolerance=tolerance)
     if as_json:
         print_json(result.to_dict())
     else:
-        click.echo(result.format())
+        click.echo(str(result))
 
 
 @main.command()
@@ -322,7 +335,7 @@ def export(checkpoint, out, tolerance, as_json):
     "--models",
     type=click.Path(path_type=Path),
     default=DEFAULT_MODELS,
-    show_default=True,
+    show_default="./models",
     help="Directory with bn.pt (and folded.pt, bn.onnx, folded.onnx; made if missing).",
 )
 @click.option(
@@ -384,13 +397,11 @@ def verify_options(fn):
     return fn
 
 
-# `fold` and `verify` (not `train-fold`, whose --data is the training file)
-contexts_data_option = click.option(
-    "--data",
-    type=click.Path(path_type=Path),
-    default=DEFAULT_DATA,
-    show_default=True,
-    help="Words file for dev/test contexts (used only when the domain is sampled).",
+# `fold` and `verify`: the training words, whose dev/test contexts join a sampled check
+contexts_words_option = words_options(
+    "Training words file: its dev/test contexts join the check when the domain is"
+    " sampled (unused when every context is checked).",
+    DEFAULT_WORDS,
 )
 
 
@@ -404,56 +415,42 @@ inputs_option = click.option(
 
 
 @main.command()
-@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("checkpoint", metavar="MODEL", type=click.Path(path_type=Path))
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
     default=None,
-    help="Folded file to write  [default: folded.pt next to CHECKPOINT; for MODEL.onnx,"
+    help="Folded file to write  [default: folded.pt next to a checkpoint; for MODEL.onnx,"
     " MODEL.folded.onnx]",
 )
 @verify_options
-@contexts_data_option
+@contexts_words_option
 @inputs_option
 @click.option("--json", "as_json", is_flag=True, help="Print the fold and verification as JSON.")
 @clear_errors
-def fold(checkpoint, out, tolerance, max_exhaustive, data, inputs, as_json):
-    """Fold every BatchNorm of CHECKPOINT (a bnfold .pt, or any .onnx model) into its
+def fold(checkpoint, out, tolerance, max_exhaustive, words, data_alias, inputs, as_json):
+    """Fold every BatchNorm of MODEL (a bnfold .pt checkpoint, or any .onnx model) into its
     neighbouring layers, verify, write the result.
 
-    Exit code 1 (and nothing written) when verification fails."""
-    from bnfold.pipeline.onnx_fold import fold_onnx_file, is_onnx
+    Exit code 1 (and nothing written) when verification fails; 2 for a bad input,
+    including an ONNX file with no BatchNormalization node (nothing to fold). A torch
+    module, a state_dict or a TorchScript file is refused with the routes that work (the
+    Python API, or an ONNX export that keeps the BatchNorms)."""
+    from bnfold import api
 
-    if is_onnx(checkpoint):
-        path, fold_report, verification = fold_onnx_file(
-            checkpoint,
-            out,
-            inputs=inputs,
-            tolerance=tolerance,
-            max_exhaustive=max_exhaustive,
-        )
-    else:
-        if inputs is not None:
-            raise BnfoldError("--inputs applies to .onnx models only")
-        from bnfold.pipeline.assemble import fold_checkpoint
-
-        path, fold_report, verification = fold_checkpoint(
-            checkpoint, out, tolerance=tolerance, data_path=data, max_exhaustive=max_exhaustive
-        )
+    result = api.fold(
+        checkpoint,
+        out,
+        inputs=inputs,
+        tolerance=tolerance,
+        max_exhaustive=max_exhaustive,
+        words=merge_words(words, data_alias),
+    )
     if as_json:
-        print_json(
-            {
-                "path": str(path) if path else None,
-                "fold": fold_report.to_dict(),
-                "verification": verification.to_dict(),
-                "passed": verification.passed,
-            }
-        )
+        print_json(result.to_dict())
     else:
-        click.echo(fold_report.format())
-        click.echo(verification.format())
-        click.echo(f"wrote {path}" if path else "verification failed: nothing written")
-    if not verification.passed:
+        click.echo(str(result))
+    if not result.passed:
         sys.exit(1)
 
 
@@ -476,8 +473,14 @@ def fold(checkpoint, out, tolerance, max_exhaustive, data, inputs, as_json):
     show_default=True,
     help="Random contexts checked when the domain is too large to check them all.",
 )
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@contexts_data_option
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Seed of the random contexts or inputs (when not every input is checked).",
+)
+@contexts_words_option
 @inputs_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @clear_errors
@@ -489,41 +492,32 @@ def verify_command(
     float64_reference,
     sample_size,
     seed,
-    data,
+    words,
+    data_alias,
     inputs,
     as_json,
 ):
     """Prove CANDIDATE computes the same logits as REFERENCE (.pt or .onnx) over every
     context (or a large sample); for two ONNX models that are not both bnfold's, the same
     outputs on the same inputs. Exit code 1 when it does not."""
-    from bnfold.pipeline.onnx_fold import generic_onnx_pair, verify_onnx_files
-    from bnfold.verify.verdict import verify_paths
+    from bnfold import api
 
-    if generic_onnx_pair(reference, candidate):
-        result = verify_onnx_files(
-            reference,
-            candidate,
-            inputs=inputs,
-            tolerance=tolerance,
-            max_exhaustive=max_exhaustive,
-            seed=seed,
-        )
-    else:
-        result = verify_paths(
-            reference,
-            candidate,
-            data_path=data,
-            tolerance=tolerance,
-            max_exhaustive=max_exhaustive,
-            float64_reference=float64_reference,
-            sample_size=sample_size,
-            seed=seed,
-            progress=not as_json,
-        )
+    result = api.verify(
+        reference,
+        candidate,
+        inputs=inputs,
+        tolerance=tolerance,
+        max_exhaustive=max_exhaustive,
+        sample_size=sample_size,
+        seed=seed,
+        float64_reference=float64_reference,
+        words=merge_words(words, data_alias),
+        progress=not as_json,
+    )
     if as_json:
         print_json(result.to_dict())
     else:
-        click.echo(result.format())
+        click.echo(str(result))
     if not result.passed:
         sys.exit(1)
 
@@ -562,12 +556,12 @@ def train_fold(as_json, tolerance, max_exhaustive, **train_args):
 # --- sample -----------------------------------------------------------------------------
 
 # `sample` and `serve` label names against the model's training words
-words_option = click.option(
-    "--words",
-    type=click.Path(path_type=Path),
-    default=DEFAULT_DATA,
-    show_default=True,
-    help="The model's training words file, for the train/dev/test/new labels.",
+words_option = words_options(
+    "The model's training words file, for the train/dev/test/new labels  [default: the"
+    " packaged names.txt when the model was trained on it; otherwise `sample` prints no"
+    " labels]",
+    None,
+    show_default=False,
 )
 
 # `sample` and `serve` draw names through the same engines
@@ -584,29 +578,46 @@ engine_option = click.option(
 @main.command()
 @click.argument("model", required=False, type=click.Path(path_type=Path))
 @click.option(
-    "-n", "--count", type=int, default=SAMPLE.count, show_default=True, help="Names to sample."
+    "-n",
+    "--count",
+    type=click.IntRange(1, MAX_COUNT),
+    default=SAMPLE.count,
+    show_default=True,
+    help="Names to sample.",
 )
-@click.option("--seed", type=int, default=SAMPLE.seed, show_default=True, help="Random seed.")
+@click.option(
+    "--seed",
+    type=click.IntRange(0, 2**64 - 1),
+    default=SAMPLE.seed,
+    show_default=True,
+    help="Random seed.",
+)
 @click.option(
     "--temperature",
-    type=float,
+    type=click.FloatRange(min=0),
     default=SAMPLE.temperature,
     show_default=True,
     help="0 = greedy (argmax).",
 )
-@click.option("--top-k", type=int, help="Sample only among the K most likely tokens.")
-@click.option("--top-p", type=float, help="Nucleus sampling: the smallest set of mass >= P.")
+@click.option(
+    "--top-k", type=click.IntRange(min=1), help="Sample only among the K most likely tokens."
+)
+@click.option(
+    "--top-p",
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Nucleus sampling: the smallest set of mass >= P.",
+)
 @click.option("--prefix", default="", help="Start every name with these characters.")
 @click.option(
     "--min-length",
-    type=int,
+    type=click.IntRange(0, MAX_LENGTH_CAP),
     default=SAMPLE.min_length,
     show_default=True,
     help="Characters, prefix included.",
 )
 @click.option(
     "--max-length",
-    type=int,
+    type=click.IntRange(1, MAX_LENGTH_CAP),
     default=SAMPLE.max_length,
     show_default=True,
     help="Characters, prefix included.",
@@ -616,7 +627,7 @@ engine_option = click.option(
 @click.option("-v", "--verbose", is_flag=True, help="Columns: name, label, log-probability.")
 @click.option(
     "--batch-size",
-    type=int,
+    type=positive,
     default=DEFAULT_BATCH,
     show_default=True,
     help="Names in flight per step (speed only: never changes the names).",
@@ -624,7 +635,7 @@ engine_option = click.option(
 @engine_option
 @click.option(
     "--table-mb",
-    type=int,
+    type=positive,
     default=DEFAULT_TABLE_BYTES >> 20,
     show_default=True,
     help="Memory cap of the table engine's stored rows, in MiB (past it, rows are evicted).",
@@ -636,36 +647,26 @@ engine_option = click.option(
     help="One JSON document (model, options, then the names streamed one per line).",
 )
 @clear_errors
-def sample(model, words, verbose, batch_size, engine, table_mb, as_json, **options):
-    """Sample names from MODEL (.onnx or .pt; default: the shipped models/folded.onnx).
+def sample(model, words, data_alias, verbose, batch_size, engine, table_mb, as_json, **options):
+    """Sample names from MODEL (.onnx or .pt; default: ./models/folded.onnx).
 
     The same model, seed and options give the same names whatever --batch-size and
     --engine. The log-probability is the model's, at temperature 1, of the whole name and
     its end token. Names are written as they are sampled (memory stays bounded).
     """
+    from bnfold.api import choose_labeler, words_header
     from bnfold.runtime.infer import load_predictor
-    from bnfold.sampling.sample import (
-        SampleOptions,
-        iter_names,
-        load_labeler,
-        write_json,
-        write_text,
-    )
+    from bnfold.sampling.sample import SampleOptions, iter_names, write_json, write_text
 
     model = model or shipped_model()
+    words = merge_words(words, data_alias)
     predictor = load_predictor(model)
     opts = SampleOptions(**options).check(predictor.vocab)
-    if table_mb < 1:
-        raise BnfoldError(f"table-mb must be a positive number of MiB, got {table_mb}")
-    labeler = None
+    labeler, note = None, ""
     if verbose or as_json or opts.new_only:
-        labeler = load_labeler(predictor, words)
-        if not labeler.verified:
-            click.echo(
-                f"note: {model} does not record the sha256 of its training words; the labels"
-                f" assume it is {words}",
-                err=True,
-            )
+        labeler, note = choose_labeler(predictor, words)
+        if note:
+            click.echo(f"note: {note}", err=True)
     names = iter_names(
         predictor,
         opts,
@@ -684,11 +685,7 @@ def sample(model, words, verbose, batch_size, engine, table_mb, as_json, **optio
                 "engine": engine,
                 "seed": opts.seed,
                 "options": opts.to_dict(),
-                "words": {
-                    "file": str(words),
-                    "sha256": labeler.sha256,
-                    "verified": labeler.verified,
-                },
+                "words": words_header(labeler, note),
             }
             write_json(out, header, names)
         else:
@@ -719,7 +716,13 @@ def _discard_stdout() -> None:
 @main.command()
 @click.argument("model", required=False, type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="TCP port to listen on (0: any free port).",
+)
 @click.option(
     "--workers",
     type=positive,
@@ -783,6 +786,7 @@ def _discard_stdout() -> None:
     type=click.Choice(LOG_LEVELS),
     default="info",
     show_default=True,
+    help="uvicorn's log level.",
 )
 @click.option(
     "--access-log",
@@ -792,9 +796,9 @@ def _discard_stdout() -> None:
     " --log-level is.",
 )
 @clear_errors
-def serve(model, host, port, workers, words, max_count, queue_size, deadline, max_body,
-          batching, max_rows, engine, memory_mb, log_level, access_log):  # fmt: skip
-    """Serve names over HTTP from MODEL (default: the shipped models/folded.onnx).
+def serve(model, host, port, workers, words, data_alias, max_count, queue_size, deadline,
+          max_body, batching, max_rows, engine, memory_mb, log_level, access_log):  # fmt: skip
+    """Serve names over HTTP from MODEL (default: ./models/folded.onnx).
 
     \b
     /              a web page: every sampling option, the names
@@ -809,6 +813,7 @@ def serve(model, host, port, workers, words, max_count, queue_size, deadline, ma
     from bnfold.serve import check_port, load_model, run_server
 
     model = model or shipped_model()
+    words = merge_words(words, data_alias) or DEFAULT_WORDS
     settings = ServeSettings(
         model=str(Path(model).resolve()),
         words=str(Path(words).resolve()),

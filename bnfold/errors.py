@@ -9,7 +9,12 @@ if TYPE_CHECKING:
 
 
 class BnfoldError(Exception):
-    """A user-facing error: bad input, a bad file or a bad option. The message says what to do."""
+    """A user-facing error: bad input, a bad file or a bad option. The message says what is
+    wrong; ``hint`` (optional) says what works instead (the CLI prints it as ``hint:``)."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
 
 
 class TrainingInterrupted(Exception):

@@ -49,7 +49,9 @@ def test_fold_json_and_out(bn, tmp_path):
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
     assert d["path"] == str(out) and out.exists() and d["passed"]
-    assert d["fold"]["complete"] and all(k in d["verification"] for k in REQUIRED)
+    assert d["fold"]["complete"] and all(k in d["verification"]["details"] for k in REQUIRED)
+    assert d["verification"]["reference"] == str(bn)
+    assert d["verification"]["candidate"] == str(out)
 
 
 def test_fold_that_fails_verification_exits_1_and_writes_nothing(bn, tmp_path):
@@ -64,9 +66,12 @@ def test_verify_json(bn, tmp_path):
     r = run("verify", bn, tmp_path / "folded.pt", "--json")
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
-    assert all(k in d for k in REQUIRED)
-    assert d["contexts_checked"] == 19683 and d["exhaustive"] and d["passed"]
-    assert d["argmax_agreement"] == 1.0 and d["max_abs_logit_error"] <= 1e-5
+    assert d["command"] == "verify" and d["fold"] is None and d["passed"]
+    figures = d["verification"]["details"]
+    assert all(k in figures for k in REQUIRED)
+    assert figures["contexts_checked"] == 19683 and figures["exhaustive"]
+    assert figures["argmax_agreement"] == 1.0 and figures["max_abs_logit_error"] <= 1e-5
+    assert d["verification"]["verdict"]["criterion"] == "float64"
 
 
 def test_verify_fails_on_corrupted_folded_weight(bn, tmp_path):
@@ -78,9 +83,19 @@ def test_verify_fails_on_corrupted_folded_weight(bn, tmp_path):
     r = run("verify", bn, bad, "--json")
     assert r.exit_code == 1
     d = json.loads(r.output)
-    assert not d["passed"] and d["max_abs_logit_error"] > 1e-5
+    assert not d["passed"] and d["verification"]["details"]["max_abs_logit_error"] > 1e-5
+    assert d["verification"]["verdict"]["reason"].startswith("FAIL")
     r = run("verify", bn, bad)
     assert r.exit_code == 1 and "FAILED" in r.output
+
+
+def test_verify_prints_reference_and_candidate_in_the_order_given(bn, tmp_path):
+    assert run("fold", bn).exit_code == 0
+    folded = tmp_path / "folded.pt"
+    for a, b in ((bn, folded), (folded, bn)):
+        r = run("verify", a, b)
+        assert r.exit_code == 0, r.output
+        assert r.output.splitlines()[0] == f"verification PASSED: reference {a}, candidate {b}"
 
 
 def test_errors_are_one_line(bn, tmp_path):

@@ -345,7 +345,7 @@ def test_cli_fold_bnfold_export_checks_the_whole_domain(trained_checkpoint, tmp_
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
     assert d["fold"]["complete"] and len(d["fold"]["folded"]) == 6
-    assert d["verification"]["inputs"].startswith("19,683 contexts")
+    assert d["verification"]["checked"].startswith("19,683 contexts")
     # the result runs like bnfold's own folded export
     folded = load_model(d["path"])
     feeds = {"contexts": np.zeros((3, 3), np.int64)}

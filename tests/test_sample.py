@@ -452,9 +452,9 @@ def test_cli_sample(trained_checkpoint):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--temperature", "-1"], "temperature must be"),
-        (["--top-p", "0"], "top-p must lie in"),
-        (["-n", "0"], "count must be"),
+        (["--temperature", "-1"], "'--temperature': -1.0 is not in the range x>=0"),
+        (["--top-p", "0"], "'--top-p': 0.0 is not in the range 0<x<=1"),
+        (["-n", "0"], "'--count': 0 is not in the range 1<=x<=10000000"),
         (["--prefix", "Q"], "outside the model's vocabulary"),
     ],
 )

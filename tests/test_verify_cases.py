@@ -81,20 +81,20 @@ def test_verify_two_onnx_files_with_no_pt_anywhere(trained_checkpoint, tmp_path)
     shutil.rmtree(tmp_path / "x")
     r = runner.invoke(main, ["verify", str(only / "bn.onnx"), str(only / "folded.onnx"), "--json"])
     assert r.exit_code == 0, r.output
-    report = json.loads(r.output)
+    report = json.loads(r.output)["verification"]
     # bn.onnx run in double by ONNX Runtime is the truth: the float64 criterion applies
-    assert report["passed"] and report["criterion"] == "float64"
-    assert report["float64_reference"] == str(only / "bn.onnx")
-    assert report["parameter_ratio"] < report["parameter_bound"]
+    assert report["passed"] and report["verdict"]["criterion"] == "float64"
+    assert report["float64"] == str(only / "bn.onnx")
+    assert report["details"]["parameter_ratio"] < report["details"]["parameter_bound"]
     # two folded files: the reference's own parameters, run in double, are the truth
     shutil.copy(only / "folded.onnx", only / "copy.onnx")
     folded, copy = str(only / "folded.onnx"), str(only / "copy.onnx")
     r = runner.invoke(main, ["verify", folded, copy, "--json"])
     assert r.exit_code == 0, r.output
-    report = json.loads(r.output)
-    assert report["passed"] and report["criterion"] == "float64"
-    assert "its own parameters" in report["float64_reference"]
-    assert report["parameter_ratio"] == 0.0  # the very same parameters
+    report = json.loads(r.output)["verification"]
+    assert report["passed"] and report["verdict"]["criterion"] == "float64"
+    assert "its own parameters" in report["float64"]
+    assert report["details"]["parameter_ratio"] == 0.0  # the very same parameters
 
 
 def test_absurd_sample_size_is_refused_up_front(trained_checkpoint):

@@ -19,6 +19,10 @@ from bnfold.io.files import MiB, bytes_sha256, read_bounded
 if TYPE_CHECKING:  # torch is imported lazily: sampling and serving ONNX models never need it
     import torch
 
+# The lecture's words file, shipped inside the package (the repository's data/names.txt is a
+# link to it): the default of every command, wherever bnfold is installed.
+DEFAULT_WORDS = Path(__file__).with_name("names.txt")
+
 END = 0  # index of the reserved start/end token
 
 

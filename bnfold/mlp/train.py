@@ -11,9 +11,9 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass, replace
-from typing import Protocol
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Protocol
 
 import click
 import torch
@@ -27,38 +27,57 @@ from bnfold.mlp.model import MLP, ModelConfig
 from bnfold.mlp.threads import torch_threads
 
 
+class _FromPreset:
+    """The default of every recipe field: "the preset's value" (see :class:`TrainConfig`)."""
+
+    def __repr__(self) -> str:
+        return "<from preset>"
+
+
+FROM_PRESET: Any = _FromPreset()
+
+
 @dataclass(frozen=True)
 class TrainConfig:
+    """A training recipe: ``preset`` names one (:data:`PRESETS`), and every field not given
+    takes that preset's value. ``TrainConfig()`` is the default preset (``fast``),
+    ``TrainConfig(preset="lecture")`` the lecture's, ``TrainConfig(steps=100)`` the default
+    preset cut to 100 steps."""
+
     preset: str = "fast"
-    steps: int = 200_000
-    batch_size: int = 32
-    optimizer: str = "sgd"  # "sgd" | "adamw"
-    lr: float = 0.1
-    schedule: str = "step"  # "step": lr, then lr/10 for the last quarter | "cosine"
-    warmup_steps: int = 0
-    min_lr_frac: float = 0.0  # cosine floor, as a fraction of lr
-    weight_decay: float = 0.0
+    steps: int = FROM_PRESET
+    batch_size: int = FROM_PRESET
+    optimizer: str = FROM_PRESET  # "sgd" | "adamw"
+    lr: float = FROM_PRESET
+    schedule: str = FROM_PRESET  # "step": lr, then lr/10 for the last quarter | "cosine"
+    warmup_steps: int = FROM_PRESET
+    min_lr_frac: float = FROM_PRESET  # cosine floor, as a fraction of lr
+    weight_decay: float = FROM_PRESET
     # Decoupled decay of the hidden BatchNorms' gains only (AdamW): a smaller gain keeps
     # tanh out of saturation; see the saturation sweep in benchmarks/saturation_sweep.py.
-    bn_gain_decay: float = 0.0
-    adam_beta2: float = 0.999  # AdamW's second-moment decay (beta1 stays 0.9)
-    sampling: str = "random"  # "random": i.i.d. indices per step | "epoch": reshuffle each epoch
-    bn_momentum: float | None = None  # BN running-stat momentum while training (None: 0.1)
-    calibrate_bn: bool = False  # recompute running stats over the whole train set at the end
+    bn_gain_decay: float = FROM_PRESET
+    adam_beta2: float = FROM_PRESET  # AdamW's second-moment decay (beta1 stays 0.9)
+    sampling: str = FROM_PRESET  # "random": i.i.d. indices per step | "epoch": reshuffle each epoch
+    bn_momentum: float | None = FROM_PRESET  # BN running-stat momentum while training (None: 0.1)
+    calibrate_bn: bool = FROM_PRESET  # recompute running stats over the whole train set at the end
     # Run each step on the batch's distinct contexts, weighted by how often each occurs: the
     # same loss, gradient and BatchNorm statistics as the whole batch (to float rounding),
     # for 2.4x (batch 2048) to 4x (batch 8192) fewer rows through the network.
-    distinct_rows: bool = False
-    seed: int = 42
+    distinct_rows: bool = FROM_PRESET
+    seed: int = FROM_PRESET
     # torch threads; 0 = decide at run time from the cores that are free (at most 2). Two
     # threads are faster on an idle machine but collapse when a core is shared, and they
     # round differently from one: the number actually used is recorded in the checkpoint.
-    threads: int = 1
-    eval_interval: int = 0  # steps between dev-loss evaluations (0: only at the end)
+    threads: int = FROM_PRESET
+    eval_interval: int = FROM_PRESET  # steps between dev-loss evaluations (0: only at the end)
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise BnfoldError(f"unknown preset {self.preset!r} (choose {', '.join(PRESETS)})")
+        recipe = {**BASE_RECIPE, **PRESETS[self.preset]}
+        for f in fields(self):
+            if getattr(self, f.name) is FROM_PRESET:
+                object.__setattr__(self, f.name, recipe[f.name])
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise BnfoldError(f"{name.replace('_', '-')} must be >= 1")
@@ -82,7 +101,7 @@ class TrainConfig:
         if preset not in PRESETS:
             raise BnfoldError(f"unknown preset {preset!r} (choose {', '.join(PRESETS)})")
         given = {k: v for k, v in overrides.items() if v is not None}
-        return cls(preset=preset, **{**PRESETS[preset], **given})
+        return cls(preset=preset, **given)
 
     def lr_at(self, step: int) -> float:
         # Warm-up never takes more than a quarter of the run, so a shortened run still trains.
@@ -95,6 +114,27 @@ class TrainConfig:
         floor = self.lr * self.min_lr_frac
         return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
+
+# Every field's value unless the preset says otherwise: the lecture's recipe.
+BASE_RECIPE: dict[str, Any] = dict(
+    steps=200_000,
+    batch_size=32,
+    optimizer="sgd",
+    lr=0.1,
+    schedule="step",
+    warmup_steps=0,
+    min_lr_frac=0.0,
+    weight_decay=0.0,
+    bn_gain_decay=0.0,
+    adam_beta2=0.999,
+    sampling="random",
+    bn_momentum=None,
+    calibrate_bn=False,
+    distinct_rows=False,
+    seed=42,
+    threads=1,
+    eval_interval=0,
+)
 
 PRESETS: dict[str, dict] = {
     # Karpathy's makemore part 3, line for line: SGD, batch 32, 200k steps, 0.1 -> 0.01.
@@ -272,25 +312,29 @@ def train(
         return _train(data, model_config, cfg, observer, progress)
 
 
-def free_cores(limit: int = 2, window: float = 0.1) -> int:
+def free_cores(limit: int = 2, window: float = 0.15) -> int:
     """How many cores this process may use now (1..``limit``): the cores it may run on,
-    minus what other processes keep busy, judged both over the last ``window`` seconds
-    (/proc/stat, where it exists) and over the last minute (the load average), and the
-    busier of the two wins. Two threads on a core that another process wants are not a
-    little slower but 3-10x slower (measured: 4.2 s vs 14 s and 49 s for the same run),
-    so a burst of load seen by either clock keeps the run on one thread."""
+    minus what other processes keep busy over the last ``window`` seconds (/proc/stat).
+
+    What is busy *now*, not the one-minute load average: the first command after a
+    ``pip install`` (or any other burst that has just ended) would see load ~1 for a minute
+    and train on one thread on an idle machine (about 1.6x slower on two cores). Two threads
+    on a core another process wants are not a little slower but 3-10x slower (measured:
+    4.2 s vs 14 s and 49 s for the same run), so a core counts as free only when about
+    three quarters of it is idle. Without /proc/stat (not Linux), the load average is the
+    only clock there is."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cores = cores or 1
-    estimates = []
-    with suppress(OSError, ValueError, IndexError):  # no /proc/stat: the load average only
-        estimates.append(_idle_cores(window))  # we are idle while measuring
-    if hasattr(os, "getloadavg"):
-        estimates.append(cores - os.getloadavg()[0])
-    idle = min(estimates, default=1.0)
+    try:
+        idle = _idle_cores(window)  # this process sleeps while measuring
+    except (OSError, ValueError, IndexError):
+        idle = cores - os.getloadavg()[0] if hasattr(os, "getloadavg") else 1.0
     return max(1, min(limit, cores, math.floor(idle + 0.25)))
 
 
 def _idle_cores(window: float) -> float:
+    """Idle cores of the whole machine over the next ``window`` seconds (/proc/stat)."""
+
     def sample() -> tuple[int, int]:
         with open("/proc/stat") as f:
             fields = [int(v) for v in f.readline().split()[1:]]

@@ -39,6 +39,7 @@ import numpy as np
 from bnfold.errors import BnfoldError
 from bnfold.io.onnx_files import load_onnx_file
 from bnfold.mlp.checkpoint import load_checkpoint
+from bnfold.mlp.data import DEFAULT_WORDS
 from bnfold.mlp.threads import torch_threads
 from bnfold.pipeline.assemble import IN_MEMORY_FOLDED, export_onnx, fold_to_checkpoint
 from bnfold.pipeline.train_fold import save_trained, train_run
@@ -51,7 +52,6 @@ NETS = FOUR_NETWORKS
 BATCH = 1024
 LECTURE_NAMES = 200  # names for the one-at-a-time baseline (~0.2 s at ~1,000 names/s)
 QUICK_STEPS = 2_000
-REPO = Path(__file__).resolve().parents[2]
 # the targets, measured on this machine (1 thread); shown next to the figures
 TARGETS = {
     "onnx_folded_p50_us": 8.1,
@@ -81,7 +81,7 @@ def load_networks(models_dir: str | Path, work_dir: Path, progress: bool = False
     else:
         _log(progress, f"no {bn_path}: training a quick model ({QUICK_STEPS} steps)...")
         bn_path = work_dir / "bn.pt"
-        run = train_run(REPO / "data" / "names.txt", steps=QUICK_STEPS, progress=False)
+        run = train_run(DEFAULT_WORDS, steps=QUICK_STEPS, progress=False)
         save_trained(run, bn_path)
         bn = run.checkpoint
         notes.append(
