@@ -765,14 +765,26 @@ def _discard_stdout() -> None:
     default="info",
     show_default=True,
 )
+@click.option(
+    "--allowed-hosts",
+    metavar="NAMES",
+    help="Host header names answered, comma-separated (* = any, *.example.com = a domain);"
+    " others get 400. Default: the --host address (loopback: also localhost, 127.0.0.1,"
+    " [::1]; 0.0.0.0 or ::: this machine's names and addresses).",
+)
 @clear_errors
 def serve(model, host, port, workers, words, max_count, queue_size, deadline, max_body,
-          batching, max_rows, engine, memory_mb, log_level):  # fmt: skip
+          batching, max_rows, engine, memory_mb, log_level, allowed_hosts):  # fmt: skip
     """Serve names over HTTP from MODEL (default: the shipped models/folded.onnx):
     POST/GET /v1/names, /v1/model, /livez, /readyz, /metrics and a web page at /."""
     from bnfold.serve import check_port, load_model, run_server
+    from bnfold.serve.settings import default_allowed_hosts, parse_allowed_hosts
 
     model = model or shipped_model()
+    if allowed_hosts is None:
+        hosts = default_allowed_hosts(host)
+    else:
+        hosts = parse_allowed_hosts(allowed_hosts)
     settings = ServeSettings(
         model=str(Path(model).resolve()),
         words=str(Path(words).resolve()),
@@ -785,10 +797,14 @@ def serve(model, host, port, workers, words, max_count, queue_size, deadline, ma
         engine=engine,
         memory_mb=memory_mb,
         table_mb=min(ServeSettings.table_mb, memory_mb),
+        allowed_hosts=hosts,
     ).check()
     check_port(host, port)  # one clear line, before the model is loaded
     load_model(settings)  # fail here, with one clear line, rather than in every worker
-    click.echo(f"serving {model} on http://{host}:{port}/ ({workers} worker(s))", err=True)
+    click.echo(
+        f"serving {model} on http://{host}:{port}/ ({workers} worker(s); Host: {', '.join(hosts)})",
+        err=True,
+    )
     run_server(settings, host=host, port=port, workers=workers, log_level=log_level)
 
 

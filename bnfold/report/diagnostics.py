@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -473,7 +474,28 @@ def start_report_figures(report_dir: str | Path, bn_checkpoint: str | Path) -> s
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env=env,
+        preexec_fn=_die_with_parent(os.getpid()) if sys.platform == "linux" else None,
     )
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent(parent: int):
+    """A ``preexec_fn`` that has the kernel SIGKILL the child when the thread that started
+    it dies, however it dies (SIGKILL included, when no ``finally`` runs): the figures of a
+    killed run must not go on writing into its staging folder. If the parent died before
+    the request took effect, the child exits at once. (Best effort: where prctl is refused,
+    e.g. by a seccomp filter, the figures are still drawn.)"""
+
+    def arm() -> None:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)  # orphaned before the request took effect: draw nothing
+
+    return arm
 
 
 def finish_report_figures(proc: subprocess.Popen, report_dir: str | Path) -> None:
