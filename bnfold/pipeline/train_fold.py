@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bnfold.errors import BnfoldError, TrainingInterrupted
-from bnfold.io.files import StagedOutputs, check_output_dir, check_output_file
+from bnfold.io.files import StagedOutputs, check_output_dir, check_output_file, commit_staged
 from bnfold.mlp.checkpoint import Checkpoint, save_checkpoint
 from bnfold.mlp.data import load_dataset
 from bnfold.mlp.model import ModelConfig
@@ -211,6 +211,17 @@ def fold_checkpoint(
 
 # what `train-fold` writes into its output folder (besides report/)
 MAIN_JOB_FILES = ("bn.pt", "folded.pt", "bn.onnx", "folded.onnx", "README.md")
+# what its report folder gets (bnfold.report.diagnostics and plots)
+REPORT_FILES = (
+    "diagnostics.json",
+    "index.html",
+    "loss.png",
+    "activations.png",
+    "gradients.png",
+    "weight_gradients.png",
+    "update_ratio.png",
+    "fold_comparison.png",
+)
 
 
 def format_stage_table(rows: list[dict]) -> str:
@@ -325,6 +336,8 @@ def run_main_job(
     for name in (*MAIN_JOB_FILES, UNVERIFIED_CHECKPOINT):  # all checked before training
         check_output_file(out_dir / name)
     check_output_dir(report_dir)
+    for name in REPORT_FILES:  # the commit checks every staged name again before moving
+        check_output_file(report_dir / name)
     staged = [StagedOutputs(out_dir)]
     try:
         if not staged[0].holds(report_dir):
@@ -362,8 +375,8 @@ def run_main_job(
             failed_figures = e
         else:
             failed_figures = None
-        for stage in staged:
-            stage.commit(last=("README.md",))  # the card, with every file's sha256, last
+        # one set, all or none; the card, with every file's sha256, last
+        commit_staged(staged, last=("README.md",))
     finally:
         for stage in staged:
             stage.discard()
