@@ -239,6 +239,8 @@ def test_serve_answers_from_a_model_past_2_63_contexts(wide_model, spawn_serve, 
         r = httpx.post(url + "/v1/names", json={"count": 7, "seed": 1, "max_length": 30})
         assert r.status_code == 200, r.text
         assert r.json()["count"] == 7
+        info = httpx.get(url + "/v1/model").json()
+        assert info["block_size"] == 14 and info["service"]["engine"] == "network"
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

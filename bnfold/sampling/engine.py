@@ -95,6 +95,14 @@ PRECOMPUTE_CONTEXTS = 1 << 17  # up to this many contexts, the first step asks f
 STORE_CHUNK = 4096  # new rows derived and stored at a time
 
 
+def engine_kind(kind: str, vocab_size: int, block_size: int) -> str:
+    """The engine that samples a model of ``vocab_size ** block_size`` contexts when
+    ``kind`` is asked for: the table keys a context by its int64 code, so a domain past
+    :data:`MAX_DOMAIN` (27**14 > 2**63) goes to the network engine, which needs no code
+    and gives the very same names, only without stored rows."""
+    return "network" if kind == "table" and vocab_size**block_size > MAX_DOMAIN else kind
+
+
 def new_only_limit(options: SampleOptions) -> int:
     """How many names a new-only request may draw: ``20 * count + 10,000``, or ``count``
     when greedy (every draw is the same name)."""
@@ -191,11 +199,7 @@ class SamplerEngine:
             raise BnfoldError(f"table size must be a positive number of bytes, got {table_bytes!r}")
         vocab, T = model.vocab, model.block_size
         domain = vocab.size**T
-        if kind == "table" and domain > MAX_DOMAIN:
-            # The table keys a context by its int64 code, which cannot name every one of
-            # these contexts (27**14 > 2**63); the network engine needs no code and gives
-            # the very same names, only without stored rows.
-            kind = "network"
+        kind = engine_kind(kind, vocab.size, T)
         self.model = model
         self.options = options.check(vocab)
         self.group = group_key(options)
