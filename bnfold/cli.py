@@ -795,9 +795,17 @@ def _discard_stdout() -> None:
     help="Log one line per request (client, request line, status) on stdout, whatever"
     " --log-level is.",
 )
+@click.option(
+    "--allowed-hosts",
+    metavar="NAMES",
+    help="Host header names answered, comma-separated (* = any, *.example.com = a domain);"
+    " others get 400. Default: the --host address (loopback: also localhost, 127.0.0.1,"
+    " [::1]; 0.0.0.0 or ::: this machine's names and addresses).",
+)
 @clear_errors
 def serve(model, host, port, workers, words, data_alias, max_count, queue_size, deadline,
-          max_body, batching, max_rows, engine, memory_mb, log_level, access_log):  # fmt: skip
+          max_body, batching, max_rows, engine, memory_mb, log_level, access_log,
+          allowed_hosts):  # fmt: skip
     """Serve names over HTTP from MODEL (default: ./models/folded.onnx).
 
     \b
@@ -811,9 +819,14 @@ def serve(model, host, port, workers, words, data_alias, max_count, queue_size, 
     /readyz        200 once the model is loaded and warmed up
     """
     from bnfold.serve import check_port, load_model, run_server
+    from bnfold.serve.settings import default_allowed_hosts, parse_allowed_hosts
 
     model = model or shipped_model()
     words = merge_words(words, data_alias) or DEFAULT_WORDS
+    if allowed_hosts is None:
+        hosts = default_allowed_hosts(host)
+    else:
+        hosts = parse_allowed_hosts(allowed_hosts)
     settings = ServeSettings(
         model=str(Path(model).resolve()),
         words=str(Path(words).resolve()),
@@ -827,10 +840,14 @@ def serve(model, host, port, workers, words, data_alias, max_count, queue_size, 
         memory_mb=memory_mb,
         table_mb=min(ServeSettings.table_mb, memory_mb),
         access_log=access_log,
+        allowed_hosts=hosts,
     ).check()
     check_port(host, port)  # one clear line, before the model is loaded
     load_model(settings)  # fail here, with one clear line, rather than in every worker
-    click.echo(f"serving {model} on http://{host}:{port}/ ({workers} worker(s))", err=True)
+    click.echo(
+        f"serving {model} on http://{host}:{port}/ ({workers} worker(s); Host: {', '.join(hosts)})",
+        err=True,
+    )
     run_server(settings, host=host, port=port, workers=workers, log_level=log_level)
 
 

@@ -18,6 +18,7 @@ from bnfold.errors import BnfoldError
 from bnfold.mlp.data import distinct_contexts
 from bnfold.mlp.model import MLP, ModelConfig
 from bnfold.report.diagnostics import (
+    REPORT_FILES,
     Diagnostics,
     activation_stats,
     histogram,
@@ -455,6 +456,8 @@ def test_report_files_are_pngs_of_sensible_size(cli_report):
         assert f'src="{fig["file"]}"' in index
         png_size(cli_report / fig["file"])
     assert [f["file"] for f in report["figures"]][: len(TRAINING_FIGURES)] == TRAINING_FIGURES
+    # train-fold checks these names before training: every file a report gets is among them
+    assert {p.name for p in cli_report.iterdir()} <= set(REPORT_FILES)
 
 
 def test_report_json_contents(cli_report):

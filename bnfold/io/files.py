@@ -8,6 +8,7 @@ naming the path, never an ``OSError`` traceback.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -210,6 +211,7 @@ class StagedOutputs:
 
     def __init__(self, target: str | Path):
         self.target = Path(target)
+        self.kept = False  # a failed commit could not be undone: the old files are here
         parent = self.target.resolve().parent
         prefix = f".{self.target.resolve().name or 'out'}{_STAGING}"
         try:
@@ -235,25 +237,14 @@ class StagedOutputs:
         """Whether ``final`` lies under ``target`` (so it can be staged here)."""
         return Path(final).is_relative_to(self.target)
 
+    def staged(self) -> list[tuple[Path, Path]]:
+        """Every staged file (or symlink) and where it goes: ``(staged path, final path)``."""
+        files = sorted(p for p in self.root.rglob("*") if p.is_file() or p.is_symlink())
+        return [(p, self.final(p)) for p in files]
+
     def commit(self, last: tuple[str, ...] = ()) -> list[Path]:
-        """Move every staged file to its place under ``target`` (each one rename; files
-        named in ``last``, e.g. a model card listing the others' checksums, go last) and
-        remove the staging folder. Other files in ``target`` are left alone."""
-        staged = sorted(p for p in self.root.rglob("*") if p.is_file() or p.is_symlink())
-        staged.sort(key=lambda p: p.name in last)
-        moved = []
-        try:
-            for src in staged:
-                dest = self.final(src)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(src, dest)
-                moved.append(dest)
-        except OSError as e:
-            why = describe_os_error(e)
-            raise BnfoldError(f"{self.target}: cannot move the outputs into place: {why}") from None
-        finally:
-            self.discard()
-        return moved
+        """:func:`commit_staged` of this one set."""
+        return commit_staged([self], last)
 
     def keep(self, staged: str | Path, final: str | Path) -> Path:
         """Move one staged file to ``final`` (e.g. a model kept aside when the set as a
@@ -267,12 +258,126 @@ class StagedOutputs:
         return final
 
     def discard(self) -> None:
-        """Remove the staging folder and everything in it (nothing reaches ``target``)."""
-        shutil.rmtree(self.root, ignore_errors=True)
+        """Remove the staging folder and everything in it (nothing reaches ``target``),
+        unless a failed commit left old files there (``kept``)."""
+        if not self.kept:
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 def _remove_stale_staging(parent: Path, prefix: str) -> None:
     for p in parent.iterdir():
         pid = p.name[len(prefix) :].split("-", 1)[0] if p.name.startswith(prefix) else ""
         if pid.isdigit() and p.is_dir() and not _process_alive(int(pid)):
+            if any(f.name.endswith(_REPLACED) for f in p.rglob("*")):
+                continue  # old outputs a failed commit could not put back: the user's data
             shutil.rmtree(p, ignore_errors=True)
+
+
+def commit_staged(stages: list[StagedOutputs], last: tuple[str, ...] = ()) -> list[Path]:
+    """Move the files of every stage into place as one set (files named in ``last``, e.g. a
+    model card listing the others' checksums, go last), then remove the staging folders,
+    whatever happened. See :func:`commit_files`: all of the set lands, or none of it."""
+    try:
+        moves = [m for stage in stages for m in stage.staged()]
+        moves.sort(key=lambda m: m[0].name in last)  # stable: the rest keep their order
+        target = stages[0].target if stages else Path(".")
+        return commit_files(moves, what=str(target))
+    except _NotRolledBack:
+        for stage in stages:  # they hold the old files now: never delete them
+            stage.kept = True
+        raise
+    finally:
+        for stage in stages:
+            stage.discard()
+
+
+_REPLACED = ".bnfold-replaced"  # a file's old version, kept in its staging folder
+
+
+def commit_files(moves: list[tuple[Path, Path]], what: str = "the outputs") -> list[Path]:
+    """Move each staged file ``src`` over ``dest``, all or none: when any move fails, every
+    file already moved is put back, so ``dest``'s folder keeps the old set, never a mix of
+    old and new files (a model card beside models whose checksums it does not list).
+
+    Every destination is checked first, before anything moves (not a folder, its folder
+    can be made and written). Each old file is moved aside next to its ``src`` (in the
+    staging folder, on the same file system) before the new one takes its place, and
+    stays there until the staging folder is removed. Refusals and failures are one
+    ``BnfoldError`` naming the file; if putting an old file back fails too, the error says
+    where it was kept.
+    """
+    for _, dest in moves:
+        _check_destination(dest, what)
+    done: list[list] = []  # [dest, where its old file went (or None), new file in place]
+    made: list[Path] = []  # folders made for the new files
+    current = None
+    try:
+        for src, dest in moves:
+            current = dest
+            made += _make_parents(dest.parent)
+            entry = [dest, None, False]
+            if dest.exists() or dest.is_symlink():
+                old = src.with_name(src.name + _REPLACED)
+                os.replace(dest, old)
+                entry[1] = old
+            done.append(entry)
+            os.replace(src, dest)
+            entry[2] = True
+    except (OSError, KeyboardInterrupt) as e:
+        _roll_back(done, made, what)
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise BnfoldError(
+            f"{current}: cannot move the outputs into place ({describe_os_error(e)});"
+            f" {what} keeps its previous files"
+        ) from None
+    return [dest for dest, _, _ in done]
+
+
+class _NotRolledBack(BnfoldError):
+    """A failed commit could not be undone: the staging folder holds the old files."""
+
+
+def _check_destination(dest: Path, what: str) -> None:
+    """Refuse a destination that cannot take a file: a folder is there, or its folder
+    cannot be made or written (see :func:`check_output_dir`)."""
+    if dest.is_dir():
+        raise BnfoldError(f"{dest}: is a directory; cannot put a file there ({what} unchanged)")
+    check_output_dir(dest.parent)
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Make ``folder`` and its missing parents; returns those made, outermost first."""
+    missing = []
+    for p in (folder, *folder.parents):
+        if p.exists() or p.is_symlink():
+            break
+        missing.append(p)
+    missing.reverse()
+    for p in missing:
+        p.mkdir()
+    return missing
+
+
+def _roll_back(done: list[list], made: list[Path], what: str) -> None:
+    """Undo :func:`commit_files`' moves, newest first: each old file put back over the new
+    one (or the new one removed where there was none), then the folders it made."""
+    failed = []
+    for dest, old, placed in reversed(done):
+        try:
+            if old is not None:
+                os.replace(old, dest)
+            elif placed:
+                dest.unlink()
+        except OSError:
+            failed.append((dest, old))
+    for folder in reversed(made):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+    if failed:
+        dest, old = failed[0]
+        where = f"its previous version is kept as {old}" if old is not None else "it is new"
+        raise _NotRolledBack(
+            f"{dest}: could not put the previous file back after a failed commit ({where});"
+            f" {what} now mixes old and new files"
+        )

@@ -10,7 +10,13 @@ from pathlib import Path
 import torch
 
 from bnfold.errors import TrainingInterrupted
-from bnfold.io.files import StagedOutputs, atomic_write, check_output_dir, check_output_file
+from bnfold.io.files import (
+    StagedOutputs,
+    atomic_write,
+    check_output_dir,
+    check_output_file,
+    commit_staged,
+)
 from bnfold.mlp.checkpoint import Checkpoint, save_checkpoint
 from bnfold.mlp.data import Dataset, load_dataset
 from bnfold.mlp.model import DEFAULT_MODEL, ModelConfig
@@ -23,7 +29,7 @@ from bnfold.pipeline.assemble import (
     walk_plan,
 )
 from bnfold.pipeline.export import ExportResult, write_onnx
-from bnfold.report.diagnostics import attach_diagnostics, write_training_report
+from bnfold.report.diagnostics import REPORT_FILES, attach_diagnostics, write_training_report
 from bnfold.verify.networks import format_four_networks, four_networks
 from bnfold.verify.verdict import VerifyReport
 from bnfold.version import __version__
@@ -304,6 +310,8 @@ def run_main_job(
     for name in (*MAIN_JOB_FILES, UNVERIFIED_CHECKPOINT, INTERRUPTED_CHECKPOINT):
         check_output_file(out_dir / name)  # all checked before training
     check_output_dir(report_dir)
+    for name in REPORT_FILES:  # the commit checks every staged name again before moving
+        check_output_file(report_dir / name)
     staged = [StagedOutputs(out_dir)]
     try:
         if not staged[0].holds(report_dir):
@@ -336,8 +344,8 @@ def run_main_job(
                 "output": summary["report"],
             }
         )
-        for stage in staged:
-            stage.commit(last=("README.md",))  # the card, with every file's sha256, last
+        # one set, all or none; the card, with every file's sha256, last
+        commit_staged(staged, last=("README.md",))
     finally:
         for stage in staged:
             stage.discard()

@@ -75,6 +75,20 @@ SNAPSHOT_BINS = 120  # gradient histograms: a narrow curve on a shared axis keep
 IMAGE_EXAMPLES = 64  # training examples (rows) in the saturation image, a fixed sample
 IMAGE_SEED = 0
 REPORT_JSON = "diagnostics.json"
+# every file a report folder may get (the figures a run draws depend on what it recorded):
+# train-fold checks each name before training, so no commit can fail half-way on one
+REPORT_FILES = (
+    REPORT_JSON,
+    "index.html",
+    "loss.png",
+    "saturation.png",
+    "activations.png",
+    "saturation_image.png",
+    "gradients.png",
+    "weight_gradients.png",
+    "update_ratio.png",
+    "fold_comparison.png",
+)
 MAX_REPORT_BYTES = 256 * MiB  # the default run's diagnostics.json is 0.2 MB
 UPDATE_RATIO_DEFINITION = (
     "log10(std(actual change of the parameter in the step) / std(parameter after the step)); "

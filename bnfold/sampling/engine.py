@@ -25,12 +25,15 @@ engines into one forward pass.
 * Results: ``job.names`` / ``job.logprobs`` / ``job.indexes`` (stream indexes, in order).
 
 Engines (``kind``): ``"network"`` needs the logits of every row's context at every step
-and derives its sampling row from them; ``"table"`` keeps every derived row in a
+and derives its sampling row from them (the context read from the row's own tokens, so
+any block size works); ``"table"`` keeps every derived row in a
 :class:`~bnfold.sampling.table.RowTable` and needs logits only for contexts it has not
 seen (or has evicted), so once warm a step costs no forward pass at all. When the whole
 domain fits the table and has at most :data:`PRECOMPUTE_CONTEXTS` contexts (19,683 for the
 shipped model), the first step asks for every context at once (the end-masked variants
-below min-length still come lazily). Both draw with
+below min-length still come lazily). The table keys a context by its integer code (an
+int64): a domain past :data:`MAX_DOMAIN` contexts (27**14 > 2**63) is sampled by the
+network engine instead, with the same names. Both draw with
 the same pure functions (:mod:`bnfold.sampling.tokens`), so they give identical names and
 log-probabilities; the table answers most draws with one guide-table lookup, which is
 exact (see :func:`~bnfold.sampling.tokens.guide_rows`).
@@ -90,6 +93,14 @@ DEFAULT_TABLE_BYTES = 256 << 20  # 256 MiB of stored rows per engine
 MAX_DOMAIN = 1 << 61  # context codes (and masked keys, 2x) must fit an int64
 PRECOMPUTE_CONTEXTS = 1 << 17  # up to this many contexts, the first step asks for them all
 STORE_CHUNK = 4096  # new rows derived and stored at a time
+
+
+def engine_kind(kind: str, vocab_size: int, block_size: int) -> str:
+    """The engine that samples a model of ``vocab_size ** block_size`` contexts when
+    ``kind`` is asked for: the table keys a context by its int64 code, so a domain past
+    :data:`MAX_DOMAIN` (27**14 > 2**63) goes to the network engine, which needs no code
+    and gives the very same names, only without stored rows."""
+    return "network" if kind == "table" and vocab_size**block_size > MAX_DOMAIN else kind
 
 
 def new_only_limit(options: SampleOptions) -> int:
@@ -184,11 +195,7 @@ class SamplerEngine:
             raise BnfoldError(f"table size must be a positive number of bytes, got {table_bytes!r}")
         vocab, T = model.vocab, model.block_size
         domain = vocab.size**T
-        if kind == "table" and domain > MAX_DOMAIN:
-            raise BnfoldError(
-                f"{vocab.size}**{T} contexts do not fit the table engine's 64-bit keys;"
-                " use the network engine"
-            )
+        kind = engine_kind(kind, vocab.size, T)
         self.model = model
         self.options = options.check(vocab)
         self.group = group_key(options)
@@ -379,6 +386,8 @@ class SamplerEngine:
         """(m, block_size) int64: the contexts whose logits the next :meth:`step` needs."""
         if self._plan is None:
             self._plan = self._make_plan()
+        if self._plan.codes is None:  # the network engine: every row's context
+            return self._contexts()
         return self._decode(self._plan.codes)
 
     def _make_plan(self) -> _Plan:
@@ -386,9 +395,9 @@ class SamplerEngine:
         n = r.n
         length = r.length[:n]
         masked = length < self.options.min_length
+        if self.kind == "network":  # no context codes: any domain size works
+            return _Plan(None, masked, None, None, None, None)
         key = r.code[:n] + self._domain * masked if masked.any() else r.code[:n].copy()
-        if self.kind == "network":
-            return _Plan(key, masked, None, None, r.code[:n].copy(), None)
         if self.table is None:
             self.table = RowTable(
                 self.model.sha256, self.group, self._V, self._domain, self.table_bytes
@@ -405,6 +414,18 @@ class SamplerEngine:
         new_keys = np.unique(wanted if every is None else np.concatenate([wanted, every]))
         inverse = np.searchsorted(new_keys, wanted)
         return _Plan(key, masked, slot, missing, new_keys % self._domain, (new_keys, inverse))
+
+    def _contexts(self) -> np.ndarray:
+        """(n, block_size) int64: every row's context, read from its own tokens (the last
+        ``block_size`` of them, the end token standing in before the name's start), so
+        the network engine never forms the integer code, which overflows int64 once
+        ``vocab ** block_size`` passes 2**63."""
+        r = self.rows
+        n, T = r.n, self.block_size
+        pos = r.length[:n, None] - T + np.arange(T)
+        ctx = r.toks[np.arange(n)[:, None], np.maximum(pos, 0)].astype(np.int64)
+        ctx[pos < 0] = END
+        return ctx
 
     def _decode(self, codes: np.ndarray) -> np.ndarray:
         T, V = self.block_size, self._V
@@ -430,7 +451,7 @@ class SamplerEngine:
         n = r.n
         if n == 0:
             return []
-        m = len(plan.codes)
+        m = n if plan.codes is None else len(plan.codes)
         if m:
             z = np.asarray(logits, dtype=np.float32) if logits is not None else None
             if z is None or z.shape != (m, self._V):
@@ -458,10 +479,11 @@ class SamplerEngine:
         ended = tok == END
         any_ended = bool(ended.any())
         done = self._finish(np.flatnonzero(ended)) if any_ended else []
-        code = r.code[:n]
-        code %= self._high
-        code *= self._V
-        code += tok
+        if self.kind == "table":  # the next context's code (the network engine has none)
+            code = r.code[:n]
+            code %= self._high
+            code *= self._V
+            code += tok
         length += 1
         self.steps += 1
         if any_ended:
@@ -613,5 +635,5 @@ class _Plan:
         self.masked = masked  # per row: below min-length
         self.slot = slot  # per row: table slot (table engine)
         self.missing = missing  # per row: not in the table (None: every row is there)
-        self.codes = codes  # context codes whose logits are needed
+        self.codes = codes  # context codes whose logits are needed (None: every row's)
         self.new = new  # (distinct missing keys, row -> index among them)

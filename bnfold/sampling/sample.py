@@ -288,15 +288,51 @@ def write_text(out: TextIO, names: Iterable[SampledName], verbose: bool = False)
     """One name per line, written as they come (bounded memory whatever the count).
 
     ``verbose`` adds the label and log-probability in columns, the name column as wide as
-    the longest name of each block of 4,096 names.
+    the longest name of each block of 4,096 names. A name with a character that is not
+    printable is written escaped (:func:`escape_name`): a model's vocabulary is untrusted.
     """
     for chunk in _chunks(names):
+        shown = [s.name for s in chunk]
+        if not _plain("".join(shown)):  # an untrusted model's vocabulary: escape it
+            shown = [escape_name(name) for name in shown]
         if verbose:
-            width = max(len(s.name) for s in chunk)
-            lines = [f"{s.name:<{width}}  {s.label or '-':<5}  {s.logprob:9.4f}" for s in chunk]
+            width = max(map(len, shown))
+            lines = [
+                f"{name:<{width}}  {s.label or '-':<5}  {s.logprob:9.4f}"
+                for name, s in zip(shown, chunk, strict=True)
+            ]
         else:
-            lines = [s.name for s in chunk]
+            lines = shown
         out.write("\n".join(lines) + "\n")
+
+
+def _plain(text: str) -> bool:
+    """Whether ``text`` can go to a terminal as it is: printable, no backslash."""
+    return text.isprintable() and "\\" not in text
+
+
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape_name(name: str) -> str:
+    """``name`` with every character that is not printable (control characters, a line
+    break, escape sequences, bidirectional overrides, other separators) written as a
+    Python-style escape (``\\n``, ``\\x1b``, ``\\u202e``), and a backslash as ``\\\\``, so
+    a model's vocabulary can neither drive the terminal nor break the one-name-per-line
+    output, and every line still reads back as exactly one name."""
+    out = []
+    for c in name:
+        if c in _ESCAPES:
+            out.append(_ESCAPES[c])
+        elif c.isprintable():
+            out.append(c)
+        elif ord(c) < 0x100:
+            out.append(f"\\x{ord(c):02x}")
+        elif ord(c) < 0x10000:
+            out.append(f"\\u{ord(c):04x}")
+        else:
+            out.append(f"\\U{ord(c):08x}")
+    return "".join(out)
 
 
 def write_json(out: TextIO, header: dict, names: Iterable[SampledName]) -> None:

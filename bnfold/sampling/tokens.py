@@ -138,7 +138,9 @@ def top_p_weights(s: np.ndarray, top_p: float | None) -> np.ndarray:
         p = e / e.sum(axis=1, keepdims=True)
         desc = -np.sort(-p, axis=1)
         before = np.cumsum(desc, axis=1) - desc  # mass of the more likely tokens
-        keep = (before < np.float32(top_p)).sum(axis=1)  # >= 1: the top token stays
+        # The top token always stays: its mass before is 0, but so is float32(top_p) for
+        # a top_p below float32's smallest subnormal (1e-46), and then nothing is < it.
+        keep = np.maximum((before < np.float32(top_p)).sum(axis=1), 1)
         cutoff = desc[np.arange(len(p)), keep - 1]
         e[p < cutoff[:, None]] = 0
     return e

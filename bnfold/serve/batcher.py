@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from bnfold.errors import BnfoldError
 from bnfold.sampling.engine import SampleJob, SamplerEngine
 from bnfold.sampling.options import SampleOptions, group_key
 from bnfold.sampling.sample import forward
@@ -277,7 +278,10 @@ class Batcher:
                 finished += e.step(z[off : off + m] if m else None)
                 off += m
         except Exception as exc:
-            log.exception("sampling step failed")
+            if isinstance(exc, BnfoldError):  # a refusal, said in one line: no traceback
+                log.error("sampling step failed: %s", exc)
+            else:
+                log.exception("sampling step failed")
             done = [(_detach(j), None, exc) for e in live for j in e.unfinished()]
             for e in live:
                 self.pool.drop(e)

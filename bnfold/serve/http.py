@@ -43,6 +43,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from bnfold.serve.metrics import DOCS_ASSETS, endpoint_label
 from bnfold.serve.schema import (
@@ -130,19 +131,23 @@ def _names_docs(parser: RequestParser) -> dict[str, dict]:
     }
 
 
-def create_app(settings: ServeSettings, *, loader=None) -> Edge:
+def create_app(settings: ServeSettings, *, loader=None, on_load_error=None) -> Edge:
     """The ASGI app of one worker: the FastAPI app (:func:`create_fastapi_app`) behind the
     Edge. ``loader(settings) -> LoadedModel`` runs in a thread after start-up (default:
-    load the model and warm it up); tests pass their own."""
-    app = create_fastapi_app(settings, loader=loader)
-    return Edge(app, app.state.names, settings.max_body)
+    load the model and warm it up); tests pass their own. ``on_load_error(reason)`` is
+    called when that fails (``bnfold serve`` exits then; default: ``/livez`` answers 503)."""
+    app = create_fastapi_app(settings, loader=loader, on_load_error=on_load_error, check_host=False)
+    return Edge(app, app.state.names, settings.max_body, settings.allowed_hosts)
 
 
-def create_fastapi_app(settings: ServeSettings, *, loader=None) -> FastAPI:
+def create_fastapi_app(
+    settings: ServeSettings, *, loader=None, on_load_error=None, check_host=True
+) -> FastAPI:
     """The FastAPI app of one worker: every route, ``/v1/names`` included, and the OpenAPI
-    schema; its lifespan loads the model. :func:`create_app` puts the Edge in front."""
+    schema; its lifespan loads the model. :func:`create_app` puts the Edge in front (which
+    then checks ``Host``, so this app does not: ``check_host=False``)."""
     settings.check()
-    svc = NameService(settings, loader)
+    svc = NameService(settings, loader, on_load_error)
     names = NamesEndpoint(svc, RequestParser(settings.max_count))
     page = _page(names.parser)
     m = svc.metrics
@@ -172,6 +177,10 @@ def create_fastapi_app(settings: ServeSettings, *, loader=None) -> FastAPI:
     )
     app.state.service = svc
     app.state.names = names
+    if check_host:
+        app.add_middleware(
+            TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts, www_redirect=False
+        )
 
     @app.get("/v1/model", responses={503: ERRORS[503]})
     async def model_info() -> JSONResponse:
@@ -243,8 +252,18 @@ class Edge:
     limit, and a shortcut for ``/v1/names`` into the routes' own
     :meth:`NamesEndpoint.answer` (see the module docstring)."""
 
-    def __init__(self, app: FastAPI, names: NamesEndpoint, max_body: int):
+    def __init__(
+        self,
+        app: FastAPI,
+        names: NamesEndpoint,
+        max_body: int,
+        allowed_hosts: tuple[str, ...] = ("*",),
+    ):
         self.app = app
+        # Host first (400 for a name not served: no DNS rebinding), then everything below
+        self._checked = TrustedHostMiddleware(
+            self._handle, allowed_hosts=allowed_hosts, www_redirect=False
+        )
         self.names = names
         self.state = app.state  # tests reach the service through either object
         self.metrics = names.svc.metrics
@@ -274,23 +293,27 @@ class Edge:
             await send(message)
 
         try:
-            size = _declared_body(scope["headers"])
-            if size is not None:
-                body = b"" if size > self.max_body else await self._read_body(receive)
-                if body is _GONE:  # the client went away (or its body timed out): no answer
-                    return
-                if size > self.max_body or body is _TOO_LARGE:
-                    return await self._reject_body(send_status)
-                receive = _replay(body)
-            else:
-                body = b""
-            if path == "/v1/names" and scope["method"] in _NAMES_METHODS:  # the shortcut
-                a = await self.names.answer(scope["method"], scope["query_string"], body)
-                return await _send(send_status, a)
-            await self.app(scope, receive, send_status)
+            await self._checked(scope, receive, send_status)
         finally:
             if status:  # 0: the client went away before any answer
                 self._observe(endpoint, status, time.perf_counter() - t0)
+
+    async def _handle(self, scope, receive, send) -> None:
+        """An HTTP request whose ``Host`` is allowed: the body limit, the shortcut, the app."""
+        size = _declared_body(scope["headers"])
+        if size is not None:
+            body = b"" if size > self.max_body else await self._read_body(receive)
+            if body is _GONE:  # the client went away (or its body timed out): no answer
+                return
+            if size > self.max_body or body is _TOO_LARGE:
+                return await self._reject_body(send)
+            receive = _replay(body)
+        else:
+            body = b""
+        if scope["path"] == "/v1/names" and scope["method"] in _NAMES_METHODS:  # the shortcut
+            a = await self.names.answer(scope["method"], scope["query_string"], body)
+            return await _send(send, a)
+        await self.app(scope, receive, send)
 
     async def _read_body(self, receive) -> bytes | object:
         """The whole request body; ``_TOO_LARGE`` past ``max_body`` bytes, ``_GONE`` on a

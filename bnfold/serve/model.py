@@ -10,6 +10,7 @@ import numpy as np
 
 from bnfold.runtime.infer import load_predictor
 from bnfold.runtime.predictor import Predictor
+from bnfold.sampling.engine import engine_kind
 from bnfold.sampling.sample import Labeler, SampleOptions, load_labeler, sample_names
 from bnfold.serve.settings import ServeSettings
 
@@ -55,7 +56,7 @@ def load_model(settings: ServeSettings) -> LoadedModel:
         },
         "service": {
             "batching": "step" if settings.batching else "off",
-            "engine": settings.engine,
+            "engine": engine_kind(settings.engine, predictor.vocab.size, predictor.block_size),
             "max_count": settings.max_count,
             "queue_size": settings.queue_size,
             "deadline_seconds": settings.deadline,

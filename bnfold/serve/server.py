@@ -3,11 +3,15 @@ factory."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import math
 import os
 import signal
 import socket
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from bnfold.errors import BnfoldError
@@ -69,10 +73,32 @@ def logging_config(log_level: str, access_log: bool) -> dict[str, Any]:
     return config
 
 
+ENV_FAILURE = "BNFOLD_SERVE_FAILURE"  # file a worker writes why its model did not load
+ENV_PARENT = "BNFOLD_SERVE_PID"  # the pid of `bnfold serve`: a worker with another is a child
+STARTUP_FAILURE = 3  # uvicorn's exit code for "failed to start": its supervisor gives up
+
+
 def app_from_env():
     """uvicorn factory (``bnfold.serve.server:app_from_env``): each worker builds its own
     app, and so its own ONNX Runtime session, after it starts."""
-    return create_app(ServeSettings.from_env())
+    return create_app(ServeSettings.from_env(), on_load_error=_worker_failed)
+
+
+def _worker_failed(reason: str) -> None:
+    """A worker's model did not load: serving "not ready" for ever helps no one, so the
+    service stops with the reason. The reason goes to :data:`ENV_FAILURE`'s file for
+    :func:`run_server`. A lone worker (the `bnfold serve` process itself) shuts down
+    gracefully through SIGTERM; a worker process exits with uvicorn's start-up failure
+    code, on which uvicorn's supervisor stops every worker instead of restarting it."""
+    path = os.environ.get(ENV_FAILURE)
+    if path:
+        with contextlib.suppress(OSError), open(path, "a", encoding="utf-8") as f:
+            f.write(reason + "\n")
+    if os.environ.get(ENV_PARENT) == str(os.getpid()):
+        signal.raise_signal(signal.SIGTERM)
+    else:
+        logging.shutdown()  # flush the "model failed to load" line first
+        os._exit(STARTUP_FAILURE)
 
 
 def _exit_quietly(signum, frame):
@@ -93,14 +119,27 @@ def run_server(
     settings.check()
     log_config = logging_config(log_level, settings.access_log)
     os.environ[ENV_SETTINGS] = settings.to_env()
+    os.environ[ENV_PARENT] = str(os.getpid())
+    fd, failure = tempfile.mkstemp(prefix="bnfold-serve-", suffix=".failure")
+    os.close(fd)
+    os.environ[ENV_FAILURE] = failure
     # uvicorn re-raises SIGTERM/SIGINT once it has shut down gracefully: exit 0 then
     signal.signal(signal.SIGTERM, _exit_quietly)
-    uvicorn.run(
-        "bnfold.serve.server:app_from_env",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_config=log_config,  # the levels are set there (log_level=None: not overridden)
-        **uvicorn_options(settings),
-    )
+    try:
+        uvicorn.run(
+            "bnfold.serve.server:app_from_env",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_config=log_config,  # the levels are set there (log_level=None: not overridden)
+            **uvicorn_options(settings),
+        )
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+    finally:
+        reason = Path(failure).read_text("utf-8", "replace").strip().splitlines()
+        Path(failure).unlink(missing_ok=True)
+    if reason:  # a worker could not load the model: stopped, not serving "not ready"
+        raise BnfoldError(f"{settings.model}: the model failed to load: {reason[0]}")

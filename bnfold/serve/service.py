@@ -31,9 +31,11 @@ SEED_BITS = 53  # random seeds stay below 2**53, exact in JavaScript numbers (th
 class NameService:
     """The model, the batcher, admission control and readiness of one app."""
 
-    def __init__(self, settings: ServeSettings, loader=None):
+    def __init__(self, settings: ServeSettings, loader=None, on_load_error=None):
         self.settings = settings
         self.loader = loader or load_and_warm
+        # called with the reason when the model fails to load (`bnfold serve`: exit)
+        self.on_load_error: Callable[[str], None] | None = on_load_error
         self.metrics = Metrics()
         self.model: LoadedModel | None = None
         self.batcher: Batcher | None = None
@@ -56,16 +58,18 @@ class NameService:
     async def _load(self) -> None:
         try:
             model = await asyncio.to_thread(self.loader, self.settings)
-        except Exception as e:
+            self.model = model
+            self.batcher = Batcher(model, self.settings, self.metrics, self._deliver)
+            self.batcher.start()
+            # the default options' engine (and, for the table engine, its stored rows) is
+            # built before the first request, not during it
+            await self.sample(SampleOptions(count=64, seed=0))
+        except Exception as e:  # never "not ready" for ever: say why, and let the owner act
             self.load_error = str(e) if isinstance(e, BnfoldError) else f"{type(e).__name__}: {e}"
             log.error("model failed to load: %s", self.load_error)
+            if self.on_load_error is not None:
+                self.on_load_error(self.load_error)
             return
-        self.model = model
-        self.batcher = Batcher(model, self.settings, self.metrics, self._deliver)
-        self.batcher.start()
-        # the default options' engine (and, for the table engine, its stored rows) is
-        # built before the first request, not during it
-        await self.sample(SampleOptions(count=64, seed=0))
         self.ready = True
         log.info("ready: %s (sha256 %s)", model.info["name"], model.sha256[:12])
 

@@ -3,9 +3,12 @@ process as JSON in an environment variable (uvicorn's workers import the app fac
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import math
 import os
+import socket
 from dataclasses import asdict, dataclass, fields
 
 from bnfold.errors import BnfoldError
@@ -43,6 +46,10 @@ class ServeSettings:
     body_timeout: float = 10.0  # seconds to receive the body once headers are in; then 408
     keep_alive: int = 5  # seconds an idle keep-alive connection stays open
     access_log: bool = False  # one line per request on stdout (uvicorn's access log)
+    # `Host` names answered (others get 400: no DNS rebinding against a local service);
+    # "*" answers any, "*.example.com" a domain. `bnfold serve` defaults to the bound
+    # address (default_allowed_hosts); a service built in Python answers any.
+    allowed_hosts: tuple[str, ...] = ("*",)
 
     def check(self) -> ServeSettings:
         ints = (
@@ -71,6 +78,7 @@ class ServeSettings:
             raise BnfoldError(f"access-log must be true or false, got {self.access_log!r}")
         if self.engine not in ENGINES:
             raise BnfoldError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        check_allowed_hosts(self.allowed_hosts)
         if self.table_mb > self.memory_mb:
             raise BnfoldError(
                 f"table-mb ({self.table_mb}) must not exceed memory-mb ({self.memory_mb})"
@@ -95,8 +103,74 @@ class ServeSettings:
             raise BnfoldError(f"{ENV_SETTINGS} is not set (start the service with `bnfold serve`)")
         data = json.loads(raw)
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known}).check()
+        data = {k: v for k, v in data.items() if k in known}
+        if "allowed_hosts" in data:  # JSON has no tuples
+            data["allowed_hosts"] = tuple(data["allowed_hosts"])
+        return cls(**data).check()
 
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
+
+
+# --------------------------------------------------------------------- allowed hosts --
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+
+
+def host_pattern(name: str) -> str:
+    """``name`` as the ``Host`` header spells it: lower case, an IPv6 address in brackets
+    (``::1`` -> ``[::1]``)."""
+    name = name.strip().lower()
+    try:
+        if ipaddress.ip_address(name).version == 6:
+            return f"[{name}]"
+    except ValueError:
+        pass
+    return name
+
+
+def parse_allowed_hosts(text: str) -> tuple[str, ...]:
+    """``--allowed-hosts``: names separated by commas (``*`` for any), checked."""
+    return check_allowed_hosts(tuple(host_pattern(n) for n in text.split(",") if n.strip()))
+
+
+def check_allowed_hosts(hosts: tuple[str, ...]) -> tuple[str, ...]:
+    """Refuse an empty list and a pattern other than a name, ``*`` or ``*.domain``."""
+    if not isinstance(hosts, tuple) or not hosts:
+        raise BnfoldError("allowed-hosts must name at least one host (or * for any)")
+    for h in hosts:
+        if (
+            not isinstance(h, str)
+            or not h
+            or any(c in h for c in "/@ \t")
+            or ("*" in h and h != "*" and not (h.startswith("*.") and "*" not in h[1:]))
+        ):
+            raise BnfoldError(f"allowed-hosts: {h!r} is not a host name, an address, * or *.domain")
+    return hosts
+
+
+def default_allowed_hosts(bind: str) -> tuple[str, ...]:
+    """The ``Host`` names a service bound to ``bind`` answers by default: the bound name or
+    address; for a loopback address also ``localhost``, ``127.0.0.1`` and ``[::1]``; for a
+    wildcard address (``0.0.0.0``, ``::``) this machine's own names and addresses and the
+    loopback ones (any other name, e.g. behind a proxy, is given with --allowed-hosts)."""
+    try:
+        ip = ipaddress.ip_address(bind)
+    except ValueError:
+        ip = None
+    names = [host_pattern(bind)]
+    if bind.lower() == "localhost" or (ip is not None and ip.is_loopback):
+        names += LOOPBACK_HOSTS
+    elif ip is not None and ip.is_unspecified:
+        names = [*_own_names(), *LOOPBACK_HOSTS]
+    return tuple(dict.fromkeys(names))
+
+
+def _own_names() -> list[str]:
+    """This machine's host name, its fully qualified name and the addresses they resolve to."""
+    hostname = socket.gethostname()
+    names = [hostname, socket.getfqdn()]
+    with contextlib.suppress(OSError):  # a host name that does not resolve: the names alone
+        names += [info[4][0] for info in socket.getaddrinfo(hostname, None)]
+    return [host_pattern(n.split("%", 1)[0]) for n in names if n]
