@@ -404,6 +404,7 @@ def fold(checkpoint, out, tolerance, max_exhaustive, data, inputs, as_json):
 
     Exit code 1 (and nothing written) when verification fails."""
     from bnfold.pipeline.onnx_fold import fold_onnx_file, is_onnx
+    from bnfold.verify.onnx import peak_rss_mb
 
     if is_onnx(checkpoint):
         path, fold_report, verification = fold_onnx_file(
@@ -412,6 +413,7 @@ def fold(checkpoint, out, tolerance, max_exhaustive, data, inputs, as_json):
             inputs=inputs,
             tolerance=tolerance,
             max_exhaustive=max_exhaustive,
+            progress=False if as_json else None,
         )
     else:
         if inputs is not None:
@@ -428,6 +430,7 @@ def fold(checkpoint, out, tolerance, max_exhaustive, data, inputs, as_json):
                 "fold": fold_report.to_dict(),
                 "verification": verification.to_dict(),
                 "passed": verification.passed,
+                "peak_rss_mb": peak_rss_mb(),
             }
         )
     else:
@@ -478,6 +481,7 @@ def verify_command(
     context (or a large sample); for two ONNX models that are not both bnfold's, the same
     outputs on the same inputs. Exit code 1 when it does not."""
     from bnfold.pipeline.onnx_fold import generic_onnx_pair, verify_onnx_files
+    from bnfold.verify.onnx import peak_rss_mb
     from bnfold.verify.verdict import verify_paths
 
     if generic_onnx_pair(reference, candidate):
@@ -488,6 +492,7 @@ def verify_command(
             tolerance=tolerance,
             max_exhaustive=max_exhaustive,
             seed=seed,
+            progress=False if as_json else None,
         )
     else:
         result = verify_paths(
@@ -502,7 +507,7 @@ def verify_command(
             progress=not as_json,
         )
     if as_json:
-        print_json(result.to_dict())
+        print_json({**result.to_dict(), "peak_rss_mb": peak_rss_mb()})
     else:
         click.echo(result.format())
     if not result.passed:
