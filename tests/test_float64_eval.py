@@ -172,7 +172,8 @@ def test_the_evaluator_agrees_with_onnx_reference_where_it_is_right(case):
     feeds = random_feeds(model, seed=4, dynamic=3)
     got = Float64Evaluator(model).run(feeds)
     ref = ReferenceEvaluator(double_graph(model))
-    want = dict(zip(ref.output_names, ref.run(None, {k: to_double(v) for k, v in feeds.items()})))
+    outputs = ref.run(None, {k: to_double(v) for k, v in feeds.items()})
+    want = dict(zip(ref.output_names, outputs, strict=True))
     for name, value in want.items():
         np.testing.assert_allclose(got[name], value, rtol=1e-12, atol=1e-12, err_msg=name)
 
