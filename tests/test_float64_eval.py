@@ -304,15 +304,27 @@ def test_progress_goes_to_its_stream_one_line_per_stage(tmp_path):
 # ---- the injected-error matrix -----------------------------------------------------------
 
 
-def _inject(model: onnx.ModelProto, kind: str) -> onnx.ModelProto:
-    """``model`` folded with one error in its last foldable BN (nearest the outputs, so no
-    ReLU downstream can hide a whole channel): a wrong eps or a forgotten beta in its fold,
-    or the layer it folded into with a row scaled by 1 + 1e-3 or two output channels
-    swapped."""
-    last = fold_onnx(model)[1].folded[-1].bn
+def _busiest_channels(model: onnx.ModelProto, bn: onnx.NodeProto, feeds: dict) -> list[int]:
+    """The BN's output channels by their mean positive activation on ``feeds``, largest
+    first (ONNX Runtime): an error in a channel no input activates (one a ReLU zeroes
+    everywhere) changes no output, and no output-based check can see it."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(helper.make_tensor_value_info(bn.output[0], TensorProto.FLOAT, None))
+    act = run(probe, feeds)[bn.output[0]]
+    per_channel = np.maximum(act, 0).mean(axis=tuple(i for i in range(act.ndim) if i != 1))
+    return [int(c) for c in np.argsort(-per_channel)]
+
+
+def _inject(model: onnx.ModelProto, kind: str, feeds: dict) -> onnx.ModelProto:
+    """``model`` folded with one error in its first foldable BN: a wrong eps or a forgotten
+    beta in its fold, or the layer it folded into with the busiest channel's row scaled by
+    1 + 1e-3, or the two busiest channels swapped."""
+    first = fold_onnx(model)[1].folded[0].bn
     work = onnx.ModelProto()
     work.CopyFrom(model)
-    bn = next(n for n in work.graph.node if n.name == last)
+    bn = next(n for n in work.graph.node if n.name == first)
+    busy = _busiest_channels(model, bn, feeds)
     if kind == "wrong_eps":
         eps = next((a for a in bn.attribute if a.name == "epsilon"), None)
         if eps is None:
@@ -322,15 +334,16 @@ def _inject(model: onnx.ModelProto, kind: str) -> onnx.ModelProto:
     if kind == "forgotten_beta":
         _set(work, bn.input[2], np.zeros_like(_get(work, bn.input[2])))
     folded, report = fold_onnx(work)
-    layer = _folded_layer(folded, report, -1)
+    layer = _folded_layer(folded, report, 0)
     w = _get(folded, layer.input[1]).copy()
+    rows = busy[:2]
     if kind == "scaled_row":
-        w[0] *= 1 + 1e-3
+        w[rows[0]] *= 1 + 1e-3
     if kind == "swapped_channels":
-        w[[0, 1]] = w[[1, 0]]
+        w[rows] = w[rows[::-1]]
         if len(layer.input) > 2:
             b = _get(folded, layer.input[2]).copy()
-            b[[0, 1]] = b[[1, 0]]
+            b[rows] = b[rows[::-1]]
             _set(folded, layer.input[2], b)
     _set(folded, layer.input[1], w)
     return folded
@@ -342,9 +355,9 @@ INJECTED = ["wrong_eps", "scaled_row", "swapped_channels", "forgotten_beta"]
 @pytest.mark.parametrize("case", ["bn_chain", "conv_1d_3d", "gemm_variants", "resnet18"])
 def test_every_injected_error_fails(case):
     model = next(c for c in onnx_zoo.CASES if c.name == case).build()
-    feeds = [random_feeds(model, seed=7, dynamic=3)]
+    feeds = random_feeds(model, seed=7, dynamic=3)
     assert compare(model, fold_onnx(model)[0], feeds, "random").passed
     for kind in INJECTED:
-        result = compare(model, _inject(model, kind), feeds, "random")
+        result = compare(model, _inject(model, kind, feeds), feeds, "random")
         assert not result.passed, (case, kind, result.format())
         assert {o.verdict.criterion for o in result.outputs} == {"float64"}
