@@ -27,6 +27,7 @@ from bnfold.errors import BnfoldError
 from bnfold.io.files import file_sha256
 from bnfold.mlp.data import DEFAULT_WORDS
 from bnfold.sampling.options import SampleOptions
+from bnfold.verify.domain import DEFAULT_MAX_EXHAUSTIVE
 
 if TYPE_CHECKING:
     import torch
@@ -306,6 +307,7 @@ class VerifyResult:
             "fold": None,
             "verification": v,
             "passed": self.passed,
+            "peak_rss_mb": peak_rss_mb(),
         }
         return checked_document(doc)
 
@@ -346,6 +348,7 @@ class FoldResult:
             if v is None
             else _verification_dict(v, self.source, self.candidate, self.tolerance),
             "passed": self.passed,
+            "peak_rss_mb": peak_rss_mb(),
         }
         return checked_document(doc)
 
@@ -361,6 +364,13 @@ class FoldResult:
                 f"wrote {self.path}" if self.path else "verification failed: nothing written"
             )
         return "\n".join(lines)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (what a fold or verify cost)."""
+    from bnfold.verify.onnx import peak_rss_mb as measured
+
+    return measured()
 
 
 def checked_document(doc: dict) -> dict:
@@ -466,8 +476,9 @@ def fold(
     *,
     inputs: torch.Tensor | Sequence[torch.Tensor] | str | Path | None = None,
     tolerance: float | None = None,
-    max_exhaustive: int = 4_000_000,
+    max_exhaustive: int = DEFAULT_MAX_EXHAUSTIVE,
     words: str | Path | None = None,
+    progress: bool | None = None,
 ) -> FoldResult:
     """Fold every BatchNorm of ``model`` into its neighbouring layer and verify the result.
 
@@ -506,6 +517,7 @@ def fold(
             inputs=None if inputs is None else Path(inputs),
             tolerance=tolerance,
             max_exhaustive=max_exhaustive,
+            progress=progress,
         )
         target = Path(out) if out is not None else default_output(path)
         return FoldResult(str(path), rep, comparison, written, None, tolerance, str(target))
@@ -580,7 +592,7 @@ def verify(
     *,
     inputs: torch.Tensor | Sequence[torch.Tensor] | str | Path | None = None,
     tolerance: float | None = None,
-    max_exhaustive: int = 4_000_000,
+    max_exhaustive: int = DEFAULT_MAX_EXHAUSTIVE,
     sample_size: int = 1_000_000,
     seed: int = 0,
     float64_reference: str | Path | None = None,
@@ -611,6 +623,7 @@ def verify(
                 tolerance=tolerance,
                 max_exhaustive=max_exhaustive,
                 seed=seed,
+                progress=None if progress else False,  # None: stage lines on a terminal
             )
             return VerifyResult(str(ref), str(cand), result, tolerance)
         if inputs is not None:

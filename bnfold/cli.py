@@ -445,6 +445,7 @@ def fold(checkpoint, out, tolerance, max_exhaustive, words, data_alias, inputs, 
         tolerance=tolerance,
         max_exhaustive=max_exhaustive,
         words=merge_words(words, data_alias),
+        progress=False if as_json else None,  # None: stage lines on a terminal
     )
     if as_json:
         print_json(result.to_dict())

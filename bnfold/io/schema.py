@@ -107,6 +107,7 @@ class FoldVerifyDocument(_Strict):
         description="None only when a torch module was folded without example inputs"
     )
     passed: bool
+    peak_rss_mb: float = Field(description="the process's peak resident memory, MB")
 
 
 class ErrorDocument(_Strict):

@@ -114,32 +114,18 @@ class OnnxTwin:
 
 
 def double_graph(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` computing in double: float initializers, tensor attributes
-    (``Constant`` values and the like), graph inputs/outputs/value_info and
-    ``Cast(to=FLOAT)`` all become double (float inputs must be cast up by the caller)."""
+    """A copy of ``model`` computing in double: every floating initializer (float32,
+    float16, bfloat16), tensor attribute (``Constant`` values and the like), graph
+    input/output/value_info type and ``Cast``/``dtype`` target becomes double, in
+    subgraphs too (floating inputs must be cast up by the caller,
+    :func:`bnfold.runtime.float64_eval.to_double`)."""
     import onnx
-    from onnx import TensorProto, numpy_helper
+
+    from bnfold.runtime.float64_eval import double_nodes
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    g = out.graph
-
-    def up(t: onnx.TensorProto) -> None:
-        if t.data_type == TensorProto.FLOAT:
-            a = numpy_helper.to_array(t).astype(np.float64)
-            t.CopyFrom(numpy_helper.from_array(a, t.name))
-
-    for init in g.initializer:
-        up(init)
-    for value in list(g.input) + list(g.output) + list(g.value_info):
-        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
-            value.type.tensor_type.elem_type = TensorProto.DOUBLE
-    for node in g.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                up(attr.t)
-            elif node.op_type == "Cast" and attr.name == "to" and attr.i == TensorProto.FLOAT:
-                attr.i = TensorProto.DOUBLE
+    double_nodes(out.graph)
     return out
 
 

@@ -3,15 +3,21 @@
 Both run in ONNX Runtime with graph optimisations *disabled*, so ORT's own fusions cannot
 hide (or cause) a difference. Inputs are, in order of preference: the user's ``.npz``; the
 whole input domain of a bnfold character model (its vocabulary metadata makes it finite);
-seeded random inputs from the declared shapes and dtypes, dynamic dims set small. Where the
-reference can be evaluated in float64 (ORT on a float64 copy, else the onnx reference
-evaluator), every output is judged by :func:`bnfold.verify.rounding.judge_outputs` against that
-truth: a difference passes only if float32 rounding explains it.
+seeded random inputs from the declared shapes and dtypes, dynamic dims set small. The
+reference is evaluated in float64 by :mod:`bnfold.runtime.float64_eval` (torch float64
+kernels over the graph, built once per comparison), and every output is judged by
+:func:`bnfold.verify.rounding.judge_outputs` against that truth: a difference passes only if
+float32 rounding explains it. When there is no truth (an operator the evaluator cannot run,
+a shape it disagrees with ONNX Runtime on), the verdict falls back to the coarser magnitude
+criterion and says so, with the reason, in its text and JSON (``float64_problem``).
 """
 
 from __future__ import annotations
 
+import resource
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,9 +28,10 @@ from onnx import helper
 from bnfold.errors import BnfoldError
 from bnfold.runtime.onnx_runtime import INPUT_NAME, parse_metadata
 from bnfold.runtime.ort_session import cpu_session
-from bnfold.runtime.twins import double_graph
 from bnfold.verify.domain import all_contexts
 from bnfold.verify.rounding import RoundingVerdict, judge_outputs
+
+Say = Callable[[str], None]  # one progress line (stage) to the user, or a no-op
 
 DYNAMIC_DIM = 2  # size given to every dynamic dimension of a random input
 SAMPLE_ROWS = 65_536  # contexts sampled when a bnfold model's domain is too large
@@ -117,24 +124,62 @@ def domain_feeds(model: onnx.ModelProto, max_exhaustive: int, seed: int = 0) -> 
     return {INPUT_NAME: rng.integers(0, v, size=(SAMPLE_ROWS, b), dtype=np.int64)}
 
 
+TRUTH_HOW = "bnfold float64 evaluator (torch float64 kernels)"
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux reports KiB)."""
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kib / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+class Float64Truth:
+    """The reference model's float64 outputs, from one evaluator built once (parameters
+    converted to double once) and run on every input set; ``problem`` says why there is
+    no truth when there is none (the evaluator could not be built, or a run failed)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        from bnfold.runtime.float64_eval import Float64Evaluator
+
+        self.problem: str | None = None
+        self.evaluator = None
+        try:
+            self.evaluator = Float64Evaluator(model)
+        except Exception as e:  # onnx.reference raises many types for ops it lacks
+            self.problem = f"the float64 evaluator cannot build the graph: {_short(e)}"
+
+    def outputs(self, feeds: dict, expected: dict | None = None, progress=None) -> dict | None:
+        """Float64 outputs on ``feeds`` (``None`` and :attr:`problem` set on failure);
+        ``expected``: ONNX Runtime's outputs, whose shapes the truth must have."""
+        if self.evaluator is None:
+            return None
+        try:
+            truth = self.evaluator.run(feeds, progress)
+        except Exception as e:  # a kernel's own error: the verdict reports it
+            self.problem = f"the float64 evaluation failed: {_short(e)}"
+            return None
+        for name, value in (expected or {}).items():
+            got = truth.get(name)
+            if got is None or got.shape != value.shape:
+                shape = None if got is None else list(got.shape)
+                self.problem = (
+                    f"the float64 evaluation gives {name!r} shape {shape}, ONNX Runtime"
+                    f" {list(value.shape)}"
+                )
+                return None
+        return truth
+
+
+def _short(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+
 def float64_outputs(model: onnx.ModelProto, feeds: dict) -> tuple[dict | None, str]:
     """The model's outputs computed in float64, and how (or ``None`` and why not)."""
-    m64 = double_graph(model)
-    feeds64 = {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in feeds.items()}
-    try:
-        return run(m64, feeds64), "onnxruntime on a float64 copy"
-    except Exception:  # ORT lacks float64 kernels for e.g. Conv: use the reference evaluator
-        pass
-    try:
-        from onnx.reference import ReferenceEvaluator
-
-        ref = ReferenceEvaluator(m64)
-        names = [o.name for o in m64.graph.output]
-        return dict(zip(names, ref.run(names, feeds64), strict=True)), (
-            "onnx reference evaluator on a float64 copy"
-        )
-    except Exception as e:
-        return None, f"no float64 evaluation ({type(e).__name__}: {str(e)[:120]})"
+    truth = Float64Truth(model)
+    out = truth.outputs(feeds)
+    return (out, TRUTH_HOW) if out is not None else (None, f"none: {truth.problem}")
 
 
 @dataclass
@@ -153,6 +198,8 @@ class Comparison:
     float64: str  # how the float64 truth was obtained, or why there is none
     outputs: list[OutputVerdict] = field(default_factory=list)
     seconds: float = 0.0
+    float64_problem: str | None = None  # why a float64 truth was wanted but is missing
+    peak_rss_mb: float = 0.0  # the process's peak resident memory when the check ended
 
     @property
     def passed(self) -> bool:
@@ -162,8 +209,10 @@ class Comparison:
         return {
             "inputs": self.inputs,
             "float64": self.float64,
+            "float64_problem": self.float64_problem,
             "outputs": [o.to_dict() for o in self.outputs],
             "seconds": self.seconds,
+            "peak_rss_mb": self.peak_rss_mb,
             "passed": self.passed,
         }
 
@@ -172,13 +221,19 @@ class Comparison:
             f"verification {'PASSED' if self.passed else 'FAILED'} ({self.inputs};"
             f" float64 truth: {self.float64})"
         ]
+        if self.float64_problem:
+            lines.append(
+                f"  warning: no float64 truth ({self.float64_problem}): judged by the"
+                " magnitude criterion, which cannot see errors smaller than a few hundred"
+                " float32 rounding steps"
+            )
         for o in self.outputs:
             v = o.verdict
             lines.append(
                 f"  {o.name} {o.shape}: max |diff| {v.max_abs_error:.3g}, margin"
                 f" {v.margin:.3g} ({v.criterion}); {v.reason}"
             )
-        lines.append(f"  took {self.seconds:.2f} s")
+        lines.append(f"  took {self.seconds:.2f} s, peak memory {self.peak_rss_mb:,.0f} MB")
         return "\n".join(lines)
 
 
@@ -210,6 +265,34 @@ def _exact_verdict(r: np.ndarray, c: np.ndarray) -> RoundingVerdict:
     return RoundingVerdict(same, "exact", 0.0, bad, bad, 0, 0, reason, elements=int(r.size))
 
 
+def _sessions(reference: onnx.ModelProto, candidate: onnx.ModelProto):
+    """One ORT session per model (built once, run on every input set)."""
+    out = []
+    for model, what in ((reference, "reference"), (candidate, "candidate")):
+        try:
+            out.append((session(model), what))
+        except Exception as e:  # ORT raises its own exception types
+            raise BnfoldError(f"{what}: ONNX Runtime cannot run it: {_ort_reason(e)}") from None
+    return out
+
+
+def _ort_reason(e: Exception) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+
+
+def _run_session(sess, feeds: dict, what: str) -> dict:
+    try:
+        names = [o.name for o in sess.get_outputs()]
+        return dict(zip(names, sess.run(names, feeds), strict=True))
+    except Exception as e:  # ORT raises its own exception types (Fail, InvalidArgument, ...)
+        raise BnfoldError(f"{what}: ONNX Runtime cannot run it: {_ort_reason(e)}") from None
+
+
+def _quiet(_: str) -> None:
+    """No progress output."""
+
+
 def compare(
     reference: onnx.ModelProto,
     candidate: onnx.ModelProto,
@@ -217,28 +300,58 @@ def compare(
     inputs: str,
     tolerance: float | None = None,
     class_axis: int | None = None,
+    *,
+    identical: bool = False,
+    say: Say | None = None,
+    walk=None,
 ) -> Comparison:
     """Run both models on ``feeds`` (one input set or several) and judge every output
     (float32-rounding-aware); ``class_axis``: the outputs are class scores along it (top-1
-    flips are checked)."""
+    flips are checked).
+
+    ``identical``: the candidate must compute exactly what the reference does (nothing was
+    folded, so the graphs run the same kernels): outputs are compared bit for bit and no
+    float64 truth is computed. ``say`` gets one line per stage; ``walk(done, total)`` is
+    called after every node of the float64 evaluation (progress)."""
     t0 = time.perf_counter()
+    say = say or _quiet
     problem = same_signature_problem(reference, candidate)
     if problem:
         raise BnfoldError(problem)
-    result = Comparison(inputs=inputs, float64="")
-    hows = []
-    for one in [feeds] if isinstance(feeds, dict) else feeds:
-        ref, cand = run(reference, one, "reference"), run(candidate, one, "candidate")
-        truth, how = float64_outputs(reference, one) if tolerance is None else (None, "not used")
-        hows.append(how)
+    sets = [feeds] if isinstance(feeds, dict) else feeds
+    if identical:
+        how = "not needed: nothing was folded, so the outputs must be identical"
+    elif tolerance is not None:
+        how = "not used"
+    else:
+        how = TRUTH_HOW
+    result = Comparison(inputs=inputs, float64=how)
+    say("verify: loading both models into ONNX Runtime")
+    (ref_sess, _), (cand_sess, _) = _sessions(reference, candidate)
+    truth_source = None
+    if not identical and tolerance is None:
+        say("verify: preparing the float64 evaluation of the reference")
+        truth_source = Float64Truth(reference)
+    for k, one in enumerate(sets, 1):
+        of = f" (input set {k} of {len(sets)})" if len(sets) > 1 else ""
+        say(f"verify: running both models in float32{of}")
+        ref = _run_session(ref_sess, one, "reference")
+        cand = _run_session(cand_sess, one, "candidate")
+        truth = None
+        if truth_source is not None:
+            say(f"verify: float64 truth{of}")
+            truth = truth_source.outputs(one, ref, walk)
         for name, r in ref.items():
             c = cand[name]
-            if r.shape != c.shape or r.dtype.kind != "f":
+            if identical or r.shape != c.shape or r.dtype.kind != "f":
                 verdict = _exact_verdict(r, c)
             else:
                 t = None if truth is None else truth[name]
                 verdict = judge_outputs(r, c, t, tolerance=tolerance, class_axis=class_axis)
             result.outputs.append(OutputVerdict(name, list(r.shape), verdict))
-    result.float64 = "; ".join(dict.fromkeys(hows))
+    if truth_source is not None and truth_source.problem:
+        result.float64_problem = truth_source.problem
+        result.float64 = "none"  # the reason is in float64_problem (and the warning line)
     result.seconds = round(time.perf_counter() - t0, 3)
+    result.peak_rss_mb = peak_rss_mb()
     return result

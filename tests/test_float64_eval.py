@@ -1,0 +1,363 @@
+"""The float64 truth (bnfold.runtime.float64_eval) and the ONNX verdict built on it.
+
+Oracles nobody here wrote: torch modules evaluated in double, ONNX Runtime in float32 (its
+semantics decide what a graph means: shapes, training-mode BatchNorms) and onnx.reference
+at an opset where its BatchNormalization is right."""
+
+from __future__ import annotations
+
+import io
+import tracemalloc
+
+import numpy as np
+import onnx
+import onnx_zoo
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+from torch import nn
+
+from bnfold.pipeline.onnx_fold import StageProgress, fold_onnx, fold_onnx_file
+from bnfold.runtime.float64_eval import Float64Evaluator, pooled_size, to_double
+from bnfold.runtime.twins import double_graph
+from bnfold.verify.onnx import compare, random_feeds, run
+
+
+def _conv_bn(opset: int, **bn_attrs) -> onnx.ModelProto:
+    """x -> Conv(3x3, pads 1) -> BatchNormalization -> y at ``opset``."""
+    inits = [
+        onnx_zoo._t("w", onnx_zoo.rand((4, 3, 3, 3), 1)),
+        onnx_zoo._t("b", onnx_zoo.rand(4, 2)),
+        *onnx_zoo.bn_params("bn", 4, 3),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        onnx_zoo.bn_node("bn", "c", "y", **bn_attrs),
+    ]
+    return onnx_zoo.graph_model(nodes, [("x", [2, 3, 6, 6])], [("y", [2, 4, 6, 6])], inits, opset)
+
+
+def _set(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
+    init = next(t for t in model.graph.initializer if t.name == name)
+    init.CopyFrom(numpy_helper.from_array(value.astype(numpy_helper.to_array(init).dtype), name))
+
+
+def _get(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
+
+
+def _folded_layer(folded: onnx.ModelProto, report, index: int = 0) -> onnx.NodeProto:
+    return next(n for n in folded.graph.node if n.name == report.folded[index].layer)
+
+
+@pytest.mark.parametrize("opset", [9, 13, 15, 21])
+def test_a_two_percent_channel_scale_fails_at_every_opset(opset):
+    """onnx.reference's BatchNormalization mixed batch statistics in at opsets 9-13, so a
+    folded conv with one channel 2% off passed there; the truth must see it everywhere."""
+    model = _conv_bn(opset)
+    folded, report = fold_onnx(model)
+    assert len(report.folded) == 1
+    feeds = random_feeds(model, seed=1)
+    good = compare(model, folded, feeds, "random")
+    assert good.passed and good.outputs[0].verdict.criterion == "float64", good.format()
+    conv = _folded_layer(folded, report)
+    w = _get(folded, conv.input[1]).copy()
+    w[2] *= 1.02
+    _set(folded, conv.input[1], w)
+    bad = compare(model, folded, feeds, "random")
+    verdict = bad.outputs[0].verdict
+    assert not bad.passed and verdict.criterion == "float64"
+    assert verdict.margin > 100, bad.format()
+
+
+def _bn_torch(x, bn_model: onnx.ModelProto) -> np.ndarray:
+    """torch's eval-mode BatchNorm2d in double on the model's parameters (the oracle)."""
+    bn = nn.BatchNorm2d(4, eps=float(np.float32(1e-5))).double().eval()  # the attribute
+    with torch.no_grad():
+        bn.weight.copy_(torch.from_numpy(_get(bn_model, "bn_scale").astype(np.float64)))
+        bn.bias.copy_(torch.from_numpy(_get(bn_model, "bn_bias").astype(np.float64)))
+        bn.running_mean.copy_(torch.from_numpy(_get(bn_model, "bn_mean").astype(np.float64)))
+        bn.running_var.copy_(torch.from_numpy(_get(bn_model, "bn_var").astype(np.float64)))
+        return bn(torch.from_numpy(x)).numpy()
+
+
+@pytest.mark.parametrize("opset", [9, 13, 14, 15, 21])
+def test_inference_batchnorm_uses_running_statistics(opset):
+    nodes = [onnx_zoo.bn_node("bn", "x", "y")]
+    model = onnx_zoo.graph_model(
+        nodes, [("x", [2, 4, 3, 3])], [("y", [2, 4, 3, 3])], onnx_zoo.bn_params("bn", 4, 5), opset
+    )
+    x = np.random.default_rng(0).standard_normal((2, 4, 3, 3)) * 3 + 1  # far from the stats
+    got = Float64Evaluator(model).run({"x": x})["y"]
+    np.testing.assert_allclose(got, _bn_torch(x, model), rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize(
+    "opset, outputs, attrs",
+    [(9, 5, {}), (13, 5, {}), (14, 3, {"training_mode": 1}), (15, 3, {"training_mode": 1})],
+)
+def test_training_mode_batchnorm_matches_onnx_runtime(opset, outputs, attrs):
+    """A BN in training mode (opset 14+: the attribute; before: extra outputs) normalises
+    with the batch's statistics in ONNX Runtime: the truth must compute that function."""
+    names = ["y", "running_mean", "running_var", "saved_mean", "saved_inv_std"][:outputs]
+    node = helper.make_node(
+        "BatchNormalization",
+        ["x", "bn_scale", "bn_bias", "bn_mean", "bn_var"],
+        names,
+        name="bn",
+        **attrs,
+    )
+    g = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 4, 3])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names],
+        onnx_zoo.bn_params("bn", 4, 6),
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    x = (np.random.default_rng(1).standard_normal((5, 4, 3)) * 2 + 1).astype(np.float32)
+    want = run(model, {"x": x})
+    got = Float64Evaluator(model).run({"x": x})
+    for name in names:
+        np.testing.assert_allclose(got[name], want[name], rtol=2e-6, atol=2e-6, err_msg=name)
+
+
+class _Ops(nn.Module):
+    """Convs (depthwise with a multiplier, grouped, dilated, strided, 1-D and 3-D), pools
+    with ceil_mode and asymmetric windows, transposed convs, upsampling."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.dw = nn.Conv2d(8, 16, 3, padding=2, dilation=2, groups=8)
+        self.grouped = nn.Conv2d(16, 8, 3, stride=2, groups=4)
+        self.up = nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1, groups=2)
+        self.conv1d = nn.Conv1d(6, 4, 3, stride=2, padding=1)
+        self.conv3d = nn.Conv3d(1, 2, 2, padding=1)
+
+    def forward(self, x):
+        y = nn.functional.max_pool2d(self.stem(x), 3, 2, ceil_mode=True)  # googlenet's
+        y = nn.functional.avg_pool2d(self.dw(y), 3, 1, padding=1, ceil_mode=True)
+        y = nn.functional.avg_pool2d(y, 2, 2, count_include_pad=False, ceil_mode=True)
+        y = self.up(self.grouped(y))
+        y = nn.functional.interpolate(y, scale_factor=2, mode="bilinear", align_corners=False)
+        y = nn.functional.interpolate(y, size=(9, 7), mode="nearest")
+        z = self.conv1d(y.flatten(2))  # (N, 4, 32)
+        w = self.conv3d(z.reshape(z.shape[0], 1, 4, 4, 8))
+        return torch.cat([w.flatten(1), y.flatten(1)], 1)
+
+
+def test_the_torch_kernels_agree_with_torch_in_double():
+    torch.manual_seed(0)
+    module = _Ops().eval()
+    model = onnx_zoo.export(module, (2, 3, 23, 23))
+    x = np.random.default_rng(2).standard_normal((3, 3, 23, 23)).astype(np.float32)
+    got = Float64Evaluator(model).run({"x": x})["y"]
+    with torch.no_grad():
+        want = module.double()(torch.from_numpy(x.astype(np.float64))).numpy()
+    assert got.dtype == np.float64 and got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    # and ONNX Runtime computes the same function in float32 (shapes included)
+    ort = run(model, {"x": x})["y"]
+    assert ort.shape == got.shape and np.abs(ort - got).max() < 1e-4
+
+
+@pytest.mark.parametrize(
+    "case", ["conv_1d_3d", "bn_before_conv", "constant_expressions", "gemm_variants", "traps"]
+)
+def test_the_evaluator_agrees_with_onnx_reference_where_it_is_right(case):
+    """onnx.reference at opsets 15/17 (its BatchNormalization is right from 14 on)."""
+    model = next(c for c in onnx_zoo.CASES if c.name == case).build()
+    feeds = random_feeds(model, seed=4, dynamic=3)
+    got = Float64Evaluator(model).run(feeds)
+    ref = ReferenceEvaluator(double_graph(model))
+    outputs = ref.run(None, {k: to_double(v) for k, v in feeds.items()})
+    want = dict(zip(ref.output_names, outputs, strict=True))
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+def test_ceil_mode_maxpool_has_onnx_runtime_shape():
+    """googlenet's MaxPool(3, stride 2, ceil_mode) on 56x56 gives 28x28 (onnx.reference
+    returned 30x30 there)."""
+    node = helper.make_node(
+        "MaxPool", ["x"], ["y"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1
+    )
+    g = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 56, 55])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.random.default_rng(3).standard_normal((1, 2, 56, 55)).astype(np.float32)
+    got = Float64Evaluator(model).run({"x": x})["y"]
+    want = run(model, {"x": x})["y"]
+    assert got.shape == want.shape == (1, 2, 28, 27)
+    np.testing.assert_array_equal(got, want.astype(np.float64))  # max is exact
+    # a window starting in the right padding is dropped, one starting in the input kept
+    assert pooled_size(5, 0, 1, 2, 2, ceil=True) == 3 and pooled_size(4, 0, 1, 2, 2, True) == 2
+
+
+def test_float16_graph_gets_a_float64_truth():
+    """Every floating type becomes double: the truth of a float16 graph is its float16
+    parameters evaluated in double, not the float16 graph itself."""
+    model = _conv_bn(17)
+    for init in model.graph.initializer:
+        init.CopyFrom(
+            numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name)
+        )
+    for v in list(model.graph.input) + list(model.graph.output):
+        v.type.tensor_type.elem_type = TensorProto.FLOAT16
+    assert all(t.data_type == TensorProto.DOUBLE for t in double_graph(model).graph.initializer)
+    x = np.random.default_rng(5).standard_normal((2, 3, 6, 6)).astype(np.float16)
+    got = Float64Evaluator(model).run({"x": x})["y"]
+    conv = nn.Conv2d(3, 4, 3, padding=1).double()
+    with torch.no_grad():
+        conv.weight.copy_(torch.from_numpy(_get(model, "w").astype(np.float64)))
+        conv.bias.copy_(torch.from_numpy(_get(model, "b").astype(np.float64)))
+        c = conv(torch.from_numpy(x.astype(np.float64))).numpy()
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, _bn_torch(c, model), rtol=1e-12, atol=1e-12)
+    half = run(model, {"x": x})["y"]
+    assert np.abs(half - got).max() > 1e-4  # float16's own error is visible against it
+
+
+def test_intermediates_are_freed_after_their_last_reader():
+    """A chain of 40 element-wise nodes over 1M doubles keeps a few alive, not 40."""
+    n = 40
+    nodes = [helper.make_node("Relu", ["x"], ["h0"])]
+    nodes += [helper.make_node("Neg", [f"h{i}"], [f"h{i + 1}"]) for i in range(n)]
+    g = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [1000, 1000])],
+        [helper.make_tensor_value_info(f"h{n}", TensorProto.DOUBLE, [1000, 1000])],
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.random.default_rng(6).standard_normal((1000, 1000))
+    evaluator = Float64Evaluator(model)
+    tracemalloc.start()
+    out = evaluator.run({"x": x})[f"h{n}"]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    np.testing.assert_array_equal(out, np.maximum(x, 0))  # 40 negations: even
+    assert peak < 5 * x.nbytes, peak / x.nbytes
+
+
+# ---- the verdict around it ---------------------------------------------------------------
+
+
+def _gelu_model() -> onnx.ModelProto:
+    """An ONNX Runtime contrib op (com.microsoft Gelu) the float64 evaluator cannot run."""
+    node = helper.make_node("Gelu", ["x"], ["y"], domain="com.microsoft")
+    g = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])],
+    )
+    return helper.make_model(
+        g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+
+
+def test_a_missing_truth_is_reported_not_silent():
+    model = _gelu_model()
+    result = compare(model, model, random_feeds(model), "random")
+    assert result.passed and result.outputs[0].verdict.criterion == "magnitude"
+    assert "Gelu" in result.float64_problem and result.to_dict()["float64_problem"]
+    assert "warning: no float64 truth" in result.format()
+
+
+def test_nothing_to_fold_needs_no_float64_walk(tmp_path, monkeypatch):
+    model = next(c for c in onnx_zoo.CASES if c.name == "relu_between").build()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+
+    def no_walk(*args, **kwargs):
+        raise AssertionError("a float64 evaluation was started")
+
+    monkeypatch.setattr("bnfold.runtime.float64_eval.Float64Evaluator", no_walk)
+    out, report, comparison = fold_onnx_file(path, progress=False)
+    assert out is not None and not report.folded and report.batchnorms == 1
+    assert comparison.passed and comparison.float64.startswith("not needed")
+    assert all(o.verdict.criterion == "exact" for o in comparison.outputs)
+
+
+def test_progress_goes_to_its_stream_one_line_per_stage(tmp_path):
+    model = _conv_bn(17)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    stream = io.StringIO()
+    fold_onnx_file(path, progress=None)  # not a terminal: nothing anywhere
+    progress = StageProgress(True, stream)
+    progress.say("fold: a stage")
+    for i in range(1, 4):
+        progress.walk(i, 3)
+    lines = stream.getvalue().splitlines()
+    assert lines[0].endswith("fold: a stage") and lines[1].endswith("(3 nodes)")
+    assert StageProgress(None, io.StringIO()).enabled is False
+
+
+# ---- the injected-error matrix -----------------------------------------------------------
+
+
+def _busiest_channels(model: onnx.ModelProto, bn: onnx.NodeProto, feeds: dict) -> list[int]:
+    """The BN's output channels by their mean positive activation on ``feeds``, largest
+    first (ONNX Runtime): an error in a channel no input activates (one a ReLU zeroes
+    everywhere) changes no output, and no output-based check can see it."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(helper.make_tensor_value_info(bn.output[0], TensorProto.FLOAT, None))
+    act = run(probe, feeds)[bn.output[0]]
+    per_channel = np.maximum(act, 0).mean(axis=tuple(i for i in range(act.ndim) if i != 1))
+    return [int(c) for c in np.argsort(-per_channel)]
+
+
+def _inject(model: onnx.ModelProto, kind: str, feeds: dict) -> onnx.ModelProto:
+    """``model`` folded with one error in its first foldable BN: a wrong eps or a forgotten
+    beta in its fold, or the layer it folded into with the busiest channel's row scaled by
+    1 + 1e-3, or the two busiest channels swapped."""
+    first = fold_onnx(model)[1].folded[0].bn
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    bn = next(n for n in work.graph.node if n.name == first)
+    busy = _busiest_channels(model, bn, feeds)
+    if kind == "wrong_eps":
+        eps = next((a for a in bn.attribute if a.name == "epsilon"), None)
+        if eps is None:
+            bn.attribute.append(helper.make_attribute("epsilon", 1e-3))
+        else:
+            eps.f = 1e-3 if eps.f < 1e-4 else eps.f * 0.01
+    if kind == "forgotten_beta":
+        _set(work, bn.input[2], np.zeros_like(_get(work, bn.input[2])))
+    folded, report = fold_onnx(work)
+    layer = _folded_layer(folded, report, 0)
+    w = _get(folded, layer.input[1]).copy()
+    rows = busy[:2]
+    if kind == "scaled_row":
+        w[rows[0]] *= 1 + 1e-3
+    if kind == "swapped_channels":
+        w[rows] = w[rows[::-1]]
+        if len(layer.input) > 2:
+            b = _get(folded, layer.input[2]).copy()
+            b[rows] = b[rows[::-1]]
+            _set(folded, layer.input[2], b)
+    _set(folded, layer.input[1], w)
+    return folded
+
+
+INJECTED = ["wrong_eps", "scaled_row", "swapped_channels", "forgotten_beta"]
+
+
+@pytest.mark.parametrize("case", ["bn_chain", "conv_1d_3d", "gemm_variants", "resnet18"])
+def test_every_injected_error_fails(case):
+    model = next(c for c in onnx_zoo.CASES if c.name == case).build()
+    feeds = random_feeds(model, seed=7, dynamic=3)
+    assert compare(model, fold_onnx(model)[0], feeds, "random").passed
+    for kind in INJECTED:
+        result = compare(model, _inject(model, kind, feeds), feeds, "random")
+        assert not result.passed, (case, kind, result.format())
+        assert {o.verdict.criterion for o in result.outputs} == {"float64"}
