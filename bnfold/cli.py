@@ -268,6 +268,28 @@ def report(report_dir, as_json):
             click.echo(f"  {line}")
 
 
+def _shapes(ctx, param, values) -> dict[str, tuple[int, ...]]:
+    """``--shape x=1x3x224x224`` (repeatable) as ``{"x": (1, 3, 224, 224)}``."""
+    from bnfold.verify.onnx import parse_shape
+
+    try:
+        return dict(parse_shape(v) for v in values)
+    except BnfoldError as e:
+        raise click.BadParameter(str(e).removeprefix("--shape "), ctx, param) from None
+
+
+shape_option = click.option(
+    "--shape",
+    "shapes",
+    multiple=True,
+    callback=_shapes,
+    metavar="NAME=D1xD2x...",
+    help="ONNX only, repeatable: the shape of graph input NAME's random inputs, e.g."
+    " x=1x3x224x224  [default: the declared shape, dynamic dims as a real input's: batch"
+    " 2 and 3, images 224x224]",
+)
+
+
 @main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option(
@@ -396,9 +418,10 @@ inputs_option = click.option(
 @verify_options
 @contexts_data_option
 @inputs_option
+@shape_option
 @click.option("--json", "as_json", is_flag=True, help="Print the fold and verification as JSON.")
 @clear_errors
-def fold(checkpoint, out, tolerance, max_exhaustive, data, inputs, as_json):
+def fold(checkpoint, out, tolerance, max_exhaustive, data, inputs, shapes, as_json):
     """Fold every BatchNorm of CHECKPOINT (a bnfold .pt, or any .onnx model) into its
     neighbouring layers, verify, write the result.
 
@@ -412,10 +435,11 @@ def fold(checkpoint, out, tolerance, max_exhaustive, data, inputs, as_json):
             inputs=inputs,
             tolerance=tolerance,
             max_exhaustive=max_exhaustive,
+            shapes=shapes,
         )
     else:
-        if inputs is not None:
-            raise BnfoldError("--inputs applies to .onnx models only")
+        if inputs is not None or shapes:
+            raise BnfoldError("--inputs and --shape apply to .onnx models only")
         from bnfold.pipeline.train_fold import fold_checkpoint
 
         path, fold_report, verification = fold_checkpoint(
@@ -460,6 +484,7 @@ def fold(checkpoint, out, tolerance, max_exhaustive, data, inputs, as_json):
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @contexts_data_option
 @inputs_option
+@shape_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @clear_errors
 def verify_command(
@@ -472,6 +497,7 @@ def verify_command(
     seed,
     data,
     inputs,
+    shapes,
     as_json,
 ):
     """Prove CANDIDATE computes the same logits as REFERENCE (.pt or .onnx) over every
@@ -488,8 +514,11 @@ def verify_command(
             tolerance=tolerance,
             max_exhaustive=max_exhaustive,
             seed=seed,
+            shapes=shapes,
         )
     else:
+        if shapes:
+            raise BnfoldError("--shape applies to two .onnx models only")
         result = verify_paths(
             reference,
             candidate,

@@ -420,3 +420,34 @@ CASES: tuple[ZooCase, ...] = (
         ),
     ),
 )
+
+
+# ---- what users bring: other dtypes, exporters, opsets, dynamic dims ------------------------
+
+
+def with_dtype(model: onnx.ModelProto, elem: int) -> onnx.ModelProto:
+    """A copy of a float32 model computing in ``elem`` (FLOAT16 or BFLOAT16) throughout,
+    like a converted deployment graph: float initializers, tensor attributes, the graph's
+    inputs/outputs/value_info and ``Cast(to=FLOAT)`` all take the new dtype."""
+    dtype = helper.tensor_dtype_to_np_dtype(elem)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+
+    def down(t: onnx.TensorProto) -> None:
+        if t.data_type == TensorProto.FLOAT:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(dtype), t.name))
+
+    for init in g.initializer:
+        down(init)
+    for value in list(g.input) + list(g.output) + list(g.value_info):
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
+            value.type.tensor_type.elem_type = elem
+    for node in g.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                down(attr.t)
+            elif node.op_type == "Cast" and attr.name == "to" and attr.i == TensorProto.FLOAT:
+                attr.i = elem
+    onnx.checker.check_model(out, full_check=True)
+    return out

@@ -67,19 +67,28 @@ def default_output(path: Path) -> Path:
 
 
 def choose_inputs(
-    model: onnx.ModelProto, inputs: Path | None, max_exhaustive: int, seed: int = 0
+    model: onnx.ModelProto,
+    inputs: Path | None,
+    max_exhaustive: int,
+    seed: int = 0,
+    shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> tuple[list[dict], str, int | None]:
     """The verification input sets, a description and the outputs' class axis (a bnfold
     model's logits: -1; otherwise unknown): the user's ``.npz``, the whole domain of a
-    bnfold character model, or seeded random inputs from the declared shapes, with the
-    dynamic dims at 2 and again at 3 (the result must run at other batch sizes too)."""
+    bnfold character model, or seeded random inputs of the ``shapes`` given (``--shape``)
+    or else the declared shapes, with the batch-like dynamic dims at 2 and again at 3 (the
+    result must run at other batch sizes too) and spatial ones at a real input's size."""
     if inputs is not None:
+        if shapes:
+            raise BnfoldError("--shape applies to random inputs: not with --inputs")
         return [npz_feeds(inputs, model)], f"inputs from {inputs}", None
     feeds = domain_feeds(model, max_exhaustive, seed)
     if feeds is not None:
         (x,) = feeds.values()
         return [feeds], f"{len(x):,} contexts of the model's input domain", -1
-    sets = [random_feeds(model, seed, dynamic=d) for d in (DYNAMIC_DIM, DYNAMIC_DIM + 1)]
+    sets = [
+        random_feeds(model, seed, dynamic=d, shapes=shapes) for d in (DYNAMIC_DIM, DYNAMIC_DIM + 1)
+    ]
     if all(a.shape == b.shape for a, b in zip(sets[0].values(), sets[1].values(), strict=True)):
         sets = sets[:1]  # no dynamic dims
     shapes = " and ".join(
@@ -108,12 +117,13 @@ def fold_onnx_file(
     inputs: Path | None = None,
     tolerance: float | None = None,
     max_exhaustive: int = 4_000_000,
+    shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> tuple[Path | None, OnnxFoldReport, Comparison]:
     """Fold ``path``, verify against the original, write ``out`` only if it passed."""
     model = load_model(path)
     folded, report = fold_onnx(model)
     check_contract(model, folded)
-    feeds, described, class_axis = choose_inputs(model, inputs, max_exhaustive)
+    feeds, described, class_axis = choose_inputs(model, inputs, max_exhaustive, shapes=shapes)
     comparison = compare(model, folded, feeds, described, tolerance, class_axis)
     if not comparison.passed:
         return None, report, comparison
@@ -130,8 +140,9 @@ def verify_onnx_files(
     tolerance: float | None = None,
     max_exhaustive: int = 4_000_000,
     seed: int = 0,
+    shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> Comparison:
     """Compare any two ONNX models with the same inputs and outputs."""
     ref, cand = load_model(reference), load_model(candidate)
-    feeds, described, class_axis = choose_inputs(ref, inputs, max_exhaustive, seed)
+    feeds, described, class_axis = choose_inputs(ref, inputs, max_exhaustive, seed, shapes)
     return compare(ref, cand, feeds, described, tolerance, class_axis)
