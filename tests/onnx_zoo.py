@@ -454,9 +454,11 @@ def with_dtype(
     return out
 
 
-def small_net() -> nn.Module:
+def small_net(seed: int = 0) -> nn.Module:
     """Conv -> BN -> ReLU -> BN -> 1x1 Conv (no bias) -> BN -> Linear -> BN: every fold
-    direction and the bias-less conv the dynamo exporter gives a computed zero bias."""
+    direction and the bias-less conv the dynamo exporter gives a computed zero bias.
+    Seeded: its weights do not depend on what ran before."""
+    torch.manual_seed(seed)
     return nn.Sequential(
         nn.Conv2d(3, 4, 3),
         nn.BatchNorm2d(4),

@@ -119,31 +119,34 @@ class OnnxTwin:
 
 
 def double_graph(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` computing in double: float initializers, tensor attributes
-    (``Constant`` values and the like), graph inputs/outputs/value_info and
-    ``Cast(to=FLOAT)`` all become double (float inputs must be cast up by the caller)."""
+    """A copy of ``model`` computing in double: float initializers (float32, float16 and
+    bfloat16, converted exactly), tensor attributes (``Constant`` values and the like),
+    graph inputs/outputs/value_info and casts to those dtypes all become double (float
+    inputs must be cast up by the caller). A half-precision graph's truth is then its own
+    parameters evaluated without rounding, as for float32."""
     import onnx
     from onnx import TensorProto, numpy_helper
 
+    floats = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
 
     def up(t: onnx.TensorProto) -> None:
-        if t.data_type == TensorProto.FLOAT:
+        if t.data_type in floats:
             a = numpy_helper.to_array(t).astype(np.float64)
             t.CopyFrom(numpy_helper.from_array(a, t.name))
 
     for init in g.initializer:
         up(init)
     for value in list(g.input) + list(g.output) + list(g.value_info):
-        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
+        if value.type.tensor_type.elem_type in floats:
             value.type.tensor_type.elem_type = TensorProto.DOUBLE
     for node in g.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.TENSOR:
                 up(attr.t)
-            elif node.op_type == "Cast" and attr.name == "to" and attr.i == TensorProto.FLOAT:
+            elif node.op_type == "Cast" and attr.name == "to" and attr.i in floats:
                 attr.i = TensorProto.DOUBLE
     return out
 

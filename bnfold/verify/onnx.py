@@ -231,7 +231,7 @@ def _random_arrays(model: onnx.ModelProto, shape_of: dict[str, list[int]], seed:
     for name, elem, _ in signature(model)[0]:
         shape = shape_of[name]
         dtype = helper.tensor_dtype_to_np_dtype(elem)
-        if dtype.kind == "f" or dtype.name == "bfloat16":
+        if _floating(dtype):
             feeds[name] = rng.standard_normal(shape).astype(dtype)
         elif dtype.kind in "iu":
             feeds[name] = rng.integers(0, 2, size=shape).astype(dtype)
@@ -270,10 +270,15 @@ def domain_feeds(model: onnx.ModelProto, max_exhaustive: int, seed: int = 0) -> 
     return {INPUT_NAME: rng.integers(0, v, size=(SAMPLE_ROWS, b), dtype=np.int64)}
 
 
+def _floating(dtype: np.dtype) -> bool:
+    """float16/32/64 and ml_dtypes' bfloat16 (numpy does not call that kind "f")."""
+    return dtype.kind == "f" or dtype.name == "bfloat16"
+
+
 def float64_outputs(model: onnx.ModelProto, feeds: dict) -> tuple[dict | None, str]:
     """The model's outputs computed in float64, and how (or ``None`` and why not)."""
     m64 = double_graph(model)
-    feeds64 = {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in feeds.items()}
+    feeds64 = {k: v.astype(np.float64) if _floating(v.dtype) else v for k, v in feeds.items()}
     try:
         return run(m64, feeds64), "onnxruntime on a float64 copy"
     except Exception:  # ORT lacks float64 kernels for e.g. Conv: use the reference evaluator
