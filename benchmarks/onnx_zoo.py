@@ -1,9 +1,21 @@
 """BatchNorm folding on the ONNX zoo (tests/onnx_zoo.py): bnfold against the onnxscript
 rewriter, ONNX Runtime's own graph optimiser (basic and extended level, written out with
-``SessionOptions.optimized_model_filepath``), onnxslim, onnxsim and onnxoptimizer.
+``SessionOptions.optimized_model_filepath``), onnxslim, onnxsim and onnxoptimizer; on the
+held-out full-size set also AIMET's ``aimet-onnx`` (from a virtualenv of its own: it pulls
+a CUDA build of torch).
 
     .venv/bin/pip install -e '.[dev,bench]'
-    .venv/bin/python benchmarks/onnx_zoo.py            # writes benchmarks/results/onnx_zoo.txt
+    .venv/bin/python benchmarks/onnx_zoo.py            # small zoo -> results/onnx_zoo.txt
+    .venv/bin/python benchmarks/onnx_zoo.py --generate /work/zoo   # held-out set (~2 GB)
+    .venv/bin/python benchmarks/onnx_zoo.py --full /work/zoo [--aimet PYTHON]
+
+The held-out set (full-size torchvision models at their usual input sizes, float16 copies,
+dynamo exports, dynamic dims, opsets 9-21, training-mode exports, external data) is not in
+the repository: ``--generate`` writes it. ``--full`` runs every tool on every file in a
+subprocess of its own (wall time and peak RSS from ``wait4``; 10 GB address-space limit,
+600 s timeout) and judges each output against one float64 evaluation of the original per
+case. bnfold is timed as the user runs it: ``bnfold fold`` (fold + verify); the other tools
+fold only. Results go to their own section of results/onnx_zoo.txt.
 
 For every case and tool: BatchNormalization nodes left, and whether the tool's output still
 computes the original function (ONNX Runtime, optimisations off, seeded random inputs at
@@ -31,6 +43,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 import onnx_zoo  # noqa: E402
+
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bnfold.errors import BnfoldError  # noqa: E402
 from bnfold.pipeline.onnx_fold import fold_onnx  # noqa: E402
@@ -133,7 +147,7 @@ def evaluate(case: onnx_zoo.ZooCase, model: onnx.ModelProto, tool) -> tuple[str,
     return f"{folded}/{case.foldable}" + ("" if full else " partial"), folded, full
 
 
-def main() -> None:
+def main_small() -> None:
     load = os.getloadavg()
     t0 = time.perf_counter()
     cases = [(c, c.build()) for c in onnx_zoo.CASES]
@@ -178,9 +192,49 @@ def main() -> None:
     lines += ["", "| case | " + " | ".join(TOOLS) + " |", "|---" * (len(TOOLS) + 1) + "|"]
     lines += [f"| {case} | " + " | ".join(cells) + " |" for case, cells in rows]
     text = "\n".join(lines) + "\n"
-    RESULTS.write_text(text)
+    write_section(SMALL_SECTION, text)
     print(text)
 
 
+SMALL_SECTION = "## small zoo (tests/onnx_zoo.py)"
+FULL_SECTION = "## held-out full-size set"
+
+
+def write_section(title: str, text: str) -> None:
+    """Replace one ``## `` section of the results file, keep the others."""
+    sections: dict[str, str] = {}
+    if RESULTS.exists():
+        current = None
+        for line in RESULTS.read_text().splitlines(keepends=True):
+            if line.startswith("## "):
+                current = line.strip()
+                sections[current] = ""
+            elif current is not None:
+                sections[current] += line
+    sections[title] = "\n" + text
+    order = [SMALL_SECTION, FULL_SECTION] + [t for t in sections if t not in (SMALL, FULL)]
+    RESULTS.write_text("".join(f"{t}\n{sections[t]}" for t in order if t in sections))
+
+
+SMALL, FULL = SMALL_SECTION, FULL_SECTION
+
+
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--generate", type=Path, help="write the held-out set into DIR")
+    parser.add_argument("--full", type=Path, help="run the held-out set in DIR")
+    parser.add_argument("--aimet", help="python of a virtualenv with aimet-onnx")
+    parser.add_argument("--only", nargs="*", help="case names (held-out set)")
+    args = parser.parse_args()
+    import onnx_heldout  # noqa: E402  (benchmarks/onnx_heldout.py)
+
+    if args.generate:
+        onnx_heldout.generate(args.generate, args.only)
+    elif args.full:
+        text = onnx_heldout.run_all(args.full, args.aimet, args.only)
+        write_section(FULL_SECTION, text)
+        print(text)
+    else:
+        main_small()

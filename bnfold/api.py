@@ -478,6 +478,7 @@ def fold(
     tolerance: float | None = None,
     max_exhaustive: int = DEFAULT_MAX_EXHAUSTIVE,
     words: str | Path | None = None,
+    shapes: dict[str, tuple[int, ...]] | None = None,
     progress: bool | None = None,
 ) -> FoldResult:
     """Fold every BatchNorm of ``model`` into its neighbouring layer and verify the result.
@@ -494,6 +495,8 @@ def fold(
       written to ``out`` (default ``MODEL.folded.onnx``) only when it passes; a file with
       no BatchNormalization node is refused before any work.
 
+    ``shapes`` (an ONNX file): ``{input_name: (1, 3, 224, 224)}`` for random inputs whose
+    dims the graph leaves dynamic.
     ``words``: a checkpoint's training words, whose dev/test contexts join the sample when
     the domain is too large to check whole. A failed verification is not an exception:
     ``result.passed`` is False and nothing is written.
@@ -517,12 +520,13 @@ def fold(
             inputs=None if inputs is None else Path(inputs),
             tolerance=tolerance,
             max_exhaustive=max_exhaustive,
+            shapes=shapes,
             progress=progress,
         )
         target = Path(out) if out is not None else default_output(path)
         return FoldResult(str(path), rep, comparison, written, None, tolerance, str(target))
-    if inputs is not None:
-        raise BnfoldError("inputs apply to .onnx models and torch modules only")
+    if inputs is not None or shapes:
+        raise BnfoldError("inputs and shapes apply to .onnx models and torch modules only")
     from bnfold.pipeline.assemble import fold_checkpoint
 
     try:
@@ -597,6 +601,7 @@ def verify(
     seed: int = 0,
     float64_reference: str | Path | None = None,
     words: str | Path | None = None,
+    shapes: dict[str, tuple[int, ...]] | None = None,
     progress: bool = False,
 ) -> VerifyResult:
     """Does ``candidate`` compute what ``reference`` computes, up to float32 rounding?
@@ -609,7 +614,9 @@ def verify(
       required), the reference evaluated in float64 as the truth (a float64 copy of a
       module, the double graph of an ONNX file).
 
-    A failed verification is not an exception: ``result.passed`` is False.
+    ``shapes`` (two ONNX files): ``{input_name: (1, 3, 224, 224)}`` for random inputs whose
+    dims the graph leaves dynamic. A failed verification is not an exception:
+    ``result.passed`` is False.
     """
     if _is_path(reference) and _is_path(candidate):
         ref, cand = Path(reference), Path(candidate)
@@ -623,12 +630,14 @@ def verify(
                 tolerance=tolerance,
                 max_exhaustive=max_exhaustive,
                 seed=seed,
+                shapes=shapes,
                 progress=None if progress else False,  # None: stage lines on a terminal
             )
             return VerifyResult(str(ref), str(cand), result, tolerance)
-        if inputs is not None:
+        if inputs is not None or shapes:
             raise BnfoldError(
-                "inputs apply when a side is a torch module or both are generic ONNX files;"
+                "inputs and shapes apply when a side is a torch module or both are generic"
+                " ONNX files;"
                 " two bnfold models are checked over their whole context domain"
             )
         from bnfold.verify.verdict import verify_paths

@@ -300,6 +300,28 @@ def report(report_dir, as_json):
         click.echo(str(result))
 
 
+def _shapes(ctx, param, values) -> dict[str, tuple[int, ...]]:
+    """``--shape x=1x3x224x224`` (repeatable) as ``{"x": (1, 3, 224, 224)}``."""
+    from bnfold.verify.onnx import parse_shape
+
+    try:
+        return dict(parse_shape(v) for v in values)
+    except BnfoldError as e:
+        raise click.BadParameter(str(e).removeprefix("--shape "), ctx, param) from None
+
+
+shape_option = click.option(
+    "--shape",
+    "shapes",
+    multiple=True,
+    callback=_shapes,
+    metavar="NAME=D1xD2x...",
+    help="ONNX only, repeatable: the shape of graph input NAME's random inputs, e.g."
+    " x=1x3x224x224  [default: the declared shape, dynamic dims as a real input's: batch"
+    " 2 and 3, images 224x224]",
+)
+
+
 @main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option(
@@ -426,9 +448,10 @@ inputs_option = click.option(
 @verify_options
 @contexts_words_option
 @inputs_option
+@shape_option
 @click.option("--json", "as_json", is_flag=True, help="Print the fold and verification as JSON.")
 @clear_errors
-def fold(checkpoint, out, tolerance, max_exhaustive, words, data_alias, inputs, as_json):
+def fold(checkpoint, out, tolerance, max_exhaustive, words, data_alias, inputs, shapes, as_json):
     """Fold every BatchNorm of MODEL (a bnfold .pt checkpoint, or any .onnx model) into its
     neighbouring layers, verify, write the result.
 
@@ -442,6 +465,7 @@ def fold(checkpoint, out, tolerance, max_exhaustive, words, data_alias, inputs, 
         checkpoint,
         out,
         inputs=inputs,
+        shapes=shapes,
         tolerance=tolerance,
         max_exhaustive=max_exhaustive,
         words=merge_words(words, data_alias),
@@ -483,6 +507,7 @@ def fold(checkpoint, out, tolerance, max_exhaustive, words, data_alias, inputs, 
 )
 @contexts_words_option
 @inputs_option
+@shape_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @clear_errors
 def verify_command(
@@ -496,6 +521,7 @@ def verify_command(
     words,
     data_alias,
     inputs,
+    shapes,
     as_json,
 ):
     """Prove CANDIDATE computes the same logits as REFERENCE (.pt or .onnx) over every
@@ -507,6 +533,7 @@ def verify_command(
         reference,
         candidate,
         inputs=inputs,
+        shapes=shapes,
         tolerance=tolerance,
         max_exhaustive=max_exhaustive,
         sample_size=sample_size,

@@ -388,7 +388,7 @@ def traps() -> onnx.ModelProto:
     )
 
 
-CASES: tuple[ZooCase, ...] = (
+ORIGINAL: tuple[ZooCase, ...] = (
     ZooCase("resnet18", resnet18, 20, 20),
     ZooCase("mobilenet_v2", mobilenet_v2, 52, 52),
     ZooCase("mobilenet_v3_small", mobilenet_v3_small, 34, 34),
@@ -420,3 +420,224 @@ CASES: tuple[ZooCase, ...] = (
         ),
     ),
 )
+
+
+# ---- what users bring: other dtypes, exporters, opsets, dynamic dims ------------------------
+
+
+def with_dtype(
+    model: onnx.ModelProto, elem: int, source: int = TensorProto.FLOAT
+) -> onnx.ModelProto:
+    """A copy of a ``source``-dtype model computing in ``elem`` (e.g. FLOAT16 or BFLOAT16)
+    throughout, like a converted deployment graph: initializers, tensor attributes, the
+    graph's inputs/outputs/value_info and ``Cast(to=source)`` all take the new dtype."""
+    dtype = helper.tensor_dtype_to_np_dtype(elem)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+
+    def convert(t: onnx.TensorProto) -> None:
+        if t.data_type == source:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(dtype), t.name))
+
+    for init in g.initializer:
+        convert(init)
+    for value in list(g.input) + list(g.output) + list(g.value_info):
+        if value.type.tensor_type.elem_type == source:
+            value.type.tensor_type.elem_type = elem
+    for node in g.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                convert(attr.t)
+            elif node.op_type == "Cast" and attr.name == "to" and attr.i == source:
+                attr.i = elem
+    return out
+
+
+def small_net(seed: int = 0) -> nn.Module:
+    """Conv -> BN -> ReLU -> BN -> 1x1 Conv (no bias) -> BN -> Linear -> BN: every fold
+    direction and the bias-less conv the dynamo exporter gives a computed zero bias.
+    Seeded: its weights do not depend on what ran before."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.BatchNorm2d(4),
+        nn.Conv2d(4, 4, 1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 5),
+        nn.BatchNorm1d(5),
+    )
+
+
+def export_with(model: nn.Module, shape: tuple[int, ...], seed: int = 0, **options):
+    """:func:`export` with other exporter options (opset, training mode, functions)."""
+    torch.manual_seed(seed)
+    model = randomize_bn(model, seed)
+    kwargs = {
+        "dynamo": False,
+        "training": torch.onnx.TrainingMode.PRESERVE,
+        "do_constant_folding": False,
+        "input_names": ["x"],
+        "output_names": ["y"],
+        "dynamic_axes": {"x": {0: "batch"}, "y": {0: "batch"}},
+        "opset_version": OPSET,
+    }
+    kwargs.update(options)
+    if kwargs["training"] == torch.onnx.TrainingMode.TRAINING:
+        model.train()
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(*shape),), f, **kwargs)
+    return onnx.load_from_string(f.getvalue())
+
+
+def dynamo_export(
+    model: nn.Module, shape: tuple[int, ...], opset: int = 18, seed: int = 0
+) -> onnx.ModelProto:
+    """torch's dynamo exporter without its own optimisation pass (which would fold the BNs
+    itself): BN nodes, the zero bias ``Expand(CastLike(0, x), Shape(w))``, batch dynamic."""
+    import contextlib
+    import os
+
+    torch.manual_seed(seed)
+    model = randomize_bn(model, seed)
+    with (
+        warnings.catch_warnings(),
+        open(os.devnull, "w") as null,
+        contextlib.redirect_stdout(null),
+    ):  # the exporter prints its progress and warns about deprecations
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model,
+            (torch.randn(*shape),),
+            dynamo=True,
+            optimize=False,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            opset_version=opset,
+        )
+    return program.model_proto
+
+
+def fp16_net() -> onnx.ModelProto:
+    return with_dtype(export(small_net(), (2, 3, 8, 8)), TensorProto.FLOAT16)
+
+
+def resnet18_fp16() -> onnx.ModelProto:
+    return with_dtype(resnet18(), TensorProto.FLOAT16)
+
+
+def dynamo_opset18() -> onnx.ModelProto:
+    return dynamo_export(small_net(), (2, 3, 8, 8), opset=18)
+
+
+def dynamo_opset21() -> onnx.ModelProto:
+    return dynamo_export(small_net(), (2, 3, 8, 8), opset=21, seed=1)
+
+
+def legacy_opset(opset: int) -> Callable[[], onnx.ModelProto]:
+    def build() -> onnx.ModelProto:
+        return export_with(small_net(), (2, 3, 8, 8), seed=opset, opset_version=opset)
+
+    return build
+
+
+def local_functions() -> onnx.ModelProto:
+    """Every Conv and BN module exported as an ONNX local function."""
+    return export_with(
+        small_net(), (2, 3, 8, 8), export_modules_as_functions={nn.BatchNorm2d, nn.Conv2d}
+    )
+
+
+def training_export(opset: int) -> Callable[[], onnx.ModelProto]:
+    """Trap: torch's TRAINING export. At opset >= 14 training_mode=1; below, the
+    BatchNormalization-9 nodes carry their statistics outputs, which is training mode."""
+
+    def build() -> onnx.ModelProto:
+        return export_with(
+            nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)),
+            (2, 3, 8, 8),
+            training=torch.onnx.TrainingMode.TRAINING,
+            opset_version=opset,
+        )
+
+    return build
+
+
+def dynamic_hw() -> onnx.ModelProto:
+    """H and W symbolic, a valid-padded 3x3 stem and a 2x2 pool: random inputs of 2x2
+    cannot run; a real image size can."""
+    return export_with(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 8, 3),
+            nn.BatchNorm2d(8),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(8, 4),
+        ),
+        (2, 3, 16, 16),
+        dynamic_axes={"x": {0: "batch", 2: "h", 3: "w"}, "y": {0: "batch"}},
+    )
+
+
+def tf_style() -> onnx.ModelProto:
+    """A tf2onnx-shaped graph: NHWC input transposed to NCHW, every weight and BN
+    parameter fed through an Identity node, opset 13, SAME_UPPER 1x1 conv."""
+    inits = [
+        _t("w1_const", rand((6, 3, 3, 3), 31)),
+        _t("w2_const", rand((6, 6, 1, 1), 32)),
+        *bn_params("bn1", 6, 33),
+        *bn_params("bn2", 6, 34),
+    ]
+    identities = [
+        helper.make_node("Identity", [t.name], [f"{t.name}/read"], name=f"{t.name}/Identity")
+        for t in inits
+    ]
+
+    def bn(prefix: str, x: str, y: str) -> onnx.NodeProto:
+        params = [f"{prefix}_{k}/read" for k in ("scale", "bias", "mean", "var")]
+        return helper.make_node(
+            "BatchNormalization", [x, *params], [y], name=f"{prefix}/FusedBatchNormV3", epsilon=1e-3
+        )
+
+    nodes = [
+        *identities,
+        helper.make_node("Transpose", ["x"], ["nchw"], name="to_nchw", perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["nchw", "w1_const/read"], ["c1"], name="conv1/Conv2D"),
+        bn("bn1", "c1", "b1"),
+        helper.make_node("Relu", ["b1"], ["r1"], name="relu1"),
+        helper.make_node(
+            "Conv", ["r1", "w2_const/read"], ["c2"], name="conv2/Conv2D", auto_pad="SAME_UPPER"
+        ),
+        bn("bn2", "c2", "b2"),
+        helper.make_node("Transpose", ["b2"], ["y"], name="to_nhwc", perm=[0, 2, 3, 1]),
+    ]
+    return graph_model(nodes, [("x", ["n", 8, 8, 3])], [("y", ["n", 6, 6, 6])], inits, opset=13)
+
+
+# Cases for what users bring (other dtypes, exporters, opsets, dynamic dims): the suite runs
+# them with the rest of CASES.
+BROUGHT: tuple[ZooCase, ...] = (
+    ZooCase("fp16_net", fp16_net, 4, 4),
+    ZooCase("resnet18_fp16", resnet18_fp16, 20, 20),
+    ZooCase("dynamo_opset18", dynamo_opset18, 4, 4),
+    ZooCase("dynamo_opset21", dynamo_opset21, 4, 4),
+    ZooCase("legacy_opset9", legacy_opset(9), 4, 4),
+    ZooCase("legacy_opset13", legacy_opset(13), 4, 4),
+    ZooCase("local_functions", local_functions, 4, 4),
+    ZooCase("dynamic_hw", dynamic_hw, 2, 2),
+    ZooCase("tf_style_identity_fed", tf_style, 2, 2),
+    ZooCase("training_opset13", training_export(13), 0, 1, ("statistics outputs",)),
+    ZooCase("training_opset17", training_export(17), 0, 1, ("training_mode=1",)),
+)
+
+CASES: tuple[ZooCase, ...] = ORIGINAL + BROUGHT

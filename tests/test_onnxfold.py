@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.inliner
 import onnx_zoo
 import pytest
 import torch
@@ -33,6 +34,9 @@ def built(case: onnx_zoo.ZooCase) -> onnx.ModelProto:
 
 
 def bn_count(model: onnx.ModelProto) -> int:
+    """BatchNormalization nodes the model runs (a local function's once per call)."""
+    if model.functions:
+        model = onnx.inliner.inline_local_functions(model)
     return sum(n.op_type == "BatchNormalization" for n in model.graph.node)
 
 
@@ -357,3 +361,144 @@ def test_cli_fold_bnfold_export_checks_the_whole_domain(trained_checkpoint, tmp_
 def test_load_model_errors_are_bnfold_errors(tmp_path):
     with pytest.raises(BnfoldError, match="is a directory"):
         load_model(tmp_path)
+
+
+# ---- what users bring: dtypes, exporters, opsets, dynamic dims ------------------------------
+
+
+def case_named(name: str) -> onnx_zoo.ZooCase:
+    return next(c for c in onnx_zoo.CASES if c.name == name)
+
+
+@pytest.mark.parametrize("name", ["dynamo_opset18", "dynamo_opset21"])
+def test_dynamo_zero_bias_is_a_constant_and_its_dtype_read_no_reader(name):
+    """The exporter's bias-less conv gets ``Expand(CastLike(0, x), Shape(w))``: a constant,
+    whose CastLike reads the BN's output only for its dtype. Both BNs around it fold."""
+    model = built(case_named(name))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"CastLike", "Expand"} <= ops  # the exporter's form is what this test is about
+    folded, report = fold_onnx(model)
+    assert not (
+        {"CastLike", "Expand", "BatchNormalization"} & {n.op_type for n in folded.graph.node}
+    )
+    directions = [f.direction for f in report.folded]
+    assert directions.count("into_following") == 1, report.format()
+
+
+def test_local_functions_are_inlined_and_their_bns_folded():
+    model = built(case_named("local_functions"))
+    # three of the four BNs are reachable only through the functions the graph calls
+    assert model.functions and [
+        n.op_type for n in model.graph.node if n.op_type == "BatchNormalization"
+    ] == ["BatchNormalization"]
+    folded, report = fold_onnx(model)
+    assert len(report.folded) == 4 and any("inlined" in n for n in report.notes)
+    assert bn_count(folded) == 0 and not folded.functions
+
+
+def _scale_channel(model: onnx.ModelProto, layer_op: str, factor: float) -> onnx.ModelProto:
+    """A copy with output channel 0 of the first ``layer_op``'s weight scaled."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    node = next(n for n in out.graph.node if n.op_type == layer_op)
+    w = next(t for t in out.graph.initializer if t.name == node.input[1])
+    arr = numpy_helper.to_array(w).copy()
+    arr[0] = (arr[0].astype(np.float64) * factor).astype(arr.dtype)
+    w.CopyFrom(numpy_helper.from_array(arr, w.name))
+    return out
+
+
+def test_fp16_fold_stays_float16_and_is_judged_by_float16_rounding():
+    model = built(case_named("fp16_net"))
+    folded, report = fold_onnx(model)
+    assert len(report.folded) == 4
+    new = [t for t in folded.graph.initializer if t.name.endswith("_bnfold")]
+    assert new and {t.data_type for t in new} == {onnx.TensorProto.FLOAT16}
+    result = compare(model, folded, random_feeds(model), "fp16")
+    assert result.passed, result.format()
+    assert {o.verdict.precision for o in result.outputs} == {"float16"}
+    # a 2% error in one folded output row is far beyond float16 rounding
+    wrong = compare(model, _scale_channel(folded, "Gemm", 1.02), random_feeds(model), "fp16")
+    assert not wrong.passed, wrong.format()
+
+
+def test_bf16_graphs_fold_in_bfloat16_but_onnx_runtime_cannot_run_them(tmp_path):
+    """ONNX Runtime's CPU provider has no bfloat16 Gemm/BatchNormalization kernels (and
+    ONNX's Conv takes bfloat16 only from opset 22): the fold is written in bfloat16 (cast
+    once), the verification says what stopped it."""
+    import ml_dtypes
+
+    model = onnx_zoo.with_dtype(built(case_named("mlp_gemm")), onnx.TensorProto.BFLOAT16)
+    onnx.checker.check_model(model, full_check=True)
+    folded, report = fold_onnx(model)
+    assert len(report.folded) == 2 and bn_count(folded) == 0
+    new = [t for t in folded.graph.initializer if t.name.endswith("_bnfold")]
+    assert {numpy_helper.to_array(t).dtype for t in new} == {np.dtype(ml_dtypes.bfloat16)}
+    path = tmp_path / "bf16.onnx"
+    onnx.save(model, path)
+    r = invoke("fold", path)
+    assert r.exit_code == 2 and "ONNX Runtime cannot run it" in r.output, r.output
+    assert "Traceback" not in r.output and not path.with_name("bf16.folded.onnx").exists()
+
+
+def test_dynamic_spatial_dims_get_an_image_size_and_batch_2():
+    model = built(case_named("dynamic_hw"))
+    assert random_feeds(model)["x"].shape == (2, 3, 224, 224)
+    assert random_feeds(model, dynamic=3)["x"].shape == (3, 3, 224, 224)
+
+
+def _valid_conv(kernel: int, dims) -> onnx.ModelProto:
+    inits = [onnx_zoo._t("w", onnx_zoo.rand((2, 1, kernel, kernel), 40))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv")]
+    return onnx_zoo.graph_model(nodes, [("x", dims)], [("y", ["n", 2, "a", "b"])], inits)
+
+
+def test_a_stem_larger_than_the_guess_gets_larger_inputs():
+    """A valid 300x300 kernel cannot run on 224x224: the guess doubles until it can."""
+    model = _valid_conv(300, ["n", 1, "h", "w"])
+    assert random_feeds(model)["x"].shape == (2, 1, 448, 448)
+
+
+def test_dims_nothing_can_guess_say_what_to_pass():
+    model = _valid_conv(1000, ["n", 1, "h", "w"])  # needs >= 1000: beyond 4 x 224
+    with pytest.raises(BnfoldError, match=r"pass --shape x=Nx1xNxN"):
+        random_feeds(model)
+
+
+def test_a_huge_declared_input_is_refused_before_anything_is_allocated(tmp_path):
+    """A file of a few hundred bytes may declare 20,000,000 rows."""
+    nodes = [helper.make_node("Relu", ["x"], ["y"], name="relu")]
+    model = onnx_zoo.graph_model(nodes, [("x", [20_000_000, 3])], [("y", [20_000_000, 3])], [])
+    path = tmp_path / "huge.onnx"
+    onnx.save(model, path)
+    assert path.stat().st_size < 1000
+    r = invoke("fold", path)
+    assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+    assert "60,000,000 elements" in r.output and "--inputs" in r.output
+
+
+def test_cli_shape_option_sets_the_random_inputs(tmp_path):
+    path = tmp_path / "hw.onnx"
+    onnx.save(built(case_named("dynamic_hw")), path)
+    r = invoke("fold", path, "--shape", "x=1x3x20x30", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert "x [1, 3, 20, 30]" in d["verification"]["inputs"]
+    r = invoke("verify", path, d["path"], "--shape", "x=2x3x40x40")
+    assert r.exit_code == 0 and "x [2, 3, 40, 40]" in r.output, r.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--shape", "x=1x3y"], "expected NAME=D1xD2x"),
+        (["--shape", "x=1x3x20"], "does not match the declared shape"),
+        (["--shape", "x=1x4x20x20"], "does not match the declared shape"),
+        (["--shape", "img=1x3x20x20"], "the model's inputs are ['x']"),
+    ],
+)
+def test_cli_bad_shapes_are_one_line_errors(tmp_path, args, message):
+    path = tmp_path / "hw.onnx"
+    onnx.save(built(case_named("dynamic_hw")), path)
+    r = invoke("fold", path, *args)
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output

@@ -89,3 +89,42 @@ def test_mixing_chunks_with_and_without_truth_is_refused(truth):
         acc.add(a[10:20], a[10:20])
     with pytest.raises(ValueError):
         judge_outputs(a, a[:, :5])
+
+
+def half_evaluation(z: np.ndarray, seed: int, dtype=np.float16, bits: int = 11) -> np.ndarray:
+    """Another half-precision evaluation of the same function: a few of its ulps off."""
+    ulps = np.random.default_rng(seed).integers(-3, 4, size=z.shape)
+    return (z * (1 + ulps * 2.0**-bits)).astype(dtype)
+
+
+def test_unit_roundoff_of_each_dtype():
+    import ml_dtypes
+
+    from bnfold.verify.rounding import unit_roundoff
+
+    assert unit_roundoff(np.float32) == 2.0**-24
+    assert unit_roundoff(np.float16) == 2.0**-11
+    assert unit_roundoff(ml_dtypes.bfloat16) == 2.0**-8
+    # each is half the gap from 1 to the next number of that dtype
+    for dtype in (np.float16, np.float32, ml_dtypes.bfloat16):
+        one = np.asarray(1, dtype)
+        gap = float(np.nextafter(one, np.asarray(2, dtype))) - 1.0
+        assert unit_roundoff(dtype) == gap / 2
+
+
+def test_float16_outputs_are_judged_by_float16_rounding(truth):
+    a, b = half_evaluation(truth, 1), half_evaluation(truth, 2)
+    v = judge_outputs(a, b, truth)
+    assert v.passed and v.precision == "float16", v.reason
+    assert "float16 rounding" in v.reason
+    m = judge_outputs(a, b)  # the magnitude bound scales with float16's u as well
+    assert m.passed and m.precision == "float16", m.reason
+    # the same float16 numbers claimed to be float32 are far outside float32 rounding
+    assert not judge_outputs(a.astype(np.float32), b.astype(np.float32)).passed
+
+
+def test_a_real_change_in_float16_still_fails(truth):
+    a, b = half_evaluation(truth, 1), half_evaluation(truth, 2)
+    b[:, 7] += np.float16(0.25)  # a changed bias, 2% of the logits' scale
+    v = judge_outputs(a, b, truth)
+    assert not v.passed and "more than float16 rounding" in v.reason

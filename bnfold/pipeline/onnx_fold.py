@@ -70,19 +70,28 @@ def default_output(path: Path) -> Path:
 
 
 def choose_inputs(
-    model: onnx.ModelProto, inputs: Path | None, max_exhaustive: int, seed: int = 0
+    model: onnx.ModelProto,
+    inputs: Path | None,
+    max_exhaustive: int,
+    seed: int = 0,
+    shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> tuple[list[dict], str, int | None]:
     """The verification input sets, a description and the outputs' class axis (a bnfold
     model's logits: -1; otherwise unknown): the user's ``.npz``, the whole domain of a
-    bnfold character model, or seeded random inputs from the declared shapes, with the
-    dynamic dims at 2 and again at 3 (the result must run at other batch sizes too)."""
+    bnfold character model, or seeded random inputs of the ``shapes`` given (``--shape``)
+    or else the declared shapes, with the batch-like dynamic dims at 2 and again at 3 (the
+    result must run at other batch sizes too) and spatial ones at a real input's size."""
     if inputs is not None:
+        if shapes:
+            raise BnfoldError("--shape applies to random inputs: not with --inputs")
         return [npz_feeds(inputs, model)], f"inputs from {inputs}", None
     feeds = domain_feeds(model, max_exhaustive, seed)
     if feeds is not None:
         (x,) = feeds.values()
         return [feeds], f"{len(x):,} contexts of the model's input domain", -1
-    sets = [random_feeds(model, seed, dynamic=d) for d in (DYNAMIC_DIM, DYNAMIC_DIM + 1)]
+    sets = [
+        random_feeds(model, seed, dynamic=d, shapes=shapes) for d in (DYNAMIC_DIM, DYNAMIC_DIM + 1)
+    ]
     if all(a.shape == b.shape for a, b in zip(sets[0].values(), sets[1].values(), strict=True)):
         sets = sets[:1]  # no dynamic dims
     shapes = " and ".join(
@@ -155,6 +164,7 @@ def fold_onnx_file(
     tolerance: float | None = None,
     max_exhaustive: int = DEFAULT_MAX_EXHAUSTIVE,
     progress: bool | None = None,
+    shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> tuple[Path | None, OnnxFoldReport, Comparison]:
     """Fold ``path``, verify against the original, write ``out`` only if it passed.
 
@@ -169,7 +179,7 @@ def fold_onnx_file(
     folded, report = fold_onnx(model)
     stages.say(f"fold: folded {len(report.folded)} of {report.batchnorms}; checking the graph")
     check_contract(model, folded)
-    feeds, described, class_axis = choose_inputs(model, inputs, max_exhaustive)
+    feeds, described, class_axis = choose_inputs(model, inputs, max_exhaustive, shapes=shapes)
     checks = [True, False] if not report.folded and tolerance is None else [False]
     for identical in checks:
         comparison = compare(
@@ -202,13 +212,14 @@ def verify_onnx_files(
     max_exhaustive: int = DEFAULT_MAX_EXHAUSTIVE,
     seed: int = 0,
     progress: bool | None = None,
+    shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> Comparison:
     """Compare any two ONNX models with the same inputs and outputs (``progress``: as
     for :func:`fold_onnx_file`)."""
     stages = StageProgress(progress)
     stages.say(f"verify: reading {reference} and {candidate}")
     ref, cand = load_model(reference), load_model(candidate)
-    feeds, described, class_axis = choose_inputs(ref, inputs, max_exhaustive, seed)
+    feeds, described, class_axis = choose_inputs(ref, inputs, max_exhaustive, seed, shapes)
     return compare(
         ref, cand, feeds, described, tolerance, class_axis, say=stages.say, walk=stages.walk
     )

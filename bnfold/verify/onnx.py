@@ -3,7 +3,8 @@
 Both run in ONNX Runtime with graph optimisations *disabled*, so ORT's own fusions cannot
 hide (or cause) a difference. Inputs are, in order of preference: the user's ``.npz``; the
 whole input domain of a bnfold character model (its vocabulary metadata makes it finite);
-seeded random inputs from the declared shapes and dtypes, dynamic dims set small. The
+seeded random inputs from the declared shapes and dtypes (``--shape``, else dynamic dims
+guessed as a real input's: batch 2, images 224 x 224). The
 reference is evaluated in float64 by :mod:`bnfold.runtime.float64_eval` (torch float64
 kernels over the graph, built once per comparison), and every output is judged by
 :func:`bnfold.verify.rounding.judge_outputs` against that truth: a difference passes only if
@@ -14,6 +15,7 @@ criterion and says so, with the reason, in its text and JSON (``float64_problem`
 
 from __future__ import annotations
 
+import math
 import resource
 import sys
 import time
@@ -33,7 +35,15 @@ from bnfold.verify.rounding import RoundingVerdict, judge_outputs
 
 Say = Callable[[str], None]  # one progress line (stage) to the user, or a no-op
 
-DYNAMIC_DIM = 2  # size given to every dynamic dimension of a random input
+DYNAMIC_DIM = 2  # size given to a batch-like dynamic dimension of a random input
+IMAGE_SIDE = 224  # dynamic H and W of an NCHW input: the size image models are run at
+VIDEO_DIMS = (16, 112, 112)  # dynamic T, H, W of an NCTHW input (video models' clips)
+SEQUENCE_LENGTH = 64  # a dynamic length of an (N, C, L) input
+SPATIAL_TRIES = 3  # guessed spatial dims are tried at 1x, 2x and 4x before giving up
+# Random inputs are bounded by this many elements in all (64 MiB of float32): a small file
+# may declare any shape, and a random input of 20,000,000 rows is not a check, it is an
+# allocation. Beyond it the user passes --inputs or a --shape.
+MAX_RANDOM_ELEMENTS = 1 << 24
 SAMPLE_ROWS = 65_536  # contexts sampled when a bnfold model's domain is too large
 
 
@@ -75,17 +85,155 @@ def signature(model: onnx.ModelProto) -> tuple[list, list]:
     return [describe(i) for i in _real_inputs(model)], [describe(o) for o in model.graph.output]
 
 
-def random_feeds(model: onnx.ModelProto, seed: int = 0, dynamic: int = DYNAMIC_DIM) -> dict:
-    """Seeded inputs from the declared shapes and dtypes; dynamic dims become ``dynamic``.
+def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """``"x=1x3x224x224"`` as ``("x", (1, 3, 224, 224))`` (the ``--shape`` option)."""
+    name, sep, dims = text.partition("=")
+    try:
+        shape = tuple(int(d) for d in dims.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if not sep or not name or not shape or any(d < 1 for d in shape):
+        raise BnfoldError(
+            f"--shape {text!r}: expected NAME=D1xD2x... with positive sizes, e.g. x=1x3x224x224"
+        )
+    return name, shape
+
+
+def _shape_hint(name: str, dims) -> str:
+    """What ``--shape`` would look like for this input (its dynamic dims as letters)."""
+    return f"--shape {name}=" + "x".join(
+        str(d) if isinstance(d, int) and d > 0 else "N" for d in (dims or ["N"])
+    )
+
+
+def _guess(rank: int, axis: int, spatial_scale: int, batch: int) -> int:
+    """The size of a dynamic dim a real input would have. Axis 0 and 1 are batch-like
+    (``batch``: the first dims of a matrix or sequence input vary with the batch); the
+    trailing dims of an image (NCHW: 224 x 224) or a video clip (NCTHW: 16 x 112 x 112)
+    get the sizes those models are run at, so a stem of valid-padded convolutions and
+    pools has room. ``spatial_scale`` doubles them when the model still cannot run."""
+    if rank < 3 or axis < 2:
+        return batch
+    if rank == 4:
+        return IMAGE_SIDE * spatial_scale
+    if rank == 5:
+        return VIDEO_DIMS[axis - 2] * spatial_scale
+    return SEQUENCE_LENGTH * spatial_scale
+
+
+def input_shapes(
+    model: onnx.ModelProto,
+    batch: int = DYNAMIC_DIM,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    spatial_scale: int = 1,
+) -> dict[str, list[int]]:
+    """The shape of each random input: the user's ``--shape``, else the declared one with
+    each dynamic dim guessed (:func:`_guess`; a dim name used twice gets one size).
+    Refuses shapes that contradict the declaration or exceed ``MAX_RANDOM_ELEMENTS``."""
+    shapes = dict(shapes or {})
+    declared = signature(model)[0]
+    unknown = sorted(set(shapes) - {n for n, _, _ in declared})
+    if unknown:
+        names = [n for n, _, _ in declared]
+        raise BnfoldError(f"--shape names {unknown}, but the model's inputs are {names}")
+    named: dict[str, int] = {}
+    out: dict[str, list[int]] = {}
+    for name, _, dims in declared:
+        if name in shapes:
+            shape = list(shapes[name])
+            if dims is not None and (
+                len(dims) != len(shape)
+                or any(
+                    isinstance(d, int) and d > 0 and d != s
+                    for d, s in zip(dims, shape, strict=True)
+                )
+            ):
+                raise BnfoldError(
+                    f"--shape {name}={'x'.join(map(str, shape))} does not match the declared"
+                    f" shape {dims} of input {name!r}"
+                )
+        elif dims is None:
+            raise BnfoldError(
+                f"input {name!r} has no declared shape: pass --shape {name}=D1xD2x... or"
+                " --inputs FILE.npz"
+            )
+        else:
+            shape = []
+            for axis, d in enumerate(dims):
+                if isinstance(d, int) and d > 0:
+                    shape.append(d)
+                    continue
+                size = named.get(d) if isinstance(d, str) and d else None
+                if size is None:
+                    size = _guess(len(dims), axis, spatial_scale, batch)
+                    if isinstance(d, str) and d:
+                        named[d] = size
+                shape.append(size)
+        out[name] = shape
+    total = sum(math.prod(s) for s in out.values())
+    if total > MAX_RANDOM_ELEMENTS:
+        big = max(out, key=lambda n: math.prod(out[n]))
+        dims = {n: d for n, _, d in declared}[big]
+        dynamic = dims is None or any(not (isinstance(d, int) and d > 0) for d in dims)
+        smaller = f" or a smaller {_shape_hint(big, dims)}" if dynamic else ""
+        raise BnfoldError(
+            f"random inputs of {total:,} elements (input {big!r} {out[big]}) exceed the limit"
+            f" of {MAX_RANDOM_ELEMENTS:,}: pass --inputs FILE.npz{smaller}"
+        )
+    return out
+
+
+def _has_guessed_spatial_dims(model: onnx.ModelProto, shapes: dict | None) -> bool:
+    """Whether a dynamic dim beyond axis 1 of a rank >= 3 input was guessed."""
+    return any(
+        name not in (shapes or {})
+        and dims is not None
+        and len(dims) >= 3
+        and any(not (isinstance(d, int) and d > 0) for d in dims[2:])
+        for name, _, dims in signature(model)[0]
+    )
+
+
+def random_feeds(
+    model: onnx.ModelProto,
+    seed: int = 0,
+    dynamic: int = DYNAMIC_DIM,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+) -> dict:
+    """Seeded inputs of the shapes :func:`input_shapes` gives (batch-like dynamic dims
+    ``dynamic``). When spatial dims were guessed, the model is first run once in ONNX
+    Runtime: if it cannot run (a stem needing larger images), they are doubled, up to
+    ``SPATIAL_TRIES`` times, and the error says what ``--shape`` to pass.
     Floats are standard normal, integers lie in [0, 2) (safe as indices), bools random."""
+    shape_of = input_shapes(model, dynamic, shapes)
+    if _has_guessed_spatial_dims(model, shapes):
+        failure = ""
+        for k in range(SPATIAL_TRIES):
+            shape_of = input_shapes(model, dynamic, shapes, spatial_scale=2**k)
+            try:
+                run(model, _random_arrays(model, shape_of, seed), "model")
+                break
+            except BnfoldError as e:
+                failure = str(e)
+        else:
+            name, _, dims = next(
+                (n, t, d) for n, t, d in signature(model)[0] if n not in (shapes or {})
+            )
+            raise BnfoldError(
+                f"cannot guess the dynamic dims of input {name!r} {dims} (tried up to"
+                f" {shape_of[name]}; {failure}): pass {_shape_hint(name, dims)} with the"
+                " sizes a real input has, or --inputs FILE.npz"
+            )
+    return _random_arrays(model, shape_of, seed)
+
+
+def _random_arrays(model: onnx.ModelProto, shape_of: dict[str, list[int]], seed: int) -> dict:
     rng = np.random.default_rng(seed)
     feeds = {}
-    for name, elem, dims in signature(model)[0]:
-        if dims is None:
-            raise BnfoldError(f"input {name!r} has no declared shape: pass --inputs FILE.npz")
-        shape = [d if isinstance(d, int) and d > 0 else dynamic for d in dims]
+    for name, elem, _ in signature(model)[0]:
+        shape = shape_of[name]
         dtype = helper.tensor_dtype_to_np_dtype(elem)
-        if dtype.kind == "f":
+        if _floating(dtype):
             feeds[name] = rng.standard_normal(shape).astype(dtype)
         elif dtype.kind in "iu":
             feeds[name] = rng.integers(0, 2, size=shape).astype(dtype)
@@ -173,6 +321,11 @@ class Float64Truth:
 def _short(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+
+def _floating(dtype: np.dtype) -> bool:
+    """float16/32/64 and ml_dtypes' bfloat16 (numpy does not call that kind "f")."""
+    return dtype.kind == "f" or dtype.name == "bfloat16"
 
 
 def float64_outputs(model: onnx.ModelProto, feeds: dict) -> tuple[dict | None, str]:

@@ -1,5 +1,5 @@
-"""The one float32-aware verdict: is the difference between two networks' outputs what
-float32 rounding explains?
+"""The one rounding-aware verdict: is the difference between two networks' outputs what
+the rounding of their dtype (float32, float16 or bfloat16) explains?
 
 Every place bnfold says "equivalent" (``bnfold verify``, ``fold``, ``train-fold``, the ONNX
 Runtime check of ``export``, the diagnostics' BN-vs-folded figure) asks this module. It is
@@ -72,6 +72,18 @@ Three criteria, chosen by what is available:
 ``absolute`` (an explicit ``tolerance``)
     ``|cand - ref| <= tolerance`` for every element: the user's override.
 
+Other dtypes. Nothing above is specific to float32 except the unit roundoff ``u``: ``K``,
+``G`` and ``P`` compare the candidate with the reference's *measured* error, whatever its
+size. For a float16 or bfloat16 network (a ``.half()`` export, a converted deployment
+graph) ``u`` is that dtype's: ``2**-11`` for float16 and ``2**-8`` for bfloat16 (their
+10 and 7 stored fraction bits), ``2**-24`` for float32. It is taken from the outputs'
+dtype (the coarser of reference and candidate), so a float16 graph is judged by float16
+rounding in the floors ``F * u * S`` and ``u * rms(z)`` and in the magnitude bound: a fold
+computed in float64 and cast once to float16 is another float16 evaluation of the same
+function, exactly as in the float32 argument. The float64 truth must then be computed
+from the half-precision parameters themselves (converted exactly to double), or ``R``
+would be zero and nothing could pass.
+
 Argmax: a row where the reference and candidate pick different top-1 classes is a
 *near-tie* when the two chosen classes' truth logits (the reference's without a truth)
 differ by at most twice the bound (each side may move by the bound), and a *flip*
@@ -86,6 +98,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 UNIT_ROUNDOFF = float(np.finfo(np.float32).eps) / 2  # u = 2**-24
+# Significand bits (stored fraction bits + 1) of each floating dtype: u = 2**-bits.
+PRECISION_BITS = {"float16": 11, "bfloat16": 8, "float32": 24, "float64": 53}
 FLOAT64_MULTIPLE = 4.0  # K: candidate error may be at most K x the reference's own error
 FLOAT64_RMS_MULTIPLE = 3.0  # G: the same for the root-mean-square error
 FLOAT64_FLOOR_ULPS = 4.0  # F: floor, in units of u times the largest |truth| logit
@@ -110,6 +124,7 @@ class RoundingVerdict:
     # the parameter test (float64 twin, see the module docstring); None when not run
     twin_ratio: float | None = None  # rms(twin - truth) / rms(re-rounded twin - twin)
     twin_contexts: int = 0  # contexts the twin was evaluated on
+    precision: str = "float32"  # the dtype whose unit roundoff the bounds use
 
     def to_dict(self) -> dict:
         """JSON-ready: non-finite floats become ``None``."""
@@ -119,19 +134,35 @@ class RoundingVerdict:
         }
 
 
-def float64_bound(reference_error: float, truth_scale: float) -> float:
+def unit_roundoff(dtype) -> float:
+    """``u`` of a floating dtype (numpy's, or ml_dtypes' bfloat16): half the distance from
+    1 to the next number. Integer and unknown dtypes are judged as float32 (the outputs
+    are compared as float64 numbers; float32 is the strictest half-precision-or-wider
+    default that never rejects a float32 network)."""
+    bits = PRECISION_BITS.get(np.dtype(dtype).name)
+    return UNIT_ROUNDOFF if bits is None else 2.0**-bits
+
+
+def precision_name(u: float) -> str:
+    """The dtype whose unit roundoff is ``u`` (for the verdict's text)."""
+    return next((k for k, b in PRECISION_BITS.items() if 2.0**-b == u), f"u={u:.3g}")
+
+
+def float64_bound(reference_error: float, truth_scale: float, u: float = UNIT_ROUNDOFF) -> float:
     """Allowed max |candidate - truth| under the float64 criterion: ``K*R + F*u*S``."""
-    return FLOAT64_MULTIPLE * reference_error + FLOAT64_FLOOR_ULPS * UNIT_ROUNDOFF * truth_scale
+    return FLOAT64_MULTIPLE * reference_error + FLOAT64_FLOOR_ULPS * u * truth_scale
 
 
-def magnitude_bounds(reference: np.ndarray, candidate: np.ndarray, class_axis: int) -> np.ndarray:
+def magnitude_bounds(
+    reference: np.ndarray, candidate: np.ndarray, class_axis: int, u: float = UNIT_ROUNDOFF
+) -> np.ndarray:
     """Allowed |candidate - reference| per element under the magnitude criterion:
     ``M * u * max(row scale, 1)``, the row scale being the largest |logit| of either side,
     broadcastable against the outputs."""
     scale = np.maximum(np.abs(reference), np.abs(candidate))
     scale = np.where(np.isfinite(scale), scale, 0.0)
     row = np.max(scale, axis=class_axis, keepdims=True) if reference.ndim else scale
-    return MAGNITUDE_ULPS * UNIT_ROUNDOFF * np.maximum(row, 1.0)
+    return MAGNITUDE_ULPS * u * np.maximum(row, 1.0)
 
 
 def _as_rows(x: np.ndarray, class_axis: int | None) -> np.ndarray:
@@ -176,6 +207,7 @@ class RoundingAccumulator:
         self.reround_sq = 0.0  # sum of (re-rounded twin - twin)**2, mean over the copies
         self.twin_rows = 0
         self._gaps: list[np.ndarray] = []  # per disagreeing row: gap of the two classes
+        self.u: float | None = None  # unit roundoff of the outputs' dtype (first chunk)
 
     def add(
         self,
@@ -196,6 +228,13 @@ class RoundingAccumulator:
             self.criterion = kind
         elif self.criterion != "absolute" and self.criterion != kind:
             raise ValueError("every chunk must come with a truth, or none may")
+        # the coarser of the two dtypes: a float16 candidate of a float32 reference is
+        # judged by float16 rounding (its outputs cannot be closer than that)
+        u = max(unit_roundoff(reference.dtype), unit_roundoff(candidate.dtype))
+        if self.u is None:
+            self.u = u
+        elif self.u != u:
+            raise ValueError("every chunk must have the same dtype")
         if reference.size == 0:
             return
         ref = _as_rows(reference, self.class_axis)
@@ -219,7 +258,7 @@ class RoundingAccumulator:
             self.truth_sq += float(np.square(z[ok]).sum())
             self.truth_elements += int(ok.sum()) * ref.shape[1]
         if self.criterion == "magnitude":
-            bounds = magnitude_bounds(ref, cand, 1)
+            bounds = magnitude_bounds(ref, cand, 1, self.u)
             ok = ref_ok & ~bad
             self.magnitude_margin = max(self.magnitude_margin, _max_finite_rows(diff / bounds, ok))
             self.magnitude_bound = max(self.magnitude_bound, _max_finite_rows(bounds, ok))
@@ -255,6 +294,7 @@ class RoundingAccumulator:
     def verdict(self) -> RoundingVerdict:
         """The verdict over everything added so far."""
         criterion = self.criterion or ("absolute" if self.tolerance is not None else "magnitude")
+        u = UNIT_ROUNDOFF if self.u is None else self.u
         rms_text = ""
         twin_ratio = None
         if criterion == "absolute":
@@ -263,12 +303,11 @@ class RoundingAccumulator:
             margin = _ratio(err, bound)
             tie_limit = 2 * bound
         elif criterion == "float64":
-            bound = float64_bound(self.ref_err, self.truth_scale)
+            bound = float64_bound(self.ref_err, self.truth_scale, u)
             err = self.cand_err
             n = max(self.truth_elements, 1)
             rms_bound = (
-                FLOAT64_RMS_MULTIPLE * (self.ref_sq / n) ** 0.5
-                + UNIT_ROUNDOFF * (self.truth_sq / n) ** 0.5
+                FLOAT64_RMS_MULTIPLE * (self.ref_sq / n) ** 0.5 + u * (self.truth_sq / n) ** 0.5
             )
             rms = (self.cand_sq / n) ** 0.5
             margin = max(_ratio(err, bound), _ratio(rms, rms_bound))
@@ -290,8 +329,18 @@ class RoundingAccumulator:
         near_ties = int((gaps <= tie_limit).sum())
         flips = int(len(gaps) - near_ties)
         passed = bool(self.nonfinite == 0 and margin <= 1.0 and flips == 0)
+        precision = precision_name(u)
         reason = _reason(
-            criterion, passed, err, bound, margin, near_ties, flips, self.nonfinite, rms_text
+            criterion,
+            passed,
+            err,
+            bound,
+            margin,
+            near_ties,
+            flips,
+            self.nonfinite,
+            rms_text,
+            precision,
         )
         f64 = criterion == "float64" or (criterion == "absolute" and self.truth_scale > 0)
         return RoundingVerdict(
@@ -309,6 +358,7 @@ class RoundingAccumulator:
             elements=self.elements,
             twin_ratio=None if twin_ratio is None else float(twin_ratio),
             twin_contexts=self.twin_rows if twin_ratio is not None else 0,
+            precision=precision,
         )
 
 
@@ -322,7 +372,8 @@ def judge_outputs(
     twin: np.ndarray | None = None,
     rerounded: list[np.ndarray] | None = None,
 ) -> RoundingVerdict:
-    """Does ``candidate`` differ from ``reference`` only by what float32 rounding explains?
+    """Does ``candidate`` differ from ``reference`` only by what the rounding of their
+    dtype (float32, float16, bfloat16: :func:`unit_roundoff`) explains?
 
     Args:
         reference: float32 outputs of the reference network, shape (n, ...).
@@ -366,6 +417,7 @@ def _reason(
     flips: int,
     nonfinite: int,
     rms_text: str = "",
+    precision: str = "float32",
 ) -> str:
     what = {
         "float64": "max |candidate - float64 truth|",
@@ -380,5 +432,5 @@ def _reason(
     if flips:
         return f"FAIL: {flips} argmax flip(s) outside the rounding bound; {head}{ties}"
     if not passed:
-        return f"FAIL: {head}: more than float32 rounding explains{ties}"
-    return f"PASS: {head}: within float32 rounding{ties}"
+        return f"FAIL: {head}: more than {precision} rounding explains{ties}"
+    return f"PASS: {head}: within {precision} rounding{ties}"

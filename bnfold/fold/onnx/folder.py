@@ -12,9 +12,10 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import onnx
+import onnx.inliner
 
 from bnfold.fold.modules import INTO_FOLLOWING, INTO_PRECEDING
-from bnfold.fold.onnx.graph import Graph, default_opset, prune
+from bnfold.fold.onnx.graph import Graph, default_opset, detach_dtype_reads, prune
 from bnfold.fold.onnx.rules import RULES, read_batchnorm
 
 MIN_OPSET = 9  # BatchNormalization-9 dropped the `spatial` attribute; earlier ones differ
@@ -96,9 +97,10 @@ def _fold_once(
 ) -> tuple[onnx.ModelProto, OnnxFoldReport, dict[str, str]]:
     work = onnx.ModelProto()
     work.CopyFrom(model)
+    report = OnnxFoldReport()
+    report.notes.extend(canonicalize(work))
     graph = Graph(work)
     graph.infer_ranks()
-    report = OnnxFoldReport()
     writes: dict[str, str] = {}  # new weight name -> BN label, to undo an overflowing fold
     opset = default_opset(model)
     for node in list(graph.nodes):
@@ -149,6 +151,23 @@ def _fold_once(
     prune(work)
     bad = {writes[w]: why for w, why in overflow.items() if w in writes}
     return work, report, bad
+
+
+def canonicalize(model: onnx.ModelProto) -> list[str]:
+    """Bring exporter variants to one form, in place, without changing the function:
+    local functions called by the main graph are inlined (a BN inside a function is not
+    reachable otherwise; the legacy exporter's ``export_modules_as_functions`` and
+    function-based exporters write them), and parameters computed from an activation's
+    dtype become initializers (:func:`detach_dtype_reads`). Returns notes for the report."""
+    notes = []
+    called = {(n.domain, n.op_type) for n in model.graph.node}
+    local = [f for f in model.functions if (f.domain, f.name) in called]
+    if local:
+        inlined = onnx.inliner.inline_local_functions(model)
+        model.CopyFrom(inlined)
+        notes.append(f"inlined {len(local)} local function(s) to reach the BNs inside them")
+    detach_dtype_reads(model)  # no note: the same constants, stored instead of computed
+    return notes
 
 
 def fold_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, OnnxFoldReport]:

@@ -12,16 +12,45 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from bnfold.errors import BnfoldError
 from bnfold.io.onnx_files import load_onnx_file
 
-# Ops whose output is an exact, data-independent function of constant inputs: a weight
-# stored as `Transpose(Cast(initializer))` is as constant as the initializer itself.
+# Ops whose output is a deterministic, side-effect-free function of constant inputs: a
+# weight stored as `Transpose(Cast(initializer))` is as constant as the initializer itself,
+# and so is torch's dynamo exporter's zero bias `Expand(CastLike(0, x), Shape(weight))`
+# (zeros of a static shape). Each is evaluated by onnx's reference implementation of that
+# op in the graph's own dtype, which is what any runtime computes for it (layout ops and
+# casts are exact; IEEE arithmetic is correctly rounded elementwise).
 CONSTANT_EXPRESSION_OPS = frozenset(
-    {"Identity", "Cast", "Transpose", "Reshape", "Unsqueeze", "Squeeze", "Flatten"}
+    {
+        "Identity",
+        "Cast",
+        "CastLike",
+        "Transpose",
+        "Reshape",
+        "Unsqueeze",
+        "Squeeze",
+        "Flatten",
+        "Shape",
+        "Size",
+        "Expand",
+        "ConstantOfShape",
+        "Concat",
+        "Gather",
+        "Slice",
+        "Tile",
+        "Neg",
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+    }
 )
+# Inputs an op reads only for their dtype (CastLike's target): a non-constant value there
+# does not make the result non-constant.
+DTYPE_ONLY_INPUTS = {"CastLike": 1}
 
 
 def load_model(path: str | Path) -> onnx.ModelProto:
@@ -60,6 +89,7 @@ class Graph:
     graph_inputs: set[str] = field(default_factory=set)
     graph_outputs: set[str] = field(default_factory=set)
     ranks: dict[str, int] = field(default_factory=dict)
+    elem_types: dict[str, int] = field(default_factory=dict)  # ONNX dtypes inference knows
     exact: dict[str, np.ndarray] = field(default_factory=dict)  # float64 values of new weights
     dtypes: dict[str, np.dtype] = field(default_factory=dict)  # ... and the dtype each gets
     _names: set[str] = field(default_factory=set)
@@ -107,7 +137,8 @@ class Graph:
         self._names |= {n.name for n in self.nodes}
 
     def infer_ranks(self) -> None:
-        """Ranks of every value that shape inference can tell (for channel-axis checks)."""
+        """Ranks (for channel-axis checks) and dtypes (for CastLike) of every value that
+        shape inference can tell."""
         try:
             inferred = onnx.shape_inference.infer_shapes(self.model, strict_mode=False)
         except Exception:  # inference is best effort: unknown ranks refuse the folds needing them
@@ -117,8 +148,11 @@ class Graph:
             t = vi.type.tensor_type
             if vi.type.HasField("tensor_type") and t.HasField("shape"):
                 self.ranks[vi.name] = len(t.shape.dim)
+            if vi.type.HasField("tensor_type") and t.elem_type:
+                self.elem_types[vi.name] = t.elem_type
         for t in g.initializer:
             self.ranks[t.name] = len(t.dims)
+            self.elem_types[t.name] = t.data_type
 
     def fresh_name(self, base: str) -> str:
         name, k = base, 1
@@ -158,16 +192,49 @@ class Graph:
             return _constant_node_value(node), ""
         if node.op_type in CONSTANT_EXPRESSION_OPS and node.domain in ("", "ai.onnx"):
             inputs = []
-            for i in node.input:
+            for k, i in enumerate(node.input):
                 if not i:
                     inputs.append(None)
+                    continue
+                if DTYPE_ONLY_INPUTS.get(node.op_type) == k:
+                    dtype = self.dtype_of(i)
+                    if dtype is None:
+                        return None, f"the dtype of {i!r} (read by {node.op_type}) is unknown"
+                    inputs.append(np.zeros(0, dtype))  # only its dtype is read
                     continue
                 arr, why = self.constant(i)
                 if arr is None:
                     return None, why
                 inputs.append(arr)
-            return _evaluate(node, inputs, self.model), ""
+            try:
+                return _evaluate(node, inputs, self.model), ""
+            except Exception as e:  # onnx.reference raises what numpy raises: not constant then
+                return None, f"{value!r}: cannot evaluate {node.op_type}: {type(e).__name__}"
         return None, f"{value!r} comes from {node.op_type} node {node.name or '(unnamed)'!r}"
+
+    def dtype_of(self, value: str) -> np.dtype | None:
+        """The numpy dtype of ``value``: a constant's own, else what inference says."""
+        if value in self.initializers or value in self.exact:
+            arr, _ = self.constant(value)
+            return np.asarray(arr).dtype
+        elem = self.elem_types.get(value)
+        return None if not elem else helper.tensor_dtype_to_np_dtype(elem)
+
+    def reads_activation(self, value: str) -> bool:
+        """Whether the constant expression ``value`` reads a non-constant value (for its
+        dtype only): then the activation has an extra reader that is not a real one."""
+        node = self.producer.get(value)
+        if node is None or node.op_type not in CONSTANT_EXPRESSION_OPS:
+            return False
+        for k, i in enumerate(node.input):
+            if not i:
+                continue
+            if DTYPE_ONLY_INPUTS.get(node.op_type) == k:
+                if self.constant(i)[0] is None:
+                    return True
+            elif self.reads_activation(i):
+                return True
+        return False
 
     def add_initializer(self, base: str, value64: np.ndarray, dtype: np.dtype) -> str:
         """Register a new weight by its float64 value; :meth:`materialize` casts it once."""
@@ -189,6 +256,40 @@ class Graph:
         self.exact.clear()
         self.refresh()
         return bad
+
+
+# Inputs of these ops (beyond the data input 0) are what the fold rules read as constants.
+PARAMETER_READERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization"})
+
+
+def detach_dtype_reads(model: onnx.ModelProto) -> int:
+    """Replace each layer or BN parameter that is a constant expression reading an
+    activation only for its dtype (the dynamo exporter's zero conv bias
+    ``Expand(CastLike(0, x), Shape(weight))``) by an initializer of its value, and drop
+    the expression. Otherwise that read makes ``x`` look used twice and no BN on ``x``
+    could be removed. Returns how many inputs were replaced; the function is unchanged."""
+    graph = Graph(model)
+    graph.infer_ranks()
+    replaced: dict[str, str] = {}
+    for node in graph.nodes:
+        if node.op_type not in PARAMETER_READERS or node.domain not in ("", "ai.onnx"):
+            continue
+        for k in range(1, len(node.input)):
+            name = node.input[k]
+            if not name or not graph.reads_activation(name):
+                continue
+            if name not in replaced:
+                arr, _ = graph.constant(name)
+                if arr is None:
+                    continue
+                new = graph.fresh_name(f"{name}_value")
+                model.graph.initializer.append(numpy_helper.from_array(np.asarray(arr), new))
+                replaced[name] = new
+            node.input[k] = replaced[name]
+    if replaced:
+        graph.commit()
+        prune(model)
+    return len(replaced)
 
 
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:

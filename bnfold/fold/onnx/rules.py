@@ -25,7 +25,7 @@ from bnfold.fold.modules import (
     fold_bn_into_preceding,
     transposed_as_conv_weight,
 )
-from bnfold.fold.onnx.graph import Graph
+from bnfold.fold.onnx.graph import Graph, default_opset
 
 F64 = torch.float64
 
@@ -67,6 +67,15 @@ def read_batchnorm(graph: Graph, node: onnx.NodeProto) -> tuple[BatchNorm | None
     """The node as a :class:`BatchNorm`, or ``(None, why it is not a fixed affine map)``."""
     if int(_attr(node, "training_mode", 0)) != 0:
         return None, "training_mode=1: it normalises with batch statistics"
+    extra = [o for o in node.output[1:] if o]
+    if extra and default_opset(graph.model) < 14:
+        # BatchNormalization-9 has no training_mode: its optional outputs (running and
+        # saved statistics) *are* the switch, and ONNX Runtime then normalises with the
+        # batch's statistics even when nothing reads them (torch's TRAINING export)
+        return None, (
+            "training mode: a BatchNormalization-9 with its statistics outputs"
+            f" ({', '.join(extra)}) normalises with batch statistics"
+        )
     if int(_attr(node, "spatial", 1)) != 1:
         return None, "spatial=0 (per-element statistics) is not supported"
     if int(_attr(node, "is_test", 1)) != 1:
