@@ -21,6 +21,7 @@ from bnfold.serve.settings import ServeSettings
 from bnfold.verify.domain import MAX_SAMPLE_SIZE
 
 SAMPLE = SampleOptions()  # the sampling defaults, stated once (in SampleOptions)
+MAX_TABLE_MB = 4096  # sample --table-mb: at most 4 GiB of stored rows
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT / "data" / "names.txt"
@@ -638,6 +639,8 @@ def sample(model, words, verbose, batch_size, engine, table_mb, as_json, **optio
     opts = SampleOptions(**options).check(predictor.vocab)
     if table_mb < 1:
         raise BnfoldError(f"table-mb must be a positive number of MiB, got {table_mb}")
+    if table_mb > MAX_TABLE_MB:  # refused before a byte is allocated, not by a MemoryError
+        raise BnfoldError(f"table-mb must be at most {MAX_TABLE_MB:,} MiB, got {table_mb:,}")
     labeler = None
     if verbose or as_json or opts.new_only:
         labeler = load_labeler(predictor, words)

@@ -14,6 +14,8 @@ import onnx
 from bnfold.errors import BnfoldError
 from bnfold.fold.onnx.folder import OnnxFoldReport, fold_onnx
 from bnfold.fold.onnx.graph import load_model
+from bnfold.io.files import check_output_file
+from bnfold.io.onnx_files import first_line
 from bnfold.mlp.checkpoint import atomic_write
 from bnfold.verify.onnx import (
     DYNAMIC_DIM,
@@ -22,6 +24,7 @@ from bnfold.verify.onnx import (
     domain_feeds,
     npz_feeds,
     random_feeds,
+    session,
 )
 
 __all__ = [
@@ -88,12 +91,43 @@ def choose_inputs(
     return sets, f"seeded random inputs (seed {seed}: {shapes})", None
 
 
+def check_fold_output(source: Path, target: Path) -> Path:
+    """``target`` if the folded model can be written there: not a folder, in a folder that
+    can be made and written, and not the input file itself (verification reads it)."""
+    check_output_file(target)
+    same = Path(target).resolve() == Path(source).resolve()
+    if not same and Path(target).exists() and Path(source).exists():
+        same = Path(target).samefile(source)  # a hard link to the input
+    if same:
+        raise BnfoldError(f"{target}: is the input model; give another --out")
+    return Path(target)
+
+
+def check_input_model(model: onnx.ModelProto, path: Path) -> None:
+    """The model to fold passes the full onnx checker and ONNX Runtime can load it
+    (unknown ops, a cycle, an opset without kernels are the input's fault, said in one
+    line naming it, before any folding)."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:  # ValidationError, InferenceError, ...
+        raise BnfoldError(f"{path}: not a valid ONNX model: {first_line(e, 300)}") from None
+    check_runs(model, path)
+
+
+def check_runs(model: onnx.ModelProto, path: Path) -> None:
+    """ONNX Runtime can load ``model`` (read from ``path``), or one line naming the file."""
+    try:
+        session(model)
+    except Exception as e:  # ORT's own exception types
+        raise BnfoldError(f"{path}: ONNX Runtime cannot load it: {first_line(e, 300)}") from None
+
+
 def check_contract(original: onnx.ModelProto, folded: onnx.ModelProto) -> None:
     """The folded model passes the full onnx checker and keeps the graph's interface."""
     try:
         onnx.checker.check_model(folded, full_check=True)
     except Exception as e:  # a bug in a rule, not a user error: say which check failed
-        raise BnfoldError(f"the folded model fails onnx.checker: {str(e)[:300]}") from None
+        raise BnfoldError(f"the folded model fails onnx.checker: {first_line(e, 300)}") from None
     for what in ("input", "output"):
         if [v.SerializeToString() for v in getattr(original.graph, what)] != [
             v.SerializeToString() for v in getattr(folded.graph, what)
@@ -109,15 +143,23 @@ def fold_onnx_file(
     tolerance: float | None = None,
     max_exhaustive: int = 4_000_000,
 ) -> tuple[Path | None, OnnxFoldReport, Comparison]:
-    """Fold ``path``, verify against the original, write ``out`` only if it passed."""
+    """Fold ``path``, verify against the original, write ``out`` only if it passed.
+
+    The output path is checked before any work (a folder, an unwritable folder or the
+    input itself is refused), and the input model must pass the onnx checker before it
+    is folded, so a broken input is blamed on the input, not on the fold."""
+    target = check_fold_output(path, out or default_output(path))
     model = load_model(path)
-    folded, report = fold_onnx(model)
+    check_input_model(model, path)
+    try:
+        folded, report = fold_onnx(model)
+    except RecursionError:  # a chain of constant expressions deeper than Python's stack
+        raise BnfoldError(f"{path}: the graph nests too deeply to fold") from None
     check_contract(model, folded)
     feeds, described, class_axis = choose_inputs(model, inputs, max_exhaustive)
     comparison = compare(model, folded, feeds, described, tolerance, class_axis)
     if not comparison.passed:
         return None, report, comparison
-    target = out or default_output(path)
     atomic_write(target, lambda tmp: onnx.save_model(folded, tmp))
     return target, report, comparison
 
@@ -133,5 +175,7 @@ def verify_onnx_files(
 ) -> Comparison:
     """Compare any two ONNX models with the same inputs and outputs."""
     ref, cand = load_model(reference), load_model(candidate)
+    for model, path in ((ref, reference), (cand, candidate)):
+        check_runs(model, path)
     feeds, described, class_axis = choose_inputs(ref, inputs, max_exhaustive, seed)
     return compare(ref, cand, feeds, described, tolerance, class_axis)
