@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from bnfold.errors import BnfoldError
 from bnfold.fold.onnx.folder import OnnxFoldReport, fold_onnx
-from bnfold.fold.onnx.graph import load_model
+from bnfold.fold.onnx.graph import Graph, load_model
 from bnfold.io.files import check_output_file
 from bnfold.io.onnx_files import first_line
 from bnfold.mlp.checkpoint import atomic_write
@@ -112,6 +113,28 @@ def check_input_model(model: onnx.ModelProto, path: Path) -> None:
     except Exception as e:  # ValidationError, InferenceError, ...
         raise BnfoldError(f"{path}: not a valid ONNX model: {first_line(e, 300)}") from None
     check_runs(model, path)
+    check_batchnorm_parameters(model, path)
+
+
+def check_batchnorm_parameters(model: onnx.ModelProto, path: Path) -> None:
+    """No BatchNormalization's constant parameters hold NaN or infinity (initializers are
+    checked when the file is read; this covers parameters from Constant nodes and
+    constant expressions): such a model computes NaN, and nothing verifies it."""
+    graph = Graph(model)
+    for node in graph.nodes:
+        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+            continue
+        for name in (i for i in node.input[1:5] if i):
+            value, _ = graph.constant(name)
+            if value is None or value.dtype.kind != "f":
+                continue
+            with np.errstate(invalid="ignore", over="ignore"):
+                finite = bool(np.isfinite(value.astype(np.float64)).all())
+            if not finite:
+                raise BnfoldError(
+                    f"{path}: BatchNormalization {node.name or node.output[0]!r}: its"
+                    f" parameter {name!r} holds NaN or infinite values"
+                )
 
 
 def check_runs(model: onnx.ModelProto, path: Path) -> None:
@@ -177,5 +200,6 @@ def verify_onnx_files(
     ref, cand = load_model(reference), load_model(candidate)
     for model, path in ((ref, reference), (cand, candidate)):
         check_runs(model, path)
+        check_batchnorm_parameters(model, path)
     feeds, described, class_axis = choose_inputs(ref, inputs, max_exhaustive, seed)
     return compare(ref, cand, feeds, described, tolerance, class_axis)

@@ -37,10 +37,11 @@ def session(model: onnx.ModelProto):
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.intra_op_num_threads = 1
-    so.log_severity_level = 3
-    # the C++ default logger writes before any session exists (e.g. when a model fails
-    # to load): errors reach the user as one BnfoldError line, not ORT's own log line
-    ort.set_default_logger_severity(3)
+    # fatal only: every error ORT raises reaches the user as one BnfoldError line (from
+    # run()), so its own log lines (errors included) would only say it twice, in colour;
+    # the default logger is the one that writes while a model loads, before any session
+    so.log_severity_level = 4
+    ort.set_default_logger_severity(4)
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 

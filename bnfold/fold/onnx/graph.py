@@ -15,7 +15,7 @@ import onnx
 from onnx import numpy_helper
 
 from bnfold.errors import BnfoldError
-from bnfold.io.onnx_files import load_onnx_file, non_finite_initializers
+from bnfold.io.onnx_files import first_line, load_onnx_file, non_finite_initializers
 
 # Ops whose output is an exact, data-independent function of constant inputs: a weight
 # stored as `Transpose(Cast(initializer))` is as constant as the initializer itself.
@@ -107,6 +107,10 @@ class Graph:
         del self.g.node[:]
         self.g.node.extend(copies)
         self.__post_init__()
+
+    def index(self, node: onnx.NodeProto) -> int:
+        """Position of ``node`` in :attr:`nodes` (O(nodes): for messages, not for folding)."""
+        return next(i for i, n in enumerate(self.nodes) if n is node)
 
     def remove(self, node: onnx.NodeProto) -> None:
         slot = self._slots[self._slot_of.pop(id(node))]
@@ -246,7 +250,12 @@ class Graph:
                 if arr is None:
                     return None, why
                 inputs.append(arr)
-            return _evaluate(node, inputs, self.model), ""
+            try:
+                return _evaluate(node, inputs, self.model), ""
+            except Exception as e:  # e.g. a Reshape to a shape its input cannot take
+                # not a constant after all: whatever reads it stays unfolded, and the
+                # verification's run of the original reports the model's own error
+                return None, f"{value!r}: its constant expression fails ({first_line(e, 120)})"
         return None, f"{value!r} comes from {node.op_type} node {node.name or '(unnamed)'!r}"
 
     def add_initializer(self, base: str, value64: np.ndarray, dtype: np.dtype) -> str:
