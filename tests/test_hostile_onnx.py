@@ -398,6 +398,17 @@ def reshape_through_identity(m):  # the onnx checker cannot see this shape: ORT 
     m.graph.node.insert(0, helper.make_node("Identity", ["w0_shape"], ["w0_shape_i"]))
 
 
+def deep_identity_chain(m):  # deeper than Python's stack when evaluated recursively
+    feed_param(
+        m,
+        "g0",
+        [helper.make_node("Identity", ["g0_w"], ["g0_0"])]
+        + [helper.make_node("Identity", [f"g0_{i}"], [f"g0_{i + 1}"]) for i in range(3000)]
+        + [helper.make_node("Identity", ["g0_3000"], ["g0"])],
+    )
+    m.graph.initializer.append(numpy_helper.from_array(np.ones(8, np.float32), "g0_w"))
+
+
 def nan_constant_variance(m):
     v = numpy_helper.to_array(init(m, "var1")).copy()
     v[0] = np.nan
@@ -424,6 +435,7 @@ HOSTILE = {
     "Reshape constant with a bad shape": (reshape_bad_shape, "not a valid ONNX model", ""),
     "Cast(to=12345)": (cast_unknown_type, "not a valid ONNX model", ""),
     "Reshape through Identity to a bad shape": (reshape_through_identity, "cannot run it"),
+    "3,000 Identity nodes deep": (deep_identity_chain, "chained too deeply"),
     "NaN BN variance": (nan_variance, "NaN or infinite", "var1"),
     "NaN BN variance from a Constant": (nan_constant_variance, "NaN or infinite", "var1"),
     "inf weight": (inf_weight, "NaN or infinite", "w2"),

@@ -125,7 +125,10 @@ def check_batchnorm_parameters(model: onnx.ModelProto, path: Path) -> None:
         if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
             continue
         for name in (i for i in node.input[1:5] if i):
-            value, _ = graph.constant(name)
+            try:
+                value, _ = graph.constant(name)
+            except RecursionError:  # constant expressions chained deeper than the stack
+                raise BnfoldError(f"{path}: constants are chained too deeply to evaluate") from None
             if value is None or value.dtype.kind != "f":
                 continue
             with np.errstate(invalid="ignore", over="ignore"):
@@ -177,7 +180,7 @@ def fold_onnx_file(
     try:
         folded, report = fold_onnx(model)
     except RecursionError:  # a chain of constant expressions deeper than Python's stack
-        raise BnfoldError(f"{path}: the graph nests too deeply to fold") from None
+        raise BnfoldError(f"{path}: constants are chained too deeply to evaluate") from None
     check_contract(model, folded)
     feeds, described, class_axis = choose_inputs(model, inputs, max_exhaustive)
     comparison = compare(model, folded, feeds, described, tolerance, class_axis)
