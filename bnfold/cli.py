@@ -609,7 +609,8 @@ engine_option = click.option(
     type=int,
     default=DEFAULT_TABLE_BYTES >> 20,
     show_default=True,
-    help="Memory cap of the table engine's stored rows, in MiB (past it, rows are evicted).",
+    help=f"Memory cap of the table engine's stored rows, in MiB, at most {MAX_TABLE_MB}"
+    " (past it, rows are evicted).",
 )
 @click.option(
     "--json",
