@@ -15,13 +15,13 @@ import click
 
 from bnfold.errors import BnfoldError, TrainingInterrupted
 from bnfold.io import jsonsafe
-from bnfold.sampling.engine import DEFAULT_ENGINE, DEFAULT_TABLE_BYTES, ENGINES
+from bnfold.sampling.engine import DEFAULT_ENGINE, DEFAULT_TABLE_BYTES, ENGINES, MAX_TABLE_BYTES
 from bnfold.sampling.options import DEFAULT_BATCH, SampleOptions
 from bnfold.serve.settings import ServeSettings
 from bnfold.verify.domain import MAX_SAMPLE_SIZE
 
 SAMPLE = SampleOptions()  # the sampling defaults, stated once (in SampleOptions)
-MAX_TABLE_MB = 4096  # sample --table-mb: at most 4 GiB of stored rows
+MAX_TABLE_MB = MAX_TABLE_BYTES >> 20  # sample --table-mb: the table engine's own bound
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT / "data" / "names.txt"
