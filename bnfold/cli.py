@@ -17,12 +17,13 @@ from bnfold.api import DEFAULT_MODELS
 from bnfold.errors import BnfoldError, TrainingInterrupted
 from bnfold.io import jsonsafe
 from bnfold.mlp.data import DEFAULT_WORDS
-from bnfold.sampling.engine import DEFAULT_ENGINE, DEFAULT_TABLE_BYTES, ENGINES
+from bnfold.sampling.engine import DEFAULT_ENGINE, DEFAULT_TABLE_BYTES, ENGINES, MAX_TABLE_BYTES
 from bnfold.sampling.options import DEFAULT_BATCH, MAX_COUNT, MAX_LENGTH_CAP, SampleOptions
 from bnfold.serve.settings import LOG_LEVELS, ServeSettings
 from bnfold.verify.domain import MAX_SAMPLE_SIZE
 
 SAMPLE = SampleOptions()  # the sampling defaults, stated once (in SampleOptions)
+MAX_TABLE_MB = MAX_TABLE_BYTES >> 20  # sample --table-mb: the table engine's own bound
 
 WORDS_DEFAULT_TEXT = "the packaged names.txt"
 
@@ -666,7 +667,8 @@ engine_option = click.option(
     type=positive,
     default=DEFAULT_TABLE_BYTES >> 20,
     show_default=True,
-    help="Memory cap of the table engine's stored rows, in MiB (past it, rows are evicted).",
+    help=f"Memory cap of the table engine's stored rows, in MiB, at most {MAX_TABLE_MB}"
+    " (past it, rows are evicted).",
 )
 @click.option(
     "--json",
@@ -690,6 +692,8 @@ def sample(model, words, data_alias, verbose, batch_size, engine, table_mb, as_j
     words = merge_words(words, data_alias)
     predictor = load_predictor(model)
     opts = SampleOptions(**options).check(predictor.vocab)
+    if table_mb > MAX_TABLE_MB:  # refused before a byte is allocated, not by a MemoryError
+        raise BnfoldError(f"table-mb must be at most {MAX_TABLE_MB:,} MiB, got {table_mb:,}")
     labeler, note = None, ""
     if verbose or as_json or opts.new_only:
         labeler, note = choose_labeler(predictor, words)

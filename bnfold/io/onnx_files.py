@@ -8,14 +8,22 @@ an external reference: :func:`load_onnx_file` refuses external data (bnfold's ow
 are self-contained), or, with ``allow_external_data=True``, reads it itself from inside
 the model's own folder only (no absolute path, no ``..``, no symlink leading out, no
 device) and returns the model with the data inlined.
+
+"Anywhere" is every field of the ONNX schema that can hold a tensor (:func:`tensor_places`
+walks the protobuf descriptors, so no place can be forgotten), and every tensor found is
+checked before anything converts it (:func:`tensor_problem`: element type, dimensions, as
+many stored values as declared), so a malformed weight is one clear error, never a
+traceback deep in numpy or ONNX Runtime.
 """
 
 from __future__ import annotations
 
+import math
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePath
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -38,39 +46,146 @@ class OnnxFile:
     sha256: str  # of the file as it is on disk
 
 
-def _graph_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        yield from _node_tensors(node)
+# ------------------------------------------------------------------ every tensor --
 
 
-def _node_tensors(node: onnx.NodeProto) -> Iterator[TensorProto]:
-    for attr in node.attribute:
-        if attr.HasField("t"):
-            yield attr.t
-        yield from attr.tensors
-        if attr.HasField("sparse_tensor"):
-            yield attr.sparse_tensor.values
-            yield attr.sparse_tensor.indices
-        for sparse in attr.sparse_tensors:
-            yield sparse.values
-            yield sparse.indices
-        if attr.HasField("g"):
-            yield from _graph_tensors(attr.g)
-        for g in attr.graphs:
-            yield from _graph_tensors(g)
+def _holds_tensors(desc, memo: dict[str, bool] | None = None) -> bool:
+    """Whether a message of type ``desc`` can contain a ``TensorProto`` at any depth
+    (decided from the protobuf schema itself, so a field added to ONNX is covered)."""
+    memo = {} if memo is None else memo
+    name = desc.full_name
+    if name not in memo:
+        memo[name] = False  # a cycle (GraphProto -> ... -> GraphProto) adds nothing new
+        memo[name] = desc is TensorProto.DESCRIPTOR or any(
+            f.message_type is not None and _holds_tensors(f.message_type, memo) for f in desc.fields
+        )
+    return memo[name]
+
+
+_TENSOR_FIELDS: dict[str, list] = {}  # message type -> its fields that can hold a tensor
+
+
+def _tensor_fields(desc) -> list:
+    if desc.full_name not in _TENSOR_FIELDS:
+        _TENSOR_FIELDS[desc.full_name] = [
+            f for f in desc.fields if f.message_type is not None and _holds_tensors(f.message_type)
+        ]
+    return _TENSOR_FIELDS[desc.full_name]
+
+
+def _label(item, index: int) -> str:
+    name = getattr(item, "name", "")
+    return f"[{name!r}]" if isinstance(name, str) and name else f"[{index}]"
+
+
+class TensorPlace(NamedTuple):
+    """A tensor stored in a model, and where: ``path`` for messages (e.g.
+    ``model.graph.node['c'].attribute['value'].t``), ``fields`` the field names on the way
+    (``('graph', 'node', 'attribute', 't')``)."""
+
+    path: str
+    fields: tuple[str, ...]
+    tensor: TensorProto
+
+    @property
+    def is_weight(self) -> bool:
+        """An initializer (of any graph), dense or the values of a sparse one."""
+        return self.fields[-1:] == ("initializer",) or self.fields[-2:] == (
+            "sparse_initializer",
+            "values",
+        )
+
+
+def _walk(message, path: str, fields: tuple[str, ...]) -> Iterator[TensorPlace]:
+    if isinstance(message, TensorProto):
+        yield TensorPlace(path, fields, message)
+        return
+    for f in _tensor_fields(message.DESCRIPTOR):
+        inner = (*fields, f.name)
+        if f.is_repeated:
+            for i, item in enumerate(getattr(message, f.name)):
+                yield from _walk(item, f"{path}.{f.name}{_label(item, i)}", inner)
+        elif message.HasField(f.name):
+            yield from _walk(getattr(message, f.name), f"{path}.{f.name}", inner)
+
+
+def tensor_places(proto: onnx.ModelProto) -> Iterator[TensorPlace]:
+    """Every ``TensorProto`` stored anywhere in the model, with where it is: initializers
+    (dense and sparse), node attributes of every kind, subgraphs, local functions and their
+    default attributes, training info. Found by walking every field whose type can hold a
+    tensor, as the protobuf schema says, not a list of places that could miss one."""
+    yield from _walk(proto, "model", ())
 
 
 def all_tensors(proto: onnx.ModelProto) -> Iterator[TensorProto]:
-    """Every tensor stored in the model: initializers (dense and sparse), node attributes
-    (``Constant`` values), subgraphs (``If``/``Loop``/``Scan``) and local functions."""
-    yield from _graph_tensors(proto.graph)
-    for function in proto.functions:
-        for node in function.node:
-            yield from _node_tensors(node)
+    """Every tensor stored in the model (see :func:`tensor_places`)."""
+    for place in tensor_places(proto):
+        yield place.tensor
+
+
+# sub-byte element types: bits per element in raw_data (absent from older onnx releases)
+_PACKED_BITS = {
+    getattr(TensorProto, name): bits
+    for name, bits in (
+        ("INT4", 4),
+        ("UINT4", 4),
+        ("FLOAT4E2M1", 4),
+        ("INT2", 2),
+        ("UINT2", 2),
+        ("FLOAT6E2M3", 6),
+        ("FLOAT6E3M2", 6),
+    )
+    if hasattr(TensorProto, name)
+}
+_DATA_TYPES = frozenset(TensorProto.DataType.values()) - {TensorProto.UNDEFINED}
+
+
+def tensor_problem(t: TensorProto) -> str | None:
+    """Why ``t`` is not a well-formed tensor (it must be inline: external data is inlined
+    or refused first), or ``None``: a known element type, no negative dimension, no
+    segments, and exactly as many stored values (``raw_data`` bytes or typed values) as its
+    dimensions declare. A tensor that passes converts with ``numpy_helper.to_array``."""
+    if t.data_type not in _DATA_TYPES:
+        return f"has an unknown element type ({t.data_type})"
+    dims = list(t.dims)
+    if any(d < 0 for d in dims):
+        return f"has a negative dimension {dims}"
+    if t.HasField("segment"):
+        return "is stored in segments, which bnfold does not read"
+    count = math.prod(dims)
+    if t.HasField("raw_data"):
+        if t.data_type == TensorProto.STRING:
+            return "is a string tensor with raw_data"
+        bits = _PACKED_BITS.get(
+            t.data_type, 8 * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        )
+        want = (count * bits + 7) // 8
+        if len(t.raw_data) != want:
+            return f"declares dims {dims} ({want:,} bytes) but holds {len(t.raw_data):,} bytes"
+    elif t.data_type == TensorProto.STRING or count:  # typed storage: one field per type
+        try:
+            stored = len(getattr(t, onnx.helper.tensor_dtype_to_field(t.data_type)))
+        except (KeyError, ValueError):
+            return f"has element type {t.data_type}, which bnfold cannot read"
+        per = {4: 2, 2: 4}.get(_PACKED_BITS.get(t.data_type, 0), 1)  # values per stored int
+        want = -(-count // per)
+        if t.data_type in (TensorProto.COMPLEX64, TensorProto.COMPLEX128):
+            want = 2 * count  # a real and an imaginary part per value
+        if stored != want:
+            return f"declares dims {dims} ({count:,} values) but holds {stored:,}"
+    try:
+        n = onnx.numpy_helper.to_array(t).size
+    except Exception as e:  # numpy/ml_dtypes raise several types on malformed storage
+        return f"cannot be read as dims {dims}: {first_line(e)}"
+    if n != count:
+        return f"declares dims {dims} ({count:,} values) but holds {n:,}"
+    return None
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """An exception as one short line (ONNX and ONNX Runtime messages run over several)."""
+    text = " ".join(str(e).split())  # newlines and runs of spaces become one space
+    return (text or type(e).__name__)[:limit]
 
 
 def _is_external(t: TensorProto) -> bool:
@@ -80,6 +195,8 @@ def _is_external(t: TensorProto) -> bool:
 def _inside_folder(location: str, folder: Path, where: str, tensor: str) -> Path:
     """``folder / location`` if it stays inside ``folder`` and is a regular file."""
     pure = PurePath(location)
+    if "\0" in location:
+        raise BnfoldError(f"{where}: tensor {tensor!r}: its external data location holds a NUL")
     if not location or pure.is_absolute() or ".." in pure.parts or "\\" in location:
         raise BnfoldError(
             f"{where}: tensor {tensor!r} points outside the model's folder ({location!r})"
@@ -107,13 +224,14 @@ def _inline_external(t: TensorProto, folder: Path, where: str, budget: int) -> i
     info = {e.key: e.value for e in t.external_data}
     source = _inside_folder(info.get("location", ""), folder, where, t.name)
     try:
-        offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
+        offset = int(info.get("offset", "0"))
+        length = int(info["length"]) if "length" in info else None
     except ValueError:
         raise BnfoldError(f"{where}: tensor {t.name!r}: bad external data offset/length") from None
     size = source.stat().st_size
-    if length < 0:
+    if length is None:
         length = size - offset
-    if offset < 0 or offset + length > size:
+    if offset < 0 or length < 0 or offset + length > size:
         raise BnfoldError(f"{where}: tensor {t.name!r}: external data lies beyond its file")
     if length > budget:
         raise BnfoldError(
@@ -146,30 +264,42 @@ def load_onnx_file(path: str | Path, *, allow_external_data: bool = False) -> On
         raise BnfoldError(
             f"{where}: not a readable ONNX model (truncated, corrupt or not ONNX): {e}"[:300]
         ) from None
-    external = [t for t in all_tensors(proto) if _is_external(t)]
+    places = list(tensor_places(proto))
+    external = [(path, t) for path, _, t in places if _is_external(t)]
     if external and not allow_external_data:
-        first = external[0]
+        path, first = external[0]
         location = next((e.value for e in first.external_data if e.key == "location"), "")
         raise BnfoldError(
-            f"{where}: tensor {first.name!r} keeps its data in another file ({location!r});"
-            " bnfold reads only self-contained ONNX files"
+            f"{where}: tensor {first.name!r} ({path}) keeps its data in another file"
+            f" ({location!r}); bnfold reads only self-contained ONNX files"
         )
+    budget = MAX_ONNX_BYTES - len(raw)
+    for _, t in external:
+        budget -= _inline_external(t, p.parent, where, budget)
+    for path, _, t in places:
+        problem = tensor_problem(t)
+        if problem:
+            raise BnfoldError(f"{where}: tensor {t.name!r} ({path}) {problem}"[:400])
+    # Fields this onnx release does not know are dropped: ONNX Runtime must not find in
+    # them a tensor (and an external reference) that the walk above could not see.
+    proto.DiscardUnknownFields()
     data = raw
-    if external:
-        budget = MAX_ONNX_BYTES - len(raw)
-        for t in external:
-            budget -= _inline_external(t, p.parent, where, budget)
+    if external or proto.ByteSize() != len(raw):
         data = proto.SerializeToString()
     return OnnxFile(p, proto, data, bytes_sha256(raw))
 
 
 def non_finite_initializers(proto: onnx.ModelProto) -> list[str]:
-    """Names of the floating-point initializers that hold a NaN or an infinity."""
+    """Names of the floating-point weights (initializers of any graph, dense or sparse)
+    that hold a NaN or an infinity. The tensors must have passed :func:`tensor_problem`
+    (:func:`load_onnx_file` checks them all)."""
     bad = []
-    floats = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16)
-    for t in proto.graph.initializer:
-        if t.data_type in floats and not np.isfinite(onnx.numpy_helper.to_array(t)).all():
-            bad.append(t.name)
+    floats = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+    for path, _, t in (p for p in tensor_places(proto) if p.is_weight):
+        if t.data_type in floats:
+            with np.errstate(invalid="ignore", over="ignore"):
+                if not np.isfinite(onnx.numpy_helper.to_array(t).astype(np.float64)).all():
+                    bad.append(t.name or path)
     return bad
 
 

@@ -11,12 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from bnfold.errors import BnfoldError
 from bnfold.fold.onnx.folder import OnnxFoldReport, fold_onnx
-from bnfold.fold.onnx.graph import load_model
-from bnfold.io.files import atomic_write
+from bnfold.fold.onnx.graph import Graph, load_model
+from bnfold.io.files import atomic_write, check_output_file
+from bnfold.io.onnx_files import first_line
 from bnfold.verify.domain import DEFAULT_MAX_EXHAUSTIVE
 from bnfold.verify.onnx import (
     DYNAMIC_DIM,
@@ -25,6 +27,7 @@ from bnfold.verify.onnx import (
     domain_feeds,
     npz_feeds,
     random_feeds,
+    session,
 )
 
 __all__ = [
@@ -100,12 +103,68 @@ def choose_inputs(
     return sets, f"seeded random inputs (seed {seed}: {shapes})", None
 
 
+def check_fold_output(source: Path, target: Path) -> Path:
+    """``target`` if the folded model can be written there: not a folder, in a folder that
+    can be made and written, and not the input file itself (verification reads it)."""
+    check_output_file(target)
+    same = Path(target).resolve() == Path(source).resolve()
+    if not same and Path(target).exists() and Path(source).exists():
+        same = Path(target).samefile(source)  # a hard link to the input
+    if same:
+        raise BnfoldError(f"{target}: is the input model; give another --out")
+    return Path(target)
+
+
+def check_input_model(model: onnx.ModelProto, path: Path) -> None:
+    """The model to fold passes the full onnx checker and ONNX Runtime can load it
+    (unknown ops, a cycle, an opset without kernels are the input's fault, said in one
+    line naming it, before any folding)."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:  # ValidationError, InferenceError, ...
+        raise BnfoldError(f"{path}: not a valid ONNX model: {first_line(e, 300)}") from None
+    check_runs(model, path)
+    check_batchnorm_parameters(model, path)
+
+
+def check_batchnorm_parameters(model: onnx.ModelProto, path: Path) -> None:
+    """No BatchNormalization's constant parameters hold NaN or infinity (initializers are
+    checked when the file is read; this covers parameters from Constant nodes and
+    constant expressions): such a model computes NaN, and nothing verifies it."""
+    graph = Graph(model)
+    for node in graph.nodes:
+        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+            continue
+        for name in (i for i in node.input[1:5] if i):
+            try:
+                value, _ = graph.constant(name)
+            except RecursionError:  # constant expressions chained deeper than the stack
+                raise BnfoldError(f"{path}: constants are chained too deeply to evaluate") from None
+            if value is None or value.dtype.kind != "f":
+                continue
+            with np.errstate(invalid="ignore", over="ignore"):
+                finite = bool(np.isfinite(value.astype(np.float64)).all())
+            if not finite:
+                raise BnfoldError(
+                    f"{path}: BatchNormalization {node.name or node.output[0]!r}: its"
+                    f" parameter {name!r} holds NaN or infinite values"
+                )
+
+
+def check_runs(model: onnx.ModelProto, path: Path) -> None:
+    """ONNX Runtime can load ``model`` (read from ``path``), or one line naming the file."""
+    try:
+        session(model)
+    except Exception as e:  # ORT's own exception types
+        raise BnfoldError(f"{path}: ONNX Runtime cannot load it: {first_line(e, 300)}") from None
+
+
 def check_contract(original: onnx.ModelProto, folded: onnx.ModelProto) -> None:
     """The folded model passes the full onnx checker and keeps the graph's interface."""
     try:
         onnx.checker.check_model(folded, full_check=True)
     except Exception as e:  # a bug in a rule, not a user error: say which check failed
-        raise BnfoldError(f"the folded model fails onnx.checker: {str(e)[:300]}") from None
+        raise BnfoldError(f"the folded model fails onnx.checker: {first_line(e, 300)}") from None
     for what in ("input", "output"):
         if [v.SerializeToString() for v in getattr(original.graph, what)] != [
             v.SerializeToString() for v in getattr(folded.graph, what)
@@ -171,12 +230,21 @@ def fold_onnx_file(
     When nothing was folded (no BatchNormalization, or none foldable) the folded graph
     runs the very same kernels as the original: it is checked bit for bit in ONNX
     Runtime, without any float64 evaluation. ``progress``: stage lines on stderr
-    (:class:`StageProgress`; ``None``: only on a terminal)."""
+    (:class:`StageProgress`; ``None``: only on a terminal).
+
+    The output path is checked before any work (a folder, an unwritable folder or the
+    input itself is refused), and the input model must pass the onnx checker before it
+    is folded, so a broken input is blamed on the input, not on the fold."""
+    target = check_fold_output(path, out or default_output(path))
     stages = StageProgress(progress)
     stages.say(f"fold: reading {path}")
     model = load_model(path)
+    check_input_model(model, path)
     stages.say("fold: folding BatchNormalization nodes")
-    folded, report = fold_onnx(model)
+    try:
+        folded, report = fold_onnx(model)
+    except RecursionError:  # a chain of constant expressions deeper than Python's stack
+        raise BnfoldError(f"{path}: constants are chained too deeply to evaluate") from None
     stages.say(f"fold: folded {len(report.folded)} of {report.batchnorms}; checking the graph")
     check_contract(model, folded)
     feeds, described, class_axis = choose_inputs(model, inputs, max_exhaustive, shapes=shapes)
@@ -197,7 +265,6 @@ def fold_onnx_file(
             break
     if not comparison.passed:
         return None, report, comparison
-    target = out or default_output(path)
     stages.say(f"fold: writing {target}")
     atomic_write(target, lambda tmp: onnx.save_model(folded, tmp))
     return target, report, comparison
@@ -219,6 +286,9 @@ def verify_onnx_files(
     stages = StageProgress(progress)
     stages.say(f"verify: reading {reference} and {candidate}")
     ref, cand = load_model(reference), load_model(candidate)
+    for model, path in ((ref, reference), (cand, candidate)):
+        check_runs(model, path)
+        check_batchnorm_parameters(model, path)
     feeds, described, class_axis = choose_inputs(ref, inputs, max_exhaustive, seed, shapes)
     return compare(
         ref, cand, feeds, described, tolerance, class_axis, say=stages.say, walk=stages.walk

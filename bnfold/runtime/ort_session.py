@@ -26,7 +26,11 @@ def session_options(threads: int = 1, *, optimize: bool = True):
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     level = ort.GraphOptimizationLevel
     so.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
-    so.log_severity_level = 3  # errors only: no warnings on stderr at load time
+    # fatal only: every error ORT raises reaches the user as one BnfoldError line, so its
+    # own log lines (errors included) would only say it twice, in colour; the default
+    # logger is the one that writes while a model loads, before any session exists
+    so.log_severity_level = 4
+    ort.set_default_logger_severity(4)
     return so
 
 

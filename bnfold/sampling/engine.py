@@ -90,6 +90,7 @@ from bnfold.sampling.tokens import (
 ENGINES = ("table", "network")
 DEFAULT_ENGINE = "table"
 DEFAULT_TABLE_BYTES = 256 << 20  # 256 MiB of stored rows per engine
+MAX_TABLE_BYTES = 4096 << 20  # refused beyond (up front, not by a MemoryError half-way)
 MAX_DOMAIN = 1 << 61  # context codes (and masked keys, 2x) must fit an int64
 PRECOMPUTE_CONTEXTS = 1 << 17  # up to this many contexts, the first step asks for them all
 STORE_CHUNK = 4096  # new rows derived and stored at a time
@@ -193,6 +194,11 @@ class SamplerEngine:
             raise BnfoldError(f"engine must be one of {', '.join(ENGINES)}, got {kind!r}")
         if not is_int(table_bytes) or table_bytes < 1:
             raise BnfoldError(f"table size must be a positive number of bytes, got {table_bytes!r}")
+        if table_bytes > MAX_TABLE_BYTES:
+            raise BnfoldError(
+                f"table size must be at most {MAX_TABLE_BYTES >> 20:,} MiB, got"
+                f" {table_bytes:,} bytes"
+            )
         vocab, T = model.vocab, model.block_size
         domain = vocab.size**T
         kind = engine_kind(kind, vocab.size, T)

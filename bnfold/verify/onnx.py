@@ -20,7 +20,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ import onnx
 from onnx import helper
 
 from bnfold.errors import BnfoldError
+from bnfold.io.npz import read_npz
 from bnfold.runtime.onnx_runtime import INPUT_NAME, parse_metadata
 from bnfold.runtime.ort_session import cpu_session
 from bnfold.verify.domain import all_contexts
@@ -245,16 +246,44 @@ def _random_arrays(model: onnx.ModelProto, shape_of: dict[str, list[int]], seed:
 
 
 def npz_feeds(path: str | Path, model: onnx.ModelProto) -> dict:
-    """The user's inputs, one array per graph input name."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            feeds = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise BnfoldError(f"{path}: not a readable .npz file: {e}") from None
+    """The user's inputs, one array per graph input name, read with a bound
+    (:func:`bnfold.io.npz.read_npz`) and checked by :func:`feeds_problem`."""
+    feeds = read_npz(path)
     want = [name for name, _, _ in signature(model)[0]]
     if sorted(feeds) != sorted(want):
         raise BnfoldError(f"{path}: has arrays {sorted(feeds)}, the model's inputs are {want}")
+    problem = feeds_problem(feeds, model)
+    if problem:
+        raise BnfoldError(f"{path}: {problem}")
     return feeds
+
+
+def feeds_problem(feeds: dict[str, np.ndarray], model: onnx.ModelProto) -> str | None:
+    """Why ``feeds`` cannot be evidence that two models agree, or ``None``: every array
+    must have its input's dtype, rank and fixed sizes, hold at least one value, and (for
+    floats) only finite values (a NaN or infinite input makes every output NaN or
+    infinite, and non-finite outputs are not compared)."""
+    for name, elem, dims in signature(model)[0]:
+        x = feeds[name]
+        want = helper.tensor_dtype_to_np_dtype(elem)
+        if x.dtype != want:
+            return f"array {name!r} is {x.dtype}, the model's input {name!r} is {want}"
+        if dims is not None:
+            fixed = [d if isinstance(d, int) and d > 0 else None for d in dims]
+            if x.ndim != len(dims) or any(
+                f is not None and f != n for f, n in zip(fixed, x.shape, strict=True)
+            ):
+                shown = [d if d is not None else "?" for d in fixed]
+                return f"array {name!r} has shape {list(x.shape)}, the model's input is {shown}"
+        if x.size == 0:
+            return f"array {name!r} holds no values (shape {list(x.shape)}): nothing to compare"
+        if x.dtype.kind in "fc" and not np.isfinite(x).all():
+            bad = int(x.size - np.isfinite(x).sum())
+            return (
+                f"array {name!r} holds {bad:,} NaN or infinite value(s) of {x.size:,}: give"
+                " finite inputs"
+            )
+    return None
 
 
 def domain_feeds(model: onnx.ModelProto, max_exhaustive: int, seed: int = 0) -> dict | None:
@@ -446,6 +475,42 @@ def _quiet(_: str) -> None:
     """No progress output."""
 
 
+def finite_examples(*outputs: np.ndarray | None) -> int:
+    """Examples (indices along axis 0) where every given output is finite throughout:
+    those a verdict can rest on (the verdict leaves out rows whose reference or truth is
+    NaN or infinite)."""
+    rows = None
+    for a in (np.asarray(o) for o in outputs if o is not None):
+        if a.dtype.kind not in "fc":
+            ok = np.ones(len(a) if a.ndim else 1, dtype=bool)
+        elif a.ndim >= 2:
+            ok = np.isfinite(a.reshape(len(a), -1)).all(axis=1)
+        else:
+            ok = np.isfinite(a.reshape(-1))
+        rows = ok if rows is None or rows.shape != ok.shape else rows & ok
+    return 0 if rows is None else int(rows.sum())
+
+
+def _needs_evidence(
+    verdict: RoundingVerdict, reference: np.ndarray, truth: np.ndarray | None
+) -> RoundingVerdict:
+    """``verdict``, or a failed one when no example of the output was compared: empty
+    outputs, or outputs NaN or infinite everywhere (all-NaN, infinite or 3e38 inputs) pass
+    every comparison vacuously and prove nothing."""
+    if not verdict.passed or finite_examples(reference, truth) > 0:
+        return verdict
+    why = (
+        "the output is empty"
+        if np.asarray(reference).size == 0
+        else "the reference's output is NaN or infinite for every example"
+    )
+    return replace(
+        verdict,
+        passed=False,
+        reason=f"nothing compared ({why} on these inputs): the comparison proves nothing",
+    )
+
+
 def compare(
     reference: onnx.ModelProto,
     candidate: onnx.ModelProto,
@@ -501,6 +566,7 @@ def compare(
             else:
                 t = None if truth is None else truth[name]
                 verdict = judge_outputs(r, c, t, tolerance=tolerance, class_axis=class_axis)
+            verdict = _needs_evidence(verdict, r, None if truth is None else truth.get(name))
             result.outputs.append(OutputVerdict(name, list(r.shape), verdict))
     if truth_source is not None and truth_source.problem:
         result.float64_problem = truth_source.problem

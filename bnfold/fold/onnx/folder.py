@@ -136,6 +136,7 @@ def _fold_once(
                 layer_name = _label(layer)
                 rule.rewrite(graph, bn, layer)
                 writes.update({w: name for w in set(graph.exact) - before})
+                graph.touch(layer)  # rewired in place (or replaced: then a no-op)
                 graph.refresh()
                 report.folded.append(FoldedNode(name, layer_name, rule.layer_op, direction))
                 done = True

@@ -15,7 +15,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from bnfold.errors import BnfoldError
-from bnfold.io.onnx_files import load_onnx_file
+from bnfold.io.onnx_files import first_line, load_onnx_file, non_finite_initializers
 
 # Ops whose output is a deterministic, side-effect-free function of constant inputs: a
 # weight stored as `Transpose(Cast(initializer))` is as constant as the initializer itself,
@@ -56,8 +56,17 @@ DTYPE_ONLY_INPUTS = {"CastLike": 1}
 def load_model(path: str | Path) -> onnx.ModelProto:
     """The one place onnxfold reads an ONNX file: through :func:`load_onnx_file`, so the
     read is bounded and external data is taken only from inside the model's own folder
-    (inlined; ONNX Runtime never resolves a location itself)."""
-    return load_onnx_file(path, allow_external_data=True).proto
+    (inlined; ONNX Runtime never resolves a location itself), every tensor is checked,
+    and weights holding NaN or infinity are refused (nothing computed from them proves
+    anything)."""
+    proto = load_onnx_file(path, allow_external_data=True).proto
+    bad = non_finite_initializers(proto)
+    if bad:
+        raise BnfoldError(
+            f"{path}: the weights hold NaN or infinite values ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''})"
+        )
+    return proto
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -79,10 +88,14 @@ def _subgraph_inputs(node: onnx.NodeProto) -> Iterator[str]:
 
 @dataclass
 class Graph:
-    """Index of a model's main graph; rebuilt (``refresh``) after every rewrite."""
+    """Index of a model's main graph: producers, consumers, initializers and names.
+
+    Built once; the rules' edits go through :meth:`remove`, :meth:`replace` and
+    :meth:`touch` (a node edited in place), and :meth:`refresh` re-indexes only the nodes
+    those named, so folding N BatchNorms costs O(N), not N whole-graph rebuilds.
+    """
 
     model: onnx.ModelProto
-    nodes: list[onnx.NodeProto] = field(default_factory=list)  # the main graph's, in order
     producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
     consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
     initializers: dict[str, onnx.TensorProto] = field(default_factory=dict)
@@ -92,49 +105,120 @@ class Graph:
     elem_types: dict[str, int] = field(default_factory=dict)  # ONNX dtypes inference knows
     exact: dict[str, np.ndarray] = field(default_factory=dict)  # float64 values of new weights
     dtypes: dict[str, np.dtype] = field(default_factory=dict)  # ... and the dtype each gets
-    _names: set[str] = field(default_factory=set)
+    _names: set[str] = field(default_factory=set)  # every name the graph has used
+    _issued: set[str] = field(default_factory=set)  # fresh names given since the last refresh
+    # The main graph's nodes in order, as slots: slot i holds what became of original node
+    # i (itself, nothing once removed, or the nodes that replaced it), so removing or
+    # replacing a node is O(1) and the order stays topological.
+    _slots: list[list[onnx.NodeProto]] = field(default_factory=list)
+    _slot_of: dict[int, int] = field(default_factory=dict)  # id(node) -> its slot
+    _indexed: dict[int, tuple[onnx.NodeProto, tuple[str, ...], tuple[str, ...]]] = field(
+        default_factory=dict
+    )  # id(node) -> (node, outputs, inputs) as last indexed, to un-index it exactly
+    _dirty: dict[int, onnx.NodeProto] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        # The rules edit this Python list (identity-stable, unlike a protobuf repeated
-        # field); :meth:`commit` writes it back.
-        self.nodes = list(self.model.graph.node)
-        self.refresh()
+        # The rules edit these Python objects (identity-stable, unlike a protobuf repeated
+        # field); :meth:`commit` writes them back.
+        self._slots = [[n] for n in self.model.graph.node]
+        self._slot_of = {id(n): i for i, n in enumerate(self.model.graph.node)}
+        self.rebuild()
+
+    @property
+    def nodes(self) -> list[onnx.NodeProto]:
+        """The main graph's nodes, in order (a new list: O(nodes))."""
+        return [n for slot in self._slots for n in slot]
 
     def commit(self) -> None:
-        nodes = [onnx.NodeProto() for _ in self.nodes]
-        for new, old in zip(nodes, self.nodes, strict=True):
+        nodes = self.nodes
+        copies = [onnx.NodeProto() for _ in nodes]
+        for new, old in zip(copies, nodes, strict=True):
             new.CopyFrom(old)
         del self.g.node[:]
-        self.g.node.extend(nodes)
-        self.nodes = list(self.g.node)
+        self.g.node.extend(copies)
+        self.__post_init__()
 
     def index(self, node: onnx.NodeProto) -> int:
+        """Position of ``node`` in :attr:`nodes` (O(nodes): for messages, not for folding)."""
         return next(i for i, n in enumerate(self.nodes) if n is node)
 
     def remove(self, node: onnx.NodeProto) -> None:
-        del self.nodes[self.index(node)]
+        slot = self._slots[self._slot_of.pop(id(node))]
+        del slot[next(i for i, n in enumerate(slot) if n is node)]
+        self._dirty[id(node)] = node
 
     def replace(self, old: onnx.NodeProto, new: list[onnx.NodeProto]) -> None:
-        i = self.index(old)
-        self.nodes[i : i + 1] = new
+        k = self._slot_of.pop(id(old))
+        slot = self._slots[k]
+        i = next(i for i, n in enumerate(slot) if n is old)
+        slot[i : i + 1] = new
+        self._dirty[id(old)] = old
+        for n in new:
+            self._slot_of[id(n)] = k
+            self._dirty[id(n)] = n
+
+    def touch(self, *nodes: onnx.NodeProto) -> None:
+        """Mark nodes whose inputs or outputs were edited in place (re-indexed by
+        :meth:`refresh`)."""
+        for n in nodes:
+            self._dirty[id(n)] = n
 
     @property
     def g(self) -> onnx.GraphProto:
         return self.model.graph
 
+    def _unindex(self, key: int) -> None:
+        entry = self._indexed.pop(key, None)
+        if entry is None:
+            return
+        node, outputs, inputs = entry
+        for o in outputs:
+            if self.producer.get(o) is node:
+                del self.producer[o]
+        for i in inputs:
+            users = self.consumers.get(i)
+            if users is None:
+                continue
+            k = next((j for j, u in enumerate(users) if u is node), None)
+            if k is not None:
+                del users[k]
+            if not users:
+                del self.consumers[i]
+
+    def _index(self, node: onnx.NodeProto) -> None:
+        outputs = tuple(o for o in node.output if o)
+        inputs = tuple(i for i in (*node.input, *_subgraph_inputs(node)) if i)
+        for o in outputs:
+            self.producer[o] = node
+        for i in inputs:
+            self.consumers.setdefault(i, []).append(node)
+        self._indexed[id(node)] = (node, outputs, inputs)
+        self._names.update(outputs)
+        if node.name:
+            self._names.add(node.name)
+
     def refresh(self) -> None:
+        """Re-index the nodes removed, replaced or touched since the last refresh, and
+        the initializers (the rules add weights only through :meth:`add_initializer`)."""
+        dirty, self._dirty = self._dirty, {}
+        # a fresh name not yet in the graph (a weight still in `exact`) may be given again
+        # after a refresh: a layer that absorbs a second BN overwrites its own new weight
+        self._issued.clear()
+        for key, node in dirty.items():
+            self._unindex(key)
+            if key in self._slot_of:  # still in the graph
+                self._index(node)
+
+    def rebuild(self) -> None:
+        """Index the whole graph from scratch."""
         g = self.g
-        self.producer = {o: n for n in self.nodes for o in n.output if o}
-        self.consumers = {}
-        for n in self.nodes:
-            for i in list(n.input) + list(_subgraph_inputs(n)):
-                if i:
-                    self.consumers.setdefault(i, []).append(n)
+        self.producer, self.consumers, self._indexed, self._dirty = {}, {}, {}, {}
         self.initializers = {t.name: t for t in g.initializer}
         self.graph_inputs = {i.name for i in g.input}
         self.graph_outputs = {o.name for o in g.output}
-        self._names = set(self.producer) | set(self.initializers) | self.graph_inputs
-        self._names |= {n.name for n in self.nodes}
+        self._names |= set(self.initializers) | self.graph_inputs
+        for n in self.nodes:
+            self._index(n)
 
     def infer_ranks(self) -> None:
         """Ranks (for channel-axis checks) and dtypes (for CastLike) of every value that
@@ -156,9 +240,9 @@ class Graph:
 
     def fresh_name(self, base: str) -> str:
         name, k = base, 1
-        while name in self._names:
+        while name in self._names or name in self._issued:
             name, k = f"{base}_{k}", k + 1
-        self._names.add(name)
+        self._issued.add(name)
         return name
 
     def users(self, value: str) -> list[onnx.NodeProto]:
@@ -208,8 +292,10 @@ class Graph:
                 inputs.append(arr)
             try:
                 return _evaluate(node, inputs, self.model), ""
-            except Exception as e:  # onnx.reference raises what numpy raises: not constant then
-                return None, f"{value!r}: cannot evaluate {node.op_type}: {type(e).__name__}"
+            except Exception as e:  # e.g. a Reshape to a shape its input cannot take
+                # not a constant after all: whatever reads it stays unfolded, and the
+                # verification's run of the original reports the model's own error
+                return None, f"{value!r}: its constant expression fails ({first_line(e, 120)})"
         return None, f"{value!r} comes from {node.op_type} node {node.name or '(unnamed)'!r}"
 
     def dtype_of(self, value: str) -> np.dtype | None:
@@ -252,9 +338,10 @@ class Graph:
                 arr = v.astype(self.dtypes[name])
             if not np.isfinite(arr).all():
                 bad[name] = f"the folded weights overflow {arr.dtype}"
-            self.g.initializer.append(numpy_helper.from_array(arr, name))
+            tensor = numpy_helper.from_array(arr, name)
+            self.g.initializer.append(tensor)
+            self.initializers[name] = self.g.initializer[-1]
         self.exact.clear()
-        self.refresh()
         return bad
 
 
