@@ -223,7 +223,9 @@ def test_sigterm_with_a_stalled_body_drains_cleanly(onnx_model, spawn_serve, wai
     try:
         wait_ready(url)
         with connect(url) as s:
-            s.sendall(b'POST /v1/names HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"cou')
+            s.sendall(  # an allowed Host (bnfold serve's default: the bound address)
+                b'POST /v1/names HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{"cou'
+            )
             # the server holds the stalled connection (the one asking for /metrics is the
             # other open one) before it is told to stop
             deadline = time.monotonic() + 10

@@ -8,6 +8,7 @@ import errno
 import logging
 import math
 import os
+import secrets
 import signal
 import socket
 import tempfile
@@ -91,9 +92,12 @@ def _worker_failed(reason: str) -> None:
     gracefully through SIGTERM; a worker process exits with uvicorn's start-up failure
     code, on which uvicorn's supervisor stops every worker instead of restarting it."""
     path = os.environ.get(ENV_FAILURE)
-    if path:
-        with contextlib.suppress(OSError), open(path, "a", encoding="utf-8") as f:
-            f.write(reason + "\n")
+    if path:  # made here, only on failure: a killed service leaves no file behind
+        with contextlib.suppress(OSError):
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+            fd = os.open(path, flags, 0o600)
+            with open(fd, "a", encoding="utf-8") as f:
+                f.write(reason + "\n")
     if os.environ.get(ENV_PARENT) == str(os.getpid()):
         signal.raise_signal(signal.SIGTERM)
     else:
@@ -120,9 +124,9 @@ def run_server(
     log_config = logging_config(log_level, settings.access_log)
     os.environ[ENV_SETTINGS] = settings.to_env()
     os.environ[ENV_PARENT] = str(os.getpid())
-    fd, failure = tempfile.mkstemp(prefix="bnfold-serve-", suffix=".failure")
-    os.close(fd)
-    os.environ[ENV_FAILURE] = failure
+    # where a worker says why its model did not load (an unguessable name, made only then)
+    failure = Path(tempfile.gettempdir(), f"bnfold-serve-{os.getpid()}-{secrets.token_hex(8)}")
+    os.environ[ENV_FAILURE] = str(failure)
     # uvicorn re-raises SIGTERM/SIGINT once it has shut down gracefully: exit 0 then
     signal.signal(signal.SIGTERM, _exit_quietly)
     try:
@@ -139,7 +143,9 @@ def run_server(
         if e.code not in (0, None):
             raise
     finally:
-        reason = Path(failure).read_text("utf-8", "replace").strip().splitlines()
-        Path(failure).unlink(missing_ok=True)
+        reason = []
+        with contextlib.suppress(FileNotFoundError):
+            reason = failure.read_text("utf-8", "replace").strip().splitlines()
+            failure.unlink()
     if reason:  # a worker could not load the model: stopped, not serving "not ready"
         raise BnfoldError(f"{settings.model}: the model failed to load: {reason[0]}")

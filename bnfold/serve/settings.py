@@ -136,18 +136,26 @@ def parse_allowed_hosts(text: str) -> tuple[str, ...]:
 
 
 def check_allowed_hosts(hosts: tuple[str, ...]) -> tuple[str, ...]:
-    """Refuse an empty list and a pattern other than a name, ``*`` or ``*.domain``."""
+    """Refuse an empty list and a pattern other than a name, ``*`` or ``*.domain`` (a
+    port, e.g. ``localhost:8000``, would never match: ``Host`` is compared without it)."""
     if not isinstance(hosts, tuple) or not hosts:
         raise BnfoldError("allowed-hosts must name at least one host (or * for any)")
     for h in hosts:
+        if not isinstance(h, str) or _has_port(h):
+            raise BnfoldError(f"allowed-hosts: {h!r} has a port; give the name alone")
         if (
-            not isinstance(h, str)
-            or not h
+            not h
             or any(c in h for c in "/@ \t")
             or ("*" in h and h != "*" and not (h.startswith("*.") and "*" not in h[1:]))
         ):
             raise BnfoldError(f"allowed-hosts: {h!r} is not a host name, an address, * or *.domain")
     return hosts
+
+
+def _has_port(host: str) -> bool:
+    if host.startswith("["):  # an IPv6 address: a port would follow the "]"
+        return ":" in host.partition("]")[2]
+    return ":" in host
 
 
 def default_allowed_hosts(bind: str) -> tuple[str, ...]:
