@@ -3,4 +3,4 @@
 from bnfold.cli import main
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="bnfold")  # help and hints name the command users type

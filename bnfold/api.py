@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bnfold.errors import BnfoldError
+from bnfold.errors import KEEP_BN_EXPORT, BnfoldError
 from bnfold.io.files import file_sha256
 from bnfold.mlp.data import DEFAULT_WORDS
 from bnfold.sampling.options import SampleOptions
@@ -59,10 +59,6 @@ DEFAULT_MODELS = Path("models")
 
 # How a torch user gets BatchNorms into an ONNX file bnfold can fold (the exporter's
 # defaults fold them away, or hide them in a training-mode graph).
-KEEP_BN_EXPORT = (
-    "torch.onnx.export(model, args, 'model.onnx', dynamo=False,"
-    " training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)"
-)
 TORCH_ROUTES = (
     "fold it from Python with `bnfold.fold(model, inputs=example)` (any nn.Module), or"
     f" export it to ONNX with its BatchNorms kept, {KEEP_BN_EXPORT}, and run"
@@ -457,19 +453,6 @@ def _torch_route_error(path: Path, error: BnfoldError) -> BnfoldError:
     return BnfoldError(f"{path}: {what}", hint=hint)
 
 
-def _check_has_batchnorm(path: Path) -> None:
-    """Refuse, before any work, an ONNX file with no BatchNormalization node."""
-    from bnfold.fold.onnx.graph import load_model
-
-    model = load_model(path)
-    if not any(n.op_type == "BatchNormalization" for n in model.graph.node):
-        raise BnfoldError(
-            f"{path}: no BatchNormalization node: nothing to fold (nothing written)",
-            hint="torch.onnx.export folds BatchNorms into the convolutions by default; to"
-            f" keep them: {KEEP_BN_EXPORT}",
-        )
-
-
 def fold(
     model: nn.Module | str | Path,
     out: str | Path | None = None,
@@ -513,7 +496,6 @@ def fold(
                 hint="numpy.savez('inputs.npz', **{input_name: array}); or fold the torch"
                 " module itself: bnfold.fold(module, inputs=tensor)",
             )
-        _check_has_batchnorm(path)
         written, rep, comparison = fold_onnx_file(
             path,
             None if out is None else Path(out),

@@ -27,3 +27,11 @@ def first_validation_error(e: ValidationError) -> str:
     err = e.errors()[0]
     where = ".".join(str(x) for x in err["loc"]) or "the file"
     return f"{where}: {err['msg']}"[:200]
+
+
+# The route the hints name for torch users: an ONNX export that keeps the BatchNorms (the
+# default exporters fold them silently, so bnfold would find nothing to fold and prove).
+KEEP_BN_EXPORT = (
+    "torch.onnx.export(model, args, 'model.onnx', dynamo=False,"
+    " training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)"
+)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from bnfold.errors import BnfoldError
+from bnfold.errors import KEEP_BN_EXPORT, BnfoldError
 from bnfold.fold.onnx.folder import OnnxFoldReport, fold_onnx
 from bnfold.fold.onnx.graph import Graph, load_model
 from bnfold.io.files import atomic_write, check_output_file
@@ -42,6 +42,19 @@ __all__ = [
     "load_model",
     "verify_onnx_files",
 ]
+
+
+def check_has_batchnorm(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse, before any check or walk, a model with no BatchNormalization node (in its
+    graph or its local functions): there is nothing to fold, and most likely the exporter
+    folded them already."""
+    nodes = [*model.graph.node, *(n for f in model.functions for n in f.node)]
+    if not any(n.op_type == "BatchNormalization" for n in nodes):
+        raise BnfoldError(
+            f"{path}: no BatchNormalization node: nothing to fold (nothing written)",
+            hint="torch.onnx.export folds BatchNorms into the convolutions by default; to"
+            f" keep them: {KEEP_BN_EXPORT}",
+        )
 
 
 def is_onnx(path: Path) -> bool:
@@ -239,6 +252,7 @@ def fold_onnx_file(
     stages = StageProgress(progress)
     stages.say(f"fold: reading {path}")
     model = load_model(path)
+    check_has_batchnorm(model, path)
     check_input_model(model, path)
     stages.say("fold: folding BatchNormalization nodes")
     try:
