@@ -295,7 +295,12 @@ def truth_main(src: str, feeds_path: str, dst: str) -> None:
     print(how)
 
 
-def run_all(directory: Path, aimet_python: str | None, only: list[str] | None = None) -> str:
+def run_all(
+    directory: Path,
+    aimet_python: str | None,
+    only: list[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> str:
     import tempfile
 
     import numpy as np
@@ -362,6 +367,10 @@ def run_all(directory: Path, aimet_python: str | None, only: list[str] | None = 
                 results[name][tool] = cell
                 print(name, tool, {k: v for k, v in cell.items()}, file=sys.stderr, flush=True)
         del original
+        if progress is not None:  # the table so far: a cut-short run still leaves its rows
+            progress(
+                _format(results, manifest, truths, tools, load, time.perf_counter() - t_start, onnx)
+            )
     return _format(results, manifest, truths, tools, load, time.perf_counter() - t_start, onnx)
 
 

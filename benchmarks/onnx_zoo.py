@@ -233,7 +233,9 @@ if __name__ == "__main__":
     if args.generate:
         onnx_heldout.generate(args.generate, args.only)
     elif args.full:
-        text = onnx_heldout.run_all(args.full, args.aimet, args.only)
+        text = onnx_heldout.run_all(
+            args.full, args.aimet, args.only, lambda t: write_section(FULL_SECTION, t)
+        )
         write_section(FULL_SECTION, text)
         print(text)
     else:
