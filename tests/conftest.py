@@ -16,9 +16,10 @@ BNFOLD = str(Path(sys.executable).with_name("bnfold"))
 
 
 def bnfold(*args, cwd=REPO, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
-    """The real command in a fresh process, run from the repository root; stdout and
-    stderr captured apart (not a terminal: no progress bar)."""
-    cmd = [sys.executable, "-m", "bnfold", *map(str, args)]
+    """The real command (the console script, as a user types it) in a fresh process, run
+    from the repository root; stdout and stderr captured apart (not a terminal: no
+    progress bar)."""
+    cmd = [BNFOLD, *map(str, args)]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, **kw)
 
 
