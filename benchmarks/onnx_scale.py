@@ -157,13 +157,61 @@ def ort_basic(path: Path, out: Path) -> dict:
     return {"wall": wall, "rss": rss, "code": code}
 
 
+def breakdown(path: Path, out: Path) -> list[tuple[str, float]]:
+    """Seconds per stage of one in-process ``bnfold fold`` (what the total is made of)."""
+    stages: list[tuple[str, float]] = []
+    t0 = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t0
+        now = time.perf_counter()
+        stages.append((name, now - t0))
+        t0 = now
+
+    import onnx
+
+    from bnfold.pipeline import onnx_fold
+
+    lap("import bnfold.pipeline.onnx_fold (onnx, torch via bnfold.fold.modules)")
+    model = onnx_fold.load_model(path)
+    lap("load_model")
+    folded, _ = onnx_fold.fold_onnx(model)
+    lap("fold_onnx")
+    onnx_fold.check_contract(model, folded)
+    lap("check_contract (onnx.checker full_check)")
+    feeds, _, _ = onnx_fold.choose_inputs(model, None, 4_000_000)
+    from bnfold.verify.onnx import Float64Truth, _run_session, _sessions
+
+    sessions = _sessions(model, folded)
+    lap("two ONNX Runtime sessions (optimisations off)")
+    for sess, what in sessions:
+        _run_session(sess, feeds[0], what)
+    lap("two float32 runs")
+    truth = Float64Truth(model)
+    lap("float64 evaluator: build (parameters to double)")
+    truth.outputs(feeds[0])
+    lap("float64 evaluator: run")
+    onnx.save_model(folded, out)
+    lap("save the folded model")
+    return stages
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(DEFAULT_MODELS))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "bnfold_scale")
     p.add_argument("--export-only", action="store_true")
+    p.add_argument("--breakdown", metavar="MODEL", help="time the stages of one fold")
     args = p.parse_args()
+    if args.breakdown:
+        with tempfile.TemporaryDirectory() as tmp:
+            load = os.getloadavg()[0]
+            rows = breakdown(args.cache / f"{args.breakdown}.onnx", Path(tmp) / "out.onnx")
+        print(f"# stages of one fold of {args.breakdown} (in-process, load average {load:.2f})")
+        for name, seconds in rows:
+            print(f"#   {seconds:5.2f} s  {name}")
+        return
     args.cache.mkdir(parents=True, exist_ok=True)
     names = args.models.split(",")
     for name in names:

@@ -361,3 +361,18 @@ def test_every_injected_error_fails(case):
         result = compare(model, _inject(model, kind, feeds), feeds, "random")
         assert not result.passed, (case, kind, result.format())
         assert {o.verdict.criterion for o in result.outputs} == {"float64"}
+
+
+def test_float_constant_attributes_become_double():
+    """``Constant(value_float=...)`` would come out float32 and keep a float32 path alive."""
+    nodes = [
+        helper.make_node("Constant", [], ["a"], value_float=0.1),
+        helper.make_node("Constant", [], ["b"], value_floats=[0.2, 0.3]),
+        helper.make_node("Div", ["a", "b"], ["y"]),
+    ]
+    g = helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info("y", 1, [2])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    got = Float64Evaluator(model).run({})["y"]
+    want = np.float64(np.float32(0.1)) / np.float32([0.2, 0.3]).astype(np.float64)
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got, want)

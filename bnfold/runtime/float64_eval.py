@@ -66,6 +66,8 @@ def double_nodes(graph: onnx.GraphProto, *, initializers: bool = True) -> None:
         if _is_float_type(tt.elem_type):
             tt.elem_type = TensorProto.DOUBLE
     for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            _constant_as_tensor(node)
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.TENSOR:
                 _double_tensor(attr.t)
@@ -80,6 +82,21 @@ def double_nodes(graph: onnx.GraphProto, *, initializers: bool = True) -> None:
                 and _is_float_type(attr.i)
             ):
                 attr.i = TensorProto.DOUBLE
+
+
+def _constant_as_tensor(node: onnx.NodeProto) -> None:
+    """``Constant(value_float[s]=...)`` as a tensor ``value`` (made double with the rest):
+    its float attribute would otherwise come out as float32."""
+    from onnx import helper
+
+    for attr in list(node.attribute):
+        if attr.name in ("value_float", "value_floats"):
+            values = [attr.f] if attr.name == "value_float" else list(attr.floats)
+            shape = [] if attr.name == "value_float" else [len(values)]
+            node.attribute.remove(attr)
+            node.attribute.append(
+                helper.make_attribute("value", helper.make_tensor("value", 1, shape, values))
+            )
 
 
 def to_double(value: np.ndarray) -> np.ndarray:
