@@ -63,12 +63,14 @@ def reference(onnx_model):
 
 
 def stops_accepting(url: str, within: float) -> bool:
-    """Whether connections to ``url`` are refused within ``within`` seconds (polled)."""
+    """Whether connections to ``url`` are refused within ``within`` seconds (polled). A
+    connection the server closes without an answer (accepted in the instant it stopped
+    listening) counts as refused too: it was not served."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         try:
             httpx.get(url, timeout=2)
-        except httpx.ConnectError:
+        except (httpx.ConnectError, httpx.RemoteProtocolError):
             return True
         time.sleep(0.01)
     return False
