@@ -17,7 +17,6 @@ around each process, peak RSS is the child's ``ru_maxrss``. Results go to
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -25,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -84,27 +82,13 @@ def _builders() -> dict[str, tuple[Callable, tuple[int, ...]]]:
 def export_model(name: str, path: Path) -> None:
     """Export torchvision ``name`` with its BNs kept and randomised statistics to ``path``."""
     import onnx_zoo
-    import torch
 
     build, shape = _builders()[name]
-    torch.manual_seed(0)
-    model = onnx_zoo.randomize_bn(build(), seed=0)
-    f = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (torch.randn(*shape),),
-            f,
-            dynamo=False,
-            training=torch.onnx.TrainingMode.PRESERVE,
-            do_constant_folding=False,
-            input_names=["x"],
-            output_names=["y"],
-            opset_version=onnx_zoo.OPSET,
-        )
+    # the zoo's export at a static input size (dynamic_axes=None): BNs kept, statistics
+    # randomised with seed 0
+    model = onnx_zoo.export_with(build(), shape, seed=0, dynamic_axes=None)
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(f.getvalue())
+    tmp.write_bytes(model.SerializeToString())
     tmp.replace(path)
 
 

@@ -65,29 +65,8 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def export(model: nn.Module, shape: tuple[int, ...], seed: int = 0) -> onnx.ModelProto:
     """torch.onnx export that keeps BN nodes (TorchScript exporter, PRESERVE, no constant
-    folding), batch dimension dynamic."""
-    torch.manual_seed(seed)
-    model = randomize_bn(model, seed)
-    f = io.BytesIO()
-    with warnings.catch_warnings():  # the TorchScript exporter is deprecated, and says so
-        warnings.simplefilter("ignore", DeprecationWarning)
-        _export(model, shape, f)
-    return onnx.load_from_string(f.getvalue())
-
-
-def _export(model: nn.Module, shape: tuple[int, ...], f: io.BytesIO) -> None:
-    torch.onnx.export(
-        model,
-        (torch.randn(*shape),),
-        f,
-        dynamo=False,
-        training=torch.onnx.TrainingMode.PRESERVE,
-        do_constant_folding=False,
-        input_names=["x"],
-        output_names=["y"],
-        dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
-        opset_version=OPSET,
-    )
+    folding), batch dimension dynamic: :func:`export_with` with its defaults."""
+    return export_with(model, shape, seed)
 
 
 def _t(name: str, a) -> onnx.TensorProto:
