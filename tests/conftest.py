@@ -182,6 +182,19 @@ def live():
     return run
 
 
+def stop_server(proc) -> None:
+    """SIGTERM a ``spawn_serve`` process and reap it (killed if it has not drained in 30 s)."""
+    import signal
+    import subprocess
+
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.fixture(scope="session")
 def spawn_serve():
     """``spawn_serve(model, *args) -> (Popen, url)``: ``cli.py serve`` as a subprocess."""

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from conftest import stop_server
 
 from bnfold.errors import BnfoldError
 from bnfold.io.files import StagedOutputs, commit_files
@@ -94,12 +94,7 @@ def serving(spawn_serve, wait_ready, model: Path, *extra: str):
         wait_ready(url)
         yield url
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
 
 
 # ------------------------------------------------- item 3: the output set, all or none

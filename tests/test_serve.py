@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import stop_server
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -564,12 +565,7 @@ def test_workers_each_load_their_own_session(onnx_model, spawn_serve, wait_ready
         b = httpx.post(url + "/v1/names", json={"count": 9, "seed": 8}).json()
         assert a["names"] == b["names"]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
 
 
 def test_serve_refuses_a_missing_model(tmp_path):
