@@ -8,8 +8,9 @@ sits in between, by the layer just after it (scale the layer's input columns and
 shift through the weights). All arithmetic is done in float64 and cast back once, to the
 layer's own dtype.
 
-The pure functions (:func:`bn_scale_shift`, :func:`fold_bn_into_preceding`,
-:func:`fold_bn_into_following`) work on tensors, in the spirit of
+The fold arithmetic is :mod:`bnfold.fold.algebra`'s (float64 numpy, shared with the ONNX folder);
+its torch face (:func:`bn_scale_shift`, :func:`fold_bn_into_preceding`,
+:func:`fold_bn_into_following`) works on tensors, in the spirit of
 ``torch.nn.utils.fusion``. The module-level helpers (:func:`fold_linear_bn`,
 :func:`fold_conv_bn`, :func:`fold_bn_linear`, :func:`fold_bn_conv`) return new layers. The
 entry point :func:`fold_batchnorm` folds a whole model (any ``nn.Sequential``, any
@@ -28,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 import torch.fx
 import torch.nn.functional as F
@@ -36,18 +38,40 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from bnfold.errors import BnfoldError
+from bnfold.fold import algebra
 
 Tensor = torch.Tensor
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 LAYER_TYPES = (nn.Linear, *CONV_TYPES, *TRANSPOSED_TYPES)
-INTO_PRECEDING = "into_preceding"
-INTO_FOLLOWING = "into_following"
+INTO_PRECEDING, INTO_FOLLOWING = algebra.INTO_PRECEDING, algebra.INTO_FOLLOWING
 
 
 # --------------------------------------------------------------------------------------
-# Pure tensor functions
+# The algebra's torch face (the arithmetic itself is bnfold.fold.algebra's, in float64)
 # --------------------------------------------------------------------------------------
+
+
+def _f64(t: Tensor | None) -> np.ndarray | None:
+    """A tensor's values as a float64 numpy array (exact for every float dtype)."""
+    return None if t is None else t.detach().to(device="cpu", dtype=torch.float64).numpy()
+
+
+def _cast(
+    new_w: np.ndarray,
+    new_b: np.ndarray,
+    weight: Tensor,
+    bias: Tensor | None,
+    dtype: torch.dtype | None,
+) -> tuple[Tensor, Tensor]:
+    """The float64 results cast once: to ``dtype``, else the layer's own dtypes (the
+    bias's, or the weight's for a layer without one), on the weight's device."""
+    wd = dtype or weight.dtype
+    bd = dtype or (bias.dtype if bias is not None else weight.dtype)
+    return (
+        torch.from_numpy(new_w).to(device=weight.device, dtype=wd),
+        torch.from_numpy(new_b).to(device=weight.device, dtype=bd),
+    )
 
 
 def bn_scale_shift(
@@ -57,47 +81,23 @@ def bn_scale_shift(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The eval-mode BatchNorm as ``x * scale + shift`` per channel, in float64.
-
-    Args:
-        running_mean: (C,) running mean.
-        running_var: (C,) running variance.
-        eps: the BatchNorm's epsilon.
-        weight: (C,) gamma, or ``None`` for ``affine=False`` (gamma = 1).
-        bias: (C,) beta, or ``None`` for ``affine=False`` (beta = 0).
-
-    Returns:
-        ``(scale, shift)``, both float64 of shape (C,): ``scale = gamma / sqrt(var + eps)``,
-        ``shift = beta - mean * scale``.
+    """The eval-mode BatchNorm as ``x * scale + shift`` per channel, both float64 (C,):
+    ``scale = gamma / sqrt(var + eps)``, ``shift = beta - mean * scale``; ``weight`` and
+    ``bias`` (gamma, beta) ``None`` for ``affine=False``.
 
     Raises:
-        ValueError: when the statistics give a non-finite scale or shift
-        (e.g. ``running_var + eps <= 0`` or NaN statistics).
+        ValueError: ``running_var + eps`` is not positive, or the statistics or
+        parameters are not finite.
     """
-    mean = running_mean.detach().to(torch.float64)
-    var = running_var.detach().to(torch.float64)
-    gamma = torch.ones_like(mean) if weight is None else weight.detach().to(torch.float64)
-    beta = torch.zeros_like(mean) if bias is None else bias.detach().to(torch.float64)
-    denom = var + float(eps)
-    if not bool(torch.all(denom > 0)):
-        raise ValueError("running_var + eps is not positive for every channel")
-    scale = gamma / torch.sqrt(denom)
-    shift = beta - mean * scale
-    if not (bool(torch.isfinite(scale).all()) and bool(torch.isfinite(shift).all())):
-        raise ValueError("BatchNorm statistics or parameters are not finite")
-    return scale, shift
+    scale, shift = algebra.bn_scale_shift(
+        _f64(running_mean), _f64(running_var), eps, _f64(weight), _f64(bias)
+    )
+    return torch.from_numpy(scale), torch.from_numpy(shift)
 
 
 def bias64(bias: Tensor | None, out: int) -> Tensor:
-    """A layer's bias in float64, zeros for a layer without one (a folded layer always
-    has a bias: the BatchNorm's shift)."""
-    return torch.zeros(out, dtype=torch.float64) if bias is None else bias.detach().double()
-
-
-def _out_dtype(weight: Tensor, bias: Tensor | None, dtype: torch.dtype | None):
-    if dtype is not None:
-        return dtype, dtype
-    return weight.dtype, (bias.dtype if bias is not None else weight.dtype)
+    """A layer's bias in float64, zeros for a layer without one."""
+    return torch.from_numpy(algebra.bias64(_f64(bias), out))
 
 
 def fold_bn_into_preceding(
@@ -110,45 +110,16 @@ def fold_bn_into_preceding(
     bn_bias: Tensor | None = None,
     dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Weights of ``layer`` such that ``layer'(x) == bn(layer(x))`` (BN after the layer).
-
-    ``W' = W * s[:, None, ...]`` and ``b' = (b - mean) * s + beta``, with
-    ``s = gamma / sqrt(var + eps)``.
-
-    Args:
-        weight: Linear (out, in) or Conv (out, in/groups, *kernel) weight.
-        bias: (out,) bias or ``None`` (treated as zero; the result always has a bias).
-        running_mean, running_var, eps: the BatchNorm's statistics; (out,) or (1,).
-        bn_weight, bn_bias: gamma and beta, ``None`` for ``affine=False``.
-        dtype: dtype of the result; default: the layer's own (bias: the bias's dtype).
-
-    Returns:
-        ``(new_weight, new_bias)``, computed in float64 and cast to ``dtype``. A
-        one-channel BN is a scalar affine map and broadcasts over every output.
-    """
-    out = weight.shape[0]
-    c = running_mean.numel()
-    if c not in (out, 1):
-        raise ValueError(f"BatchNorm has {c} channels but the layer has {out} outputs")
-    s, t = bn_scale_shift(running_mean, running_var, eps, bn_weight, bn_bias)
-    s, t = s.expand(out), t.expand(out)
-    w64 = weight.detach().to(torch.float64)
-    b64 = bias64(bias, out)
-    new_w = w64 * s.reshape(-1, *([1] * (weight.dim() - 1)))
-    new_b = b64 * s + t  # == (b - mean) * s + beta
-    wd, bd = _out_dtype(weight, bias, dtype)
-    return new_w.to(wd), new_b.to(bd)
-
-
-def _per_input(v: Tensor, out: int, in_per_group: int, groups: int) -> Tensor:
-    """(C_in,) per-input-channel vector -> (out, C_in/groups) aligned with a weight."""
-    if v.numel() == 1:
-        return v.reshape(1, 1).expand(out, in_per_group)
-    return (
-        v.reshape(groups, 1, in_per_group)
-        .expand(groups, out // groups, in_per_group)
-        .reshape(out, in_per_group)
+    """Weights of ``layer`` such that ``layer'(x) == bn(layer(x))`` (BN after the layer):
+    ``W' = W * s`` per output row, ``b' = (b - mean) * s + beta``
+    (:func:`bnfold.fold.algebra.fold_into_preceding`), computed in float64 and cast once
+    to ``dtype`` (default: the layer's own). ``weight``: Linear ``(out, in)`` or Conv
+    ``(out, in/groups, *k)``; ``bias`` ``None`` is zero (the result always has one)."""
+    scale, shift = algebra.bn_scale_shift(
+        _f64(running_mean), _f64(running_var), eps, _f64(bn_weight), _f64(bn_bias)
     )
+    new_w, new_b = algebra.fold_into_preceding(_f64(weight), _f64(bias), scale, shift)
+    return _cast(new_w, new_b, weight, bias, dtype)
 
 
 def fold_bn_into_following(
@@ -162,64 +133,15 @@ def fold_bn_into_following(
     groups: int = 1,
     dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Weights of ``layer`` such that ``layer'(x) == layer(bn(x))`` (BN before the layer).
-
-    With ``bn(x) = x * s + t`` on the layer's input channels: ``W' = W * s`` along the
-    input axis and ``b' = b + W @ t`` (for a Conv: ``b' = b + sum(W * t)`` over input
-    channels and kernel positions). For a Conv this is exact only when the convolution
-    never sees padding zeros (the BN would have shifted them): the caller checks that.
-
-    Args:
-        weight: Linear (out, in) or Conv (out, in/groups, *kernel) weight.
-        bias: (out,) bias or ``None`` (treated as zero; the result always has a bias).
-        running_mean, running_var, eps: the BatchNorm's statistics; (in,) or (1,).
-        bn_weight, bn_bias: gamma and beta, ``None`` for ``affine=False``.
-        groups: the convolution's ``groups`` (1 for Linear).
-        dtype: dtype of the result; default: the layer's own (bias: the bias's dtype).
-
-    Returns:
-        ``(new_weight, new_bias)``, computed in float64 and cast to ``dtype``.
-    """
-    out, in_per_group = weight.shape[0], weight.shape[1]
-    c = running_mean.numel()
-    if c not in (in_per_group * groups, 1):
-        raise ValueError(
-            f"BatchNorm has {c} channels but the layer takes {in_per_group * groups} inputs"
-        )
-    s, t = bn_scale_shift(running_mean, running_var, eps, bn_weight, bn_bias)
-    s_w = _per_input(s, out, in_per_group, groups)
-    t_w = _per_input(t, out, in_per_group, groups)
-    kernel = [1] * (weight.dim() - 2)
-    w64 = weight.detach().to(torch.float64)
-    b64 = bias64(bias, out)
-    new_w = w64 * s_w.reshape(out, in_per_group, *kernel)
-    new_b = b64 + (w64 * t_w.reshape(out, in_per_group, *kernel)).flatten(1).sum(1)
-    wd, bd = _out_dtype(weight, bias, dtype)
-    return new_w.to(wd), new_b.to(bd)
-
-
-def transposed_as_conv_weight(weight: Tensor, groups: int) -> Tensor:
-    """A ConvTranspose weight ``(C_in, C_out/groups, *k)`` laid out output-major as
-    ``(C_out, C_in/groups, *k)`` (a pure permutation), so :func:`fold_bn_into_preceding`
-    scales its output channels. :func:`conv_as_transposed_weight` undoes it."""
-    c_in, out_per_group, *kernel = weight.shape
-    if c_in % groups:
-        raise ValueError(f"{c_in} input channels do not split into {groups} groups")
-    return (
-        weight.reshape(groups, c_in // groups, out_per_group, *kernel)
-        .transpose(1, 2)
-        .reshape(groups * out_per_group, c_in // groups, *kernel)
+    """Weights of ``layer`` such that ``layer'(x) == layer(bn(x))`` (BN before the layer):
+    ``W' = W * s`` along the input axis, ``b' = b + W @ t``
+    (:func:`bnfold.fold.algebra.fold_into_following`; exact for a Conv only when it never
+    reads padding zeros: the caller checks that), in float64, cast once to ``dtype``."""
+    scale, shift = algebra.bn_scale_shift(
+        _f64(running_mean), _f64(running_var), eps, _f64(bn_weight), _f64(bn_bias)
     )
-
-
-def conv_as_transposed_weight(weight: Tensor, groups: int) -> Tensor:
-    """Inverse of :func:`transposed_as_conv_weight`."""
-    c_out, in_per_group, *kernel = weight.shape
-    return (
-        weight.reshape(groups, c_out // groups, in_per_group, *kernel)
-        .transpose(1, 2)
-        .reshape(groups * in_per_group, c_out // groups, *kernel)
-    )
+    new_w, new_b = algebra.fold_into_following(_f64(weight), _f64(bias), scale, shift, groups)
+    return _cast(new_w, new_b, weight, bias, dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -254,11 +176,14 @@ def fold_into_layer_output(
     """:func:`fold_bn_into_preceding` for any Linear/Conv/ConvTranspose ``layer`` (whose
     ``weight``/``bias`` are given separately, e.g. as float64 work copies): a transposed
     convolution's weight is permuted to output-major layout and back (exact)."""
-    if isinstance(layer, nn.modules.conv._ConvTransposeNd):
-        w = transposed_as_conv_weight(weight, layer.groups)
-        new_w, new_b = fold_bn_into_preceding(w, bias, *bn_stats, dtype=dtype)
-        return conv_as_transposed_weight(new_w, layer.groups), new_b
-    return fold_bn_into_preceding(weight, bias, *bn_stats, dtype=dtype)
+    if not isinstance(layer, nn.modules.conv._ConvTransposeNd):
+        return fold_bn_into_preceding(weight, bias, *bn_stats, dtype=dtype)
+    mean, var, eps, gamma, beta = bn_stats
+    scale, shift = algebra.bn_scale_shift(_f64(mean), _f64(var), eps, _f64(gamma), _f64(beta))
+    w = algebra.transposed_as_conv_weight(_f64(weight), layer.groups)
+    new_w, new_b = algebra.fold_into_preceding(w, _f64(bias), scale, shift)
+    new_w = np.ascontiguousarray(algebra.conv_as_transposed_weight(new_w, layer.groups))
+    return _cast(new_w, new_b, weight, bias, dtype)
 
 
 def fold_conv_bn(conv: nn.modules.conv._ConvNd, bn: _BatchNorm) -> nn.modules.conv._ConvNd:

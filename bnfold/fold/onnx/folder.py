@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import onnx
 import onnx.inliner
 
-from bnfold.fold.modules import INTO_FOLLOWING, INTO_PRECEDING
+from bnfold.fold.algebra import INTO_FOLLOWING, INTO_PRECEDING
 from bnfold.fold.onnx.graph import Graph, default_opset, detach_dtype_reads, prune
 from bnfold.fold.onnx.rules import RULES, read_batchnorm
 

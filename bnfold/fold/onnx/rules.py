@@ -2,7 +2,7 @@
 neighbour of the BatchNormalization node, of which op type), a *check* that returns the
 reason the fold would not be exact (or ``None``), and a *rewrite*.
 
-The algebra is bnfold's own (:mod:`bnfold.fold.modules`): float64 throughout, and the new weights
+The algebra is bnfold's own (:mod:`bnfold.fold.algebra`): float64 throughout, and the new weights
 stay float64 in :attr:`Graph.exact` until :meth:`Graph.materialize` casts them once, so a
 layer that absorbs two BatchNorms is still cast only once.
 """
@@ -13,21 +13,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import torch
 from onnx import helper
 
-from bnfold.fold.modules import (
+from bnfold.fold.algebra import (
     INTO_FOLLOWING,
     INTO_PRECEDING,
     bn_scale_shift,
     conv_as_transposed_weight,
-    fold_bn_into_following,
-    fold_bn_into_preceding,
+    fold_into_following,
+    fold_into_preceding,
     transposed_as_conv_weight,
 )
 from bnfold.fold.onnx.graph import Graph, default_opset
-
-F64 = torch.float64
 
 
 @dataclass(frozen=True)
@@ -47,13 +44,9 @@ class BatchNorm:
     def channels(self) -> int:
         return int(self.mean.size)
 
-    def stats(self) -> tuple:
-        """Arguments of :func:`bnfold.fold.modules.fold_bn_into_preceding` after weight/bias."""
-        t = [
-            torch.from_numpy(np.asarray(a, dtype=np.float64).reshape(-1))
-            for a in (self.mean, self.var, self.scale, self.bias)
-        ]
-        return t[0], t[1], self.eps, t[2], t[3]
+    def scale_shift(self) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`bnfold.fold.algebra.bn_scale_shift` of this node (raises ``ValueError``)."""
+        return bn_scale_shift(self.mean, self.var, self.eps, self.scale, self.bias)
 
 
 def _attr(node: onnx.NodeProto, name: str, default):
@@ -106,7 +99,7 @@ def read_batchnorm(graph: Graph, node: onnx.NodeProto) -> tuple[BatchNorm | None
         float(_attr(node, "epsilon", 1e-5)),
     )
     try:
-        bn_scale_shift(*bn.stats())
+        bn.scale_shift()
     except ValueError as e:
         return None, str(e)
     return bn, ""
@@ -175,10 +168,6 @@ def _gemm_parts(graph: Graph, gemm: onnx.NodeProto):
         else:
             bias = np.broadcast_to(c.reshape(-1), (n,)) * beta
     return w, bias, _target_dtype(graph, gemm.input[1])
-
-
-def _t(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
 
 
 def _linear_nodes(
@@ -288,22 +277,23 @@ class _ConvLike(FoldRule):
 
     def rewrite(self, graph, bn, layer):
         groups = int(_attr(layer, "group", 1))
-        w = _t(graph.constant(layer.input[1])[0])
+        w = graph.constant(layer.input[1])[0]
         has_bias = len(layer.input) > 2 and layer.input[2]
-        b = _t(graph.constant(layer.input[2])[0]) if has_bias else None
+        b = graph.constant(layer.input[2])[0] if has_bias else None
+        scale, shift = bn.scale_shift()
         dtype = _target_dtype(graph, layer.input[1])
         if self.direction == INTO_PRECEDING:
             if self.transposed:
                 wc = transposed_as_conv_weight(w, groups)
-                nw, nb = fold_bn_into_preceding(wc, b, *bn.stats(), dtype=F64)
+                nw, nb = fold_into_preceding(wc, b, scale, shift)
                 nw = conv_as_transposed_weight(nw, groups)
             else:
-                nw, nb = fold_bn_into_preceding(w, b, *bn.stats(), dtype=F64)
+                nw, nb = fold_into_preceding(w, b, scale, shift)
         else:
-            nw, nb = fold_bn_into_following(w, b, *bn.stats(), groups=groups, dtype=F64)
+            nw, nb = fold_into_following(w, b, scale, shift, groups)
         base = layer.name or layer.output[0]
-        wn = graph.add_initializer(f"{base}_weight_bnfold", nw.numpy(), dtype)
-        bn_ = graph.add_initializer(f"{base}_bias_bnfold", nb.numpy(), dtype)
+        wn = graph.add_initializer(f"{base}_weight_bnfold", nw, dtype)
+        bn_ = graph.add_initializer(f"{base}_bias_bnfold", nb, dtype)
         x = layer.input[0]
         del layer.input[:]
         layer.input.extend([x, wn, bn_])
@@ -395,21 +385,22 @@ class _LinearLike(FoldRule):
     def rewrite(self, graph, bn, layer):
         w, b, dtype = self.parts(graph, layer)
         rows = b is not None and b.ndim == 2  # a Gemm C with one bias row per example row
-        vector = None if b is None or rows else _t(b)
+        vector = None if b is None or rows else b
+        scale, shift = bn.scale_shift()
         if self.direction == INTO_PRECEDING:
-            nw, nb = fold_bn_into_preceding(_t(w), vector, *bn.stats(), dtype=F64)
+            nw, nb = fold_into_preceding(w, vector, scale, shift)
             x, y = layer.input[0], bn.y
             if rows:  # bn(C) row by row: C's transpose is scaled like a weight, plus the shift
-                ct, shift = fold_bn_into_preceding(_t(b.T), None, *bn.stats(), dtype=F64)
-                nb = ct.T + shift
+                ct, row_shift = fold_into_preceding(b.T, None, scale, shift)
+                nb = ct.T + row_shift
         else:
-            nw, nb = fold_bn_into_following(_t(w), vector, *bn.stats(), dtype=F64)
+            nw, nb = fold_into_following(w, vector, scale, shift)
             x, y = bn.x, layer.output[0]
             if rows:  # the shift pushed through W is added to every row of C
-                nb = _t(b) + nb
+                nb = b.astype(np.float64) + nb
         two_d = self.two_d(graph, bn, layer)
         trans_a = int(_attr(layer, "transA", 0))
-        new = _linear_nodes(graph, layer, x, y, nw.numpy(), nb.numpy(), dtype, two_d, trans_a)
+        new = _linear_nodes(graph, layer, x, y, nw, nb, dtype, two_d, trans_a)
         graph.remove(bn.node)
         graph.replace(layer, new)
 
