@@ -306,3 +306,26 @@ def non_finite_initializers(proto: onnx.ModelProto) -> list[str]:
 def weight_count(proto: onnx.ModelProto) -> int:
     """Number of values in the graph's initializers (the model's weights)."""
     return int(sum(int(np.prod(t.dims, dtype=np.int64)) for t in proto.graph.initializer))
+
+
+def weightless_copy(model: onnx.ModelProto, keep_elements: int = 64) -> onnx.ModelProto:
+    """A copy of ``model``'s structure for passes that need types and shapes, not weights
+    (shape inference, the onnx checker): initializers above ``keep_elements`` values
+    become typed graph inputs, so no parameter is copied or serialised (resnet50: 100 MB).
+    Small ones stay: shape computations read their values (a Reshape's target shape)."""
+    out = onnx.ModelProto()
+    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(out, name, getattr(model, name))
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(model.functions)
+    graph, g = model.graph, out.graph
+    g.name = graph.name
+    for name in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(g, name).extend(getattr(graph, name))
+    declared = {i.name for i in graph.input}
+    for t in graph.initializer:
+        if math.prod(t.dims) <= keep_elements:
+            g.initializer.append(t)
+        elif t.name not in declared:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return out

@@ -18,7 +18,7 @@ from bnfold.errors import KEEP_BN_EXPORT, BnfoldError
 from bnfold.fold.onnx.folder import OnnxFoldReport, fold_onnx
 from bnfold.fold.onnx.graph import Graph, load_model
 from bnfold.io.files import atomic_write, check_output_file
-from bnfold.io.onnx_files import first_line
+from bnfold.io.onnx_files import first_line, weightless_copy
 from bnfold.verify.domain import DEFAULT_MAX_EXHAUSTIVE
 from bnfold.verify.onnx import (
     DYNAMIC_DIM,
@@ -128,12 +128,19 @@ def check_fold_output(source: Path, target: Path) -> Path:
     return Path(target)
 
 
+def full_check(model: onnx.ModelProto) -> None:
+    """The full onnx checker (structure, then strict shape inference) on the model's
+    structure: its weights' own sizes and values were checked when the file was read,
+    and the folded ones are made by :meth:`Graph.materialize` from those."""
+    onnx.checker.check_model(weightless_copy(model), full_check=True)
+
+
 def check_input_model(model: onnx.ModelProto, path: Path) -> None:
     """The model to fold passes the full onnx checker and ONNX Runtime can load it
     (unknown ops, a cycle, an opset without kernels are the input's fault, said in one
     line naming it, before any folding)."""
     try:
-        onnx.checker.check_model(model, full_check=True)
+        full_check(model)
     except Exception as e:  # ValidationError, InferenceError, ...
         raise BnfoldError(f"{path}: not a valid ONNX model: {first_line(e, 300)}") from None
     check_runs(model, path)
@@ -175,7 +182,7 @@ def check_runs(model: onnx.ModelProto, path: Path) -> None:
 def check_contract(original: onnx.ModelProto, folded: onnx.ModelProto) -> None:
     """The folded model passes the full onnx checker and keeps the graph's interface."""
     try:
-        onnx.checker.check_model(folded, full_check=True)
+        full_check(folded)
     except Exception as e:  # a bug in a rule, not a user error: say which check failed
         raise BnfoldError(f"the folded model fails onnx.checker: {first_line(e, 300)}") from None
     for what in ("input", "output"):
