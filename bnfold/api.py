@@ -127,7 +127,7 @@ def train(
     2). ``report``: also record diagnostics and write a report folder there. ``calibrate``:
     run the lecture's BatchNorm calibration pass after training. The model's sizes
     (``n_embd``, ``n_hidden``, ``n_layers``, ``block_size``) and ``seed`` default to the
-    lecture's (``bnfold.mlp.model.DEFAULT_MODEL``)."""
+    lecture's (``bnfold.mlp.config.DEFAULT_MODEL``)."""
     from bnfold.pipeline.train_fold import train_to_checkpoint
 
     shape = dict(n_embd=n_embd, n_hidden=n_hidden, n_layers=n_layers, block_size=block_size)
