@@ -17,7 +17,6 @@ are imported by the functions that need them.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
 from bnfold.version import __version__
 
@@ -28,48 +27,15 @@ from bnfold.version import __version__
 for _package in ("fold", "report", "verify"):
     importlib.import_module(f"bnfold.{_package}")
 
-from bnfold.api import (  # noqa: E402
-    Exported,
-    FoldResult,
-    Samples,
-    Trained,
-    TrainReport,
-    VerifyResult,
-    export,
-    fold,
-    report,
-    sample,
-    train,
-    verify,
-)
+from bnfold import api  # noqa: E402
+from bnfold.api import *  # noqa: E402, F403 (the API's names, listed once: api.__all__)
 from bnfold.errors import BnfoldError  # noqa: E402
+from bnfold.mlp.config import TrainConfig  # noqa: E402 (torch-free)
 
-if TYPE_CHECKING:
-    from bnfold.mlp.train import TrainConfig
-
+# the public names: the API's functions and results (its DEFAULT_* paths stay in bnfold.api)
 __all__ = [
     "BnfoldError",
-    "Exported",
-    "FoldResult",
-    "Samples",
     "TrainConfig",
-    "TrainReport",
-    "Trained",
-    "VerifyResult",
     "__version__",
-    "export",
-    "fold",
-    "report",
-    "sample",
-    "train",
-    "verify",
+    *(name for name in api.__all__ if not name.startswith("DEFAULT_")),
 ]
-
-
-def __getattr__(name: str) -> Any:
-    """PEP 562: ``bnfold.TrainConfig`` imports torch only when asked for."""
-    if name == "TrainConfig":
-        from bnfold.mlp.train import TrainConfig
-
-        return TrainConfig
-    raise AttributeError(f"module 'bnfold' has no attribute {name!r}")

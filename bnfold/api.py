@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 from bnfold.errors import KEEP_BN_EXPORT, BnfoldError
 from bnfold.io.files import file_sha256
+from bnfold.mlp.config import DEFAULT_PRESET
 from bnfold.mlp.data import DEFAULT_WORDS
 from bnfold.sampling.options import SampleOptions
-from bnfold.verify.domain import DEFAULT_MAX_EXHAUSTIVE
+from bnfold.verify.domain import DEFAULT_MAX_EXHAUSTIVE, DEFAULT_SAMPLE_SIZE
 
 if TYPE_CHECKING:
     import torch
@@ -105,7 +106,7 @@ def train(
     words: str | Path | None = None,
     out: str | Path = DEFAULT_MODELS,
     *,
-    preset: str = "fast",
+    preset: str = DEFAULT_PRESET,
     steps: int | None = None,
     batch_size: int | None = None,
     lr: float | None = None,
@@ -126,7 +127,7 @@ def train(
     2). ``report``: also record diagnostics and write a report folder there. ``calibrate``:
     run the lecture's BatchNorm calibration pass after training. The model's sizes
     (``n_embd``, ``n_hidden``, ``n_layers``, ``block_size``) and ``seed`` default to the
-    lecture's (``bnfold.mlp.model.DEFAULT_MODEL``)."""
+    lecture's (``bnfold.mlp.config.DEFAULT_MODEL``)."""
     from bnfold.pipeline.train_fold import train_to_checkpoint
 
     shape = dict(n_embd=n_embd, n_hidden=n_hidden, n_layers=n_layers, block_size=block_size)
@@ -579,7 +580,7 @@ def verify(
     inputs: torch.Tensor | Sequence[torch.Tensor] | str | Path | None = None,
     tolerance: float | None = None,
     max_exhaustive: int = DEFAULT_MAX_EXHAUSTIVE,
-    sample_size: int = 1_000_000,
+    sample_size: int = DEFAULT_SAMPLE_SIZE,
     seed: int = 0,
     float64_reference: str | Path | None = None,
     words: str | Path | None = None,
@@ -601,48 +602,21 @@ def verify(
     ``result.passed`` is False.
     """
     if _is_path(reference) and _is_path(candidate):
-        ref, cand = Path(reference), Path(candidate)
-        from bnfold.pipeline.onnx_fold import generic_onnx_pair, verify_onnx_files
+        from bnfold.pipeline.onnx_fold import generic_onnx_pair
 
+        ref, cand = Path(reference), Path(candidate)
+        common = dict(tolerance=tolerance, max_exhaustive=max_exhaustive, seed=seed)
         if generic_onnx_pair(ref, cand):
-            result = verify_onnx_files(
-                ref,
-                cand,
-                inputs=None if inputs is None else Path(inputs),
-                tolerance=tolerance,
-                max_exhaustive=max_exhaustive,
-                seed=seed,
-                shapes=shapes,
-                progress=None if progress else False,  # None: stage lines on a terminal
-            )
-            return VerifyResult(str(ref), str(cand), result, tolerance)
+            return _verify_onnx_pair(ref, cand, inputs, shapes, progress, common)
         if inputs is not None or shapes:
             raise BnfoldError(
                 "inputs and shapes apply when a side is a torch module or both are generic"
                 " ONNX files;"
                 " two bnfold models are checked over their whole context domain"
             )
-        from bnfold.verify.verdict import verify_paths
-
-        try:
-            report_ = verify_paths(
-                ref,
-                cand,
-                data_path=DEFAULT_WORDS if words is None else Path(words),
-                tolerance=tolerance,
-                max_exhaustive=max_exhaustive,
-                float64_reference=float64_reference,
-                sample_size=sample_size,
-                seed=seed,
-                progress=progress,
-            )
-        except BnfoldError as e:  # a torch file of another kind: say what it is, and routes
-            for p in (ref, cand):
-                routed = e if _is_onnx(p) else _torch_route_error(p, e)
-                if routed is not e:
-                    raise routed from None
-            raise
-        return VerifyResult(str(ref), str(cand), report_, tolerance)
+        words_path = DEFAULT_WORDS if words is None else Path(words)
+        extra = dict(float64_reference=float64_reference, sample_size=sample_size)
+        return _verify_model_files(ref, cand, words_path, progress, common, extra)
     if inputs is None or _is_path(inputs):
         raise BnfoldError(
             "verifying a torch module needs example inputs",
@@ -654,6 +628,43 @@ def verify(
     a, b = _side(reference), _side(candidate)
     comparison = compare_sides(a, b, inputs, tolerance=tolerance)
     return VerifyResult(a.label, b.label, comparison, tolerance)
+
+
+def _verify_onnx_pair(
+    ref: Path, cand: Path, inputs, shapes, progress: bool, common: dict
+) -> VerifyResult:
+    """Two ONNX files that are not both bnfold's: the same outputs on ``inputs`` (an .npz)
+    or on seeded random inputs of ``shapes`` (``common``: tolerance, max_exhaustive, seed)."""
+    from bnfold.pipeline.onnx_fold import verify_onnx_files
+
+    result = verify_onnx_files(
+        ref,
+        cand,
+        inputs=None if inputs is None else Path(inputs),
+        shapes=shapes,
+        progress=None if progress else False,  # None: stage lines on a terminal
+        **common,
+    )
+    return VerifyResult(str(ref), str(cand), result, common["tolerance"])
+
+
+def _verify_model_files(
+    ref: Path, cand: Path, words: Path, progress: bool, common: dict, extra: dict
+) -> VerifyResult:
+    """Two bnfold models (.pt or .onnx) over their context domain (``common``: tolerance,
+    max_exhaustive, seed; ``extra``: float64_reference, sample_size). A torch file of
+    another kind is refused with what it is and the routes that work."""
+    from bnfold.verify.verdict import verify_paths
+
+    try:
+        report_ = verify_paths(ref, cand, data_path=words, progress=progress, **common, **extra)
+    except BnfoldError as e:
+        for p in (ref, cand):
+            routed = e if _is_onnx(p) else _torch_route_error(p, e)
+            if routed is not e:
+                raise routed from None
+        raise
+    return VerifyResult(str(ref), str(cand), report_, common["tolerance"])
 
 
 # ---------------------------------------------------------------------------- export

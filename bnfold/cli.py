@@ -16,11 +16,12 @@ import click
 from bnfold.api import DEFAULT_MODELS
 from bnfold.errors import BnfoldError, TrainingInterrupted
 from bnfold.io import jsonsafe
+from bnfold.mlp.config import DEFAULT_MODEL, DEFAULT_PRESET, PRESETS, TrainConfig
 from bnfold.mlp.data import DEFAULT_WORDS
 from bnfold.sampling.engine import DEFAULT_ENGINE, DEFAULT_TABLE_BYTES, ENGINES, MAX_TABLE_BYTES
-from bnfold.sampling.options import DEFAULT_BATCH, MAX_COUNT, MAX_LENGTH_CAP, SampleOptions
+from bnfold.sampling.options import BOUNDS, DEFAULT_BATCH, SampleOptions
 from bnfold.serve.settings import LOG_LEVELS, ServeSettings
-from bnfold.verify.domain import MAX_SAMPLE_SIZE
+from bnfold.verify.domain import DEFAULT_MAX_EXHAUSTIVE, DEFAULT_SAMPLE_SIZE, MAX_SAMPLE_SIZE
 
 SAMPLE = SampleOptions()  # the sampling defaults, stated once (in SampleOptions)
 MAX_TABLE_MB = MAX_TABLE_BYTES >> 20  # sample --table-mb: the table engine's own bound
@@ -123,6 +124,15 @@ def print_json(obj: dict) -> None:
     click.echo(jsonsafe.dumps(obj, indent=2, sort_keys=True))
 
 
+def show(result, as_json: bool) -> None:
+    """An API result as its command prints it: ``str(result)``, or with ``--json`` its
+    ``to_dict()``."""
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        click.echo(str(result))
+
+
 positive = click.IntRange(min=1)
 
 
@@ -149,93 +159,92 @@ def merge_words(words: Path | None, data_alias: Path | None) -> Path | None:
     return words if data_alias is None else data_alias
 
 
-def train_options(fn):
-    """Options shared by ``train`` and ``train-fold``: one definition, two commands."""
-    options = [
-        words_options("Training words file, one word per line (UTF-8).", DEFAULT_WORDS),
+def stacked(*options):
+    """One decorator applying ``options`` in order (the first is the first in ``--help``)."""
+
+    def decorate(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
+# the model's shape: each option's default is DEFAULT_MODEL's (bnfold.mlp.config, no torch)
+SHAPE_HELP = {
+    "n_embd": "Embedding dimensions per character.",
+    "n_hidden": "Neurons per hidden layer.",
+    "n_layers": "Hidden Linear-BN-Tanh blocks.",
+    "block_size": "Context length in characters.",
+}
+shape_options = stacked(
+    *(
         click.option(
-            "--out",
-            type=click.Path(path_type=Path),
-            default=DEFAULT_MODELS,
-            show_default="./models",
-            help="Output directory (relative to the current folder).",
-        ),
-        click.option(
-            "--preset",
-            type=click.Choice(["fast", "lecture"]),
-            default="fast",
-            show_default=True,
-            help="Training recipe.",
-        ),
-        click.option("--steps", type=positive, help="Override the preset's step count."),
-        click.option("--batch-size", type=positive, help="Override the preset's batch size."),
-        click.option(
-            "--lr",
-            type=click.FloatRange(min=0, min_open=True),
-            help="Override the preset's peak learning rate.",
-        ),
-        click.option(
-            "--n-embd",
+            "--" + name.replace("_", "-"),
             type=positive,
-            default=10,
+            default=getattr(DEFAULT_MODEL, name),
             show_default=True,
-            help="Embedding dimensions per character.",
-        ),
-        click.option(
-            "--n-hidden",
-            type=positive,
-            default=100,
-            show_default=True,
-            help="Neurons per hidden layer.",
-        ),
-        click.option(
-            "--n-layers",
-            type=positive,
-            default=5,
-            show_default=True,
-            help="Hidden Linear-BN-Tanh blocks.",
-        ),
-        click.option(
-            "--block-size",
-            type=positive,
-            default=3,
-            show_default=True,
-            help="Context length in characters.",
-        ),
-        click.option(
-            "--seed",
-            type=click.IntRange(min=0),
-            default=42,
-            show_default=True,
-            help="Random seed (weights and batches): the same seed repeats the run.",
-        ),
-        click.option(
-            "--threads",
-            type=click.IntRange(min=0),
-            default=None,
-            help="torch threads for training; 0 = as many cores as are free (up to 2), the"
-            " preset's default for `fast`. The number used is recorded in the checkpoint:"
-            " pass it to repeat a run bit for bit.",
-        ),
-        click.option(
-            "--report",
-            type=click.Path(path_type=Path, file_okay=False),
-            default=None,
-            help="Record training diagnostics and write a report (figures, index.html,"
-            " diagnostics.json) to this directory; read it back with `bnfold report DIR`.",
-        ),
-        click.option(
-            "--calibrate",
-            is_flag=True,
-            help="After training, set every BatchNorm's running statistics to those of the"
-            " whole training set (the lecture's calibration pass) and report how far they"
-            " moved and the dev loss before and after.",
-        ),
-        click.option("--json", "as_json", is_flag=True, help="Print a JSON summary."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+            help=text,
+        )
+        for name, text in SHAPE_HELP.items()
+    )
+)
+
+# Options shared by ``train`` and ``train-fold``: one definition, two commands.
+train_options = stacked(
+    words_options("Training words file, one word per line (UTF-8).", DEFAULT_WORDS),
+    click.option(
+        "--out",
+        type=click.Path(path_type=Path),
+        default=DEFAULT_MODELS,
+        show_default="./models",
+        help="Output directory (relative to the current folder).",
+    ),
+    click.option(
+        "--preset",
+        type=click.Choice(sorted(PRESETS)),
+        default=DEFAULT_PRESET,
+        show_default=True,
+        help="Training recipe.",
+    ),
+    click.option("--steps", type=positive, help="Override the preset's step count."),
+    click.option("--batch-size", type=positive, help="Override the preset's batch size."),
+    click.option(
+        "--lr",
+        type=click.FloatRange(min=0, min_open=True),
+        help="Override the preset's peak learning rate.",
+    ),
+    shape_options,
+    click.option(
+        "--seed",
+        type=click.IntRange(min=0),
+        default=TrainConfig().seed,
+        show_default=True,
+        help="Random seed (weights and batches): the same seed repeats the run.",
+    ),
+    click.option(
+        "--threads",
+        type=click.IntRange(min=0),
+        help="torch threads for training; 0 = as many cores as are free (up to 2), the"
+        " preset's default for `fast`. The number used is recorded in the checkpoint:"
+        " pass it to repeat a run bit for bit.",
+    ),
+    click.option(
+        "--report",
+        type=click.Path(path_type=Path, file_okay=False),
+        default=None,
+        help="Record training diagnostics and write a report (figures, index.html,"
+        " diagnostics.json) to this directory; read it back with `bnfold report DIR`.",
+    ),
+    click.option(
+        "--calibrate",
+        is_flag=True,
+        help="After training, set every BatchNorm's running statistics to those of the"
+        " whole training set (the lecture's calibration pass) and report how far they"
+        " moved and the dev loss before and after.",
+    ),
+    click.option("--json", "as_json", is_flag=True, help="Print a JSON summary."),
+)
 
 
 @click.group(cls=BnfoldGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -295,10 +304,7 @@ def report(report_dir, as_json):
     from bnfold import api
 
     result = api.report(report_dir)
-    if as_json:
-        print_json(result.to_dict())
-    else:
-        click.echo(str(result))
+    show(result, as_json)
 
 
 def _shapes(ctx, param, values) -> dict[str, tuple[int, ...]]:
@@ -347,10 +353,7 @@ def export(checkpoint, out, tolerance, as_json):
     from bnfold import api
 
     result = api.export(checkpoint, out=out, tolerance=tolerance)
-    if as_json:
-        print_json(result.to_dict())
-    else:
-        click.echo(str(result))
+    show(result, as_json)
 
 
 @main.command()
@@ -393,31 +396,26 @@ def bench(models, repeats, n_names, as_json):
 # --- fold / verify / train-fold ---------------------------------------------------------
 
 
-def verify_options(fn):
-    """Verification options shared by ``fold``, ``verify`` and ``train-fold``."""
-    options = [
-        click.option(
-            "--tolerance",
-            type=click.FloatRange(min=0),
-            default=None,
-            help="Explicit override: largest allowed absolute logit difference  [default:"
-            " what float32 rounding explains: judged against a float64 evaluation of the"
-            " BN network (or, for two folded files, of the reference's own parameters),"
-            " plus the parameter test; a bound from the logits' magnitude only when no"
-            " float64 evaluation exists]",
-        ),
-        click.option(
-            "--max-exhaustive",
-            type=positive,
-            default=4_000_000,
-            show_default=True,
-            help="Check every context when vocab^block_size is at most this; otherwise a"
-            " seeded random sample plus every dev/test context.",
-        ),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+# Verification options shared by ``fold``, ``verify`` and ``train-fold``.
+verify_options = stacked(
+    click.option(
+        "--tolerance",
+        type=click.FloatRange(min=0),
+        help="Explicit override: largest allowed absolute logit difference  [default:"
+        " what float32 rounding explains: judged against a float64 evaluation of the"
+        " BN network (or, for two folded files, of the reference's own parameters),"
+        " plus the parameter test; a bound from the logits' magnitude only when no"
+        " float64 evaluation exists]",
+    ),
+    click.option(
+        "--max-exhaustive",
+        type=positive,
+        default=DEFAULT_MAX_EXHAUSTIVE,
+        show_default=True,
+        help="Check every context when vocab^block_size is at most this; otherwise a"
+        " seeded random sample plus every dev/test context.",
+    ),
+)
 
 
 # `fold` and `verify`: the training words, whose dev/test contexts join a sampled check
@@ -472,10 +470,7 @@ def fold(checkpoint, out, tolerance, max_exhaustive, words, data_alias, inputs, 
         words=merge_words(words, data_alias),
         progress=False if as_json else None,  # None: stage lines on a terminal
     )
-    if as_json:
-        print_json(result.to_dict())
-    else:
-        click.echo(str(result))
+    show(result, as_json)
     if not result.passed:
         sys.exit(1)
 
@@ -495,7 +490,7 @@ def fold(checkpoint, out, tolerance, max_exhaustive, words, data_alias, inputs, 
 @click.option(
     "--sample-size",
     type=click.IntRange(min=1, max=MAX_SAMPLE_SIZE),
-    default=1_000_000,
+    default=DEFAULT_SAMPLE_SIZE,
     show_default=True,
     help="Random contexts checked when the domain is too large to check them all.",
 )
@@ -543,10 +538,7 @@ def verify_command(
         words=merge_words(words, data_alias),
         progress=not as_json,
     )
-    if as_json:
-        print_json(result.to_dict())
-    else:
-        click.echo(str(result))
+    show(result, as_json)
     if not result.passed:
         sys.exit(1)
 
@@ -604,53 +596,30 @@ engine_option = click.option(
 )
 
 
+def sample_option(*flags: str, help: str, number: type = int):
+    """A sampling option, its flag last in ``flags``: its default is SampleOptions', its
+    range (of ``number``s) the sampler's BOUNDS, each stated once there."""
+    name = flags[-1].removeprefix("--").replace("-", "_")
+    default, b = getattr(SAMPLE, name), BOUNDS[name]
+    if number is float:
+        kind = click.FloatRange(b.lo, b.hi, min_open=b.lo_open)
+    else:
+        kind = click.IntRange(b.lo, b.hi)
+    return click.option(
+        *flags, type=kind, default=default, show_default=default is not None, help=help
+    )
+
+
 @main.command()
 @click.argument("model", required=False, type=click.Path(path_type=Path))
-@click.option(
-    "-n",
-    "--count",
-    type=click.IntRange(1, MAX_COUNT),
-    default=SAMPLE.count,
-    show_default=True,
-    help="Names to sample.",
-)
-@click.option(
-    "--seed",
-    type=click.IntRange(0, 2**64 - 1),
-    default=SAMPLE.seed,
-    show_default=True,
-    help="Random seed.",
-)
-@click.option(
-    "--temperature",
-    type=click.FloatRange(min=0),
-    default=SAMPLE.temperature,
-    show_default=True,
-    help="0 = greedy (argmax).",
-)
-@click.option(
-    "--top-k", type=click.IntRange(min=1), help="Sample only among the K most likely tokens."
-)
-@click.option(
-    "--top-p",
-    type=click.FloatRange(0, 1, min_open=True),
-    help="Nucleus sampling: the smallest set of mass >= P.",
-)
+@sample_option("-n", "--count", help="Names to sample.")
+@sample_option("--seed", help="Random seed.")
+@sample_option("--temperature", number=float, help="0 = greedy (argmax).")
+@sample_option("--top-k", help="Sample only among the K most likely tokens.")
+@sample_option("--top-p", number=float, help="Nucleus sampling: the smallest set of mass >= P.")
 @click.option("--prefix", default="", help="Start every name with these characters.")
-@click.option(
-    "--min-length",
-    type=click.IntRange(0, MAX_LENGTH_CAP),
-    default=SAMPLE.min_length,
-    show_default=True,
-    help="Characters, prefix included.",
-)
-@click.option(
-    "--max-length",
-    type=click.IntRange(1, MAX_LENGTH_CAP),
-    default=SAMPLE.max_length,
-    show_default=True,
-    help="Characters, prefix included.",
-)
+@sample_option("--min-length", help="Characters, prefix included.")
+@sample_option("--max-length", help="Characters, prefix included.")
 @click.option("--new-only", is_flag=True, help="Only names in none of train / dev / test.")
 @words_option
 @click.option("-v", "--verbose", is_flag=True, help="Columns: name, label, log-probability.")
@@ -745,6 +714,12 @@ def _discard_stdout() -> None:
 # --- serve ------------------------------------------------------------------------------
 
 
+def setting_option(flag: str, help: str, type: click.ParamType = positive):
+    """A limit of `serve`: its default is the ServeSettings field of the flag's name."""
+    default = getattr(ServeSettings, flag.removeprefix("--").replace("-", "_"))
+    return click.option(flag, type=type, default=default, show_default=True, help=help)
+
+
 @main.command()
 @click.argument("model", required=False, type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
@@ -763,34 +738,17 @@ def _discard_stdout() -> None:
     help="Worker processes; each loads its own ONNX Runtime session (one thread).",
 )
 @words_option
-@click.option(
-    "--max-count",
-    type=positive,
-    default=ServeSettings.max_count,
-    show_default=True,
-    help="Names per request cap.",
-)
-@click.option(
+@setting_option("--max-count", help="Names per request cap.")
+@setting_option(
     "--queue-size",
-    type=positive,
-    default=ServeSettings.queue_size,
-    show_default=True,
     help="Requests admitted at once per worker (waiting or running); beyond: 429.",
 )
-@click.option(
+@setting_option(
     "--deadline",
     type=click.FloatRange(min=0, min_open=True),
-    default=ServeSettings.deadline,
-    show_default=True,
     help="Seconds a request may take before it is answered 504.",
 )
-@click.option(
-    "--max-body",
-    type=positive,
-    default=ServeSettings.max_body,
-    show_default=True,
-    help="Request body bytes.",
-)
+@setting_option("--max-body", help="Request body bytes.")
 @click.option(
     "--batching",
     type=click.Choice(["on", "off"]),
@@ -798,19 +756,10 @@ def _discard_stdout() -> None:
     show_default=True,
     help="on: run every request's rows in one forward step; off: one request at a time.",
 )
-@click.option(
-    "--max-rows",
-    type=positive,
-    default=ServeSettings.max_rows,
-    show_default=True,
-    help="Rows per forward step.",
-)
+@setting_option("--max-rows", help="Rows per forward step.")
 @engine_option
-@click.option(
+@setting_option(
     "--memory-mb",
-    type=positive,
-    default=ServeSettings.memory_mb,
-    show_default=True,
     help="Memory of all sampling engines together, per worker (see README, Reliability).",
 )
 @click.option(

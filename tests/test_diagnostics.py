@@ -36,6 +36,7 @@ from bnfold.report.diagnostics import (
     write_report,
 )
 from bnfold.report.plots import fold_comparison_figure, fold_comparison_stats, input_domain
+from bnfold.report.verdict import dead_layers
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TRAINING_FIGURES = [
@@ -86,21 +87,34 @@ def run_steps(model: MLP, diag, steps: int = 4, batch: int = 64, opt=None, seed:
 
 
 def test_activation_stats_known_values():
-    t = torch.tensor([0.99, -0.98, 0.97, 0.5, 0.0, -0.2, 1.0, -1.0])
-    s = activation_stats(t)
-    assert s["saturation"] == pytest.approx(4 / 8)  # 0.97 itself is not > 0.97
-    assert s["mean"] == pytest.approx(float(t.mean()), abs=1e-7)
-    assert s["std"] == pytest.approx(float(t.std()), abs=1e-7)
+    # +-1 and +-0.98 are saturated, +-0.97 is not (the threshold is strict): 4 of 8
+    s = activation_stats(torch.tensor([1.0, -1.0, 0.98, -0.98, 0.97, -0.97, 0.0, 0.0]))
+    assert s["saturation"] == 0.5
+    assert s["mean"] == pytest.approx(0.0, abs=1e-7)  # symmetric about 0
+    # the sample std: [-0.5, 0.5] has variance (0.25 + 0.25) / (2 - 1) = 0.5
+    assert activation_stats(torch.tensor([-0.5, 0.5]))["std"] == pytest.approx(math.sqrt(0.5))
+    constant = activation_stats(torch.full((6,), 0.3))
+    assert constant["std"] == pytest.approx(0.0, abs=1e-7) and constant["saturation"] == 0.0
 
 
 def test_weighted_activation_stats_count_each_row_as_often_as_its_weight():
     t = torch.tensor([[0.99, 0.1], [-0.5, 0.98], [0.2, -0.3]])
     w = torch.tensor([3, 1, 2])
     s = activation_stats(t, row_weight=w)
-    full = t.repeat_interleave(w, dim=0)
-    assert s["saturation"] == pytest.approx(float((full.abs() > 0.97).float().mean()))
-    assert s["mean"] == pytest.approx(float(full.mean()))
-    assert s["std"] == pytest.approx(float(full.std(unbiased=False)))
+    # by hand, 12 values: 0.99 three times and 0.98 once are saturated -> 4/12; their sum
+    # 3 * (0.99 + 0.1) + (-0.5 + 0.98) + 2 * (0.2 - 0.3) = 3.55
+    assert s["saturation"] == pytest.approx(4 / 12)
+    assert s["mean"] == pytest.approx(3.55 / 12)
+    # weighting is repetition: the rows repeated give the same mean and saturation
+    repeated = activation_stats(t.repeat_interleave(w, dim=0))
+    assert s["mean"] == pytest.approx(repeated["mean"])
+    assert s["saturation"] == pytest.approx(repeated["saturation"])
+    # only the weights' proportions count
+    assert activation_stats(t, row_weight=w * 5) == pytest.approx(s)
+    # the population std: rows [1] x3 and [-1] x1 have mean 0.5, variance
+    # (3 * 0.5**2 + 1.5**2) / 4 = 0.75
+    two = activation_stats(torch.tensor([[1.0], [-1.0]]), row_weight=torch.tensor([3, 1]))
+    assert two["std"] == pytest.approx(math.sqrt(0.75))
 
 
 def test_batch_saturation_on_distinct_rows_counts_every_example():
@@ -138,10 +152,11 @@ def test_batch_saturation_on_distinct_rows_counts_every_example():
 
 def test_update_ratio_known_value_and_frozen():
     after = torch.tensor([1.0, -1.0, 2.0, -2.0])
-    delta = torch.tensor([0.01, -0.01, 0.01, -0.01])
-    r = update_ratio(after - delta, after)
+    r = update_ratio(after * (1 - 1e-3), after)  # every value moved by 1e-3 of itself
     assert not r["frozen"]
-    assert r["log10"] == pytest.approx(math.log10(float(delta.std() / after.std())), abs=1e-5)
+    assert r["log10"] == pytest.approx(-3.0, abs=1e-4)
+    shifted = update_ratio(after - 0.5, after)  # a uniform shift: no spread, no ratio
+    assert shifted == {"frozen": False, "log10": None}
     still = update_ratio(after.clone(), after)
     assert still == {"frozen": True, "log10": None}
 
@@ -179,26 +194,44 @@ def test_recorded_gradients_match_retain_grad():
         assert layer["grad_mean"][0] == pytest.approx(float(out.grad.mean()), rel=1e-5)
         assert layer["grad_std"][0] == pytest.approx(float(out.grad.std()), rel=1e-5)
         assert layer["std"][0] == pytest.approx(float(out.detach().std()), rel=1e-5)
-    # grad:data of each 2-D weight, and the update is the parameter's actual change
-    model2 = small_model(1)
-    p = model2.net[0].weight
-    x = torch.randint(0, 7, (64, 2), generator=torch.Generator().manual_seed(0))
-    y = torch.randint(0, 7, (64,), generator=torch.Generator().manual_seed(0))
-    F.cross_entropy(model2.train()(x), y).backward()
+
+
+def test_weight_grad_stats_known_values():
+    p = nn.Parameter(torch.tensor([1.0, -1.0, 1.0, -1.0]))
+    p.grad = p.detach() * 0.01  # the gradient is 1/100 of the weight, value by value
     s = weight_grad_stats(p)
-    ratio = float(p.grad.std() / p.detach().std())
-    assert s["grad_data_ratio"] == pytest.approx(ratio, rel=1e-5)
-    assert s["grad_std"] == pytest.approx(float(p.grad.std()), rel=1e-5)
+    assert s["grad_data_ratio"] == pytest.approx(0.01)
+    assert s["grad_mean"] == pytest.approx(0.0, abs=1e-9)
+    assert s["grad_std"] == pytest.approx(0.01 * math.sqrt(4 / 3))  # sample std of +-0.01
+    assert not s["frozen"]
+    assert weight_grad_stats(nn.Parameter(torch.ones(3)))["frozen"]  # no gradient yet
 
 
-def test_update_ratio_is_actual_adamw_change_not_lr_times_grad():
+def first_update_log10(optimizer, loss_scale: float) -> float:
+    """The recorded update:data ratio of net.0.weight after one step whose loss is
+    multiplied by ``loss_scale`` (the same model, data and seed every call)."""
     model = small_model(2)
     diag = Diagnostics(interval=1)
-    before = model.net[0].weight.detach().clone()
-    run_steps(model, diag, steps=1)
-    after = model.net[0].weight.detach()
-    expected = math.log10(float((after - before).std() / after.std()))
-    assert diag.updates["net.0.weight"]["log10"][0] == pytest.approx(expected, abs=1e-5)
+    opt = optimizer(model.parameters(), lr=1e-2)
+    x = torch.randint(0, 7, (64, 2), generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 7, (64,), generator=torch.Generator().manual_seed(1))
+    model.train()
+    diag.before_step(0, model)
+    loss = F.cross_entropy(model(x), y) * loss_scale
+    loss.backward()
+    diag.after_backward(0, model, loss)
+    opt.step()
+    diag.after_update(0, model, 1e-2)
+    return diag.updates["net.0.weight"]["log10"][0]
+
+
+def test_update_ratio_is_the_actual_change_not_lr_times_grad():
+    """A gradient 1000x larger moves SGD's weights 1000x further (3 decades), but not
+    AdamW's: its first step is lr * grad / |grad|. The recorded ratio follows the weights."""
+    sgd = [first_update_log10(torch.optim.SGD, scale) for scale in (1.0, 1000.0)]
+    assert sgd[1] - sgd[0] == pytest.approx(3.0, abs=1e-3)
+    adamw = [first_update_log10(torch.optim.AdamW, scale) for scale in (1.0, 1000.0)]
+    assert adamw[1] == pytest.approx(adamw[0], abs=1e-3)
 
 
 def test_frozen_parameter_is_reported_not_nan():
@@ -496,13 +529,16 @@ def test_bnfold_report_command(cli_report):
 
     result = CliRunner().invoke(main, ["report", str(cli_report)])
     assert result.exit_code == 0, result.output
-    out = result.output
-    assert "worst saturation: layer" in out
-    assert "update:data ratio" in out
-    assert "dead neurons" in out and "182,625 train examples" in out
+    # the text is the verdict's findings, one line each, under the report's folder
+    saved = load_report(cli_report)
+    assert result.output.splitlines()[1:] == [f"  {x}" for x in verdict_lines(saved)]
+    topics = [item["topic"] for item in verdict_items(saved)]
+    assert {"run", "saturation", "update_ratio", "dead", "calibration", "fold"} <= set(topics)
     as_json = CliRunner().invoke(main, ["report", str(cli_report), "--json"])
     v = json.loads(as_json.output)
     assert v["steps"] == 120 and len(v["dead_units"]) == 5
+    assert v["examples"] == 182625 and v["worst_saturation"]["on"] == "train set"
+    assert 1 <= v["worst_saturation"]["layer"] <= 5
 
 
 def test_bnfold_report_names_saturated_and_dead_layers(tmp_path):
@@ -516,10 +552,17 @@ def test_bnfold_report_names_saturated_and_dead_layers(tmp_path):
     run_steps(model, diag, steps=3, opt=torch.optim.SGD(model.parameters(), lr=1e-4))
     diag.finalize(model, torch.randint(0, 7, (300, 2)))
     write_report(diag.to_dict(), tmp_path)
-    result = CliRunner().invoke(main, ["report", str(tmp_path)])
+    result = CliRunner().invoke(main, ["report", str(tmp_path), "--json"])
     assert result.exit_code == 0, result.output
-    assert "layer 3: 4/16" in result.output
-    assert "too slow" in result.output  # lr 1e-4, SGD: update:data ~1e-5
+    v = json.loads(result.output)
+    assert [(d["layer"], d["dead"], d["units"]) for d in v["dead_units"]] == [
+        (1, 0, 16),
+        (2, 0, 16),
+        (3, 4, 16),
+    ]
+    # lr 1e-4, SGD: update:data ~1e-5, far below the lecture's 1e-3 for every weight
+    assert v["update_ratio_far"]
+    assert {f["direction"] for f in v["update_ratio_far"]} == {"too slow"}
 
 
 def test_bnfold_report_on_missing_or_bad_dir(tmp_path):
@@ -559,10 +602,11 @@ def test_saturation_verdict_judges_by_gradient_flow_and_dead_units(
     saturation, grad_std, dead, state
 ):
     report = _report(saturation, grad_std, dead)
-    assert verdict(report)["saturation_state"] == state
+    v = verdict(report)
+    assert v["saturation_state"] == state
+    assert v["worst_saturation"] == {"layer": 1, "saturation": saturation, "on": "train set"}
+    assert dead_layers(v) == ([3] if state == "dead units" else [])
     item = next(i for i in verdict_items(report) if i["topic"] == "saturation")
-    assert "layer 1 at" in item["sentence"]  # every layer ties: the first is named
-    assert ("layer 3" in item["sentence"]) is (state == "dead units")
     assert "\n" not in item["sentence"] and item["details"]
 
 
@@ -618,9 +662,12 @@ def test_update_ratio_flag_is_explained_only_for_short_adamw_runs_that_flow(
     report = _report(0.03, grad_std)
     report["updates"] = {"net.3.weight": {"shape": [100, 100], "log10": [log10] * 3}}
     report["meta"] = {"train_config": {"optimizer": optimizer}}
-    line = next(x for x in verdict_lines(report) if "update:data" in x)
-    assert "far from 1e-3" in line
-    assert verdict(report)["update_ratio_explained"] is explained
+    v = verdict(report)
+    far = v["update_ratio_far"]
+    assert [f["param"] for f in far] == ["net.3.weight"]
+    assert far[0]["direction"] == ("too slow" if log10 < -3 else "too fast")
+    assert any(item["topic"] == "update_ratio" for item in verdict_items(report))
+    assert v["update_ratio_explained"] is explained
 
 
 def test_calibrate_reports_what_the_calibration_pass_changed(cli_report):

@@ -49,22 +49,29 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def read_bounded(path: str | Path, limit: int, what: str) -> bytes:
+def read_bounded(
+    path: str | Path,
+    limit: int,
+    what: str,
+    missing: str | None = None,
+    directory: str | None = None,
+) -> bytes:
     """The bytes of ``path``, ``what`` (e.g. "a words file") of at most ``limit`` bytes.
 
     Refuses a missing path, a directory and a device (``/dev/zero`` never ends) with one
     clear line, and reads a pipe only up to ``limit + 1`` bytes, so no input can make bnfold
-    read without bound.
+    read without bound. ``missing`` / ``directory``: the caller's own words (after
+    ``PATH: ``) for a missing path and a directory.
     """
     p = Path(path)
     try:
         st = p.stat()
-    except FileNotFoundError:
-        raise BnfoldError(f"{p}: no such file (expected {what})") from None
+    except (FileNotFoundError, NotADirectoryError):  # NotADirectory: a parent is a file
+        raise BnfoldError(f"{p}: {missing or f'no such file (expected {what})'}") from None
     except OSError as e:
         raise BnfoldError(f"{p}: cannot read it: {describe_os_error(e)}") from None
     if stat.S_ISDIR(st.st_mode):
-        raise BnfoldError(f"{p}: is a directory, not {what}")
+        raise BnfoldError(f"{p}: {directory or f'is a directory, not {what}'}")
     if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
         raise BnfoldError(f"{p}: is a device, not {what}")
     if stat.S_ISREG(st.st_mode) and st.st_size > limit:

@@ -145,11 +145,13 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     shapes the config implies, and every weight must be finite (a diverged run is refused).
     """
     path = Path(path)
-    if not path.exists():
-        raise BnfoldError(f"{path}: no such checkpoint")
-    if path.is_dir():
-        raise BnfoldError(f"{path}: is a directory, not a checkpoint file")
-    data = read_bounded(path, MAX_CHECKPOINT_BYTES, "a checkpoint")
+    data = read_bounded(
+        path,
+        MAX_CHECKPOINT_BYTES,
+        "a checkpoint",
+        missing="no such checkpoint",
+        directory="is a directory, not a checkpoint file",
+    )
     try:
         with warnings.catch_warnings():  # e.g. torch's 2-line note on a raw pickle
             warnings.simplefilter("ignore")

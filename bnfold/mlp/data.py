@@ -74,11 +74,13 @@ def read_words_and_sha256(path: str | Path) -> tuple[list[str], str]:
     """The words of a words file and the sha256 of its bytes, read once (see
     :func:`read_words`)."""
     p = Path(path)
-    if not p.exists():
-        raise BnfoldError(f"{p}: no such file (give a UTF-8 text file with one word per line)")
-    if p.is_dir():
-        raise BnfoldError(f"{p}: is a directory, not a words file (e.g. data/names.txt)")
-    raw = read_bounded(p, MAX_WORDS_BYTES, "a words file")
+    raw = read_bounded(
+        p,
+        MAX_WORDS_BYTES,
+        "a words file",
+        missing="no such file (give a UTF-8 text file with one word per line)",
+        directory="is a directory, not a words file (e.g. data/names.txt)",
+    )
     sha256 = bytes_sha256(raw)
     # Editors on Windows start UTF-8 files with a byte-order mark; it is not a character.
     text_bytes = raw[len(UTF8_BOM) :] if raw.startswith(UTF8_BOM) else raw

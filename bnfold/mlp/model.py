@@ -9,38 +9,17 @@ same class describes the folded network: Linear(bias=True) -> Tanh blocks, no Ba
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from bnfold.errors import BnfoldError
+from bnfold.mlp.config import DEFAULT_MODEL, ModelConfig
+
+__all__ = ["DEFAULT_MODEL", "MLP", "TANH_GAIN", "ModelConfig"]
 
 TANH_GAIN = 5 / 3  # torch.nn.init.calculate_gain("tanh")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    vocab_size: int = 27
-    block_size: int = 3
-    n_embd: int = 10
-    n_hidden: int = 100
-    n_layers: int = 5  # hidden Linear -> BN -> Tanh blocks, as in the lecture's deep net
-    batchnorm: bool = True  # False: the folded network (Linear with bias, no BN)
-
-    def __post_init__(self) -> None:
-        for f in ("vocab_size", "block_size", "n_embd", "n_hidden", "n_layers"):
-            if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
-                raise BnfoldError(f"{f.replace('_', '-')} must be a positive integer")
-        if self.vocab_size < 2:
-            raise BnfoldError("vocab_size must be at least 2 (end token + one character)")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-# the default architecture: every default of the model's shape (CLI, pipeline) reads it here
-DEFAULT_MODEL = ModelConfig()
 
 
 class MLP(nn.Module):

@@ -10,10 +10,10 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Protocol
+from dataclasses import dataclass, replace
+from typing import Protocol
 
 import click
 import torch
@@ -22,139 +22,10 @@ from torch import nn
 
 from bnfold.errors import BnfoldError
 from bnfold.mlp.checkpoint import non_finite_tensors
+from bnfold.mlp.config import PRESETS, TrainConfig, train_config_dict  # noqa: F401 (re-exported)
 from bnfold.mlp.data import Dataset, distinct_contexts
 from bnfold.mlp.model import MLP, ModelConfig
 from bnfold.mlp.threads import torch_threads
-
-
-class _FromPreset:
-    """The default of every recipe field: "the preset's value" (see :class:`TrainConfig`)."""
-
-    def __repr__(self) -> str:
-        return "<from preset>"
-
-
-FROM_PRESET: Any = _FromPreset()
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """A training recipe: ``preset`` names one (:data:`PRESETS`), and every field not given
-    takes that preset's value. ``TrainConfig()`` is the default preset (``fast``),
-    ``TrainConfig(preset="lecture")`` the lecture's, ``TrainConfig(steps=100)`` the default
-    preset cut to 100 steps."""
-
-    preset: str = "fast"
-    steps: int = FROM_PRESET
-    batch_size: int = FROM_PRESET
-    optimizer: str = FROM_PRESET  # "sgd" | "adamw"
-    lr: float = FROM_PRESET
-    schedule: str = FROM_PRESET  # "step": lr, then lr/10 for the last quarter | "cosine"
-    warmup_steps: int = FROM_PRESET
-    min_lr_frac: float = FROM_PRESET  # cosine floor, as a fraction of lr
-    weight_decay: float = FROM_PRESET
-    # Decoupled decay of the hidden BatchNorms' gains only (AdamW): a smaller gain keeps
-    # tanh out of saturation; see the saturation sweep in benchmarks/saturation_sweep.py.
-    bn_gain_decay: float = FROM_PRESET
-    adam_beta2: float = FROM_PRESET  # AdamW's second-moment decay (beta1 stays 0.9)
-    sampling: str = FROM_PRESET  # "random": i.i.d. indices per step | "epoch": reshuffle each epoch
-    bn_momentum: float | None = FROM_PRESET  # BN running-stat momentum while training (None: 0.1)
-    calibrate_bn: bool = FROM_PRESET  # recompute running stats over the whole train set at the end
-    # Run each step on the batch's distinct contexts, weighted by how often each occurs: the
-    # same loss, gradient and BatchNorm statistics as the whole batch (to float rounding),
-    # for 2.4x (batch 2048) to 4x (batch 8192) fewer rows through the network.
-    distinct_rows: bool = FROM_PRESET
-    seed: int = FROM_PRESET
-    # torch threads; 0 = decide at run time from the cores that are free (at most 2). Two
-    # threads are faster on an idle machine but collapse when a core is shared, and they
-    # round differently from one: the number actually used is recorded in the checkpoint.
-    threads: int = FROM_PRESET
-    eval_interval: int = FROM_PRESET  # steps between dev-loss evaluations (0: only at the end)
-
-    def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise BnfoldError(f"unknown preset {self.preset!r} (choose {', '.join(PRESETS)})")
-        recipe = {**BASE_RECIPE, **PRESETS[self.preset]}
-        for f in fields(self):
-            if getattr(self, f.name) is FROM_PRESET:
-                object.__setattr__(self, f.name, recipe[f.name])
-        for name in ("steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise BnfoldError(f"{name.replace('_', '-')} must be >= 1")
-        if self.threads < 0:
-            raise BnfoldError("threads must be >= 0")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise BnfoldError(f"unknown optimizer {self.optimizer!r}")
-        if self.schedule not in ("step", "cosine"):
-            raise BnfoldError(f"unknown schedule {self.schedule!r}")
-        if self.sampling not in ("random", "epoch"):
-            raise BnfoldError(f"unknown sampling {self.sampling!r} (choose random, epoch)")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise BnfoldError(f"lr must be a finite number > 0, got {self.lr}")
-        if not 0 <= self.adam_beta2 < 1:
-            raise BnfoldError("adam-beta2 must be in [0, 1)")
-        if self.bn_momentum is not None and not 0 < self.bn_momentum <= 1:
-            raise BnfoldError("bn-momentum must be in (0, 1]")
-
-    @classmethod
-    def from_preset(cls, preset: str = "fast", **overrides) -> TrainConfig:
-        if preset not in PRESETS:
-            raise BnfoldError(f"unknown preset {preset!r} (choose {', '.join(PRESETS)})")
-        given = {k: v for k, v in overrides.items() if v is not None}
-        return cls(preset=preset, **given)
-
-    def lr_at(self, step: int) -> float:
-        # Warm-up never takes more than a quarter of the run, so a shortened run still trains.
-        warmup = min(self.warmup_steps, self.steps // 4)
-        if step < warmup:
-            return self.lr * (step + 1) / warmup
-        if self.schedule == "step":
-            return self.lr if step < 0.75 * self.steps else self.lr / 10
-        t = (step - warmup) / max(1, self.steps - warmup)
-        floor = self.lr * self.min_lr_frac
-        return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-# Every field's value unless the preset says otherwise: the lecture's recipe.
-BASE_RECIPE: dict[str, Any] = dict(
-    steps=200_000,
-    batch_size=32,
-    optimizer="sgd",
-    lr=0.1,
-    schedule="step",
-    warmup_steps=0,
-    min_lr_frac=0.0,
-    weight_decay=0.0,
-    bn_gain_decay=0.0,
-    adam_beta2=0.999,
-    sampling="random",
-    bn_momentum=None,
-    calibrate_bn=False,
-    distinct_rows=False,
-    seed=42,
-    threads=1,
-    eval_interval=0,
-)
-
-PRESETS: dict[str, dict] = {
-    # Karpathy's makemore part 3, line for line: SGD, batch 32, 200k steps, 0.1 -> 0.01.
-    "lecture": dict(steps=200_000, batch_size=32, optimizer="sgd", lr=0.1, schedule="step"),
-    # Engineered for time to dev loss on a 2-core CPU (benchmarks/train_presets.py, #14).
-    "fast": dict(
-        steps=500,
-        batch_size=8192,  # big batches, yet cheap: 8192 examples hold ~1,900 distinct contexts
-        distinct_rows=True,  # so each step runs those ~1,900 rows, weighted (same gradient)
-        optimizer="adamw",
-        lr=6e-2,
-        adam_beta2=0.99,
-        schedule="cosine",
-        warmup_steps=80,
-        min_lr_frac=0.01,
-        sampling="epoch",  # without replacement: ~0.007 lower dev loss than i.i.d. draws
-        bn_momentum=0.01,  # running stats as good as a calibration pass, 1.3 s cheaper
-        threads=0,  # as many as are free, up to 2, decided when the run starts
-    ),
-}
 
 
 class TrainObserver(Protocol):
@@ -479,103 +350,191 @@ def distinct_rows_loss(model: MLP, x: torch.Tensor, y: torch.Tensor) -> torch.Te
     return -(counts * F.log_softmax(h, dim=-1)).sum() / len(y)
 
 
-def _progress_bar(steps: int, enabled: bool | None):
-    """click's bar on stderr, only on a terminal (or when asked): piped output stays clean."""
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
-        return None
-    return click.progressbar(
-        length=steps,
-        label="train",
-        file=sys.stderr,
-        show_pos=True,
-        update_min_steps=max(1, steps // 200),  # a few hundred redraws, not one per step
-        item_show_func=lambda loss: None if loss is None else f"loss {loss:.4f}",
-    )
+class _Progress:
+    """click's bar on stderr, only on a terminal (or when asked): piped output stays clean.
+    Shows the mean loss of the last 100 steps; every method is a no-op when disabled."""
+
+    def __init__(self, steps: int, enabled: bool | None):
+        if enabled is None:
+            enabled = sys.stderr.isatty()
+        self.bar = None
+        if enabled:
+            self.bar = click.progressbar(
+                length=steps,
+                label="train",
+                file=sys.stderr,
+                show_pos=True,
+                update_min_steps=max(1, steps // 200),  # a few hundred redraws, not one a step
+                item_show_func=lambda loss: None if loss is None else f"loss {loss:.4f}",
+            )
+
+    def update(self, losses: torch.Tensor) -> None:
+        """One more step done; ``losses``: every step's loss so far."""
+        if self.bar is not None:
+            self.bar.update(1, float(losses[-100:].mean()))
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.render_finish()
 
 
-def _train(data, model_config, cfg, observer, progress) -> TrainResult:
-    torch.manual_seed(cfg.seed)
+class BatchSampler:
+    """The indices of each step's batch, drawn from one generator seeded with ``seed``:
+    the same seed gives the same batches. ``"random"``: i.i.d. indices every step;
+    ``"epoch"``: without replacement, a fresh permutation of all ``n`` rows each epoch (a
+    batch never straddles two epochs)."""
+
+    def __init__(self, n: int, batch_size: int, sampling: str, seed: int):
+        self.n, self.batch_size, self.sampling = n, batch_size, sampling
+        self.gen = torch.Generator().manual_seed(seed)
+        self.order: torch.Tensor | None = None
+        self.pos = 0
+
+    def next(self) -> torch.Tensor:
+        if self.sampling == "random":
+            return torch.randint(0, self.n, (self.batch_size,), generator=self.gen)
+        if self.order is None or self.pos + self.batch_size > len(self.order):
+            self.order, self.pos = torch.randperm(self.n, generator=self.gen), 0
+        ix = self.order[self.pos : self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return ix
+
+
+@contextmanager
+def warm_running_stats(model: nn.Module, momentum: float | None) -> Iterator[Callable[[int], None]]:
+    """Yield ``at(step)``, to call before each step: with a ``momentum``, every BatchNorm's
+    running statistics are a plain cumulative mean (momentum ``1 / (step + 1)``) until
+    ``1 / momentum`` batches have been seen, then a slow average with ``momentum``. Without
+    one (None), ``at`` does nothing. Each BN's own momentum is restored on exit.
+
+    Why: a slow running average over the last ~1/momentum batches (taken while the lr has
+    decayed to almost nothing) matches a full calibration pass at no cost, and the warm-up
+    keeps a short run from evaluating with half-initialised statistics."""
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+    saved = [bn.momentum for bn in bns]
+    warm_steps = 0 if momentum is None else math.ceil(1 / momentum)
+
+    def at(step: int) -> None:
+        if momentum is not None and step <= warm_steps:
+            for bn in bns:
+                bn.momentum = max(momentum, 1 / (step + 1))
+
+    try:
+        yield at
+    finally:
+        for bn, m in zip(bns, saved, strict=True):
+            bn.momentum = m
+
+
+class _Hooks:
+    """The observer's hooks, each a no-op when there is no observer (or, for the optional
+    ``on_start`` / ``on_batch``, when it does not define them)."""
+
+    def __init__(self, observer: TrainObserver | None):
+        self.observer = observer
+        self.on_start = getattr(observer, "on_start", _nothing)
+        self.on_batch = getattr(observer, "on_batch", _nothing)
+        self.before_step = getattr(observer, "before_step", _nothing)
+        self.after_backward = getattr(observer, "after_backward", _nothing)
+        self.after_update = getattr(observer, "after_update", _nothing)
+        self.on_eval = getattr(observer, "on_eval", _nothing)
+
+
+def _nothing(*args) -> None:
+    return None
+
+
+def make_optimizer(model: MLP, cfg: TrainConfig):
+    """The recipe's optimizer over every parameter: SGD, or AdamW (:func:`_adamw`)."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return _adamw(model, cfg)
+
+
+def set_lr(opt, lr: float) -> float:
+    """Set every parameter group's learning rate to ``lr``; return it."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    return lr
+
+
+def batch_loss(model: MLP, x: torch.Tensor, y: torch.Tensor, distinct_rows: bool) -> torch.Tensor:
+    """The train-mode cross-entropy of a batch: on its distinct contexts, weighted (the same
+    loss and gradient for 2.4x-4x fewer rows), or plainly."""
+    if distinct_rows:
+        return distinct_rows_loss(model, x, y)
+    return F.cross_entropy(model(x), y)
+
+
+def _train(
+    data: Dataset,
+    model_config: ModelConfig,
+    cfg: TrainConfig,
+    observer: TrainObserver | None,
+    progress: bool | None,
+) -> TrainResult:
+    """makemore's loop: draw a batch, set the lr, forward, backward, update, record.
+    Requires a non-empty training split; stops early (between steps) on Ctrl-C."""
+    torch.manual_seed(cfg.seed)  # the weights' init: same seed, same network
     model = MLP(model_config)
     xtr, ytr = data.splits["train"]
-    xdev, ydev = data.splits["dev"]
     if len(xtr) == 0:
         raise BnfoldError("the training split is empty: the words file needs more words")
-    params = list(model.parameters())
-    if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        opt = _adamw(model, cfg)
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
-    saved_momentum = [bn.momentum for bn in bns]
-    # With bn_momentum, a slow running average over the last ~1/momentum batches (taken
-    # while the lr has decayed to almost nothing) matches a full calibration pass at no
-    # cost. Until 1/momentum batches have been seen it is a plain cumulative mean instead,
-    # so that a short run never evaluates with half-initialised statistics.
-    warm_steps = 0 if cfg.bn_momentum is None else math.ceil(1 / cfg.bn_momentum)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    n, order, pos = len(xtr), None, 0
-    losses = torch.zeros(cfg.steps)
-    bar = _progress_bar(cfg.steps, progress)
+    opt = make_optimizer(model, cfg)  # AdamW without importing torch.optim (seconds saved)
+    batches = BatchSampler(len(xtr), cfg.batch_size, cfg.sampling, cfg.seed)
+    hooks, bar = _Hooks(observer), _Progress(cfg.steps, progress)
+    losses, steps_done = torch.zeros(cfg.steps), 0
     model.train()
-    steps_done = 0
-    # optional hooks (the protocol's other methods are required): not every observer
-    # looks at the untrained network or at the batches
-    on_start = getattr(observer, "on_start", None)
-    on_batch = getattr(observer, "on_batch", None)
-    if on_start is not None:
-        on_start(model, xtr)
+    hooks.on_start(model, xtr)
     t0 = time.perf_counter()
-    with _StopOnSigint() as stop, fast_tanh(model):
+    with (
+        _StopOnSigint() as stop,  # Ctrl-C ends the run between steps, never mid-update
+        fast_tanh(model),  # torch's CPU tanh is ~10x slower than its sigmoid
+        warm_running_stats(model, cfg.bn_momentum) as warm,
+    ):
         for step in range(cfg.steps):
             if stop.requested:
                 break
-            batch_size = cfg.batch_size
-            # Batches are drawn from one seeded generator: same seed, same batches.
-            if cfg.sampling == "random":
-                ix = torch.randint(0, n, (batch_size,), generator=gen)
-            else:  # "epoch": without replacement, a fresh permutation each epoch
-                if order is None or pos + batch_size > len(order):
-                    order, pos = torch.randperm(n, generator=gen), 0
-                ix = order[pos : pos + batch_size]
-                pos += batch_size
-            lr = cfg.lr_at(step)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            if step <= warm_steps and cfg.bn_momentum is not None:
-                for bn in bns:
-                    bn.momentum = max(cfg.bn_momentum, 1 / (step + 1))
-            if on_batch is not None:
-                on_batch(step, xtr[ix])
-            if observer:
-                observer.before_step(step, model)
-            if cfg.distinct_rows:
-                loss = distinct_rows_loss(model, xtr[ix], ytr[ix])
-            else:
-                loss = F.cross_entropy(model(xtr[ix]), ytr[ix])
-            if not torch.isfinite(loss):
-                _diverged(step, float(loss.detach()), lr, bar)
+            ix = batches.next()
+            lr = set_lr(opt, cfg.lr_at(step))
+            warm(step)
+            hooks.on_batch(step, xtr[ix])
+            hooks.before_step(step, model)
+            # fast: each distinct context once, weighted (a batch of 8192 holds ~1,900)
+            loss = batch_loss(model, xtr[ix], ytr[ix], cfg.distinct_rows)
+            if not torch.isfinite(loss):  # stop before a NaN reaches the weights
+                bar.finish()
+                raise _diverged(step, float(loss.detach()), lr)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if observer:
-                observer.after_backward(step, model, loss)
+            hooks.after_backward(step, model, loss)
             opt.step()
-            if observer:
-                observer.after_update(step, model, lr)
+            hooks.after_update(step, model, lr)
             losses[step] = loss.detach()
             steps_done = step + 1
-            if cfg.eval_interval and (steps_done % cfg.eval_interval == 0) and observer:
-                observer.on_eval(steps_done, "dev", split_loss(model, xdev, ydev))
-            if bar is not None:
-                bar.update(1, float(losses[max(0, step - 99) : step + 1].mean()))
-    if bar is not None:
-        bar.render_finish()
-    for bn, m in zip(bns, saved_momentum, strict=True):
-        bn.momentum = m
+            # a dev-loss curve only for an observer (it costs a pass over the dev split)
+            if observer is not None and cfg.eval_interval and steps_done % cfg.eval_interval == 0:
+                hooks.on_eval(steps_done, "dev", split_loss(model, *data.splits["dev"]))
+            bar.update(losses[:steps_done])
+    bar.finish()
+    return _finish(model, data, cfg, hooks, losses[:steps_done], t0, stop.requested)
+
+
+def _finish(
+    model: MLP,
+    data: Dataset,
+    cfg: TrainConfig,
+    hooks: _Hooks,
+    losses: torch.Tensor,
+    t0: float,
+    interrupted: bool,
+) -> TrainResult:
+    """After the last step: the calibration pass (when the recipe asks and a step ran), the
+    refusal of non-finite weights, then the eval-mode losses of every split."""
+    steps_done = len(losses)
     calibration = None
     if cfg.calibrate_bn and steps_done:
-        calibration = calibration_pass(model, xtr, xdev, ydev)
+        calibration = calibration_pass(model, data.splits["train"][0], *data.splits["dev"])
     seconds = time.perf_counter() - t0
     bad = non_finite_tensors(model.state_dict())
     if bad:
@@ -585,17 +544,12 @@ def _train(data, model_config, cfg, observer, progress) -> TrainResult:
         )
     model.eval()
     metrics = evaluate(model, data)
-    if observer:
-        observer.on_eval(steps_done, "dev", metrics["dev_loss"])
-    return TrainResult(
-        model, cfg, steps_done, seconds, stop.requested, losses[:steps_done], metrics, calibration
-    )
+    hooks.on_eval(steps_done, "dev", metrics["dev_loss"])
+    return TrainResult(model, cfg, steps_done, seconds, interrupted, losses, metrics, calibration)
 
 
-def _diverged(step: int, loss: float, lr: float, bar) -> None:
-    if bar is not None:
-        bar.render_finish()
-    raise BnfoldError(
+def _diverged(step: int, loss: float, lr: float) -> BnfoldError:
+    return BnfoldError(
         f"training diverged: the loss is {loss} at step {step + 1} (lr {lr:g}); nothing was"
         " saved: lower --lr"
     )
@@ -677,7 +631,3 @@ def adamw(groups: list[dict], **hyper):
     if hasattr(torch, "_fused_adamw_"):
         return FusedAdamW(groups, **hyper)
     return torch.optim.AdamW(groups, fused=True, **hyper)
-
-
-def train_config_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)

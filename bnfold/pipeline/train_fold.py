@@ -18,9 +18,15 @@ from bnfold.io.files import (
     commit_staged,
 )
 from bnfold.mlp.checkpoint import Checkpoint, save_checkpoint
+from bnfold.mlp.config import (
+    DEFAULT_MODEL,
+    DEFAULT_PRESET,
+    ModelConfig,
+    TrainConfig,
+    train_config_dict,
+)
 from bnfold.mlp.data import Dataset, load_dataset
-from bnfold.mlp.model import DEFAULT_MODEL, ModelConfig
-from bnfold.mlp.train import TrainConfig, check_training_memory, train, train_config_dict
+from bnfold.mlp.train import check_training_memory, train
 from bnfold.pipeline.assemble import (
     assemble,
     fold_to_checkpoint,
@@ -53,7 +59,7 @@ class TrainedRun:
 
 def train_run(
     data_path: str | Path,
-    preset: str = "fast",
+    preset: str = DEFAULT_PRESET,
     steps: int | None = None,
     batch_size: int | None = None,
     lr: float | None = None,

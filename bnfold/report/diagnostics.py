@@ -311,46 +311,101 @@ def saturation_census(
         raise BnfoldError(f"unknown census statistics {statistics!r} (running, dataset)")
     layers = tanh_layers(model)
     n = len(x)
-    weight = torch.zeros(0)
-    sample = torch.zeros(0, dtype=torch.long)
-    if n:
-        gen = torch.Generator().manual_seed(IMAGE_SEED)
-        pick = torch.randperm(n, generator=gen)[:image_examples].sort().values
-        x, inverse = distinct_contexts(x)
-        weight = torch.bincount(inverse, minlength=len(x))
-        sample = inverse[pick]
+    x, weight, sample = _distinct_with_image_rows(x, image_examples)
     if statistics == "dataset":
         chunk = max(1, len(x))  # the statistics are the whole set's: one pass, one batch
-    per = [
-        {"always": None, "sat": 0.0, "s1": 0.0, "s2": 0.0, "hist": torch.zeros(bins), "img": None}
-        for _ in layers
-    ]
-    offset = [0]
+    tallies = [_LayerTally(bins) for _ in layers]
+    offset = [0]  # the first row of the chunk running now, for the hooks
 
-    def hook(i):
+    def hook(tally: _LayerTally):
         def fn(module, inputs, out):
-            p, lo = per[i], offset[0]
-            out = out.float()
-            sat = out.abs() > threshold
-            rows = sat.all(0)
-            p["always"] = rows if p["always"] is None else p["always"] & rows
-            w = weight[lo : lo + len(out)].to(out.dtype)
-            p["sat"] += float(w @ sat.sum(1).to(out.dtype))
-            p["s1"] += float(w @ out.sum(1))
-            p["s2"] += float(w @ (out * out).sum(1))
-            rw = w.unsqueeze(1).expand_as(out).flatten()
-            p["hist"] += torch.histogram(out.flatten(), bins, range=(-1.0, 1.0), weight=rw).hist
-            if p["img"] is None:
-                p["img"] = torch.zeros(len(sample), out.shape[1], dtype=torch.bool)
-            here = (sample >= lo) & (sample < lo + len(out))
-            p["img"][here] = sat[sample[here] - lo]
+            lo = offset[0]
+            tally.add(out.float(), weight[lo : lo + len(out)], lo, sample, threshold)
 
         return fn
 
-    handles = [m.register_forward_hook(hook(i)) for i, (_, m) in enumerate(layers)]
+    handles = [m.register_forward_hook(hook(t)) for t, (_, m) in zip(tallies, layers, strict=True)]
     if statistics == "dataset":
         bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         handles += [bn.register_forward_hook(_dataset_norm(weight)) for bn in bns]
+    _eval_pass(model, x, chunk, offset, handles)
+    return {
+        "examples": n,
+        "distinct": len(x),
+        "threshold": threshold,
+        "statistics": statistics,
+        "image_examples": len(sample),
+        "layers": [t.to_dict(name, n) for (name, _), t in zip(layers, tallies, strict=True)],
+    }
+
+
+def _distinct_with_image_rows(
+    x: torch.Tensor, image_examples: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(contexts, weight, sample)``: the distinct rows of ``x``, how often each occurs,
+    and for a fixed seeded sample of at most ``image_examples`` examples (in order) the
+    distinct row each one is. Empty ``x`` gives itself and two empty tensors."""
+    if not len(x):
+        return x, torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    gen = torch.Generator().manual_seed(IMAGE_SEED)
+    pick = torch.randperm(len(x), generator=gen)[:image_examples].sort().values
+    contexts, inverse = distinct_contexts(x)
+    return contexts, torch.bincount(inverse, minlength=len(contexts)), inverse[pick]
+
+
+class _LayerTally:
+    """One Tanh layer's census, summed chunk by chunk over weighted distinct rows: units
+    saturated on every row so far, the weighted saturated count, sum and sum of squares,
+    the output histogram on [-1, 1], and the image rows of the sampled examples."""
+
+    def __init__(self, bins: int):
+        self.always: torch.Tensor | None = None
+        self.sat = self.s1 = self.s2 = 0.0
+        self.hist = torch.zeros(bins)
+        self.img: torch.Tensor | None = None
+
+    def add(
+        self, out: torch.Tensor, w: torch.Tensor, lo: int, sample: torch.Tensor, threshold: float
+    ) -> None:
+        """A chunk's outputs ``out`` (rows ``lo..``), each row weighted by ``w``."""
+        sat = out.abs() > threshold
+        rows = sat.all(0)
+        self.always = rows if self.always is None else self.always & rows
+        w = w.to(out.dtype)
+        self.sat += float(w @ sat.sum(1).to(out.dtype))
+        self.s1 += float(w @ out.sum(1))
+        self.s2 += float(w @ (out * out).sum(1))
+        rw = w.unsqueeze(1).expand_as(out).flatten()
+        bins = len(self.hist)
+        self.hist += torch.histogram(out.flatten(), bins, range=(-1.0, 1.0), weight=rw).hist
+        if self.img is None:
+            self.img = torch.zeros(len(sample), out.shape[1], dtype=torch.bool)
+        here = (sample >= lo) & (sample < lo + len(out))
+        self.img[here] = sat[sample[here] - lo]
+
+    def to_dict(self, name: str, n: int) -> dict:
+        """The layer's line of the census, over ``n`` examples (duplicates included)."""
+        dead = self.always
+        units = 0 if dead is None else dead.numel()
+        total = n * units
+        mean = self.s1 / total if total else 0.0
+        var = max(0.0, self.s2 / total - mean * mean) if total else 0.0
+        img = [] if self.img is None else self.img
+        return {
+            "module": name,
+            "units": units,
+            "dead": [] if dead is None else dead.nonzero().flatten().tolist(),
+            "saturation": self.sat / total if total else 0.0,
+            "mean": mean,
+            "std": math.sqrt(var),
+            "act_hist": _density(self.hist, -1.0, 1.0, float(total)),
+            "image": ["".join("1" if v else "0" for v in row.tolist()) for row in img],
+        }
+
+
+def _eval_pass(model: nn.Module, x: torch.Tensor, chunk: int, offset: list, handles) -> None:
+    """Run ``model`` in eval mode over ``x``, ``chunk`` rows at a time (``offset[0]``: the
+    chunk's first row); then restore its mode and remove the hooks ``handles``."""
     was_training = model.training
     model.eval()
     try:
@@ -361,34 +416,6 @@ def saturation_census(
         model.train(was_training)
         for h in handles:
             h.remove()
-    out = []
-    for (name, _), p in zip(layers, per, strict=True):
-        dead = p["always"]
-        units = 0 if dead is None else dead.numel()
-        total = n * units
-        mean = p["s1"] / total if total else 0.0
-        var = max(0.0, p["s2"] / total - mean * mean) if total else 0.0
-        img = [] if p["img"] is None else p["img"]
-        out.append(
-            {
-                "module": name,
-                "units": units,
-                "dead": [] if dead is None else dead.nonzero().flatten().tolist(),
-                "saturation": p["sat"] / total if total else 0.0,
-                "mean": mean,
-                "std": math.sqrt(var),
-                "act_hist": _density(p["hist"], -1.0, 1.0, float(total)),
-                "image": ["".join("1" if v else "0" for v in row.tolist()) for row in img],
-            }
-        )
-    return {
-        "examples": n,
-        "distinct": len(x),
-        "threshold": threshold,
-        "statistics": statistics,
-        "image_examples": len(sample),
-        "layers": out,
-    }
 
 
 def _round(xs: list[float], digits: int = 6) -> list[float]:

@@ -47,8 +47,7 @@ SWEEP_DATA_FILE = "names.txt"
 def measured_configuration(report: dict) -> bool:
     """The run is the configuration the cited sweeps measured: the shipped ``fast`` preset
     (any seed or thread count), the default architecture, trained on names.txt."""
-    from bnfold.mlp.model import ModelConfig
-    from bnfold.mlp.train import TrainConfig, train_config_dict
+    from bnfold.mlp.config import ModelConfig, TrainConfig, train_config_dict
 
     meta = report.get("meta") or {}
     given = meta.get("train_config") or {}

@@ -21,6 +21,39 @@ NEW_ONLY_DRAWS = (20, 10_000)  # --new-only gives up after 20 * count + 10,000 d
 LABELS = ("train", "dev", "test", "new")
 
 
+class Bound(NamedTuple):
+    """The range of a numeric option: ``lo <= x`` (``lo < x`` when ``lo_open``) and
+    ``x <= hi`` (no upper bound when ``hi`` is None). Stated once, in :data:`BOUNDS`, and
+    read by :meth:`SampleOptions.check`, the command line's option types and the service's
+    request schema."""
+
+    lo: float
+    hi: float | None = None
+    lo_open: bool = False
+
+    def holds(self, x: float) -> bool:
+        """``x`` lies in the range."""
+        above = x > self.lo if self.lo_open else x >= self.lo
+        return above and (self.hi is None or x <= self.hi)
+
+    def field(self, hi: float | None = None) -> dict:
+        """The bound as pydantic ``Field`` keywords (``ge``/``gt``, ``le``); ``hi``, when
+        given, replaces the upper bound (e.g. a server's own count cap)."""
+        hi = self.hi if hi is None else hi
+        return {"gt" if self.lo_open else "ge": self.lo, **({} if hi is None else {"le": hi})}
+
+
+BOUNDS = {
+    "count": Bound(1, MAX_COUNT),
+    "seed": Bound(0, MASK64),
+    "temperature": Bound(0),  # 0 = greedy
+    "top_k": Bound(1),
+    "top_p": Bound(0, 1, lo_open=True),
+    "min_length": Bound(0, MAX_LENGTH_CAP),  # check(): at most max-length, so the cap holds
+    "max_length": Bound(1, MAX_LENGTH_CAP),
+}
+
+
 @dataclass(frozen=True)
 class SampleOptions:
     """Everything that decides which names come out (the batch size does not).
@@ -44,24 +77,27 @@ class SampleOptions:
     new_only: bool = False
 
     def check(self, vocab: Vocab) -> SampleOptions:
-        """Raise a ``BnfoldError`` naming the first bad option; return self if all are fine."""
-        if not is_int(self.count) or not 1 <= self.count <= MAX_COUNT:
+        """Raise a ``BnfoldError`` naming the first bad option; return self if all are fine.
+        The numeric ranges are those of :data:`BOUNDS`."""
+        b = BOUNDS
+        if not is_int(self.count) or not b["count"].holds(self.count):
             raise BnfoldError(f"count must be between 1 and {MAX_COUNT:,}, got {self.count!r}")
-        if not is_int(self.seed) or not 0 <= self.seed <= MASK64:
+        if not is_int(self.seed) or not b["seed"].holds(self.seed):
             raise BnfoldError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
         t = self.temperature
-        if not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+        if not isinstance(t, (int, float)) or not math.isfinite(t) or not b["temperature"].holds(t):
             raise BnfoldError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
-        if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
+        if self.top_k is not None and (not is_int(self.top_k) or not b["top_k"].holds(self.top_k)):
             raise BnfoldError(f"top-k must be an integer >= 1, got {self.top_k!r}")
         p = self.top_p
-        if p is not None and (not isinstance(p, (int, float)) or not 0 < p <= 1):
+        if p is not None and (not isinstance(p, (int, float)) or not b["top_p"].holds(p)):
             raise BnfoldError(f"top-p must lie in (0, 1], got {p!r}")
-        if not is_int(self.max_length) or not 1 <= self.max_length <= MAX_LENGTH_CAP:
+        if not is_int(self.max_length) or not b["max_length"].holds(self.max_length):
             raise BnfoldError(
                 f"max-length must be between 1 and {MAX_LENGTH_CAP}, got {self.max_length!r}"
             )
-        if not is_int(self.min_length) or self.min_length < 0:
+        # only min-length's floor here: above max-length is the next check's clearer message
+        if not is_int(self.min_length) or self.min_length < b["min_length"].lo:
             raise BnfoldError(f"min-length must be an integer >= 0, got {self.min_length!r}")
         if self.min_length > self.max_length:
             raise BnfoldError(

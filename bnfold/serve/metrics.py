@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # The ``endpoint`` label of ``bnfold_request_seconds``: every route by its path, the docs'
@@ -50,6 +52,7 @@ REJECTION_REASONS = (
 class Metrics:
     def __init__(self):
         self.registry = r = CollectorRegistry(auto_describe=True)
+        counter, gauge = partial(Counter, registry=r), partial(Gauge, registry=r)
         self.latency = Histogram(
             "bnfold_request_seconds",
             "HTTP request latency by endpoint and status code.",
@@ -57,21 +60,16 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
-        self.names = Counter("bnfold_names_generated", "Names sampled and returned.", registry=r)
-        self.rejections = Counter(
+        self.names = counter("bnfold_names_generated", "Names sampled and returned.")
+        self.rejections = counter(
             "bnfold_rejections",
             "Requests refused, by reason (" + ", ".join(REJECTION_REASONS) + ").",
             ["reason"],
-            registry=r,
         )
         for reason in REJECTION_REASONS:  # every reason shows, at 0 until it happens
             self.rejections.labels(reason)
-        self.queue_depth = Gauge(
-            "bnfold_queue_depth", "Requests waiting to join a forward step.", registry=r
-        )
-        self.inflight = Gauge(
-            "bnfold_inflight_requests", "Requests admitted and not yet answered.", registry=r
-        )
+        self.queue_depth = gauge("bnfold_queue_depth", "Requests waiting to join a forward step.")
+        self.inflight = gauge("bnfold_inflight_requests", "Requests admitted and not yet answered.")
         self.batch_rows = Histogram(
             "bnfold_batch_rows",
             "Rows (names in flight) per step.",
@@ -84,22 +82,16 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
             registry=r,
         )
-        self.forward_rows = Counter(
+        self.forward_rows = counter(
             "bnfold_forward_rows",
             "Contexts evaluated by the network (the table engine stores and reuses them).",
-            registry=r,
         )
-        self.engines = Gauge(
-            "bnfold_engines", "Sampling engines held (one per option group).", registry=r
-        )
-        self.engine_bytes = Gauge(
+        self.engines = gauge("bnfold_engines", "Sampling engines held (one per option group).")
+        self.engine_bytes = gauge(
             "bnfold_engine_bytes",
             "Bytes held by the sampling engines (tables and rows), bounded by memory-mb.",
-            registry=r,
         )
-        self.connections = Gauge(
-            "bnfold_open_connections", "HTTP connections open on this worker.", registry=r
-        )
+        self.connections = gauge("bnfold_open_connections", "HTTP connections open on this worker.")
 
     def reject(self, reason: str) -> None:
         self.rejections.labels(reason).inc()

@@ -24,33 +24,34 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from bnfold.errors import BnfoldError
-from bnfold.sampling.options import MAX_LENGTH_CAP, SampleOptions
-from bnfold.sampling.tokens import MASK64
+from bnfold.sampling.options import BOUNDS, MAX_LENGTH_CAP, SampleOptions
 
-MAX_TEMPERATURE = 100.0
+MAX_TEMPERATURE = 100.0  # the service's own caps, on top of the sampler's BOUNDS
 MAX_TOP_K = 1_000_000
 RETRY_AFTER = "1"  # seconds, for 429 and 503
 _DEFAULT = SampleOptions()
 
 
 def request_model(max_count: int) -> type[BaseModel]:
-    """The request schema (JSON body or query string), with this server's count cap."""
-    d = _DEFAULT
+    """The request schema (JSON body or query string), with this server's count cap; the
+    ranges are the sampler's :data:`~bnfold.sampling.options.BOUNDS`."""
+    d, b = _DEFAULT, BOUNDS
     return create_model(
         "NamesRequest",
         __config__=ConfigDict(extra="forbid", strict=True),
         count=(
             int,
             Field(
-                d.count, ge=1, le=max_count, description=f"Names to sample (at most {max_count})."
+                d.count,
+                **b["count"].field(hi=max_count),
+                description=f"Names to sample (at most {max_count}).",
             ),
         ),
         seed=(
             int | None,
             Field(
                 None,
-                ge=0,
-                le=MASK64,
+                **b["seed"].field(),
                 description="Random seed; a random one (below 2**53) when omitted.",
             ),
         ),
@@ -58,8 +59,7 @@ def request_model(max_count: int) -> type[BaseModel]:
             float,
             Field(
                 d.temperature,
-                ge=0,
-                le=MAX_TEMPERATURE,
+                **b["temperature"].field(hi=MAX_TEMPERATURE),
                 allow_inf_nan=False,
                 description="0 = greedy (argmax); otherwise softmax(logits / temperature).",
             ),
@@ -68,8 +68,7 @@ def request_model(max_count: int) -> type[BaseModel]:
             int | None,
             Field(
                 d.top_k,
-                ge=1,
-                le=MAX_TOP_K,
+                **b["top_k"].field(hi=MAX_TOP_K),
                 description="Sample only among the k most likely tokens; all when omitted.",
             ),
         ),
@@ -77,8 +76,7 @@ def request_model(max_count: int) -> type[BaseModel]:
             float | None,
             Field(
                 d.top_p,
-                gt=0,
-                le=1,
+                **b["top_p"].field(),
                 allow_inf_nan=False,
                 description="Nucleus sampling: the smallest set of mass >= p; all when omitted.",
             ),
@@ -87,8 +85,8 @@ def request_model(max_count: int) -> type[BaseModel]:
             str,
             Field(d.prefix, max_length=MAX_LENGTH_CAP, description="Start every name with this."),
         ),
-        min_length=(int, Field(d.min_length, ge=0, le=MAX_LENGTH_CAP)),
-        max_length=(int, Field(d.max_length, ge=1, le=MAX_LENGTH_CAP)),
+        min_length=(int, Field(d.min_length, **b["min_length"].field())),
+        max_length=(int, Field(d.max_length, **b["max_length"].field())),
         new_only=(bool, Field(d.new_only, description="Only names in none of train/dev/test.")),
     )
 

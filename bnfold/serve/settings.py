@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields
 
 from bnfold.errors import BnfoldError
 from bnfold.sampling.engine import DEFAULT_ENGINE, ENGINES
+from bnfold.sampling.options import MAX_COUNT
 
 ENV_SETTINGS = "BNFOLD_SERVE_SETTINGS"  # JSON ServeSettings, read by each worker's factory
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
@@ -68,8 +69,8 @@ class ServeSettings:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise BnfoldError(f"{_flag(name)} must be an integer >= 1, got {v!r}")
-        if self.max_count > 10_000_000:
-            raise BnfoldError(f"max-count must be at most 10,000,000, got {self.max_count:,}")
+        if self.max_count > MAX_COUNT:
+            raise BnfoldError(f"max-count must be at most {MAX_COUNT:,}, got {self.max_count:,}")
         for name in ("deadline", "drain_timeout", "idle_release", "header_timeout", "body_timeout"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:

@@ -217,62 +217,102 @@ def compare_over_domain(
     sampled domains large enough to take a while).
     """
     t0 = time.perf_counter()
-    V = plan.vocab_size
     used = list(dict.fromkeys(name for pair in pairs for name in pair))
     for name in used:
         if name not in nets:
             raise BnfoldError(f"internal error: no network named {name!r} to compare")
     stats = {p: PairStats(p[0], p[1], tolerance, rel_floor) for p in pairs}
     f64 = dict.fromkeys(used, 0.0) if float64_logits is not None else None
-    judged_twins = {}
-    if float64_logits is not None and tolerance is None:
-        judged = dict.fromkeys(b for _, b in pairs)
-        if twins is None:
-            twins = {k: nets[k].float64_twin() for k in judged if isinstance(nets[k], Predictor)}
-        judged_twins = {k: t for k, t in twins.items() if t is not None and k in judged}
-    rerounded = {k: rerounded_copies(t) for k, t in judged_twins.items()}
-    stride = -(-plan.total // twin_contexts) if judged_twins else 0
+    judged = {}
+    if float64_logits is not None and tolerance is None:  # the parameter test judges
+        judged = _twins_to_judge(nets, pairs, twins)
+    twin_test = _TwinTest(judged, plan.total, twin_contexts)
+    eta = _Eta(label, plan.total, t0) if progress else None
     n = 0
-    last_report = t0
     for ctx in plan.chunks(chunk_size):
         if len(ctx) == 0:
             continue
-        out = {}
-        for name in used:
-            y = np.asarray(nets[name].logits(ctx), dtype=np.float32)
-            if y.shape != (len(ctx), V):
-                raise BnfoldError(f"{name}: output shape {y.shape}, expected ({len(ctx)}, {V})")
-            out[name] = y
+        out = {name: _logits(name, nets[name], ctx, plan.vocab_size) for name in used}
         z = float64_logits(ctx) if float64_logits is not None else None
         for (a, b), s in stats.items():
             s.add(ctx, out[a], out[b], z)
-        if judged_twins:
-            rows = np.flatnonzero((np.arange(n, n + len(ctx)) % stride) == 0)
-            if len(rows):
-                sub = ctx[rows]
-                twin_out = {
-                    k: (t.logits(sub), [r.logits(sub) for r in rerounded[k]])
-                    for k, t in judged_twins.items()
-                }
-                for (_, b), s in stats.items():
-                    if b in twin_out:
-                        s.add_twin(z[rows], *twin_out[b])
+        twin_test.add(stats, ctx, z, n)
         if f64 is not None:
             for name in used:
                 d = np.nan_to_num(np.abs(out[name] - z), nan=np.inf)
                 f64[name] = max(f64[name], float(d.max()))
         n += len(ctx)
-        now = time.perf_counter()
-        if progress and now - last_report > 5:
-            last_report = now
-            rate = n / (now - t0)
-            left = (plan.total - n) / rate
-            print(
-                f"{label}: {n:,}/{plan.total:,} contexts ({n / plan.total:.0%}),"
-                f" about {left:,.0f} s left",
-                file=sys.stderr,
-                flush=True,
-            )
+        if eta is not None:
+            eta.tick(n)
     if n != plan.total:  # defensive: the chunking must cover everything it claims
         raise BnfoldError(f"internal error: checked {n} contexts, expected {plan.total}")
     return DomainComparison(plan, stats, f64, n, round(time.perf_counter() - t0, 4))
+
+
+def _logits(name: str, net, ctx: np.ndarray, vocab_size: int) -> np.ndarray:
+    """``net``'s float32 logits on ``ctx``; a ``BnfoldError`` unless shaped (n, vocab)."""
+    y = np.asarray(net.logits(ctx), dtype=np.float32)
+    if y.shape != (len(ctx), vocab_size):
+        raise BnfoldError(f"{name}: output shape {y.shape}, expected ({len(ctx)}, {vocab_size})")
+    return y
+
+
+def _twins_to_judge(
+    nets: dict[str, object],
+    pairs: list[tuple[str, str]],
+    twins: dict[str, Float64Twin | None] | None,
+) -> dict[str, Float64Twin]:
+    """The candidates that get the parameter test, with their float64 twins: those of
+    ``twins`` (default: each candidate that is a Predictor, asked for its own) that are not
+    None."""
+    candidates = dict.fromkeys(b for _, b in pairs)
+    if twins is None:
+        twins = {k: nets[k].float64_twin() for k in candidates if isinstance(nets[k], Predictor)}
+    return {k: t for k, t in twins.items() if t is not None and k in candidates}
+
+
+class _TwinTest:
+    """The parameter test's share of the walk: each judged twin and its re-rounded copies
+    evaluated on every ``stride``-th checked context, at most ``twin_contexts`` in all
+    (an evenly spread subset, the same whatever the chunk size)."""
+
+    def __init__(self, twins: dict[str, Float64Twin], total: int, twin_contexts: int):
+        self.twins = twins
+        self.rerounded = {k: rerounded_copies(t) for k, t in twins.items()}
+        self.stride = -(-total // twin_contexts) if twins else 0
+
+    def add(self, stats: dict, ctx: np.ndarray, z: np.ndarray | None, start: int) -> None:
+        """Feed the pairs judged by a twin; ``start``: the index of ``ctx[0]`` in the walk."""
+        if not self.twins:
+            return
+        rows = np.flatnonzero((np.arange(start, start + len(ctx)) % self.stride) == 0)
+        if not len(rows):
+            return
+        sub = ctx[rows]
+        out = {
+            k: (t.logits(sub), [r.logits(sub) for r in self.rerounded[k]])
+            for k, t in self.twins.items()
+        }
+        for (_, b), s in stats.items():
+            if b in out:
+                s.add_twin(z[rows], *out[b])
+
+
+class _Eta:
+    """The share done and an estimate of the time left, on stderr, every 5 s at most."""
+
+    def __init__(self, label: str, total: int, t0: float):
+        self.label, self.total, self.t0, self.last = label, total, t0, t0
+
+    def tick(self, n: int) -> None:
+        now = time.perf_counter()
+        if now - self.last <= 5:
+            return
+        self.last = now
+        left = (self.total - n) / (n / (now - self.t0))
+        print(
+            f"{self.label}: {n:,}/{self.total:,} contexts ({n / self.total:.0%}),"
+            f" about {left:,.0f} s left",
+            file=sys.stderr,
+            flush=True,
+        )
