@@ -202,9 +202,10 @@ def _shifted(x: np.ndarray, kernel, strides, dil, outs):
 
 # ---- numpy float64 kernels ----------------------------------------------------------------
 
-# the most elements of one im2col matrix (128 MB of doubles): a larger layer (a 3-D video
-# conv) is done in chunks of samples, or of output rows along the first spatial axis
-COLUMN_BUDGET = 1 << 24
+# the most elements of one im2col matrix (32 MB of doubles, one buffer reused): a larger
+# layer (a 3-D video conv, a wide dilated one) is done in chunks of samples or of output
+# rows along the first spatial axis, each a large enough matmul for BLAS
+COLUMN_BUDGET = 1 << 22
 
 
 def conv(X: np.ndarray, W: np.ndarray, B: np.ndarray | None, a: dict) -> np.ndarray:
@@ -232,24 +233,27 @@ def _im2col(x: np.ndarray, W: np.ndarray, strides, dil, outs, group: int) -> np.
     M, cg = W.shape[:2]
     K = math.prod(W.shape[2:])
     w = W.reshape(group, M // group, cg * K)
+    if K == 1 and all(s == 1 for s in strides):  # 1x1: the input is the column matrix
+        return np.matmul(w, x.reshape(N, group, cg, -1)).reshape(N, M, *outs)
     ext = [(k - 1) * d + 1 for k, d in zip(W.shape[2:], dil, strict=True)]
-    spatial = tuple(range(2, 2 + n))
-    view = np.lib.stride_tricks.sliding_window_view(x, ext, axis=spatial)
+    view = np.lib.stride_tricks.sliding_window_view(x, ext, axis=tuple(range(2, 2 + n)))
     view = view[(slice(None), slice(None), *(slice(None, None, s) for s in strides))]
     view = view[(..., *(slice(None, None, d) for d in dil))]  # (N, C, *outs, *kernel)
     view = view.reshape(N, group, cg, *view.shape[2:])
     columns = (0, 1, 2, *range(3 + n, 3 + 2 * n), *range(3, 3 + n))  # (N, G, cg, *k, *outs)
     per_row = C * K * math.prod(outs[1:])  # column elements per output row of one sample
     rows = max(1, min(outs[0], COLUMN_BUDGET // per_row))
-    samples = max(1, COLUMN_BUDGET // (per_row * outs[0])) if rows == outs[0] else 1
+    samples = min(N, max(1, COLUMN_BUDGET // (per_row * outs[0]))) if rows == outs[0] else 1
+    buffer = np.empty(samples * rows * per_row, dtype=x.dtype)
     y = np.empty((N, group, M // group, *outs), dtype=x.dtype)
     for i in range(0, N, samples):
         for r in range(0, outs[0], rows):
             part = view[i : i + samples, :, :, r : r + rows].transpose(columns)
-            cols = part.reshape(*part.shape[:2], cg * K, -1)  # the im2col copy
-            y[i : i + samples, :, :, r : r + rows] = np.matmul(w, cols).reshape(
-                *cols.shape[:2], M // group, *part.shape[3 + n :]
-            )
+            cols = buffer[: part.size].reshape(part.shape)
+            np.copyto(cols, part)  # the im2col copy
+            target = y[i : i + samples, :, :, r : r + rows]
+            product = np.matmul(w, cols.reshape(*part.shape[:2], cg * K, -1))
+            target[...] = product.reshape(target.shape)
     return y.reshape(N, M, *outs)
 
 
