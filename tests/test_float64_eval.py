@@ -550,11 +550,22 @@ def _pool_input(attrs: dict, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((2, 3, *sizes)).astype(np.float32)
 
 
-def _symmetric_pads(attrs: dict) -> list[int]:
+def _torch_pool(kind: str, x: np.ndarray, attrs: dict, **options) -> np.ndarray:
+    """torch's ``{kind}_pool{n}d`` in double on a pool node's (symmetric) geometry."""
     n = len(attrs["kernel_shape"])
     pads = attrs.get("pads", [0] * 2 * n)
     assert pads[:n] == pads[n:]
-    return pads[:n]
+    pool = getattr(F, f"{kind}_pool{n}d")
+    with torch.no_grad():
+        y = pool(
+            _t64(x),
+            attrs["kernel_shape"],
+            attrs["strides"],
+            pads[:n],
+            ceil_mode=bool(attrs.get("ceil_mode")),
+            **options,
+        )
+    return y.numpy()
 
 
 @pytest.mark.parametrize("dilated", [False, True])
@@ -576,16 +587,8 @@ def test_max_pool_is_onnx_runtimes_exactly(attrs, torch_can, dilated):
         return
     np.testing.assert_array_equal(got, run(model, {"x": x})["y"].astype(np.float64))
     if torch_can:
-        pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[n]
-        want = pool(
-            _t64(x),
-            attrs["kernel_shape"],
-            attrs["strides"],
-            _symmetric_pads(attrs),
-            attrs.get("dilations", 1),
-            bool(attrs.get("ceil_mode")),
-        )
-        np.testing.assert_array_equal(got, want.numpy())
+        want = _torch_pool("max", x, attrs, dilation=attrs.get("dilations", 1))
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("count_include_pad", [0, 1])
@@ -600,17 +603,8 @@ def test_average_pool_agrees_with_torch_and_onnx_runtime(attrs, torch_can, count
     ort = run(model, {"x": x})["y"]
     assert got.shape == ort.shape and np.abs(got - ort).max() < 1e-6
     if torch_can:
-        n = len(attrs["kernel_shape"])
-        pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[n]
-        want = pool(
-            _t64(x),
-            attrs["kernel_shape"],
-            attrs["strides"],
-            _symmetric_pads(attrs),
-            bool(attrs.get("ceil_mode")),
-            bool(count_include_pad),
-        )
-        np.testing.assert_allclose(got, want.numpy(), rtol=1e-13, atol=1e-13)
+        want = _torch_pool("avg", x, attrs, count_include_pad=bool(count_include_pad))
+        np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13)
 
 
 _TORCH_FREE = """

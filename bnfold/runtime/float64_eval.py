@@ -1,22 +1,32 @@
 """A float64 evaluator for ONNX graphs: the truth bnfold's ONNX verification judges against.
 
 Why not ONNX Runtime: it has no double kernels for Conv, pools and most vision operators.
-Why not plain ``onnx.reference``: it is a pure-Python evaluator whose Conv is an im2col in
-numpy (resnet50 at 224x224 took ~10 s, inception_v3 ~90 s), it keeps every intermediate
+Why not plain ``onnx.reference``: it is a pure-Python evaluator whose Conv is a slow
+im2col (resnet50 at 224x224 took ~10 s, inception_v3 ~90 s), it keeps every intermediate
 alive until the end (deeplabv3 went past 20 GB), and it is wrong where it matters most:
 its BatchNormalization at opsets 9-13 mixes batch statistics into the running ones (so a
 wrongly folded channel can look right) and its MaxPool with ``ceil_mode`` returns the
 wrong shape.
 
 So: ``onnx.reference`` still builds one kernel per node (it knows every ONNX operator),
-but the heavy or wrong ones are replaced with torch float64 kernels (:data:`TORCH_OPS`:
-Conv, ConvTranspose, MaxPool, AveragePool, BatchNormalization with the semantics ONNX
-Runtime implements at every opset, Resize in its common modes), and the graph walk is
+but the heavy or wrong ones are replaced (:func:`replaced_ops`), and the graph walk is
 our own: every value is dropped after its last reader, so peak memory is the live
-activations plus the parameters, in double. Attribute combinations a torch kernel does
-not cover fall back to ``onnx.reference``'s own kernel for that node.
+activations plus the parameters, in double.
 
-The graph is first turned to double by :func:`double_graph`: every floating tensor
+- numpy float64 kernels: Conv (any number of spatial axes, groups, dilations, strides,
+  pads/auto_pad: padded once, an im2col matrix of at most :data:`COLUMN_BUDGET`
+  elements and one batched BLAS matmul over the groups per chunk; depthwise as shifted
+  slices times per-channel weights), MaxPool and AveragePool (ceil_mode, asymmetric pads,
+  count_include_pad, with ONNX Runtime's output sizes and divisors), BatchNormalization
+  with the semantics ONNX Runtime implements at every opset.
+- torch float64 kernels, imported only when such a node runs (``import torch`` costs
+  ~2 s): ConvTranspose, and Resize in the modes where torch's interpolate computes
+  exactly ONNX's.
+- ``onnx.reference``'s own kernel: everything else, and what the above do not cover
+  (non-floating inputs, MaxPool's ``Indices`` output, dilated AveragePool, other Resize
+  modes).
+
+The graph is first turned to double by :func:`double_nodes`: every floating tensor
 (float32, float16, bfloat16) becomes float64, so a float16 graph gets a float64 truth too.
 """
 
