@@ -458,17 +458,66 @@ def test_conv_agrees_with_torch_in_double(geometry):
         inits["b"] = rng.standard_normal(geometry["w"][0])
     attrs = {k: geometry[k] for k in ("group", "strides", "dilations", "pads")}
     got = _float64(_one_node("Conv", x, inits, **attrs), x)
+    want = _torch_conv(x, inits, attrs)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def _torch_conv(x: np.ndarray, inits: dict, attrs: dict) -> np.ndarray:
+    """torch's convNd in double on float32 parameters: ONNX's (asymmetric) pads as an
+    F.pad before an unpadded convolution."""
     n = x.ndim - 2
-    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[n]
-    padded = F.pad(_t64(x), _torch_pads(attrs["pads"][:n], attrs["pads"][n:]))
     w32 = {k: v.astype(np.float32) for k, v in inits.items()}
+    pads = attrs.get("pads", [0] * 2 * n)
+    padded = F.pad(_t64(x), _torch_pads(pads[:n], pads[n:]))
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[n]
     bias = _t64(w32["b"]) if "b" in w32 else None
+    strides, dil = attrs.get("strides", 1), attrs.get("dilations", 1)
     with torch.no_grad():
-        want = conv(
-            padded, _t64(w32["w"]), bias, attrs["strides"], 0, attrs["dilations"], attrs["group"]
-        )
-    assert got.shape == tuple(want.shape)
-    np.testing.assert_allclose(got, want.numpy(), rtol=1e-12, atol=1e-12)
+        return conv(padded, _t64(w32["w"]), bias, strides, 0, dil, attrs.get("group", 1)).numpy()
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape, attrs, kept",
+    [
+        # as deeplabv3's ASPP at rate 36 over 33x33: only the centre tap reads; then all
+        ((1, 6, 9, 9), (4, 6, 3, 3), {"dilations": [10, 10], "pads": [10] * 4}, (1, 1)),
+        ((1, 6, 9, 9), (4, 6, 3, 3), {"dilations": [6, 6], "pads": [6] * 4}, (3, 3)),
+        ((2, 3, 1, 1), (5, 3, 3, 3), {"pads": [1, 1, 1, 1]}, (1, 1)),  # a 1x1 map
+        ((2, 3, 1, 2), (5, 3, 3, 3), {"pads": [1, 1, 1, 1], "strides": [2, 2]}, (1, 2)),
+        # tap 0 reads only padding, tap 1 starts at 3, past the begin padding (1)
+        ((1, 2, 5), (3, 2, 2), {"pads": [1, 0], "strides": [10], "dilations": [3]}, (1,)),
+        ((1, 2, 1, 7), (3, 2, 3, 2), {"pads": [4, 3, 5, 0], "dilations": [1, 4]}, (3, 2)),
+        (
+            (1, 4, 3, 3),
+            (8, 1, 5, 5),
+            {"pads": [6, 6, 6, 6], "dilations": [3, 3], "group": 4},
+            (1, 1),
+        ),
+        # no tap reads the input: the output is the bias
+        ((1, 2, 1), (2, 2, 2), {"pads": [1, 3], "strides": [3], "dilations": [2]}, None),
+    ],
+)
+def test_taps_that_read_only_padding_are_left_out_exactly(
+    x_shape, w_shape, attrs, kept, monkeypatch
+):
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    inits = {"w": rng.standard_normal(w_shape), "b": rng.standard_normal(w_shape[0])}
+    kernels = []
+    for name in ("_im2col", "_depthwise"):
+        kernel = getattr(float64_eval, name)
+
+        def recorded(x, W, *args, _kernel=kernel):
+            kernels.append(W.shape[2:])
+            return _kernel(x, W, *args)
+
+        monkeypatch.setattr(float64_eval, name, recorded)
+    got = _float64(_one_node("Conv", x, inits, **attrs), x)
+    want = _torch_conv(x, inits, attrs)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert kernels == ([kept] if kept else []), kernels
 
 
 @pytest.mark.parametrize("mode", ["SAME_UPPER", "SAME_LOWER", "VALID"])
@@ -507,11 +556,9 @@ def test_large_convs_are_chunked_without_changing_the_result(monkeypatch):
     rng = np.random.default_rng(10)
     x = rng.standard_normal((3, 4, 7, 6, 5)).astype(np.float32)
     inits = {"w": rng.standard_normal((5, 4, 3, 2, 2)), "b": rng.standard_normal(5)}
-    model = _one_node("Conv", x, inits, pads=[1, 0, 1, 1, 1, 0], strides=[1, 2, 1])
-    w32 = {k: v.astype(np.float32) for k, v in inits.items()}
-    with torch.no_grad():
-        padded = F.pad(_t64(x), _torch_pads([1, 0, 1], [1, 1, 0]))
-        want = F.conv3d(padded, _t64(w32["w"]), _t64(w32["b"]), [1, 2, 1]).numpy()
+    attrs = {"pads": [1, 0, 1, 1, 1, 0], "strides": [1, 2, 1]}
+    model = _one_node("Conv", x, inits, **attrs)
+    want = _torch_conv(x, inits, attrs)
     per_row = 4 * 12 * 3 * 5  # column elements per output row (first axis) of a sample
     calls = []
     matmul = np.matmul

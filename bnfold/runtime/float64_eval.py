@@ -179,16 +179,16 @@ def _window_geometry(X: np.ndarray, kernel, a: dict) -> tuple[list[int], ...]:
 
 def _padded(X: np.ndarray, begin: list[int], end: list[int], value: float = 0.0) -> np.ndarray:
     """``X`` with ``begin``/``end`` elements of ``value`` around its spatial axes (a
-    negative ``end`` crops)."""
-    kept = tuple(slice(0, size + min(e, 0)) for size, e in zip(X.shape[2:], end, strict=True))
+    negative count crops)."""
+    kept = tuple(
+        slice(max(-b, 0), size + min(e, 0))
+        for size, b, e in zip(X.shape[2:], begin, end, strict=True)
+    )
     X = X[(slice(None), slice(None), *kept)]
-    if not any(begin) and not any(e > 0 for e in end):
+    widths = [(max(b, 0), max(e, 0)) for b, e in zip(begin, end, strict=True)]
+    if not any(b or e for b, e in widths):
         return X
-    shape = [s + b + max(e, 0) for s, b, e in zip(X.shape[2:], begin, end, strict=True)]
-    out = np.full((*X.shape[:2], *shape), value, dtype=X.dtype)
-    inner = tuple(slice(b, b + s) for b, s in zip(begin, X.shape[2:], strict=True))
-    out[(slice(None), slice(None), *inner)] = X
-    return out
+    return np.pad(X, [(0, 0), (0, 0), *widths], constant_values=value)
 
 
 def _output_sizes(sizes, kernel, strides, dil) -> list[int]:
@@ -222,19 +222,52 @@ def conv(X: np.ndarray, W: np.ndarray, B: np.ndarray | None, a: dict) -> np.ndar
     """ONNX Conv in the dtype of ``X`` (any number of spatial axes, groups, dilations,
     strides, pads/auto_pad): padded once, then one batched BLAS matmul over an im2col
     matrix per chunk, or shifted slices times per-channel weights when every group has
-    one input channel (depthwise)."""
+    one input channel (depthwise). Kernel taps that read only padding are left out (a
+    rate-36 ASPP conv over 33x33 is a 1x1 conv)."""
     kernel = list(W.shape[2:])
     strides, dil, begin, end = _window_geometry(X, kernel, a)
-    x = _padded(X, begin, end)
-    outs = _output_sizes(x.shape[2:], kernel, strides, dil)
-    group = int(a.get("group") or 1)
-    if W.shape[1] == 1 and group > 1:
-        y = _depthwise(x, W, strides, dil, outs)
+    outs = _output_sizes(
+        [s + b + e for s, b, e in zip(X.shape[2:], begin, end, strict=True)], kernel, strides, dil
+    )
+    taps = [
+        _reading_taps(k, d, s, o, b, size)
+        for k, d, s, o, b, size in zip(kernel, dil, strides, outs, begin, X.shape[2:], strict=True)
+    ]
+    N, M = X.shape[0], W.shape[0]
+    if any(lo >= hi for lo, hi in taps):  # every window lies in the padding
+        y = np.zeros((N, M, *outs), dtype=X.dtype)
     else:
-        y = _im2col(x, W, strides, dil, outs, group)
+        W = W[(slice(None), slice(None), *(slice(lo, hi) for lo, hi in taps))]
+        # the trimmed kernel's windows start at the first reading tap, and the input ends
+        # with the last window (a negative pad crops)
+        begin = [b - lo * d for b, (lo, _), d in zip(begin, taps, dil, strict=True)]
+        end = [
+            (o - 1) * s + (k - 1) * d + 1 - size - b
+            for o, s, k, d, size, b in zip(
+                outs, strides, W.shape[2:], dil, X.shape[2:], begin, strict=True
+            )
+        ]
+        x = _padded(X, begin, end)
+        group = int(a.get("group") or 1)
+        if W.shape[1] == 1 and group > 1:
+            y = _depthwise(x, W, strides, dil, outs)
+        else:
+            y = _im2col(x, W, strides, dil, outs, group)
     if B is not None:
         y += B.reshape(1, -1, *([1] * len(kernel)))
     return y
+
+
+def _reading_taps(k: int, d: int, s: int, out: int, begin: int, size: int) -> tuple[int, int]:
+    """The kernel offsets [lo, hi) along an axis whose ``out`` window positions read at
+    least one input element (the input spans ``[begin, begin + size)`` of the padded
+    axis, tap ``o`` of window ``j`` reads ``j*s + o*d``)."""
+    reading = [
+        o
+        for o in range(k)
+        if (first := max(0, -(-(begin - o * d) // s))) < out and first * s + o * d < begin + size
+    ]
+    return (reading[0], reading[-1] + 1) if reading else (0, 0)
 
 
 def _im2col(x: np.ndarray, W: np.ndarray, strides, dil, outs, group: int) -> np.ndarray:
@@ -247,7 +280,8 @@ def _im2col(x: np.ndarray, W: np.ndarray, strides, dil, outs, group: int) -> np.
         return np.matmul(w, x.reshape(N, group, cg, -1)).reshape(N, M, *outs)
     ext = [(k - 1) * d + 1 for k, d in zip(W.shape[2:], dil, strict=True)]
     view = np.lib.stride_tricks.sliding_window_view(x, ext, axis=tuple(range(2, 2 + n)))
-    view = view[(slice(None), slice(None), *(slice(None, None, s) for s in strides))]
+    positions = (slice(0, (o - 1) * s + 1, s) for o, s in zip(outs, strides, strict=True))
+    view = view[(slice(None), slice(None), *positions)]
     view = view[(..., *(slice(None, None, d) for d in dil))]  # (N, C, *outs, *kernel)
     view = view.reshape(N, group, cg, *view.shape[2:])
     columns = (0, 1, 2, *range(3 + n, 3 + 2 * n), *range(3, 3 + n))  # (N, G, cg, *k, *outs)
