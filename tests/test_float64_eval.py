@@ -654,6 +654,27 @@ def test_average_pool_agrees_with_torch_and_onnx_runtime(attrs, torch_can, count
         np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13)
 
 
+def test_matmul_of_a_transposed_stack_and_erf_are_double():
+    """ConvNeXt's MLP: a channels-last view times a matrix, then GELU's Erf; against
+    torch in double (onnx.reference's Erf rounded to float32: ~1e-8 off)."""
+    rng = np.random.default_rng(15)
+    x = rng.standard_normal((2, 6, 5, 4)).astype(np.float32)
+    w = rng.standard_normal((6, 7))
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 3, 1]),
+        helper.make_node("MatMul", ["t", "w"], ["m"]),
+        helper.make_node("Erf", ["m"], ["y"]),
+    ]
+    inits = [onnx_zoo._t("w", w.astype(np.float32))]
+    model = onnx_zoo.graph_model(nodes, [("x", [2, 6, 5, 4])], [("y", [2, 5, 4, 7])], inits, 17)
+    got = _float64(model, x)
+    with torch.no_grad():
+        m = _t64(x).permute(0, 2, 3, 1) @ _t64(w.astype(np.float32))
+        want = torch.erf(m).numpy()
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-14, atol=1e-15)
+
+
 _TORCH_FREE = """
 import sys
 import numpy as np

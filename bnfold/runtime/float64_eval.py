@@ -18,7 +18,8 @@ activations plus the parameters, in double.
   elements and one batched BLAS matmul over the groups per chunk; depthwise as shifted
   slices times per-channel weights), MaxPool and AveragePool (ceil_mode, asymmetric pads,
   count_include_pad, with ONNX Runtime's output sizes and divisors), BatchNormalization
-  with the semantics ONNX Runtime implements at every opset.
+  with the semantics ONNX Runtime implements at every opset, MatMul of a stack by a
+  matrix as one BLAS product, Erf in double (onnx.reference's rounds it to float32).
 - torch float64 kernels, imported only when such a node runs (``import torch`` costs
   ~2 s): ConvTranspose, and Resize in the modes where torch's interpolate computes
   exactly ONNX's.
@@ -500,6 +501,8 @@ def _make_ops() -> list[type]:
     RefMaxPool = _reference_kernel("op_max_pool", "MaxPool")
     RefAveragePool = _reference_kernel("op_average_pool", "AveragePool_19")
     RefResize = _reference_kernel("op_resize", "Resize")
+    RefMatMul = _reference_kernel("op_matmul", "MatMul")
+    RefErf = _reference_kernel("op_erf", "Erf")
 
     class Conv(RefConv):
         op_domain = ""
@@ -548,9 +551,11 @@ def _make_ops() -> list[type]:
             outputs = [o for o in self.onnx_node.output]
             training = _bn_training(self.onnx_node, a)
             shape = (-1,) + (1,) * (X.ndim - 2)
-            if not training:
-                y = (X - mean.reshape(shape)) * (scale / np.sqrt(var + eps)).reshape(shape)
-                return (y + B.reshape(shape),)
+            if not training:  # (X - mean) * (scale / sqrt(var + eps)) + B, in one buffer
+                y = X - mean.reshape(shape)
+                y *= (scale / np.sqrt(var + eps)).reshape(shape)
+                y += B.reshape(shape)
+                return (y,)
             axes = tuple(i for i in range(X.ndim) if i != 1)
             bm, bv = X.mean(axis=axes), X.var(axis=axes)
             y = (X - bm.reshape(shape)) * (scale / np.sqrt(bv + eps)).reshape(shape)
@@ -564,6 +569,29 @@ def _make_ops() -> list[type]:
             ]
             return (y, *extra[: len(outputs) - 1])
 
+    class MatMul(RefMatMul):
+        """A stack of rows times a matrix as one 2-D BLAS product: numpy's stacked
+        matmul over a transposed view (ConvNeXt's channels-last MLPs) runs without BLAS,
+        ~50x slower."""
+
+        op_domain = ""
+
+        def _run(self, a, b):
+            if a.ndim > 2 and b.ndim == 2 and a.dtype == b.dtype and a.dtype.kind == "f":
+                rows = np.ascontiguousarray(a).reshape(-1, a.shape[-1])
+                return ((rows @ b).reshape(*a.shape[:-1], b.shape[-1]),)
+            return super()._run(a, b)
+
+    class Erf(RefErf):
+        """erf in double (onnx.reference's rounds every value to float32)."""
+
+        op_domain = ""
+
+        def _run(self, x):
+            if x.dtype != np.float64:
+                return super()._run(x)
+            return (np.vectorize(math.erf, otypes=[np.float64])(x),)
+
     class Resize(RefResize):
         op_domain = ""
 
@@ -573,7 +601,7 @@ def _make_ops() -> list[type]:
                 return super()._run(X, roi, scales, sizes, **a)
             return (y,)
 
-    return [Conv, ConvTranspose, MaxPool, AveragePool, BatchNormalization, Resize]
+    return [Conv, ConvTranspose, MaxPool, AveragePool, BatchNormalization, Resize, MatMul, Erf]
 
 
 def _bn_training(node: onnx.NodeProto, attrs: dict) -> bool:
