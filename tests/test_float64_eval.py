@@ -7,6 +7,9 @@ at an opset where its BatchNormalization is right."""
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
@@ -14,11 +17,15 @@ import onnx
 import onnx_zoo
 import pytest
 import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from torch import nn
 
 from bnfold.pipeline.onnx_fold import StageProgress, fold_onnx, fold_onnx_file
+from bnfold.runtime import float64_eval
 from bnfold.runtime.float64_eval import Float64Evaluator, pooled_size, to_double
 from bnfold.runtime.twins import double_graph
 from bnfold.verify.onnx import compare, random_feeds, run
@@ -376,3 +383,360 @@ def test_float_constant_attributes_become_double():
     want = np.float64(np.float32(0.1)) / np.float32([0.2, 0.3]).astype(np.float64)
     assert got.dtype == np.float64
     np.testing.assert_array_equal(got, want)
+
+
+# ---- the numpy kernels, one node at a time ------------------------------------------------
+
+
+def _one_node(op: str, x: np.ndarray, inits: dict, opset: int = 19, **attrs) -> onnx.ModelProto:
+    """A float32 model of one ``op`` node over input ``x`` and initializers ``inits``."""
+    node = helper.make_node(op, ["x", *inits], ["y"], **attrs)
+    g = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(a.astype(np.float32), name) for name, a in inits.items()],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _float64(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    got = Float64Evaluator(model).run({"x": x})["y"]
+    assert got.dtype == np.float64
+    return got
+
+
+def _t64(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(a.astype(np.float64))
+
+
+def _torch_pads(begin: list[int], end: list[int]) -> list[int]:
+    """torch.nn.functional.pad's order (last axis first) for ONNX begin/end pads."""
+    return [p for b, e in zip(reversed(begin), reversed(end), strict=True) for p in (b, e)]
+
+
+@st.composite
+def conv_geometries(draw):
+    """A Conv: 1-3 spatial axes, kernel/stride/dilation/asymmetric pads per axis, and a
+    grouping: plain, grouped, depthwise, or depthwise with a depth multiplier."""
+    n = draw(st.integers(1, 3))
+    kind = draw(st.sampled_from(["plain", "grouped", "depthwise", "multiplier"]))
+    group = {"plain": 1, "grouped": draw(st.integers(2, 3))}.get(kind, draw(st.integers(2, 4)))
+    cg = 1 if kind in ("depthwise", "multiplier") else draw(st.integers(1, 3))
+    mult = draw(st.integers(2, 3)) if kind == "multiplier" else draw(st.integers(1, 2))
+    big = 5 if n < 3 else 3
+    kernel = [draw(st.integers(1, big)) for _ in range(n)]
+    strides = [draw(st.integers(1, 3)) for _ in range(n)]
+    dil = [draw(st.integers(1, 3)) for _ in range(n)]
+    begin = [draw(st.integers(0, 3)) for _ in range(n)]
+    end = [draw(st.integers(0, 3)) for _ in range(n)]
+    sizes = [
+        draw(st.integers(max(1, (k - 1) * d + 1 - b - e), (k - 1) * d + 1 + (9 if n < 3 else 4)))
+        for k, d, b, e in zip(kernel, dil, begin, end, strict=True)
+    ]
+    batch = draw(st.integers(1, 3))
+    return dict(
+        x=(batch, group * cg, *sizes),
+        w=(group * mult, cg, *kernel),
+        group=group,
+        strides=strides,
+        dilations=dil,
+        pads=begin + end,
+        bias=draw(st.booleans()),
+    )
+
+
+@settings(max_examples=120, deadline=None, derandomize=True, database=None)
+@given(conv_geometries())
+def test_conv_agrees_with_torch_in_double(geometry):
+    """Asymmetric pads as torch's F.pad before its unpadded convNd."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal(geometry["x"]).astype(np.float32)
+    inits = {"w": rng.standard_normal(geometry["w"])}
+    if geometry["bias"]:
+        inits["b"] = rng.standard_normal(geometry["w"][0])
+    attrs = {k: geometry[k] for k in ("group", "strides", "dilations", "pads")}
+    got = _float64(_one_node("Conv", x, inits, **attrs), x)
+    want = _torch_conv(x, inits, attrs)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def _torch_conv(x: np.ndarray, inits: dict, attrs: dict) -> np.ndarray:
+    """torch's convNd in double on float32 parameters: ONNX's (asymmetric) pads as an
+    F.pad before an unpadded convolution."""
+    n = x.ndim - 2
+    w32 = {k: v.astype(np.float32) for k, v in inits.items()}
+    pads = attrs.get("pads", [0] * 2 * n)
+    padded = F.pad(_t64(x), _torch_pads(pads[:n], pads[n:]))
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[n]
+    bias = _t64(w32["b"]) if "b" in w32 else None
+    strides, dil = attrs.get("strides", 1), attrs.get("dilations", 1)
+    with torch.no_grad():
+        return conv(padded, _t64(w32["w"]), bias, strides, 0, dil, attrs.get("group", 1)).numpy()
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape, attrs, kept",
+    [
+        # as deeplabv3's ASPP at rate 36 over 33x33: only the centre tap reads; then all
+        ((1, 6, 9, 9), (4, 6, 3, 3), {"dilations": [10, 10], "pads": [10] * 4}, (1, 1)),
+        ((1, 6, 9, 9), (4, 6, 3, 3), {"dilations": [6, 6], "pads": [6] * 4}, (3, 3)),
+        ((2, 3, 1, 1), (5, 3, 3, 3), {"pads": [1, 1, 1, 1]}, (1, 1)),  # a 1x1 map
+        ((2, 3, 1, 2), (5, 3, 3, 3), {"pads": [1, 1, 1, 1], "strides": [2, 2]}, (1, 2)),
+        # tap 0 reads only padding, tap 1 starts at 3, past the begin padding (1)
+        ((1, 2, 5), (3, 2, 2), {"pads": [1, 0], "strides": [10], "dilations": [3]}, (1,)),
+        ((1, 2, 1, 7), (3, 2, 3, 2), {"pads": [4, 3, 5, 0], "dilations": [1, 4]}, (3, 2)),
+        (
+            (1, 4, 3, 3),
+            (8, 1, 5, 5),
+            {"pads": [6, 6, 6, 6], "dilations": [3, 3], "group": 4},
+            (1, 1),
+        ),
+        # no tap reads the input: the output is the bias
+        ((1, 2, 1), (2, 2, 2), {"pads": [1, 3], "strides": [3], "dilations": [2]}, None),
+    ],
+)
+def test_taps_that_read_only_padding_are_left_out_exactly(
+    x_shape, w_shape, attrs, kept, monkeypatch
+):
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    inits = {"w": rng.standard_normal(w_shape), "b": rng.standard_normal(w_shape[0])}
+    kernels = []
+    for name in ("_im2col", "_depthwise"):
+        kernel = getattr(float64_eval, name)
+
+        def recorded(x, W, *args, _kernel=kernel):
+            kernels.append(W.shape[2:])
+            return _kernel(x, W, *args)
+
+        monkeypatch.setattr(float64_eval, name, recorded)
+    got = _float64(_one_node("Conv", x, inits, **attrs), x)
+    want = _torch_conv(x, inits, attrs)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert kernels == ([kept] if kept else []), kernels
+
+
+@pytest.mark.parametrize("mode", ["SAME_UPPER", "SAME_LOWER", "VALID"])
+@pytest.mark.parametrize(
+    "x_shape, w_shape, group, strides, dilations",
+    [
+        ((2, 4, 9, 8), (6, 2, 3, 2), 2, [2, 3], [1, 1]),
+        ((1, 3, 10, 7), (6, 1, 4, 3), 3, [3, 2], [2, 1]),  # depthwise, multiplier 2
+        ((2, 2, 7), (3, 2, 4), 1, [2], [2]),
+        ((1, 2, 5, 6, 7), (4, 2, 2, 3, 2), 1, [2, 1, 3], [1, 2, 1]),
+    ],
+)
+def test_conv_auto_pad_agrees_with_onnx_reference_and_runtime(
+    mode, x_shape, w_shape, group, strides, dilations
+):
+    """auto_pad's padding is ONNX's own definition: onnx.reference (in double) for the
+    values, ONNX Runtime (float32) for the shape too where it runs (no dilated SAME_*)."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    inits = {"w": rng.standard_normal(w_shape), "b": rng.standard_normal(w_shape[0])}
+    model = _one_node(
+        "Conv", x, inits, auto_pad=mode, group=group, strides=strides, dilations=dilations
+    )
+    got = _float64(model, x)
+    want = ReferenceEvaluator(double_graph(model)).run(None, {"x": x.astype(np.float64)})[0]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    if mode == "VALID" or dilations == [1] * len(dilations):  # ONNX Runtime's limit
+        ort = run(model, {"x": x})["y"]
+        assert got.shape == ort.shape and np.abs(got - ort).max() < 1e-4
+
+
+def test_large_convs_are_chunked_without_changing_the_result(monkeypatch):
+    """A column matrix over the budget is built in chunks of samples, or of output rows
+    along the first spatial axis (the last chunk shorter): the same numbers as torch."""
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((3, 4, 7, 6, 5)).astype(np.float32)
+    inits = {"w": rng.standard_normal((5, 4, 3, 2, 2)), "b": rng.standard_normal(5)}
+    attrs = {"pads": [1, 0, 1, 1, 1, 0], "strides": [1, 2, 1]}
+    model = _one_node("Conv", x, inits, **attrs)
+    want = _torch_conv(x, inits, attrs)
+    per_row = 4 * 12 * 3 * 5  # column elements per output row (first axis) of a sample
+    calls = []
+    matmul = np.matmul
+
+    def counted(*args, **kwargs):
+        calls.append(args[1].shape)
+        return matmul(*args, **kwargs)
+
+    monkeypatch.setattr(float64_eval.np, "matmul", counted)
+    for budget, chunks in [(per_row * 7 * 2, 2), (per_row * 3, 9), (1, 21), (1 << 22, 1)]:
+        monkeypatch.setattr(float64_eval, "COLUMN_BUDGET", budget)
+        calls.clear()
+        np.testing.assert_allclose(_float64(model, x), want, rtol=1e-12, atol=1e-12)
+        assert len(calls) == chunks, (budget, calls)
+
+
+def _pool_cases():
+    """(attributes, torch-expressible): pools over 1-3 spatial axes with ceil_mode,
+    strides, dilations, asymmetric pads and auto_pad."""
+    return [
+        ({"kernel_shape": [3, 3], "strides": [2, 2], "ceil_mode": 1}, True),  # googlenet
+        ({"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}, True),
+        ({"kernel_shape": [2, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1}, True),
+        ({"kernel_shape": [3], "strides": [2], "pads": [1, 1], "ceil_mode": 1}, True),
+        ({"kernel_shape": [2, 3, 2], "strides": [2, 1, 2], "ceil_mode": 1}, True),
+        ({"kernel_shape": [3, 2], "strides": [2, 2], "pads": [0, 1, 2, 0], "ceil_mode": 1}, False),
+        ({"kernel_shape": [3, 3], "strides": [3, 2], "pads": [2, 0, 0, 1]}, False),
+        ({"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_UPPER"}, False),
+        ({"kernel_shape": [4, 3], "strides": [3, 2], "auto_pad": "SAME_LOWER"}, False),
+        ({"kernel_shape": [2, 2], "strides": [2, 2], "auto_pad": "VALID", "ceil_mode": 1}, False),
+    ]
+
+
+def _pool_input(attrs: dict, seed: int) -> np.ndarray:
+    sizes = {1: [11], 2: [11, 10], 3: [5, 7, 6]}[len(attrs["kernel_shape"])]
+    return np.random.default_rng(seed).standard_normal((2, 3, *sizes)).astype(np.float32)
+
+
+def _torch_pool(kind: str, x: np.ndarray, attrs: dict, **options) -> np.ndarray:
+    """torch's ``{kind}_pool{n}d`` in double on a pool node's (symmetric) geometry."""
+    n = len(attrs["kernel_shape"])
+    pads = attrs.get("pads", [0] * 2 * n)
+    assert pads[:n] == pads[n:]
+    pool = getattr(F, f"{kind}_pool{n}d")
+    with torch.no_grad():
+        y = pool(
+            _t64(x),
+            attrs["kernel_shape"],
+            attrs["strides"],
+            pads[:n],
+            ceil_mode=bool(attrs.get("ceil_mode")),
+            **options,
+        )
+    return y.numpy()
+
+
+@pytest.mark.parametrize("dilated", [False, True])
+@pytest.mark.parametrize("attrs, torch_can", _pool_cases())
+def test_max_pool_is_onnx_runtimes_exactly(attrs, torch_can, dilated):
+    """The max of float32 values is exact: ONNX Runtime in float32 is an exact oracle,
+    shape included; torch's max_pool in double too where it has the geometry."""
+    n = len(attrs["kernel_shape"])
+    if dilated:
+        attrs = {**attrs, "dilations": [2] + [1] * (n - 1)}
+    x = _pool_input(attrs, 11)
+    model = _one_node("MaxPool", x, {}, **attrs)
+    got = _float64(model, x)
+    if dilated and attrs.get("auto_pad", "").startswith("SAME"):
+        # ONNX Runtime pads as if undilated (11 rows, stride 3: 3 rows out); ONNX says
+        # ceil(size / stride) positions, and the truth follows ONNX
+        sizes = [-(-size // s) for size, s in zip(x.shape[2:], attrs["strides"], strict=True)]
+        assert list(got.shape[2:]) == sizes
+        return
+    np.testing.assert_array_equal(got, run(model, {"x": x})["y"].astype(np.float64))
+    if torch_can:
+        want = _torch_pool("max", x, attrs, dilation=attrs.get("dilations", 1))
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("count_include_pad", [0, 1])
+@pytest.mark.parametrize("attrs, torch_can", _pool_cases())
+def test_average_pool_agrees_with_torch_and_onnx_runtime(attrs, torch_can, count_include_pad):
+    """Values against torch's avg_pool in double where it has the geometry (its divisor
+    rule is ONNX Runtime's: never the ceil_mode overhang); ONNX Runtime in float32 for
+    every geometry."""
+    x = _pool_input(attrs, 12)
+    model = _one_node("AveragePool", x, {}, count_include_pad=count_include_pad, **attrs)
+    got = _float64(model, x)
+    ort = run(model, {"x": x})["y"]
+    assert got.shape == ort.shape and np.abs(got - ort).max() < 1e-6
+    if torch_can:
+        want = _torch_pool("avg", x, attrs, count_include_pad=bool(count_include_pad))
+        np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13)
+
+
+def test_matmul_of_a_transposed_stack_and_erf_are_double():
+    """ConvNeXt's MLP: a channels-last view times a matrix, then GELU's Erf; against
+    torch in double (onnx.reference's Erf rounded to float32: ~1e-8 off)."""
+    rng = np.random.default_rng(15)
+    x = rng.standard_normal((2, 6, 5, 4)).astype(np.float32)
+    w = rng.standard_normal((6, 7))
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 3, 1]),
+        helper.make_node("MatMul", ["t", "w"], ["m"]),
+        helper.make_node("Erf", ["m"], ["y"]),
+    ]
+    inits = [onnx_zoo._t("w", w.astype(np.float32))]
+    model = onnx_zoo.graph_model(nodes, [("x", [2, 6, 5, 4])], [("y", [2, 5, 4, 7])], inits, 17)
+    got = _float64(model, x)
+    with torch.no_grad():
+        m = _t64(x).permute(0, 2, 3, 1) @ _t64(w.astype(np.float32))
+        want = torch.erf(m).numpy()
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-14, atol=1e-15)
+
+
+_TORCH_FREE = """
+import sys
+import numpy as np
+import onnx
+from bnfold.runtime.float64_eval import Float64Evaluator
+model = onnx.load(sys.argv[1])
+evaluator = Float64Evaluator(model)
+built = "torch" in sys.modules
+x = np.random.default_rng(0).standard_normal((2, 3, 12, 12)).astype(np.float32)
+y = evaluator.run({"x": x})["y"]
+print(built, "torch" in sys.modules, y.shape)
+"""
+
+
+def _cnn_graph(extra: list[onnx.NodeProto]) -> onnx.ModelProto:
+    """Conv/BN/Relu/MaxPool/AveragePool/Gemm/Add/Concat, then ``extra`` nodes on ``z``."""
+    rng = np.random.default_rng(13)
+    inits = [
+        onnx_zoo._t("w", rng.standard_normal((4, 3, 3, 3)).astype(np.float32)),
+        onnx_zoo._t("dw", rng.standard_normal((4, 1, 3, 3)).astype(np.float32)),
+        *onnx_zoo.bn_params("bn", 4, 3),
+        onnx_zoo._t("g", rng.standard_normal((5, 8)).astype(np.float32)),
+        onnx_zoo._t("up_w", rng.standard_normal((8, 8, 2, 2)).astype(np.float32)),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        onnx_zoo.bn_node("bn", "c", "b"),
+        helper.make_node("Relu", ["b"], ["r"]),
+        helper.make_node("Conv", ["r", "dw"], ["d"], group=4, pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["d", "r"], ["a"]),
+        helper.make_node("MaxPool", ["a"], ["m"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),
+        helper.make_node("AveragePool", ["a"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Concat", ["m", "p"], ["z"], axis=1),
+        *extra,
+        helper.make_node("GlobalAveragePool", ["z"], ["gap"]),
+        helper.make_node("Flatten", ["gap"], ["f"]),
+        helper.make_node("Gemm", ["f", "g"], ["y"], transB=1),
+    ]
+    return onnx_zoo.graph_model(nodes, [("x", [2, 3, 12, 12])], [("y", [2, 5])], inits, 17)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_cnn_without_convtranspose_or_resize_never_imports_torch(tmp_path, transposed):
+    """In a fresh process: building and running the evaluator on common CNN ops imports
+    no torch (~2 s); a ConvTranspose imports it, when it runs."""
+    extra = [helper.make_node("ConvTranspose", ["z", "up_w"], ["u"], strides=[2, 2])]
+    extra += [helper.make_node("MaxPool", ["u"], ["z2"], kernel_shape=[2, 2], strides=[2, 2])]
+    model = _cnn_graph(extra if transposed else [])
+    if transposed:
+        for node in model.graph.node:
+            if node.op_type == "GlobalAveragePool":
+                node.input[0] = "z2"
+    path = tmp_path / "cnn.onnx"
+    onnx.save(model, path)
+    out = subprocess.run(
+        [sys.executable, "-c", _TORCH_FREE, str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    ).stdout.split()
+    assert out[:2] == ["False", str(transposed)] and out[2:] == ["(2,", "5)"], out
+    # and the graph's function: ONNX Runtime in float32
+    x = np.random.default_rng(0).standard_normal((2, 3, 12, 12)).astype(np.float32)
+    assert np.abs(_float64(model, x) - run(model, {"x": x})["y"]).max() < 1e-4

@@ -1,22 +1,33 @@
 """A float64 evaluator for ONNX graphs: the truth bnfold's ONNX verification judges against.
 
 Why not ONNX Runtime: it has no double kernels for Conv, pools and most vision operators.
-Why not plain ``onnx.reference``: it is a pure-Python evaluator whose Conv is an im2col in
-numpy (resnet50 at 224x224 took ~10 s, inception_v3 ~90 s), it keeps every intermediate
+Why not plain ``onnx.reference``: it is a pure-Python evaluator whose Conv is a slow
+im2col (resnet50 at 224x224 took ~10 s, inception_v3 ~90 s), it keeps every intermediate
 alive until the end (deeplabv3 went past 20 GB), and it is wrong where it matters most:
 its BatchNormalization at opsets 9-13 mixes batch statistics into the running ones (so a
 wrongly folded channel can look right) and its MaxPool with ``ceil_mode`` returns the
 wrong shape.
 
 So: ``onnx.reference`` still builds one kernel per node (it knows every ONNX operator),
-but the heavy or wrong ones are replaced with torch float64 kernels (:data:`TORCH_OPS`:
-Conv, ConvTranspose, MaxPool, AveragePool, BatchNormalization with the semantics ONNX
-Runtime implements at every opset, Resize in its common modes), and the graph walk is
+but the heavy or wrong ones are replaced (:func:`replaced_ops`), and the graph walk is
 our own: every value is dropped after its last reader, so peak memory is the live
-activations plus the parameters, in double. Attribute combinations a torch kernel does
-not cover fall back to ``onnx.reference``'s own kernel for that node.
+activations plus the parameters, in double.
 
-The graph is first turned to double by :func:`double_graph`: every floating tensor
+- numpy float64 kernels: Conv (any number of spatial axes, groups, dilations, strides,
+  pads/auto_pad: padded once, an im2col matrix of at most :data:`COLUMN_BUDGET`
+  elements and one batched BLAS matmul over the groups per chunk; depthwise as shifted
+  slices times per-channel weights), MaxPool and AveragePool (ceil_mode, asymmetric pads,
+  count_include_pad, with ONNX Runtime's output sizes and divisors), BatchNormalization
+  with the semantics ONNX Runtime implements at every opset, MatMul of a stack by a
+  matrix as one BLAS product, Erf in double (onnx.reference's rounds it to float32).
+- torch float64 kernels, imported only when such a node runs (``import torch`` costs
+  ~2 s): ConvTranspose, and Resize in the modes where torch's interpolate computes
+  exactly ONNX's.
+- ``onnx.reference``'s own kernel: everything else, and what the above do not cover
+  (non-floating inputs, MaxPool's ``Indices`` output, dilated AveragePool, other Resize
+  modes).
+
+The graph is first turned to double by :func:`double_nodes`: every floating tensor
 (float32, float16, bfloat16) becomes float64, so a float16 graph gets a float64 truth too.
 """
 
@@ -107,14 +118,7 @@ def to_double(value: np.ndarray) -> np.ndarray:
     return a
 
 
-# ---- torch float64 kernels ----------------------------------------------------------------
-
-
-def _torch(a: np.ndarray):
-    import torch
-
-    t = torch.from_numpy(np.ascontiguousarray(a))
-    return t if t.dtype == torch.float64 else t.double()
+# ---- geometry -----------------------------------------------------------------------------
 
 
 def _ints(v, n: int, default: int) -> list[int]:
@@ -153,14 +157,6 @@ def explicit_pads(
     return p[:n], p[n:]
 
 
-def _pad_list(begin: list[int], end: list[int]) -> list[int]:
-    """torch.nn.functional.pad's order: last axis first."""
-    out: list[int] = []
-    for b, e in zip(reversed(begin), reversed(end), strict=True):
-        out += [b, e]
-    return out
-
-
 def pooled_size(size: int, begin: int, end: int, ext: int, stride: int, ceil: bool) -> int:
     """Output length of a pool over ``size`` (ONNX and ONNX Runtime): with ``ceil_mode`` a
     window may run off the end but must start inside the input or the left padding."""
@@ -171,6 +167,323 @@ def pooled_size(size: int, begin: int, end: int, ext: int, stride: int, ceil: bo
     return out
 
 
+def _window_geometry(X: np.ndarray, kernel, a: dict) -> tuple[list[int], ...]:
+    """Strides, dilations and the explicit (begin, end) padding of a Conv or pool node
+    with attributes ``a`` over ``X`` (``pads`` or ``auto_pad``)."""
+    n = len(kernel)
+    strides = _ints(a.get("strides"), n, 1)
+    dil = _ints(a.get("dilations"), n, 1)
+    ext = [(k - 1) * d + 1 for k, d in zip(kernel, dil, strict=True)]
+    begin, end = explicit_pads(list(X.shape[2:]), ext, strides, a.get("pads"), a.get("auto_pad"))
+    return strides, dil, begin, end
+
+
+def _padded(X: np.ndarray, begin: list[int], end: list[int], value: float = 0.0) -> np.ndarray:
+    """``X`` with ``begin``/``end`` elements of ``value`` around its spatial axes (a
+    negative count crops)."""
+    kept = tuple(
+        slice(max(-b, 0), size + min(e, 0))
+        for size, b, e in zip(X.shape[2:], begin, end, strict=True)
+    )
+    X = X[(slice(None), slice(None), *kept)]
+    widths = [(max(b, 0), max(e, 0)) for b, e in zip(begin, end, strict=True)]
+    if not any(b or e for b, e in widths):
+        return X
+    return np.pad(X, [(0, 0), (0, 0), *widths], constant_values=value)
+
+
+def _output_sizes(sizes, kernel, strides, dil) -> list[int]:
+    """Window positions along each axis of an (already padded) input."""
+    return [
+        (size - (k - 1) * d - 1) // s + 1
+        for size, k, d, s in zip(sizes, kernel, dil, strides, strict=True)
+    ]
+
+
+def _shifted(x: np.ndarray, kernel, strides, dil, outs):
+    """(offset, view) per kernel offset: the elements of ``x`` that kernel offset reads,
+    one per output position (a strided view, no copy)."""
+    for offset in itertools.product(*(range(k) for k in kernel)):
+        window = tuple(
+            slice(o * d, o * d + (m - 1) * s + 1, s)
+            for o, d, m, s in zip(offset, dil, outs, strides, strict=True)
+        )
+        yield offset, x[(slice(None), slice(None), *window)]
+
+
+# ---- numpy float64 kernels ----------------------------------------------------------------
+
+# the most elements of one im2col matrix (32 MB of doubles, one buffer reused): a larger
+# layer (a 3-D video conv, a wide dilated one) is done in chunks of samples or of output
+# rows along the first spatial axis, each a large enough matmul for BLAS
+COLUMN_BUDGET = 1 << 22
+
+
+def conv(X: np.ndarray, W: np.ndarray, B: np.ndarray | None, a: dict) -> np.ndarray:
+    """ONNX Conv in the dtype of ``X`` (any number of spatial axes, groups, dilations,
+    strides, pads/auto_pad): padded once, then one batched BLAS matmul over an im2col
+    matrix per chunk, or shifted slices times per-channel weights when every group has
+    one input channel (depthwise). Kernel taps that read only padding are left out (a
+    rate-36 ASPP conv over 33x33 is a 1x1 conv)."""
+    kernel = list(W.shape[2:])
+    strides, dil, begin, end = _window_geometry(X, kernel, a)
+    outs = _output_sizes(
+        [s + b + e for s, b, e in zip(X.shape[2:], begin, end, strict=True)], kernel, strides, dil
+    )
+    taps = [
+        _reading_taps(k, d, s, o, b, size)
+        for k, d, s, o, b, size in zip(kernel, dil, strides, outs, begin, X.shape[2:], strict=True)
+    ]
+    N, M = X.shape[0], W.shape[0]
+    if any(lo >= hi for lo, hi in taps):  # every window lies in the padding
+        y = np.zeros((N, M, *outs), dtype=X.dtype)
+    else:
+        W = W[(slice(None), slice(None), *(slice(lo, hi) for lo, hi in taps))]
+        # the trimmed kernel's windows start at the first reading tap, and the input ends
+        # with the last window (a negative pad crops)
+        begin = [b - lo * d for b, (lo, _), d in zip(begin, taps, dil, strict=True)]
+        end = [
+            (o - 1) * s + (k - 1) * d + 1 - size - b
+            for o, s, k, d, size, b in zip(
+                outs, strides, W.shape[2:], dil, X.shape[2:], begin, strict=True
+            )
+        ]
+        x = _padded(X, begin, end)
+        group = int(a.get("group") or 1)
+        if W.shape[1] == 1 and group > 1:
+            y = _depthwise(x, W, strides, dil, outs)
+        else:
+            y = _im2col(x, W, strides, dil, outs, group)
+    if B is not None:
+        y += B.reshape(1, -1, *([1] * len(kernel)))
+    return y
+
+
+def _reading_taps(k: int, d: int, s: int, out: int, begin: int, size: int) -> tuple[int, int]:
+    """The kernel offsets [lo, hi) along an axis whose ``out`` window positions read at
+    least one input element (the input spans ``[begin, begin + size)`` of the padded
+    axis, tap ``o`` of window ``j`` reads ``j*s + o*d``)."""
+    reading = [
+        o
+        for o in range(k)
+        if (first := max(0, -(-(begin - o * d) // s))) < out and first * s + o * d < begin + size
+    ]
+    return (reading[0], reading[-1] + 1) if reading else (0, 0)
+
+
+def _im2col(x: np.ndarray, W: np.ndarray, strides, dil, outs, group: int) -> np.ndarray:
+    n = len(outs)
+    N, C = x.shape[:2]
+    M, cg = W.shape[:2]
+    K = math.prod(W.shape[2:])
+    w = W.reshape(group, M // group, cg * K)
+    if K == 1 and all(s == 1 for s in strides):  # 1x1: the input is the column matrix
+        return np.matmul(w, x.reshape(N, group, cg, -1)).reshape(N, M, *outs)
+    ext = [(k - 1) * d + 1 for k, d in zip(W.shape[2:], dil, strict=True)]
+    view = np.lib.stride_tricks.sliding_window_view(x, ext, axis=tuple(range(2, 2 + n)))
+    positions = (slice(0, (o - 1) * s + 1, s) for o, s in zip(outs, strides, strict=True))
+    view = view[(slice(None), slice(None), *positions)]
+    view = view[(..., *(slice(None, None, d) for d in dil))]  # (N, C, *outs, *kernel)
+    view = view.reshape(N, group, cg, *view.shape[2:])
+    columns = (0, 1, 2, *range(3 + n, 3 + 2 * n), *range(3, 3 + n))  # (N, G, cg, *k, *outs)
+    per_row = C * K * math.prod(outs[1:])  # column elements per output row of one sample
+    rows = max(1, min(outs[0], COLUMN_BUDGET // per_row))
+    samples = min(N, max(1, COLUMN_BUDGET // (per_row * outs[0]))) if rows == outs[0] else 1
+    buffer = np.empty(samples * rows * per_row, dtype=x.dtype)
+    y = np.empty((N, group, M // group, *outs), dtype=x.dtype)
+    for i in range(0, N, samples):
+        for r in range(0, outs[0], rows):
+            part = view[i : i + samples, :, :, r : r + rows].transpose(columns)
+            cols = buffer[: part.size].reshape(part.shape)
+            np.copyto(cols, part)  # the im2col copy
+            target = y[i : i + samples, :, :, r : r + rows]
+            product = np.matmul(w, cols.reshape(*part.shape[:2], cg * K, -1))
+            target[...] = product.reshape(target.shape)
+    return y.reshape(N, M, *outs)
+
+
+def _depthwise(x: np.ndarray, W: np.ndarray, strides, dil, outs) -> np.ndarray:
+    """A conv with one input channel per group: a sum of shifted, strided slices times
+    per-channel weights (a depth multiplier ``m``: input channel ``c`` feeds output
+    channels ``c*m .. c*m + m-1``)."""
+    n = len(outs)
+    N, C = x.shape[:2]
+    mult = W.shape[0] // C
+    w = W.reshape(C, mult, *W.shape[2:])
+    y = np.zeros((N, C, mult, *outs), dtype=x.dtype)
+    term = np.empty_like(y)
+    for offset, v in _shifted(x, W.shape[2:], strides, dil, outs):
+        weight = w[(slice(None), slice(None), *offset)].reshape(1, C, mult, *([1] * n))
+        np.multiply(v[:, :, None], weight, out=term)
+        y += term
+    return y.reshape(N, C * mult, *outs)
+
+
+def _pool_geometry(X: np.ndarray, kernel: list[int], a: dict):
+    """Strides, dilations, the explicit (begin, end) pads, and the end padding that makes
+    floor-mode windows over the padded input give exactly ONNX's output (ceil_mode,
+    asymmetric pads, auto_pad; negative: crop)."""
+    strides, dil, begin, end = _window_geometry(X, kernel, a)
+    ext = [(k - 1) * d + 1 for k, d in zip(kernel, dil, strict=True)]
+    ceil = bool(a.get("ceil_mode"))
+    sizes = list(X.shape[2:])
+    outs = [
+        pooled_size(sz, b, e, k, s, ceil)
+        for sz, b, e, k, s in zip(sizes, begin, end, ext, strides, strict=True)
+    ]
+    last = [
+        (o - 1) * s + k - sz - b
+        for o, s, k, sz, b in zip(outs, strides, ext, sizes, begin, strict=True)
+    ]
+    return strides, dil, begin, end, last, outs
+
+
+def max_pool(X: np.ndarray, kernel: list[int], a: dict) -> np.ndarray:
+    """ONNX MaxPool's ``Y`` (padding never wins: it is -inf)."""
+    strides, dil, begin, _, last, outs = _pool_geometry(X, kernel, a)
+    x = _padded(X, begin, last, -math.inf)
+    y = None
+    for _, v in _shifted(x, kernel, strides, dil, outs):
+        y = v.copy() if y is None else np.maximum(y, v, out=y)
+    return y
+
+
+def average_pool(X: np.ndarray, kernel: list[int], a: dict) -> np.ndarray:
+    """ONNX AveragePool without dilations. Divisor: the window's elements inside the input
+    (``count_include_pad=0``) or inside the explicitly padded input (``=1``), never the
+    ceil_mode overhang (ONNX Runtime's and torch's rule)."""
+    strides, dil, begin, end, last, outs = _pool_geometry(X, kernel, a)
+    x = _padded(X, begin, last)
+    y = None
+    for _, v in _shifted(x, kernel, strides, dil, outs):
+        y = v.copy() if y is None else np.add(y, v, out=y)
+    divisor = np.ones((), dtype=x.dtype)
+    include = bool(a.get("count_include_pad"))
+    for size, b, e, k, s, o in zip(X.shape[2:], begin, end, kernel, strides, outs, strict=True):
+        lo, hi = (0, b + size + e) if include else (b, b + size)
+        start = np.arange(o) * s  # window starts in padded coordinates
+        count = np.minimum(start + k, hi) - np.maximum(start, lo)
+        divisor = np.multiply.outer(divisor, np.maximum(count, 0).astype(x.dtype))
+    return y / divisor
+
+
+# ---- torch kernels (imported only when a graph has the node) -----------------------------
+
+
+def _torch(a: np.ndarray):
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t if t.dtype == torch.float64 else t.double()
+
+
+def _pad_list(begin: list[int], end: list[int]) -> list[int]:
+    """torch.nn.functional.pad's order: last axis first."""
+    out: list[int] = []
+    for b, e in zip(reversed(begin), reversed(end), strict=True):
+        out += [b, e]
+    return out
+
+
+def conv_transpose(X: np.ndarray, W: np.ndarray, B: np.ndarray | None, a: dict) -> np.ndarray:
+    """ONNX ConvTranspose (1-3 spatial axes) with torch's float64 kernel."""
+    import torch
+    import torch.nn.functional as F
+
+    n = W.ndim - 2
+    strides = _ints(a.get("strides"), n, 1)
+    dil = _ints(a.get("dilations"), n, 1)
+    out_pad = _ints(a.get("output_padding"), n, 0)
+    group = int(a.get("group") or 1)
+    conv_t = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[n]
+    with torch.inference_mode():
+        # every contribution, unpadded: length s*(in-1) + (k-1)*d + 1 per axis
+        full = conv_t(_torch(X), _torch(W), None, strides, 0, 0, group, dil)
+    sizes = list(X.shape[2:])
+    lengths = [
+        s * (i - 1) + (k - 1) * d + 1 + op
+        for s, i, k, d, op in zip(strides, sizes, W.shape[2:], dil, out_pad, strict=True)
+    ]
+    shape = a.get("output_shape")
+    mode = _text(a.get("auto_pad"))
+    if shape is not None and len(shape) or mode in ("SAME_UPPER", "SAME_LOWER"):
+        want = (
+            [int(x) for x in shape][-n:]
+            if shape is not None and len(shape)
+            else [i * s for i, s in zip(sizes, strides, strict=True)]
+        )
+        total = [ln - w for ln, w in zip(lengths, want, strict=True)]
+        upper = mode == "SAME_UPPER"
+        begin = [t // 2 if upper else t - t // 2 for t in total]
+        end = [t - b for t, b in zip(total, begin, strict=True)]
+    else:
+        begin, end = explicit_pads(sizes, [1] * n, strides, a.get("pads"), "NOTSET")
+    # negative pads crop: drop `begin` at the start, extend by output_padding, drop `end`
+    y = F.pad(
+        full,
+        _pad_list([-b for b in begin], [op - e for op, e in zip(out_pad, end, strict=True)]),
+    )
+    if B is not None:
+        y = y + _torch(B).reshape(1, -1, *([1] * n))
+    return y.numpy()
+
+
+def torch_resize(X: np.ndarray, scales, sizes, a: dict) -> np.ndarray | None:
+    """torch's interpolate where it computes exactly ONNX's Resize (nearest/floor with
+    asymmetric coordinates; linear with half_pixel, pytorch_half_pixel or
+    align_corners); ``None`` where it does not."""
+    n = X.ndim - 2
+    if X.dtype.kind != "f" or n not in (1, 2, 3) or a.get("axes") is not None:
+        return None
+    if a.get("antialias") or _text(a.get("keep_aspect_ratio_policy")) not in (
+        "stretch",
+        "NOTSET",
+    ):
+        return None
+    mode = _text(a.get("mode"))
+    coord = _text(a.get("coordinate_transformation_mode"))
+    has_scales = scales is not None and len(scales)
+    has_sizes = sizes is not None and len(sizes)
+    if has_scales == has_sizes:
+        return None
+    if has_scales:
+        sc = [float(s) for s in scales]
+        if sc[:2] != [1.0, 1.0]:
+            return None
+        kw = {"scale_factor": sc[2:], "recompute_scale_factor": False}
+    else:
+        sz = [int(s) for s in sizes]
+        if sz[:2] != list(X.shape[:2]):
+            return None
+        kw = {"size": sz[2:]}
+    nearest = mode == "nearest" and coord == "asymmetric"
+    if nearest and _text(a.get("nearest_mode")) == "floor":
+        interpolate = {"mode": "nearest"}
+    elif mode == "linear" and coord in ("half_pixel", "pytorch_half_pixel", "align_corners"):
+        if coord == "pytorch_half_pixel" and 1 in _resized_sizes(X, kw):
+            return None  # pytorch_half_pixel differs from half_pixel at length 1
+        if coord == "align_corners" and has_scales:
+            return None  # torch ignores scale_factor's coordinates there
+        linear = {1: "linear", 2: "bilinear", 3: "trilinear"}[n]
+        interpolate = {"mode": linear, "align_corners": coord == "align_corners"}
+    else:
+        return None
+    import torch
+    import torch.nn.functional as F
+
+    with torch.inference_mode():
+        return F.interpolate(_torch(X), **interpolate, **kw).numpy()
+
+
+def _resized_sizes(X: np.ndarray, kw: dict) -> list[int]:
+    if "size" in kw:
+        return kw["size"]
+    return [int(math.floor(i * s)) for i, s in zip(X.shape[2:], kw["scale_factor"], strict=True)]
+
+
+# ---- the OpRun classes --------------------------------------------------------------------
+
+
 def _reference_kernel(module: str, name: str):
     import importlib
 
@@ -178,181 +491,52 @@ def _reference_kernel(module: str, name: str):
 
 
 def _make_ops() -> list[type]:
-    """The OpRun classes (class name = ONNX op type) that replace onnx.reference's."""
-    import torch
-    import torch.nn.functional as F
+    """The OpRun classes (class name = ONNX op type) that replace onnx.reference's; a
+    node they do not cover (non-floating input, the MaxPool ``Indices`` output, a
+    dilated AveragePool, a Resize mode torch does not compute) runs onnx.reference's."""
+    from onnx.reference.op_run import OpRun
 
     RefConv = _reference_kernel("op_conv", "Conv")
     RefConvTranspose = _reference_kernel("op_conv_transpose", "ConvTranspose")
     RefMaxPool = _reference_kernel("op_max_pool", "MaxPool")
     RefAveragePool = _reference_kernel("op_average_pool", "AveragePool_19")
     RefResize = _reference_kernel("op_resize", "Resize")
-    from onnx.reference.op_run import OpRun
-
-    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-    conv_t = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
-    max_pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
-    avg_pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+    RefMatMul = _reference_kernel("op_matmul", "MatMul")
+    RefErf = _reference_kernel("op_erf", "Erf")
 
     class Conv(RefConv):
         op_domain = ""
 
         def _run(self, X, W, B=None, **a):
-            n = W.ndim - 2
-            if n not in conv or X.dtype.kind != "f":
+            if X.dtype.kind != "f":
                 return super()._run(X, W, B, **a)
-            strides = _ints(a.get("strides"), n, 1)
-            dil = _ints(a.get("dilations"), n, 1)
-            ext = [(k - 1) * d + 1 for k, d in zip(W.shape[2:], dil, strict=True)]
-            begin, end = explicit_pads(
-                list(X.shape[2:]), ext, strides, a.get("pads"), a.get("auto_pad")
-            )
-            x = _torch(X)
-            if any(begin) or any(end):
-                x = F.pad(x, _pad_list(begin, end))
-            b = None if B is None else _torch(B)
-            group = int(a.get("group") or 1)
-            with torch.inference_mode():
-                if W.shape[1] == 1 and group > 1:
-                    y = _depthwise(x, _torch(W), strides, dil, group)
-                    y = y if b is None else y + b.reshape(1, -1, *([1] * n))
-                else:
-                    y = conv[n](x, _torch(W), b, strides, 0, dil, group)
-            return (y.numpy(),)
-
-    def _depthwise(x, w, strides, dil, group):
-        """A conv with one input channel per group as a sum of shifted, strided slices
-        times per-channel weights (torch's float64 path for it is ~100x slower)."""
-        n = w.ndim - 2
-        mult = w.shape[0] // group
-        if mult > 1:  # each input channel feeds `mult` consecutive output channels
-            x = x.repeat_interleave(mult, dim=1)
-        outs = [
-            (size - ((k - 1) * d + 1)) // s + 1
-            for size, k, d, s in zip(x.shape[2:], w.shape[2:], dil, strides, strict=True)
-        ]
-        y = None
-        for offset in itertools.product(*(range(k) for k in w.shape[2:])):
-            window = tuple(
-                slice(o * d, o * d + (m - 1) * s + 1, s)
-                for o, d, m, s in zip(offset, dil, outs, strides, strict=True)
-            )
-            term = x[(slice(None), slice(None), *window)] * w[(slice(None), 0, *offset)].reshape(
-                1, -1, *([1] * n)
-            )
-            y = term if y is None else y.add_(term)
-        return y
+            return (conv(X, W, B, a),)
 
     class ConvTranspose(RefConvTranspose):
         op_domain = ""
 
         def _run(self, X, W, B=None, **a):
-            n = W.ndim - 2
-            if n not in conv_t or X.dtype.kind != "f":
+            if W.ndim - 2 not in (1, 2, 3) or X.dtype.kind != "f":
                 return super()._run(X, W, B, **a)
-            strides = _ints(a.get("strides"), n, 1)
-            dil = _ints(a.get("dilations"), n, 1)
-            out_pad = _ints(a.get("output_padding"), n, 0)
-            group = int(a.get("group") or 1)
-            with torch.inference_mode():
-                # every contribution, unpadded: length s*(in-1) + (k-1)*d + 1 per axis
-                full = conv_t[n](_torch(X), _torch(W), None, strides, 0, 0, group, dil)
-            sizes = list(X.shape[2:])
-            lengths = [
-                s * (i - 1) + (k - 1) * d + 1 + op
-                for s, i, k, d, op in zip(strides, sizes, W.shape[2:], dil, out_pad, strict=True)
-            ]
-            shape = a.get("output_shape")
-            mode = _text(a.get("auto_pad"))
-            if shape is not None and len(shape) or mode in ("SAME_UPPER", "SAME_LOWER"):
-                want = (
-                    [int(x) for x in shape][-n:]
-                    if shape is not None and len(shape)
-                    else [i * s for i, s in zip(sizes, strides, strict=True)]
-                )
-                total = [ln - w for ln, w in zip(lengths, want, strict=True)]
-                upper = mode == "SAME_UPPER"
-                begin = [t // 2 if upper else t - t // 2 for t in total]
-                end = [t - b for t, b in zip(total, begin, strict=True)]
-            else:
-                begin, end = explicit_pads(sizes, [1] * n, strides, a.get("pads"), "NOTSET")
-            # negative pads crop: drop `begin` at the start, extend by output_padding, drop `end`
-            y = F.pad(
-                full,
-                _pad_list(
-                    [-b for b in begin], [op - e for op, e in zip(out_pad, end, strict=True)]
-                ),
-            )
-            if B is not None:
-                y = y + _torch(B).reshape(1, -1, *([1] * n))
-            return (y.numpy(),)
+            return (conv_transpose(X, W, B, a),)
 
     class MaxPool(RefMaxPool):
         op_domain = ""
 
         def _run(self, X, **a):
-            kernel = [int(k) for k in a["kernel_shape"]]
-            n = len(kernel)
-            if n not in max_pool or X.dtype.kind != "f" or len(self.onnx_node.output) > 1:
+            if X.dtype.kind != "f" or len(self.onnx_node.output) > 1:
                 return super()._run(X, **a)  # the Indices output: onnx.reference's kernel
-            x, begin, end, strides, dil = _pool_geometry(X, kernel, a)
-            x = F.pad(x, _pad_list(begin, end), value=-math.inf)
-            with torch.inference_mode():
-                y = max_pool[n](x, kernel, strides, 0, dil)
-            return (y.numpy(),)
+            return (max_pool(X, [int(k) for k in a["kernel_shape"]], a),)
 
     class AveragePool(RefAveragePool):
         op_domain = ""
 
         def _run(self, X, **a):
             kernel = [int(k) for k in a["kernel_shape"]]
-            n = len(kernel)
-            dilated = any(d != 1 for d in _ints(a.get("dilations"), n, 1))
-            if n not in avg_pool or X.dtype.kind != "f" or dilated:
+            dilated = any(d != 1 for d in _ints(a.get("dilations"), len(kernel), 1))
+            if X.dtype.kind != "f" or dilated:
                 return super()._run(X, **a)
-            sizes = list(X.shape[2:])
-            x, begin, end, strides, _ = _pool_geometry(X, kernel, a)
-            x = F.pad(x, _pad_list(begin, end))
-            # divisor: the window's elements inside the input (count_include_pad=0) or
-            # inside the explicitly padded input (=1), never the ceil_mode overhang
-            ones = torch.ones([1, 1, *sizes], dtype=torch.float64)
-            if a.get("count_include_pad"):
-                b0, e0 = explicit_pads(sizes, kernel, strides, a.get("pads"), a.get("auto_pad"))
-                ones = F.pad(ones, _pad_list(b0, e0), value=1.0)
-                mask = F.pad(
-                    ones,
-                    _pad_list(
-                        [b - p for b, p in zip(begin, b0, strict=True)],
-                        [e - p for e, p in zip(end, e0, strict=True)],
-                    ),
-                )
-            else:
-                mask = F.pad(ones, _pad_list(begin, end))
-            with torch.inference_mode():
-                y = avg_pool[n](x, kernel, strides) / avg_pool[n](mask, kernel, strides)
-            return (y.numpy(),)
-
-    def _pool_geometry(X, kernel, a):
-        """Input as torch, the (begin, end) padding that makes an unpadded floor-mode torch
-        pool give exactly ONNX's output (ceil_mode, asymmetric pads, auto_pad), strides,
-        dilations."""
-        n = len(kernel)
-        strides = _ints(a.get("strides"), n, 1)
-        dil = _ints(a.get("dilations"), n, 1)
-        ext = [(k - 1) * d + 1 for k, d in zip(kernel, dil, strict=True)]
-        sizes = list(X.shape[2:])
-        begin, end = explicit_pads(sizes, ext, strides, a.get("pads"), a.get("auto_pad"))
-        ceil = bool(a.get("ceil_mode"))
-        outs = [
-            pooled_size(sz, b, e, k, s, ceil)
-            for sz, b, e, k, s in zip(sizes, begin, end, ext, strides, strict=True)
-        ]
-        # the end padding that ends the last window exactly (negative: crop)
-        end = [
-            (o - 1) * s + k - sz - b
-            for o, s, k, sz, b in zip(outs, strides, ext, sizes, begin, strict=True)
-        ]
-        return _torch(X), begin, end, strides, dil
+            return (average_pool(X, kernel, a),)
 
     class BatchNormalization(OpRun):
         """ONNX Runtime's semantics at every opset: running statistics, unless the node
@@ -367,9 +551,11 @@ def _make_ops() -> list[type]:
             outputs = [o for o in self.onnx_node.output]
             training = _bn_training(self.onnx_node, a)
             shape = (-1,) + (1,) * (X.ndim - 2)
-            if not training:
-                y = (X - mean.reshape(shape)) * (scale / np.sqrt(var + eps)).reshape(shape)
-                return (y + B.reshape(shape),)
+            if not training:  # (X - mean) * (scale / sqrt(var + eps)) + B, in one buffer
+                y = X - mean.reshape(shape)
+                y *= (scale / np.sqrt(var + eps)).reshape(shape)
+                y += B.reshape(shape)
+                return (y,)
             axes = tuple(i for i in range(X.ndim) if i != 1)
             bm, bv = X.mean(axis=axes), X.var(axis=axes)
             y = (X - bm.reshape(shape)) * (scale / np.sqrt(bv + eps)).reshape(shape)
@@ -383,70 +569,39 @@ def _make_ops() -> list[type]:
             ]
             return (y, *extra[: len(outputs) - 1])
 
-    class Resize(RefResize):
-        """torch's interpolate where it computes exactly ONNX's Resize (nearest/floor with
-        asymmetric coordinates; linear with half_pixel, pytorch_half_pixel or
-        align_corners), onnx.reference's kernel otherwise."""
+    class MatMul(RefMatMul):
+        """A stack of rows times a matrix as one 2-D BLAS product: numpy's stacked
+        matmul over a transposed view (ConvNeXt's channels-last MLPs) runs without BLAS,
+        ~50x slower."""
 
         op_domain = ""
 
+        def _run(self, a, b):
+            if a.ndim > 2 and b.ndim == 2 and a.dtype == b.dtype and a.dtype.kind == "f":
+                rows = np.ascontiguousarray(a).reshape(-1, a.shape[-1])
+                return ((rows @ b).reshape(*a.shape[:-1], b.shape[-1]),)
+            return super()._run(a, b)
+
+    class Erf(RefErf):
+        """erf in double (onnx.reference's rounds every value to float32)."""
+
+        op_domain = ""
+
+        def _run(self, x):
+            if x.dtype != np.float64:
+                return super()._run(x)
+            return (np.vectorize(math.erf, otypes=[np.float64])(x),)
+
+    class Resize(RefResize):
+        op_domain = ""
+
         def _run(self, X, roi=None, scales=None, sizes=None, **a):
-            y = _torch_resize(X, scales, sizes, a)
+            y = torch_resize(X, scales, sizes, a)
             if y is None:
                 return super()._run(X, roi, scales, sizes, **a)
             return (y,)
 
-    def _torch_resize(X, scales, sizes, a):
-        n = X.ndim - 2
-        if X.dtype.kind != "f" or n not in (1, 2, 3) or a.get("axes") is not None:
-            return None
-        if a.get("antialias") or _text(a.get("keep_aspect_ratio_policy")) not in (
-            "stretch",
-            "NOTSET",
-        ):
-            return None
-        mode = _text(a.get("mode"))
-        coord = _text(a.get("coordinate_transformation_mode"))
-        has_scales = scales is not None and len(scales)
-        has_sizes = sizes is not None and len(sizes)
-        if has_scales == has_sizes:
-            return None
-        if has_scales:
-            sc = [float(s) for s in scales]
-            if sc[:2] != [1.0, 1.0]:
-                return None
-            kw = {"scale_factor": sc[2:], "recompute_scale_factor": False}
-        else:
-            sz = [int(s) for s in sizes]
-            if sz[:2] != list(X.shape[:2]):
-                return None
-            kw = {"size": sz[2:]}
-        x = _torch(X)
-        with torch.inference_mode():
-            if (
-                mode == "nearest"
-                and coord == "asymmetric"
-                and _text(a.get("nearest_mode")) == "floor"
-            ):
-                return F.interpolate(x, mode="nearest", **kw).numpy()
-            if mode == "linear" and coord in ("half_pixel", "pytorch_half_pixel", "align_corners"):
-                if coord == "pytorch_half_pixel" and 1 in _out_sizes(X, kw):
-                    return None  # pytorch_half_pixel differs from half_pixel at length 1
-                if coord == "align_corners" and has_scales:
-                    return None  # torch ignores scale_factor's coordinates there
-                linear = {1: "linear", 2: "bilinear", 3: "trilinear"}[n]
-                out = F.interpolate(x, mode=linear, align_corners=coord == "align_corners", **kw)
-                return out.numpy()
-        return None
-
-    def _out_sizes(X, kw):
-        if "size" in kw:
-            return kw["size"]
-        return [
-            int(math.floor(i * s)) for i, s in zip(X.shape[2:], kw["scale_factor"], strict=True)
-        ]
-
-    return [Conv, ConvTranspose, MaxPool, AveragePool, BatchNormalization, Resize]
+    return [Conv, ConvTranspose, MaxPool, AveragePool, BatchNormalization, Resize, MatMul, Erf]
 
 
 def _bn_training(node: onnx.NodeProto, attrs: dict) -> bool:
@@ -463,8 +618,9 @@ def _bn_training(node: onnx.NodeProto, attrs: dict) -> bool:
 _OPS: list[type] | None = None
 
 
-def torch_ops() -> list[type]:
-    """The torch-backed kernels (built once: the classes need torch and onnx imported)."""
+def replaced_ops() -> list[type]:
+    """The kernels that replace onnx.reference's (built once: the classes subclass
+    onnx.reference's, imported only then)."""
     global _OPS
     if _OPS is None:
         _OPS = _make_ops()
@@ -528,7 +684,7 @@ class Float64Evaluator:
         double_nodes(g, initializers=False)
         self.outputs = [o.name for o in g.output]
         self.inputs = [i.name for i in g.input if i.name not in self.params]
-        self._ref = ReferenceEvaluator(skeleton, new_ops=torch_ops())
+        self._ref = ReferenceEvaluator(skeleton, new_ops=replaced_ops())
         self.nodes = list(self._ref.rt_nodes_)
         self._free = self._release_plan(g)
 
@@ -551,23 +707,11 @@ class Float64Evaluator:
                 plan[i].append(name)
         return plan
 
-    def run(
-        self, feeds: dict[str, np.ndarray], progress: Progress | None = None, threads: int = 1
-    ) -> dict:
+    def run(self, feeds: dict[str, np.ndarray], progress: Progress | None = None) -> dict:
         """Every graph output in float64 (floating inputs are cast up; others unchanged).
-
-        ``threads``: torch's intra-op threads for the walk (restored afterwards). One by
-        default: on a shared 2-core machine two OpenMP threads that must wait for a busy
-        core made resnet50's walk 3x slower (1.3 s against 0.4 s), and ONNX Runtime's
-        checks next to it run on one thread too."""
-        import torch
-
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            return self._walk(feeds, progress)
-        finally:
-            torch.set_num_threads(before)
+        The im2col matmuls run on numpy's BLAS with its own thread count (no control
+        here: ``OPENBLAS_NUM_THREADS`` set before numpy is imported decides it)."""
+        return self._walk(feeds, progress)
 
     def _walk(self, feeds: dict[str, np.ndarray], progress: Progress | None) -> dict:
         values: dict[str, object] = {"": None, **self.params}

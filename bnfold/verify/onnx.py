@@ -301,7 +301,7 @@ def domain_feeds(model: onnx.ModelProto, max_exhaustive: int, seed: int = 0) -> 
     return {INPUT_NAME: rng.integers(0, v, size=(SAMPLE_ROWS, b), dtype=np.int64)}
 
 
-TRUTH_HOW = "bnfold float64 evaluator (torch float64 kernels)"
+TRUTH_HOW = "bnfold float64 evaluator (numpy float64 kernels)"
 
 
 def peak_rss_mb() -> float:
