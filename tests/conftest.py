@@ -6,6 +6,7 @@ process itself is what is tested)."""
 from __future__ import annotations
 
 import contextlib
+import locale
 import os
 import signal
 import subprocess
@@ -117,12 +118,20 @@ def run_cli(*args, cwd=REPO, timeout: float = 300) -> subprocess.CompletedProces
         _fresh_process_warnings() as caught,
     ):
         r = runner.invoke(main, argv, prog_name="bnfold", catch_exceptions=True)
-    stderr = r.stderr
+    stderr = _as_text(r.stderr_bytes)
     for w in caught:
         stderr += warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line)
     if r.exception is not None and not isinstance(r.exception, SystemExit):
         stderr += "".join(traceback.format_exception(*r.exc_info))
-    return subprocess.CompletedProcess(["bnfold", *argv], r.exit_code, r.stdout, stderr)
+    stdout = _as_text(r.stdout_bytes)
+    return subprocess.CompletedProcess(["bnfold", *argv], r.exit_code, stdout, stderr)
+
+
+def _as_text(data: bytes) -> str:
+    """Bytes as ``subprocess.run(..., text=True)`` reads them: the locale's encoding,
+    universal newlines."""
+    text = data.decode(locale.getpreferredencoding(False))
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def assert_one_error_line(r: subprocess.CompletedProcess, *needles: str) -> str:
