@@ -167,12 +167,37 @@ def trained_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def onnx_model(trained_checkpoint, tmp_path_factory) -> Path:
-    """``folded.onnx`` exported from the session's short-trained checkpoint."""
+def exported(trained_checkpoint, tmp_path_factory):
+    """The session checkpoint's export (``bn.onnx`` and ``folded.onnx``, alone in their
+    folder): the ``ExportResult``. Read-only: copy a file before changing it or writing
+    beside it."""
     from bnfold.pipeline.assemble import export_checkpoint
 
-    out = tmp_path_factory.mktemp("onnx")
-    return export_checkpoint(trained_checkpoint, out).paths["folded"]
+    return export_checkpoint(trained_checkpoint, tmp_path_factory.mktemp("exported"))
+
+
+@pytest.fixture(scope="session")
+def onnx_model(exported, tmp_path_factory) -> Path:
+    """``folded.onnx`` exported from the session's short-trained checkpoint (a copy in a
+    folder of its own: some tests write beside it)."""
+    import shutil
+
+    return Path(shutil.copy(exported.paths["folded"], tmp_path_factory.mktemp("onnx")))
+
+
+# ``bnfold train-fold`` as small as a full run gets (seconds)
+SMALL_MAIN_JOB = ("--steps", "30", "--batch-size", "256", "--n-hidden", "16")
+
+
+@pytest.fixture(scope="session")
+def main_job(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One small ``bnfold train-fold --json`` (``run_cli``): its output folder (the whole
+    set, report included) and what the command returned. Read-only: copy the folder
+    before changing anything in it."""
+    out = tmp_path_factory.mktemp("main_job") / "models"
+    r = run_cli("train-fold", *SMALL_MAIN_JOB, "--out", out, "--json")
+    assert r.returncode == 0, r.stderr
+    return out, r
 
 
 @pytest.fixture(scope="module")

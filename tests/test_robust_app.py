@@ -80,12 +80,10 @@ def serving(spawn_serve, wait_ready, model: Path, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def done_run(tmp_path_factory) -> Path:
-    """The output folder of one finished small ``train-fold`` (read-only: copy it)."""
-    out = tmp_path_factory.mktemp("run") / "out"
-    r = run_cli("train-fold", "--data", NAMES, "--out", out, *SMALL_RUN, "--json")
-    assert r.returncode == 0, r.stderr
-    return out
+def done_run(main_job) -> Path:
+    """The output folder of one finished small ``train-fold`` (the session's: read-only,
+    copy it)."""
+    return main_job[0]
 
 
 @pytest.mark.parametrize(

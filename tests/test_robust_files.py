@@ -277,6 +277,7 @@ def test_json_output_has_no_nan():
 # ------------------------------------------------------------------- output paths --
 
 NEVER_ENDS = "1000000"  # steps (hours of training): a run that trained first would time out
+LONG_RUN = "100000"  # steps (minutes of training)
 
 
 def test_output_paths_are_checked_before_any_work(tmp_path):
@@ -330,7 +331,9 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(full_disk, tmp_path):
 
 
 def test_ctrl_c_in_train_fold_saves_the_checkpoint_aside_and_leaves_out_alone(tmp_path):
-    """One SIGINT while training (seen on the progress bar of a pseudo-terminal)."""
+    """One SIGINT while training (seen on the progress bar of a pseudo-terminal). The run
+    would take minutes; its bar first draws after steps // 200 steps (500 here), so the
+    signal comes a second or two into training."""
     import pty
     import select
     import signal
@@ -341,7 +344,7 @@ def test_ctrl_c_in_train_fold_saves_the_checkpoint_aside_and_leaves_out_alone(tm
         (out / name).write_text(f"shipped {name}")
     master, slave = pty.openpty()
     proc = subprocess.Popen(
-        [BNFOLD, "train-fold", "--out", out, "--steps", NEVER_ENDS, "--batch-size", "64"],
+        [BNFOLD, "train-fold", "--out", out, "--steps", LONG_RUN, "--batch-size", "64"],
         stdout=subprocess.PIPE,
         stderr=slave,
         text=True,
@@ -372,7 +375,7 @@ def test_ctrl_c_in_train_fold_saves_the_checkpoint_aside_and_leaves_out_alone(tm
     from bnfold.mlp.checkpoint import load_checkpoint
 
     partial = load_checkpoint(out / "bn.interrupted.pt")
-    assert partial.meta["interrupted"] and 0 < partial.meta["steps_done"] < int(NEVER_ENDS)
+    assert partial.meta["interrupted"] and 0 < partial.meta["steps_done"] < int(LONG_RUN)
 
 
 def test_stale_temp_files_are_removed_on_the_next_write(tmp_path):
