@@ -494,6 +494,7 @@ def invalid_model(kind: str) -> onnx.ModelProto:
     return m
 
 
+@pytest.mark.slow  # fresh processes
 @pytest.mark.parametrize("kind", ["unknown op", "opset 1", "graph cycle"])
 def test_invalid_models_are_blamed_in_one_line(tmp_path, kind):
     """One line, naming the input (not "the folded model fails onnx.checker"), without

@@ -205,6 +205,7 @@ def test_bench_runs_on_a_model_past_2_63_contexts(tmp_path):
     assert figures  # a report, not a crash
 
 
+@pytest.mark.slow  # a live server
 def test_serve_answers_from_a_model_past_2_63_contexts(wide_model, spawn_serve, wait_ready):
     with serving(spawn_serve, wait_ready, wide_model) as url:
         r = httpx.post(url + "/v1/names", json={"count": 7, "seed": 1, "max_length": 30})
@@ -214,6 +215,7 @@ def test_serve_answers_from_a_model_past_2_63_contexts(wide_model, spawn_serve, 
         assert info["block_size"] == 14 and info["service"]["engine"] == "network"
 
 
+@pytest.mark.slow  # fresh processes
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_serve_exits_when_its_model_fails_to_load(tmp_path, workers):
     """A vocabulary of 5,000 characters under --memory-mb 1: every table row is 60 KB, so
@@ -272,6 +274,7 @@ def test_a_top_p_below_float32s_smallest_value_keeps_only_the_top_token():
         assert r.stdout.split() == greedy * 5, p
 
 
+@pytest.mark.slow  # a live server
 def test_a_top_p_below_float32_over_http_keeps_only_the_top_token(spawn_serve, wait_ready):
     with serving(spawn_serve, wait_ready, SHIPPED / "folded.onnx") as url:
         greedy = httpx.post(url + "/v1/names", json={"count": 1, "temperature": 0}).json()
@@ -315,6 +318,7 @@ def test_train_fold_draws_its_report_without_a_child_process(tmp_path, monkeypat
 # ------------------------------------------------------ item 15: the Host header
 
 
+@pytest.mark.slow  # a live server
 def test_serve_answers_400_to_a_host_it_does_not_serve(spawn_serve, wait_ready):
     with serving(spawn_serve, wait_ready, SHIPPED / "folded.onnx") as url:
         port = url.rsplit(":", 1)[1]
@@ -334,6 +338,7 @@ def test_serve_answers_400_to_a_host_it_does_not_serve(spawn_serve, wait_ready):
         assert bad in httpx.get(url + "/metrics").text  # counted like any other answer
 
 
+@pytest.mark.slow  # live servers
 def test_allowed_hosts_replaces_the_default(spawn_serve, wait_ready):
     model = SHIPPED / "folded.onnx"
     hosts = "names.example, *.lan,127.0.0.1"  # the last one for wait_ready

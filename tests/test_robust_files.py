@@ -22,9 +22,6 @@ from onnx import TensorProto, external_data_helper, helper, numpy_helper
 from bnfold.errors import BnfoldError
 from bnfold.io.onnx_files import load_onnx_file
 
-pytestmark = pytest.mark.slow  # the whole command on broken files and disks
-
-
 # ---------------------------------------------------------------- ONNX external data --
 
 
@@ -124,6 +121,7 @@ def test_constant_node_with_external_data_is_refused(tmp_path):
 # ------------------------------------------------------------------------- messages --
 
 
+@pytest.mark.slow  # ends with the console script in a fresh process
 def test_usage_errors_are_one_line_and_a_hint():
     for args, needle, command in (
         (["train", "--steps", "0"], "'--steps': 0 is not in the range x>=1", "bnfold train"),
@@ -330,6 +328,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(full_disk, tmp_path):
 # ------------------------------------------------------------ interrupts, temp files --
 
 
+@pytest.mark.slow  # a fresh process on a pseudo-terminal, trained until Ctrl-C
 def test_ctrl_c_in_train_fold_saves_the_checkpoint_aside_and_leaves_out_alone(tmp_path):
     """One SIGINT while training (seen on the progress bar of a pseudo-terminal). The run
     would take minutes; its bar first draws after steps // 200 steps (500 here), so the
@@ -448,6 +447,7 @@ def test_endless_and_huge_inputs_are_bounded(tmp_path):
         assert_one_error_line(run_cli(*args, cwd=tmp_path, timeout=120), needle)
 
 
+@pytest.mark.slow  # a fresh process
 def test_words_from_a_pipe_are_read_with_a_bound(tmp_path):
     from bnfold.mlp.data import MAX_WORDS_BYTES
 
