@@ -110,7 +110,7 @@ def test_errors_are_one_line(bn, tmp_path):
 
 
 @pytest.mark.slow
-def test_train_fold_main_job(tmp_path):
+def test_train_fold_main_job(tmp_path, main_job):
     r = run(
         "train-fold", "--steps", "30", "--batch-size", "256", "--out", tmp_path, "--n-hidden", "16"
     )
@@ -137,20 +137,10 @@ def test_train_fold_main_job(tmp_path):
     assert "the four networks" in r.output and "ONNX folded" in r.output
     assert (tmp_path / "bn.pt").exists() and (tmp_path / "folded.pt").exists()
     assert (tmp_path / "bn.onnx").exists() and (tmp_path / "folded.onnx").exists()
-    r = run(
-        "train-fold",
-        "--steps",
-        "30",
-        "--batch-size",
-        "256",
-        "--out",
-        tmp_path,
-        "--n-hidden",
-        "16",
-        "--json",
-    )
-    assert r.exit_code == 0, r.output
-    d = json.loads(r.output)
+    # the same run with --json (the session's, conftest.main_job): one JSON document, and
+    # nothing else on either stream
+    assert main_job[1].stderr == ""
+    d = json.loads(main_job[1].stdout)
     assert d["passed"] and [s["stage"] for s in d["stages"]] == [
         "train",
         "fold",

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import bnfold
+from conftest import bnfold, run_cli
 
 from bnfold.cli import main
 from bnfold.mlp.checkpoint import load_checkpoint
@@ -96,7 +96,7 @@ def test_non_utf8_data_is_reported_with_line_number(tmp_path):
     ],
 )
 def test_impossible_sizes_are_refused_before_allocating(tmp_path, option, value):
-    r = bnfold("train", option, *value.split(), "--steps", "1", "--out", str(tmp_path))
+    r = run_cli("train", option, *value.split(), "--steps", "1", "--out", str(tmp_path))
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: training needs about"), r.stderr
@@ -114,7 +114,7 @@ def test_impossible_sizes_are_refused_before_allocating(tmp_path, option, value)
     ],
 )
 def test_a_diverged_run_writes_nothing(tmp_path, command, lr, message):
-    r = bnfold(command, "--lr", lr, "--steps", "20", "--out", str(tmp_path / "m"))
+    r = run_cli(command, "--lr", lr, "--steps", "20", "--out", str(tmp_path / "m"))
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].lower().startswith(message), r.stderr

@@ -26,12 +26,6 @@ from bnfold.runtime.onnx_runtime import OnnxPredictor
 from bnfold.verify.verdict import verify
 
 
-@pytest.fixture(scope="module")
-def exported(trained_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("onnx")
-    return export_checkpoint(trained_checkpoint, out)
-
-
 def ops_of(path: Path) -> dict[str, int]:
     return op_types(onnx.load(str(path)))
 

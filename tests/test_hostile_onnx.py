@@ -1,5 +1,6 @@
-"""Hostile and careless ONNX models and ``--inputs`` files given to the real ``bnfold``
-command (a subprocess): each is refused with one ``error:`` line and exit code 2, or
+"""Hostile and careless ONNX models and ``--inputs`` files given to the ``bnfold`` command
+(in this process, ``run_cli``; in a fresh one where its stderr must hold nothing from ONNX
+Runtime or Python warnings): each is refused with one ``error:`` line and exit code 2, or
 answered with the right verdict; no file outside the model's folder is ever opened and no
 input makes a wrong model pass (issue #21, items 1, 2, 5-9, 12, 13)."""
 
@@ -24,8 +25,8 @@ from bnfold.io.npz import read_npz
 from bnfold.io.onnx_files import tensor_places
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from conftest import SHIPPED, assert_one_error_line, bnfold, run_cli  # noqa: E402
 from onnx_fold_scaling import chain_model  # noqa: E402
-from test_robust_files import SHIPPED, assert_one_error_line, bnfold  # noqa: E402
 
 F = TensorProto.FLOAT
 OPSET = helper.make_opsetid("", 17)
@@ -238,7 +239,7 @@ def test_external_data_anywhere_is_refused_and_never_read(trap, place):
         (["verify", "m/ref.onnx", "m/evil.onnx"], "no such file"),
         (["sample", "m/evil.onnx"], "self-contained"),
     ):
-        r = bnfold(*args, cwd=trap, timeout=60)
+        r = run_cli(*args, cwd=trap, timeout=60)
         assert_one_error_line(r, "evil.onnx", "secret.bin", why)
     assert sorted(p.name for p in (trap / "m").iterdir()) == ["evil.onnx", "ref.onnx"]
 
@@ -279,7 +280,7 @@ def test_inputs_that_prove_nothing_are_refused(chain, tmp_path, values, needle):
         ["verify", chain / "chain.onnx", chain / "off5.onnx"],
         ["fold", chain / "chain.onnx", "--out", tmp_path / "out.onnx"],
     ):
-        r = bnfold(*args, "--inputs", tmp_path / "in.npz")
+        r = run_cli(*args, "--inputs", tmp_path / "in.npz")
         assert_one_error_line(r, "in.npz", needle)
     assert not (tmp_path / "out.onnx").exists()
 
@@ -288,21 +289,21 @@ def test_inputs_that_overflow_every_output_do_not_pass_a_wrong_model(chain, tmp_
     """3e38 is finite, but every output overflows: nothing is compared, so no verdict."""
     np.savez(tmp_path / "big.npz", x=np.full((4, 8), 3e38, np.float32))
     np.savez(tmp_path / "ok.npz", x=np.ones((4, 8), np.float32))
-    big = bnfold(
+    big = run_cli(
         "verify", chain / "chain.onnx", chain / "off5.onnx", "--inputs", tmp_path / "big.npz"
     )
     assert big.returncode == 1, big.stderr
     assert "FAILED" in big.stdout and "proves nothing" in big.stdout
-    folded = bnfold(
+    folded = run_cli(
         "fold", chain / "chain.onnx", "--out", tmp_path / "f.onnx", "--inputs", tmp_path / "big.npz"
     )
     assert folded.returncode == 1 and "nothing written" in folded.stdout
     assert not (tmp_path / "f.onnx").exists()
-    ok = bnfold(
+    ok = run_cli(
         "verify", chain / "chain.onnx", chain / "off5.onnx", "--inputs", tmp_path / "ok.npz"
     )
     assert ok.returncode == 1 and "FAILED" in ok.stdout  # finite inputs: the +5 is seen
-    good = bnfold(
+    good = run_cli(
         "verify", chain / "chain.onnx", chain / "chain.onnx", "--inputs", tmp_path / "ok.npz"
     )
     assert good.returncode == 0, good.stdout  # and a right model still passes
@@ -447,13 +448,13 @@ def test_hostile_models_are_one_line(tmp_path, case):
     change, *needles = HOSTILE[case]
     save(chain_with(change), tmp_path / "bad.onnx")
     save(chain_model(3), tmp_path / "good.onnx")
-    r = bnfold("fold", "bad.onnx", cwd=tmp_path)
+    r = run_cli("fold", "bad.onnx", cwd=tmp_path)
     # found while running it (the onnx checker cannot see it): named as the reference
     named = () if needles[0] == "cannot run it" else ("bad.onnx",)
     assert_one_error_line(r, *named, *needles)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx", "good.onnx"]
     if needles[0] not in ("not a valid ONNX model", "cannot run it"):  # verify reads the same way
-        assert_one_error_line(bnfold("verify", "good.onnx", "bad.onnx", cwd=tmp_path), *needles)
+        assert_one_error_line(run_cli("verify", "good.onnx", "bad.onnx", cwd=tmp_path), *needles)
 
 
 def test_external_data_with_a_nul_or_a_short_length(tmp_path):
@@ -466,7 +467,7 @@ def test_external_data_with_a_nul_or_a_short_length(tmp_path):
         t.ClearField("raw_data")
         t.data_location = TensorProto.EXTERNAL
         save(m, tmp_path / "ext.onnx")
-        assert_one_error_line(bnfold("fold", "ext.onnx", cwd=tmp_path), "ext.onnx", "'w0'", needle)
+        assert_one_error_line(run_cli("fold", "ext.onnx", cwd=tmp_path), "ext.onnx", "'w0'", needle)
 
 
 def test_malformed_weights_of_a_bnfold_file_are_one_line(tmp_path):
@@ -476,7 +477,7 @@ def test_malformed_weights_of_a_bnfold_file_are_one_line(tmp_path):
     m.graph.initializer[1].raw_data = m.graph.initializer[1].raw_data[:-3]
     save(m, tmp_path / "bad.onnx")
     for args in (["sample", "bad.onnx"], ["verify", SHIPPED / "folded.onnx", "bad.onnx"]):
-        assert_one_error_line(bnfold(*args, cwd=tmp_path), "bad.onnx", "bytes")
+        assert_one_error_line(run_cli(*args, cwd=tmp_path), "bad.onnx", "bytes")
 
 
 def invalid_model(kind: str) -> onnx.ModelProto:
@@ -493,10 +494,12 @@ def invalid_model(kind: str) -> onnx.ModelProto:
     return m
 
 
+@pytest.mark.slow  # fresh processes
 @pytest.mark.parametrize("kind", ["unknown op", "opset 1", "graph cycle"])
 def test_invalid_models_are_blamed_in_one_line(tmp_path, kind):
     """One line, naming the input (not "the folded model fails onnx.checker"), without
-    ONNX Runtime's own log line or Python warnings on stderr."""
+    ONNX Runtime's own log line or Python warnings on stderr: in a fresh process, where
+    nothing an earlier command set up (ONNX Runtime's logger) can hide them."""
     save(invalid_model(kind), tmp_path / "bad.onnx")
     save(relu_model(), tmp_path / "good.onnx")
     line = assert_one_error_line(bnfold("fold", "bad.onnx", cwd=tmp_path), "bad.onnx")
@@ -522,7 +525,7 @@ def test_fold_out_is_checked_before_any_work(tmp_path):
         ("./adir/../m.onnx", "is the input model"),
         ("hardlink.onnx", "is the input model"),
     ):
-        r = bnfold("fold", "m.onnx", "--out", out, cwd=tmp_path)
+        r = run_cli("fold", "m.onnx", "--out", out, cwd=tmp_path)
         assert_one_error_line(r, needle)
     assert (tmp_path / "m.onnx").read_bytes() == invalid_model("unknown op").SerializeToString()
     assert sorted(p.name for p in tmp_path.iterdir()) == [
@@ -538,7 +541,7 @@ def test_fold_out_is_checked_before_any_work(tmp_path):
 def test_fold_out_in_a_read_only_folder(tmp_path):
     save(chain_model(3), tmp_path / "m.onnx")
     (tmp_path / "ro").mkdir(mode=0o555)
-    assert_one_error_line(bnfold("fold", "m.onnx", "--out", "ro/x.onnx", cwd=tmp_path), "ro")
+    assert_one_error_line(run_cli("fold", "m.onnx", "--out", "ro/x.onnx", cwd=tmp_path), "ro")
 
 
 # --------------------------------------------------------- item 7: --inputs files --
@@ -636,7 +639,7 @@ def bad_inputs(tmp_path: Path, kind: str) -> Path:
 )
 def test_bad_inputs_files_are_one_line(chain, tmp_path, kind, needle):
     path = bad_inputs(tmp_path, kind)
-    r = bnfold("verify", chain / "chain.onnx", chain / "off5.onnx", "--inputs", path)
+    r = run_cli("verify", chain / "chain.onnx", chain / "off5.onnx", "--inputs", path)
     assert_one_error_line(r, "in.npz", needle)
 
 
@@ -656,7 +659,7 @@ def test_inflated_size_is_bounded_even_when_the_zip_lies(tmp_path):
 
 
 def test_table_mb_beyond_its_limit_is_refused_up_front():
-    r = bnfold("sample", SHIPPED / "folded.onnx", "--table-mb", "1000000")
+    r = run_cli("sample", SHIPPED / "folded.onnx", "--table-mb", "1000000")
     assert_one_error_line(r, "table-mb must be at most")
 
 

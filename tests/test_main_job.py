@@ -35,11 +35,9 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def shipped(tmp_path_factory) -> Path:
-    """An output set made by a small main job (read-only: copy it)."""
-    out = tmp_path_factory.mktemp("shipped") / "models"
-    assert run_main_job(out, **SMALL).passed
-    return out
+def shipped(main_job) -> Path:
+    """An output set made by a small main job (the session's: read-only, copy it)."""
+    return main_job[0]
 
 
 def test_each_pair_is_compared_once_and_float64_evaluated_once(tmp_path, monkeypatch):

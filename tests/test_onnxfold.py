@@ -5,6 +5,7 @@ ONNX Runtime (optimisations off) against the original and a float64 evaluation."
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -342,10 +343,9 @@ def test_cli_verify_refuses_models_with_different_inputs(gemm_file, tmp_path):
     assert r.exit_code == 2 and "different inputs" in r.output
 
 
-def test_cli_fold_bnfold_export_checks_the_whole_domain(trained_checkpoint, tmp_path):
-    from bnfold.pipeline.assemble import export_checkpoint
-
-    export_checkpoint(trained_checkpoint, tmp_path)
+def test_cli_fold_bnfold_export_checks_the_whole_domain(exported, tmp_path):
+    for path in exported.paths.values():  # the session's export, copied: fold writes beside it
+        shutil.copy(path, tmp_path)
     r = invoke("fold", tmp_path / "bn.onnx", "--json")
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)

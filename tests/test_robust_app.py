@@ -1,10 +1,10 @@
 """Hostile and careless inputs to the application side (issue #21, items 3, 4, 10, 11, 14,
-15), each through the real command (a subprocess of this venv's ``bnfold`` on real files)
-or the real server (``bnfold serve`` under uvicorn): a failed ``train-fold`` commit keeps
-the old output set, models past 2**63 contexts sample, bench and serve, a service whose
-model does not load exits, an untrusted vocabulary cannot drive the terminal, a tiny
-``top_p`` keeps the top token, no figure process can outlive ``train-fold``, and
-``Host`` names outside ``--allowed-hosts`` get 400."""
+15), each through the whole command on real files (in this process, ``run_cli``; a service
+that must exit, in a fresh one) or the real server (``bnfold serve`` under uvicorn): a
+failed ``train-fold`` commit keeps the old output set, models past 2**63 contexts sample,
+bench and serve, a service whose model does not load exits, an untrusted vocabulary cannot
+drive the terminal, a tiny ``top_p`` keeps the top token, no figure process can outlive
+``train-fold``, and ``Host`` names outside ``--allowed-hosts`` get 400."""
 
 from __future__ import annotations
 
@@ -15,13 +15,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from conftest import stop_server
+from conftest import NAMES, SHIPPED, assert_one_error_line, bnfold, run_cli, stop_server
 
 from bnfold.errors import BnfoldError
 from bnfold.io.files import StagedOutputs, commit_files
@@ -29,29 +28,9 @@ from bnfold.mlp.checkpoint import Checkpoint, save_checkpoint
 from bnfold.mlp.data import Vocab
 from bnfold.mlp.model import MLP, ModelConfig
 
-REPO = Path(__file__).resolve().parent.parent
-BNFOLD = str(Path(sys.executable).with_name("bnfold"))
-SHIPPED = REPO / "models"
-NAMES = REPO / "data" / "names.txt"
 LETTERS = tuple("abcdefghijklmnopqrstuvwxyz")
 # a train-fold run as small as the pipeline allows (seconds, not minutes)
 SMALL_RUN = ("--steps", "50", "--n-hidden", "20", "--n-layers", "2", "--batch-size", "64")
-
-
-def bnfold(*args, cwd=None, timeout=300, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [BNFOLD, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout, **kw
-    )
-
-
-def assert_one_error_line(r: subprocess.CompletedProcess, *needles: str) -> str:
-    """Exit 2, stderr exactly one ``error:`` line (plus an optional ``hint:`` line)."""
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    lines = [line for line in r.stderr.splitlines() if not line.startswith("hint: ")]
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
@@ -101,12 +80,10 @@ def serving(spawn_serve, wait_ready, model: Path, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def done_run(tmp_path_factory) -> Path:
-    """The output folder of one finished small ``train-fold`` (read-only: copy it)."""
-    out = tmp_path_factory.mktemp("run") / "out"
-    r = bnfold("train-fold", "--data", NAMES, "--out", out, *SMALL_RUN, "--json")
-    assert r.returncode == 0, r.stderr
-    return out
+def done_run(main_job) -> Path:
+    """The output folder of one finished small ``train-fold`` (the session's: read-only,
+    copy it)."""
+    return main_job[0]
 
 
 @pytest.mark.parametrize(
@@ -118,7 +95,7 @@ def test_a_folder_in_the_way_of_a_report_file_is_refused_before_training(tmp_pat
     (out / name).unlink()
     (out / name).mkdir()
     before = tree_digest(out)
-    r = bnfold("train-fold", "--data", NAMES, "--out", out, *SMALL_RUN)
+    r = run_cli("train-fold", "--data", NAMES, "--out", out, *SMALL_RUN)
     assert_one_error_line(r, name.split("/")[-1], "is a directory")
     assert r.stdout == ""  # refused before training: no stage table
     assert tree_digest(out) == before
@@ -137,7 +114,7 @@ def test_a_commit_that_fails_half_way_keeps_the_old_set_and_its_card(tmp_path, d
         pytest.skip("this file system has no immutable flag")
     try:
         before = tree_digest(out)
-        r = bnfold("train-fold", "--data", NAMES, "--out", out, *SMALL_RUN, "--seed", "7")
+        r = run_cli("train-fold", "--data", NAMES, "--out", out, *SMALL_RUN, "--seed", "7")
         after = tree_digest(out)
     finally:
         subprocess.run(["chattr", "-i", str(out / "folded.pt")], check=True)
@@ -207,12 +184,12 @@ def wide_model(tmp_path_factory) -> Path:
 def test_a_model_past_2_63_contexts_samples_with_either_engine(wide_model):
     got = {}
     for engine in ("network", "table"):
-        r = bnfold("sample", wide_model, "-n", "20", "--engine", engine, "--max-length", "30")
+        r = run_cli("sample", wide_model, "-n", "20", "--engine", engine, "--max-length", "30")
         assert r.returncode == 0 and r.stderr == "", r.stderr
         got[engine] = r.stdout.splitlines()
     assert len(got["network"]) == 20 and all(got["network"])
     assert got["table"] == got["network"]  # same names: the table hands the domain over
-    long = bnfold("sample", wide_model, "-n", "5", "--min-length", "20", "--max-length", "30")
+    long = run_cli("sample", wide_model, "-n", "5", "--min-length", "20", "--max-length", "30")
     assert long.returncode == 0, long.stderr
     assert all(20 <= len(n) <= 30 for n in long.stdout.splitlines())
 
@@ -221,13 +198,14 @@ def test_bench_runs_on_a_model_past_2_63_contexts(tmp_path):
     models = tmp_path / "models"
     models.mkdir()
     random_model(models / "bn.pt", LETTERS, block_size=14, batchnorm=True)
-    r = bnfold("bench", "--models", models, "--repeats", "20", "--names", "20", "--json")
+    r = run_cli("bench", "--models", models, "--repeats", "20", "--names", "20", "--json")
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
     figures = json.loads(r.stdout)
     assert figures  # a report, not a crash
 
 
+@pytest.mark.slow  # a live server
 def test_serve_answers_from_a_model_past_2_63_contexts(wide_model, spawn_serve, wait_ready):
     with serving(spawn_serve, wait_ready, wide_model) as url:
         r = httpx.post(url + "/v1/names", json={"count": 7, "seed": 1, "max_length": 30})
@@ -237,6 +215,7 @@ def test_serve_answers_from_a_model_past_2_63_contexts(wide_model, spawn_serve, 
         assert info["block_size"] == 14 and info["service"]["engine"] == "network"
 
 
+@pytest.mark.slow  # fresh processes
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_serve_exits_when_its_model_fails_to_load(tmp_path, workers):
     """A vocabulary of 5,000 characters under --memory-mb 1: every table row is 60 KB, so
@@ -268,16 +247,16 @@ def test_sample_escapes_control_characters_of_an_untrusted_vocabulary(tmp_path):
     chars = tuple(hostile.get(c, c) for c in LETTERS)
     model = random_model(tmp_path / "evil.pt", chars)
     args = ("sample", model, "-n", "300", "--seed", "5", "--max-length", "12")
-    text = bnfold(*args)
+    text = run_cli(*args)
     assert text.returncode == 0, text.stderr
     lines = text.stdout.split("\n")
     assert lines[-1] == "" and len(lines) == 301
     assert not any(c in text.stdout for c in "\x1b\x07\u202e")
-    data = bnfold(*args, "--json", "--words", NAMES)
+    data = run_cli(*args, "--json", "--words", NAMES)
     names = [d["name"] for d in json.loads(data.stdout)["names"]]
     assert [codecs.decode(line, "unicode_escape") for line in lines[:-1]] == names
     assert any(c in "".join(names) for c in "\x1b\n\x07\u202e\\")  # the test means something
-    verbose = bnfold(*args, "-v", "--words", NAMES)
+    verbose = run_cli(*args, "-v", "--words", NAMES)
     assert verbose.returncode == 0 and len(verbose.stdout.splitlines()) == 300
     assert not any(c in verbose.stdout for c in "\x1b\x07\u202e")
 
@@ -287,14 +266,15 @@ def test_sample_escapes_control_characters_of_an_untrusted_vocabulary(tmp_path):
 
 def test_a_top_p_below_float32s_smallest_value_keeps_only_the_top_token():
     model = SHIPPED / "folded.onnx"
-    greedy = bnfold("sample", model, "-n", "1", "--temperature", "0").stdout.split()
+    greedy = run_cli("sample", model, "-n", "1", "--temperature", "0").stdout.split()
     assert len(greedy) == 1
     for p in ("1e-46", "1e-300", "5e-324"):
-        r = bnfold("sample", model, "-n", "5", "--top-p", p, "--seed", "3")
+        r = run_cli("sample", model, "-n", "5", "--top-p", p, "--seed", "3")
         assert r.returncode == 0, r.stderr
         assert r.stdout.split() == greedy * 5, p
 
 
+@pytest.mark.slow  # a live server
 def test_a_top_p_below_float32_over_http_keeps_only_the_top_token(spawn_serve, wait_ready):
     with serving(spawn_serve, wait_ready, SHIPPED / "folded.onnx") as url:
         greedy = httpx.post(url + "/v1/names", json={"count": 1, "temperature": 0}).json()
@@ -338,6 +318,7 @@ def test_train_fold_draws_its_report_without_a_child_process(tmp_path, monkeypat
 # ------------------------------------------------------ item 15: the Host header
 
 
+@pytest.mark.slow  # a live server
 def test_serve_answers_400_to_a_host_it_does_not_serve(spawn_serve, wait_ready):
     with serving(spawn_serve, wait_ready, SHIPPED / "folded.onnx") as url:
         port = url.rsplit(":", 1)[1]
@@ -357,6 +338,7 @@ def test_serve_answers_400_to_a_host_it_does_not_serve(spawn_serve, wait_ready):
         assert bad in httpx.get(url + "/metrics").text  # counted like any other answer
 
 
+@pytest.mark.slow  # live servers
 def test_allowed_hosts_replaces_the_default(spawn_serve, wait_ready):
     model = SHIPPED / "folded.onnx"
     hosts = "names.example, *.lan,127.0.0.1"  # the last one for wait_ready
@@ -372,7 +354,7 @@ def test_allowed_hosts_replaces_the_default(spawn_serve, wait_ready):
 
 @pytest.mark.parametrize("hosts", ["a*b", "", "x/y", " , ", "*.*.lan", "localhost:8000"])
 def test_a_bad_allowed_hosts_is_one_error_line(hosts):
-    r = bnfold("serve", SHIPPED / "folded.onnx", "--port", "0", "--allowed-hosts", hosts)
+    r = run_cli("serve", SHIPPED / "folded.onnx", "--port", "0", "--allowed-hosts", hosts)
     assert_one_error_line(r, "allowed-hosts")
 
 

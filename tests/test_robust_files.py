@@ -1,6 +1,8 @@
-"""Crafted and careless inputs to the ``bnfold`` command (a subprocess of this venv's
-``bnfold``) and its files: each must give one ``error:`` line and exit code 2, never a
-traceback, and never read or write what it should not."""
+"""Crafted and careless inputs to the ``bnfold`` command and its files: each must give one
+``error:`` line and exit code 2, never a traceback, and never read or write what it should
+not. The command runs in this process (``run_cli``), except where the process is what is
+tested (usage errors as the console script names itself, Ctrl-C, a words file on a pipe):
+there it is this venv's ``bnfold`` in a fresh process."""
 
 from __future__ import annotations
 
@@ -14,28 +16,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import BNFOLD, bnfold
+from conftest import BNFOLD, SHIPPED, assert_one_error_line, bnfold, run_cli
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from bnfold.errors import BnfoldError
 from bnfold.io.onnx_files import load_onnx_file
-
-pytestmark = pytest.mark.slow  # the real CLI in fresh processes, on broken files and disks
-
-REPO = Path(__file__).resolve().parent.parent
-SHIPPED = REPO / "models"
-
-
-def assert_one_error_line(r: subprocess.CompletedProcess, *needles: str) -> str:
-    """Exit 2, stderr exactly one ``error:`` line (plus an optional ``hint:`` line)."""
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    lines = [line for line in r.stderr.splitlines() if not line.startswith("hint: ")]
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    assert "Traceback" not in r.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
-
 
 # ---------------------------------------------------------------- ONNX external data --
 
@@ -74,7 +59,7 @@ def test_onnx_external_data_in_the_cwd_is_never_read(tmp_path, onnx_dir):
         (["verify", "m/bn.onnx", "m/evil.onnx"], "no such file"),
         (["serve", "m/evil.onnx", "--port", "0"], "self-contained"),
     ):
-        r = bnfold(*args, cwd=tmp_path)
+        r = run_cli(*args, cwd=tmp_path)
         assert_one_error_line(r, "evil.onnx", "tok_emb.weight", "secret.bin", why)
         assert r.stdout == ""
 
@@ -136,17 +121,24 @@ def test_constant_node_with_external_data_is_refused(tmp_path):
 # ------------------------------------------------------------------------- messages --
 
 
+@pytest.mark.slow  # ends with the console script in a fresh process
 def test_usage_errors_are_one_line_and_a_hint():
     for args, needle, command in (
         (["train", "--steps", "0"], "'--steps': 0 is not in the range x>=1", "bnfold train"),
         (["sample", "--nope"], "No such option '--nope'", "bnfold sample"),
         (["bogus"], "No such command 'bogus'", "bnfold"),
     ):
-        r = bnfold(*args)
+        r = run_cli(*args)
         assert_one_error_line(r, needle)
         assert r.stderr.splitlines()[1] == f"hint: see '{command} --help'"
         assert "Usage:" not in r.stderr
-    assert bnfold("--help").returncode == 0
+    assert run_cli("--help").returncode == 0
+    # the installed script in a fresh process, where click takes the command's name from
+    # argv[0] (run_cli passes it): the same line and hint
+    r = bnfold("sample", "--nope")
+    assert_one_error_line(r, "No such option '--nope'")
+    assert r.stderr.splitlines()[1] == "hint: see 'bnfold sample --help'"
+    assert "Usage:" not in r.stderr
 
 
 class Evil:
@@ -159,9 +151,9 @@ def test_unsafe_and_foreign_pickles_give_their_cause(tmp_path):
 
     (tmp_path / "raw.pt").write_bytes(pickle.dumps({"format": "bnfold-checkpoint"}, protocol=4))
     torch.save({"format": "bnfold-checkpoint", "x": Evil()}, tmp_path / "evil.pt")
-    r = bnfold("sample", "raw.pt", cwd=tmp_path)  # torch warned about the protocol first
+    r = run_cli("sample", "raw.pt", cwd=tmp_path)  # torch warned about the protocol first
     assert_one_error_line(r, "raw.pt", "not a torch file")
-    r = bnfold("sample", "evil.pt", cwd=tmp_path)
+    r = run_cli("sample", "evil.pt", cwd=tmp_path)
     assert_one_error_line(r, "evil.pt", "system object, which could run code")
     assert "weights_only" not in r.stderr and not (tmp_path / "pwned").exists()
 
@@ -212,7 +204,7 @@ def payload() -> dict:
 )
 def test_checkpoint_structure_is_validated(tmp_path, payload, change, needle):
     torch.save({**payload, **change}, tmp_path / "bad.pt")
-    r = bnfold("sample", tmp_path / "bad.pt", "-n", "2")
+    r = run_cli("sample", tmp_path / "bad.pt", "-n", "2")
     assert_one_error_line(r, "bad.pt", needle)
 
 
@@ -220,7 +212,7 @@ def test_checkpoint_tensor_of_the_wrong_dtype(tmp_path, payload):
     state = dict(payload["state_dict"])
     state["net.0.weight"] = state["net.0.weight"].half()
     torch.save({**payload, "state_dict": state}, tmp_path / "half.pt")
-    assert_one_error_line(bnfold("sample", tmp_path / "half.pt"), "net.0.weight", "float16")
+    assert_one_error_line(run_cli("sample", tmp_path / "half.pt"), "net.0.weight", "float16")
 
 
 @pytest.mark.parametrize(
@@ -238,7 +230,7 @@ def test_checkpoint_tensor_of_the_wrong_dtype(tmp_path, payload):
 def test_diagnostics_report_structure_is_validated(tmp_path, change, needle):
     report = json.loads((SHIPPED / "report" / "diagnostics.json").read_text())
     (tmp_path / "diagnostics.json").write_text(json.dumps({**report, **change}))
-    assert_one_error_line(bnfold("report", tmp_path), "malformed diagnostics report", needle)
+    assert_one_error_line(run_cli("report", tmp_path), "malformed diagnostics report", needle)
 
 
 # ------------------------------------------------------------- non-finite weights --
@@ -255,7 +247,7 @@ def test_nan_checkpoint_and_onnx_are_refused(tmp_path, payload, onnx_dir):
         ["fold", "nan.pt"],
         ["verify", str(SHIPPED / "bn.pt"), "nan.pt"],
     ):
-        r = bnfold(*args, cwd=tmp_path)
+        r = run_cli(*args, cwd=tmp_path)
         line = assert_one_error_line(r, "nan.pt", "NaN or infinite", "net.3.weight")
         # nothing on stdout, but with --json the error as a JSON document
         expected = (
@@ -269,7 +261,7 @@ def test_nan_checkpoint_and_onnx_are_refused(tmp_path, payload, onnx_dir):
     values.flat[3] = np.inf
     w.CopyFrom(numpy_helper.from_array(values, w.name))
     onnx.save(proto, str(onnx_dir / "inf.onnx"))
-    assert_one_error_line(bnfold("sample", onnx_dir / "inf.onnx"), "inf.onnx", "NaN or infinite")
+    assert_one_error_line(run_cli("sample", onnx_dir / "inf.onnx"), "inf.onnx", "NaN or infinite")
 
 
 def test_json_output_has_no_nan():
@@ -283,6 +275,7 @@ def test_json_output_has_no_nan():
 # ------------------------------------------------------------------- output paths --
 
 NEVER_ENDS = "1000000"  # steps (hours of training): a run that trained first would time out
+LONG_RUN = "100000"  # steps (minutes of training)
 
 
 def test_output_paths_are_checked_before_any_work(tmp_path):
@@ -299,7 +292,7 @@ def test_output_paths_are_checked_before_any_work(tmp_path):
         (["export", bn, "--out", "afile"], "afile: exists and is not a folder"),
     ]
     for args, needle in cases:
-        assert_one_error_line(bnfold(*args, cwd=tmp_path, timeout=120), needle)
+        assert_one_error_line(run_cli(*args, cwd=tmp_path, timeout=120), needle)
     assert (tmp_path / "afile").read_text() == "keep me"
     assert sorted(p.name for p in (tmp_path / "adir").iterdir()) == ["bn.onnx"]
     assert list((tmp_path / "d").iterdir()) == []
@@ -327,7 +320,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(full_disk, tmp_path):
         (["export", SHIPPED / "bn.pt", "--out", full_disk], "bn.onnx"),
         (["fold", SHIPPED / "bn.pt", "--out", full_disk / "folded.pt"], "folded.pt"),
     ):
-        r = bnfold(*args, cwd=tmp_path)
+        r = run_cli(*args, cwd=tmp_path)
         assert_one_error_line(r, needle, "no space left on device")
         assert [p.name for p in full_disk.iterdir()] == ["filler"]  # no half file, no temp
 
@@ -335,8 +328,11 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(full_disk, tmp_path):
 # ------------------------------------------------------------ interrupts, temp files --
 
 
+@pytest.mark.slow  # a fresh process on a pseudo-terminal, trained until Ctrl-C
 def test_ctrl_c_in_train_fold_saves_the_checkpoint_aside_and_leaves_out_alone(tmp_path):
-    """One SIGINT while training (seen on the progress bar of a pseudo-terminal)."""
+    """One SIGINT while training (seen on the progress bar of a pseudo-terminal). The run
+    would take minutes; its bar first draws after steps // 200 steps (500 here), so the
+    signal comes a second or two into training."""
     import pty
     import select
     import signal
@@ -347,7 +343,7 @@ def test_ctrl_c_in_train_fold_saves_the_checkpoint_aside_and_leaves_out_alone(tm
         (out / name).write_text(f"shipped {name}")
     master, slave = pty.openpty()
     proc = subprocess.Popen(
-        [BNFOLD, "train-fold", "--out", out, "--steps", NEVER_ENDS, "--batch-size", "64"],
+        [BNFOLD, "train-fold", "--out", out, "--steps", LONG_RUN, "--batch-size", "64"],
         stdout=subprocess.PIPE,
         stderr=slave,
         text=True,
@@ -378,7 +374,7 @@ def test_ctrl_c_in_train_fold_saves_the_checkpoint_aside_and_leaves_out_alone(tm
     from bnfold.mlp.checkpoint import load_checkpoint
 
     partial = load_checkpoint(out / "bn.interrupted.pt")
-    assert partial.meta["interrupted"] and 0 < partial.meta["steps_done"] < int(NEVER_ENDS)
+    assert partial.meta["interrupted"] and 0 < partial.meta["steps_done"] < int(LONG_RUN)
 
 
 def test_stale_temp_files_are_removed_on_the_next_write(tmp_path):
@@ -394,7 +390,7 @@ def test_stale_temp_files_are_removed_on_the_next_write(tmp_path):
         p.write_bytes(b"half a checkpoint")
     os.utime(old_style, (1e9, 1e9))
     try:
-        r = bnfold("train", "--out", out, "--steps", "2", "--batch-size", "32", "--n-layers", "1")
+        r = run_cli("train", "--out", out, "--steps", "2", "--batch-size", "32", "--n-layers", "1")
         assert r.returncode == 0, r.stderr
         assert sorted(p.name for p in out.iterdir()) == sorted(["bn.pt", live.name])
     finally:
@@ -425,7 +421,7 @@ def test_figures_are_written_atomically(tmp_path, monkeypatch):
 def test_a_byte_order_mark_is_not_a_character(tmp_path):
     words = "\n".join(["anna", "bob", "carl", "dave", "emma", "fred", "gina"]) + "\n"
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + words.encode())
-    r = bnfold("train", "--data", "bom.txt", "--out", "o", "--steps", "2", "--batch-size", "8",
+    r = run_cli("train", "--data", "bom.txt", "--out", "o", "--steps", "2", "--batch-size", "8",
                "--n-layers", "1", cwd=tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stderr
     from bnfold.mlp.checkpoint import load_checkpoint
@@ -448,9 +444,10 @@ def test_endless_and_huge_inputs_are_bounded(tmp_path):
         (["sample", SHIPPED / "folded.onnx", "--words", "/dev/zero", "-v"], "is a device"),
         (["train", "--data", "long.txt", "--out", "o"], "long.txt:3: a word of 5,000 characters"),
     ):
-        assert_one_error_line(bnfold(*args, cwd=tmp_path, timeout=120), needle)
+        assert_one_error_line(run_cli(*args, cwd=tmp_path, timeout=120), needle)
 
 
+@pytest.mark.slow  # a fresh process
 def test_words_from_a_pipe_are_read_with_a_bound(tmp_path):
     from bnfold.mlp.data import MAX_WORDS_BYTES
 
@@ -471,6 +468,6 @@ def test_words_from_a_pipe_are_read_with_a_bound(tmp_path):
 
 def test_too_few_words_for_train_fold(tmp_path):
     (tmp_path / "three.txt").write_text("anna\nbob\ncarl\n")
-    r = bnfold("train-fold", "--data", "three.txt", "--out", "o", cwd=tmp_path)
+    r = run_cli("train-fold", "--data", "three.txt", "--out", "o", cwd=tmp_path)
     assert_one_error_line(r, "3 words leave the dev split empty", "at least 6 words")
     assert not (tmp_path / "o").exists()

@@ -10,17 +10,13 @@ import contextlib
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
+from conftest import run_cli
 
 pytestmark = pytest.mark.slow  # live servers pushed to their limits
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def metric(url: str, name: str, **labels: str) -> float:
@@ -59,14 +55,7 @@ def connect(url: str) -> socket.socket:
 
 
 def test_a_bad_log_level_is_refused_before_loading(tmp_path):
-    r = subprocess.run(
-        [sys.executable, str(REPO / "cli.py"), "serve", str(tmp_path / "nope.onnx")]
-        + ["--log-level", "bogus"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = run_cli("serve", tmp_path / "nope.onnx", "--log-level", "bogus", timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "--log-level" in r.stderr and "bogus" in r.stderr
     assert "no such ONNX file" not in r.stderr  # refused before the model is looked at
@@ -77,14 +66,7 @@ def test_an_occupied_port_is_one_error_line(onnx_model):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        r = subprocess.run(
-            [sys.executable, str(REPO / "cli.py"), "serve", str(onnx_model)]
-            + ["--port", str(port)],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        r = run_cli("serve", onnx_model, "--port", port, timeout=60)
     assert r.returncode == 2
     assert r.stderr.splitlines() == [
         f"error: cannot listen on 127.0.0.1:{port}: the port is in use"

@@ -72,10 +72,8 @@ def test_a_graph_without_double_kernels_has_no_twin():
     assert onnx_twin(model) is None  # ONNX Runtime has no double Conv
 
 
-def test_exported_onnx_twins_match_torch_in_double(trained_checkpoint, tmp_path):
-    from bnfold.pipeline.assemble import export_checkpoint
-
-    paths = export_checkpoint(trained_checkpoint, tmp_path).paths
+def test_exported_onnx_twins_match_torch_in_double(trained_checkpoint, exported):
+    paths = exported.paths
     bn = load_checkpoint(trained_checkpoint)
     plan = plan_domain(bn.vocab.size, bn.config.block_size, max_exhaustive=0, sample_size=3000)
     x = np.concatenate(list(plan.chunks()))
@@ -130,12 +128,10 @@ def _onnx_predictor(model, ckpt, label: str) -> OnnxPredictor:
 
 
 @pytest.mark.slow
-def test_two_onnx_files_judge_parameters_through_double_graphs(trained_checkpoint, tmp_path):
+def test_two_onnx_files_judge_parameters_through_double_graphs(trained_checkpoint, exported):
     """With ONNX files alone, bn.onnx run in double is the truth, and the candidate's twin
     tells a correct fold from a wrong eps that float32 outputs barely show."""
-    from bnfold.pipeline.assemble import export_checkpoint
-
-    bn_onnx = load_predictor(export_checkpoint(trained_checkpoint, tmp_path).paths["bn"])
+    bn_onnx = load_predictor(exported.paths["bn"])
     ckpt = load_checkpoint(trained_checkpoint)
     folded, _ = fold_batchnorm(ckpt.model.eval())
     correct = _onnx_predictor(folded, ckpt, "folded")
