@@ -236,6 +236,8 @@ def main() -> None:
 
         def span(xs):
             xs = [x for x in xs if x is not None]
+            if not xs:  # refused before any verification (nothing to fold)
+                return "-"
             return f"{min(xs):.2f}-{max(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
 
         last = ours[-1]

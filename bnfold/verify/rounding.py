@@ -102,6 +102,10 @@ UNIT_ROUNDOFF = float(np.finfo(np.float32).eps) / 2  # u = 2**-24
 PRECISION_BITS = {"float16": 11, "bfloat16": 8, "float32": 24, "float64": 53}
 FLOAT64_MULTIPLE = 4.0  # K: candidate error may be at most K x the reference's own error
 FLOAT64_RMS_MULTIPLE = 3.0  # G: the same for the root-mean-square error
+# The RMS criterion compares two RMS of rounding errors; over a handful of elements their
+# ratio is noise (6 elements: above G once in a few hundred random Gemms), so it needs a
+# population. Below it the maximum criterion judges alone.
+FLOAT64_RMS_MIN_ELEMENTS = 64
 FLOAT64_FLOOR_ULPS = 4.0  # F: floor, in units of u times the largest |truth| logit
 TWIN_MULTIPLE = 3.0  # P: the candidate's parameters may be off by P x one re-rounding
 MAGNITUDE_ULPS = 256.0  # M: allowed |cand - ref| in units of u times each row's scale
@@ -310,8 +314,12 @@ class RoundingAccumulator:
                 FLOAT64_RMS_MULTIPLE * (self.ref_sq / n) ** 0.5 + u * (self.truth_sq / n) ** 0.5
             )
             rms = (self.cand_sq / n) ** 0.5
-            margin = max(_ratio(err, bound), _ratio(rms, rms_bound))
-            rms_text = f"; RMS {rms:.3g} vs {rms_bound:.3g} ({_ratio(rms, rms_bound):.3g})"
+            if n >= FLOAT64_RMS_MIN_ELEMENTS:
+                margin = max(_ratio(err, bound), _ratio(rms, rms_bound))
+                rms_text = f"; RMS {rms:.3g} vs {rms_bound:.3g} ({_ratio(rms, rms_bound):.3g})"
+            else:
+                margin = _ratio(err, bound)
+                rms_text = f"; RMS not judged (only {n} elements)"
             if self.twin_rows:
                 twin_ratio = _ratio(self.twin_sq**0.5, self.reround_sq**0.5)
                 margin = max(margin, twin_ratio / TWIN_MULTIPLE)
