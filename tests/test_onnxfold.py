@@ -515,3 +515,25 @@ def test_cli_bad_shapes_are_one_line_errors(tmp_path, args, message):
     onnx.save(built(case_named("dynamic_hw")), path)
     r = invoke("fold", path, *args)
     assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+
+
+@pytest.mark.slow
+def test_folding_an_onnx_file_never_imports_torch(tmp_path):
+    """The ONNX path (read, fold, check, float64 truth, write) is torch-free: torch's import
+    alone is ~2 s, most of what a fold of a full-size model may cost. A fresh process runs
+    the command in-process and looks at its own modules afterwards."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "convs.onnx"
+    onnx.save(onnx_zoo.convs_1d_3d(), path)
+    code = (
+        "import sys\n"
+        "from bnfold.cli import main\n"
+        f"main(['fold', {str(path)!r}, '--json'], standalone_mode=False)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "False", done.stdout
+    assert (tmp_path / "convs.folded.onnx").is_file()

@@ -5,7 +5,7 @@ hide (or cause) a difference. Inputs are, in order of preference: the user's ``.
 whole input domain of a bnfold character model (its vocabulary metadata makes it finite);
 seeded random inputs from the declared shapes and dtypes (``--shape``, else dynamic dims
 guessed as a real input's: batch 2, images 224 x 224). The
-reference is evaluated in float64 by :mod:`bnfold.runtime.float64_eval` (torch float64
+reference is evaluated in float64 by :mod:`bnfold.runtime.float64_eval` (numpy float64
 kernels over the graph, built once per comparison), and every output is judged by
 :func:`bnfold.verify.rounding.judge_outputs` against that truth: a difference passes only if
 float32 rounding explains it. When there is no truth (an operator the evaluator cannot run,
@@ -48,9 +48,11 @@ MAX_RANDOM_ELEMENTS = 1 << 24
 SAMPLE_ROWS = 65_536  # contexts sampled when a bnfold model's domain is too large
 
 
-def session(model: onnx.ModelProto):
-    """An ORT CPU session with every graph optimisation off (one thread: reproducible)."""
-    return cpu_session(model.SerializeToString(), optimize=False)
+def session(model: onnx.ModelProto | bytes):
+    """An ORT CPU session with every graph optimisation off (one thread: reproducible), of a
+    model or its serialised bytes (a caller that writes the model serialises it once)."""
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    return cpu_session(data, optimize=False)
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], what: str = "model") -> dict:
@@ -447,15 +449,12 @@ def _exact_verdict(r: np.ndarray, c: np.ndarray) -> RoundingVerdict:
     return RoundingVerdict(same, "exact", 0.0, bad, bad, 0, 0, reason, elements=int(r.size))
 
 
-def _sessions(reference: onnx.ModelProto, candidate: onnx.ModelProto):
-    """One ORT session per model (built once, run on every input set)."""
-    out = []
-    for model, what in ((reference, "reference"), (candidate, "candidate")):
-        try:
-            out.append((session(model), what))
-        except Exception as e:  # ORT raises its own exception types
-            raise BnfoldError(f"{what}: ONNX Runtime cannot run it: {_ort_reason(e)}") from None
-    return out
+def checked_session(model: onnx.ModelProto | bytes, what: str):
+    """:func:`session`, or one line saying ONNX Runtime cannot run ``what``."""
+    try:
+        return session(model)
+    except Exception as e:  # ORT raises its own exception types
+        raise BnfoldError(f"{what}: ONNX Runtime cannot run it: {_ort_reason(e)}") from None
 
 
 def _ort_reason(e: Exception) -> str:
@@ -520,6 +519,7 @@ def compare(
     class_axis: int | None = None,
     *,
     identical: bool = False,
+    sessions: tuple = (None, None),
     say: Say | None = None,
     walk=None,
 ) -> Comparison:
@@ -529,8 +529,10 @@ def compare(
 
     ``identical``: the candidate must compute exactly what the reference does (nothing was
     folded, so the graphs run the same kernels): outputs are compared bit for bit and no
-    float64 truth is computed. ``say`` gets one line per stage; ``walk(done, total)`` is
-    called after every node of the float64 evaluation (progress)."""
+    float64 truth is computed. ``sessions``: ONNX Runtime sessions of the reference and
+    the candidate the caller built with :func:`session` already (``None``: built here).
+    ``say`` gets one line per stage; ``walk(done, total)`` is called after every node of
+    the float64 evaluation (progress)."""
     t0 = time.perf_counter()
     say = say or _quiet
     problem = same_signature_problem(reference, candidate)
@@ -545,7 +547,8 @@ def compare(
         how = TRUTH_HOW
     result = Comparison(inputs=inputs, float64=how)
     say("verify: loading both models into ONNX Runtime")
-    (ref_sess, _), (cand_sess, _) = _sessions(reference, candidate)
+    ref_sess = sessions[0] or checked_session(reference, "reference")
+    cand_sess = sessions[1] or checked_session(candidate, "candidate")
     truth_source = None
     if not identical and tolerance is None:
         say("verify: preparing the float64 evaluation of the reference")
