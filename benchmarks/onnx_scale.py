@@ -245,13 +245,16 @@ def main() -> None:
         verdict = ("PASSED" if ok else "FAILED") + f" ({last['criterion']})"
         if last["problem"]:
             verdict += f", no float64 truth: {last['problem']}"
+        if last["folded"] == 0 and last["verify"] is None:  # refused at once: no BN
+            verdict = "refused: no BatchNormalization node (exit 2)"
+        margin = "-" if last["margin"] is None else f"{last['margin']:.3g}"
         lines.append(
-            f"| {name} | {last['folded']}/{last['batchnorms']}"
+            f"| {name} | {last['folded']}/{last['batchnorms'] or 0}"
             f" | {span([o['wall'] for o in ours])} | {span([o['verify'] for o in ours])}"
             f" | {max(o['rss'] for o in ours):.0f} | {span([t['wall'] for t in theirs])}"
             f" | {max(t['rss'] for t in theirs):.0f}"
             f" | {min(o['wall'] for o in ours) / min(t['wall'] for t in theirs):.2f}"
-            f" | {verdict} | {last['margin']:.3g} | {load:.2f} |"
+            f" | {verdict} | {margin} | {load:.2f} |"
         )
     text = "\n".join(lines) + "\n"
     RESULTS.write_text(text)
