@@ -74,6 +74,13 @@ def _cast(
     )
 
 
+def _scale_shift(
+    mean: Tensor, var: Tensor, eps: float, gamma: Tensor | None, beta: Tensor | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`bnfold.fold.algebra.bn_scale_shift` of a BatchNorm's tensors (float64 numpy)."""
+    return algebra.bn_scale_shift(_f64(mean), _f64(var), eps, _f64(gamma), _f64(beta))
+
+
 def bn_scale_shift(
     running_mean: Tensor,
     running_var: Tensor,
@@ -89,9 +96,7 @@ def bn_scale_shift(
         ValueError: ``running_var + eps`` is not positive, or the statistics or
         parameters are not finite.
     """
-    scale, shift = algebra.bn_scale_shift(
-        _f64(running_mean), _f64(running_var), eps, _f64(weight), _f64(bias)
-    )
+    scale, shift = _scale_shift(running_mean, running_var, eps, weight, bias)
     return torch.from_numpy(scale), torch.from_numpy(shift)
 
 
@@ -115,9 +120,7 @@ def fold_bn_into_preceding(
     (:func:`bnfold.fold.algebra.fold_into_preceding`), computed in float64 and cast once
     to ``dtype`` (default: the layer's own). ``weight``: Linear ``(out, in)`` or Conv
     ``(out, in/groups, *k)``; ``bias`` ``None`` is zero (the result always has one)."""
-    scale, shift = algebra.bn_scale_shift(
-        _f64(running_mean), _f64(running_var), eps, _f64(bn_weight), _f64(bn_bias)
-    )
+    scale, shift = _scale_shift(running_mean, running_var, eps, bn_weight, bn_bias)
     new_w, new_b = algebra.fold_into_preceding(_f64(weight), _f64(bias), scale, shift)
     return _cast(new_w, new_b, weight, bias, dtype)
 
@@ -137,9 +140,7 @@ def fold_bn_into_following(
     ``W' = W * s`` along the input axis, ``b' = b + W @ t``
     (:func:`bnfold.fold.algebra.fold_into_following`; exact for a Conv only when it never
     reads padding zeros: the caller checks that), in float64, cast once to ``dtype``."""
-    scale, shift = algebra.bn_scale_shift(
-        _f64(running_mean), _f64(running_var), eps, _f64(bn_weight), _f64(bn_bias)
-    )
+    scale, shift = _scale_shift(running_mean, running_var, eps, bn_weight, bn_bias)
     new_w, new_b = algebra.fold_into_following(_f64(weight), _f64(bias), scale, shift, groups)
     return _cast(new_w, new_b, weight, bias, dtype)
 
@@ -178,8 +179,7 @@ def fold_into_layer_output(
     convolution's weight is permuted to output-major layout and back (exact)."""
     if not isinstance(layer, nn.modules.conv._ConvTransposeNd):
         return fold_bn_into_preceding(weight, bias, *bn_stats, dtype=dtype)
-    mean, var, eps, gamma, beta = bn_stats
-    scale, shift = algebra.bn_scale_shift(_f64(mean), _f64(var), eps, _f64(gamma), _f64(beta))
+    scale, shift = _scale_shift(*bn_stats)
     w = algebra.transposed_as_conv_weight(_f64(weight), layer.groups)
     new_w, new_b = algebra.fold_into_preceding(w, _f64(bias), scale, shift)
     new_w = np.ascontiguousarray(algebra.conv_as_transposed_weight(new_w, layer.groups))

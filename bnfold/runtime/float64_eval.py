@@ -493,7 +493,11 @@ def _reference_kernel(module: str, name: str):
 def _make_ops() -> list[type]:
     """The OpRun classes (class name = ONNX op type) that replace onnx.reference's; a
     node they do not cover (non-floating input, the MaxPool ``Indices`` output, a
-    dilated AveragePool, a Resize mode torch does not compute) runs onnx.reference's."""
+    dilated AveragePool, a Resize mode torch does not compute) runs onnx.reference's.
+
+    Over 80 lines on purpose: eight small classes of a few lines each (the arithmetic is
+    in the module-level kernels), defined in a function because their bases are
+    onnx.reference's, imported only when an evaluator is built."""
     from onnx.reference.op_run import OpRun
 
     RefConv = _reference_kernel("op_conv", "Conv")
