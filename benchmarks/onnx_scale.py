@@ -152,31 +152,35 @@ def breakdown(path: Path, out: Path) -> list[tuple[str, float]]:
         stages.append((name, now - t0))
         t0 = now
 
-    import onnx
-
     from bnfold.pipeline import onnx_fold
 
-    lap("import bnfold.pipeline.onnx_fold (onnx, torch via bnfold.fold.modules)")
-    model = onnx_fold.load_model(path)
-    lap("load_model")
+    lap("import bnfold.pipeline.onnx_fold (onnx, onnxruntime)")
+    loaded = onnx_fold.load_model_file(path)
+    model = loaded.proto
+    lap("load_model_file (bounded read, parse, every tensor checked)")
+    reference = onnx_fold.check_input_model(loaded)
+    lap("check_input_model (onnx.checker, the reference's ORT session)")
+    feeds, _, _ = onnx_fold.choose_inputs(model, None, 4_000_000)
+    from bnfold.verify.onnx import Float64Truth, _run_session, session
+
+    truth = Float64Truth(model, feeds)  # here waited for at once: its stages apart
+    truth.outputs(0)
+    lap("float64 truth (a thread beside the stages below in a real fold)")
     folded, _ = onnx_fold.fold_onnx(model)
     lap("fold_onnx")
     onnx_fold.check_contract(model, folded)
     lap("check_contract (onnx.checker full_check)")
-    feeds, _, _ = onnx_fold.choose_inputs(model, None, 4_000_000)
-    from bnfold.verify.onnx import Float64Truth, _run_session, _sessions
-
-    sessions = _sessions(model, folded)
-    lap("two ONNX Runtime sessions (optimisations off)")
-    for sess, what in sessions:
+    data = folded.SerializeToString()
+    lap("serialise the folded model")
+    candidate = session(data)
+    lap("the candidate's ORT session (optimisations off)")
+    for sess, what in ((reference, "reference"), (candidate, "candidate")):
         _run_session(sess, feeds[0], what)
     lap("two float32 runs")
-    truth = Float64Truth(model)
-    lap("float64 evaluator: build (parameters to double)")
-    truth.outputs(feeds[0])
-    lap("float64 evaluator: run")
-    onnx.save_model(folded, out)
-    lap("save the folded model")
+    from bnfold.io.files import atomic_write_bytes
+
+    atomic_write_bytes(out, data)
+    lap("write the folded model (a thread beside verification in a real fold)")
     return stages
 
 

@@ -22,7 +22,7 @@ from bnfold.errors import BnfoldError
 from bnfold.fold.onnx.graph import Graph
 from bnfold.fold.onnx.rules import GemmBn, read_batchnorm
 from bnfold.io.npz import read_npz
-from bnfold.io.onnx_files import tensor_places
+from bnfold.io.onnx_files import has_unknown_fields, load_onnx_file, tensor_places
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from conftest import SHIPPED, assert_one_error_line, bnfold, run_cli  # noqa: E402
@@ -242,6 +242,50 @@ def test_external_data_anywhere_is_refused_and_never_read(trap, place):
         r = run_cli(*args, cwd=trap, timeout=60)
         assert_one_error_line(r, "evil.onnx", "secret.bin", why)
     assert sorted(p.name for p in (trap / "m").iterdir()) == ["evil.onnx", "ref.onnx"]
+
+
+# field 1000 as a varint of 1: a field no onnx release defines (tag 8000 = C0 3E)
+UNKNOWN_FIELD = bytes([0xC0, 0x3E, 0x01])
+
+
+def with_unknown_field(t: TensorProto) -> TensorProto:
+    out = TensorProto()
+    out.ParseFromString(t.SerializeToString() + UNKNOWN_FIELD)
+    return out
+
+
+def unknown_field_files() -> dict[str, bytes]:
+    w = numpy_helper.from_array(np.ones(2, np.float32), "w")
+    plain = relu_model(initializer=[w]).SerializeToString()
+    return {
+        "the model": plain + UNKNOWN_FIELD,
+        "an initializer": relu_model(initializer=[with_unknown_field(w)]).SerializeToString(),
+        "a node attribute": relu_model(
+            nodes=[constant(with_unknown_field(numpy_helper.from_array(np.ones(2, np.float32))))]
+        ).SerializeToString(),
+    }
+
+
+@pytest.mark.parametrize("place", sorted(unknown_field_files()))
+def test_fields_onnx_does_not_know_never_reach_onnx_runtime(tmp_path, place):
+    """ONNX Runtime is given the file's own bytes only when they hold no field this onnx
+    release cannot see into (a newer schema's tensor could hide an external reference)."""
+    raw = unknown_field_files()[place]
+    parsed = onnx.ModelProto()
+    parsed.ParseFromString(raw)
+    assert has_unknown_fields(parsed)
+    (tmp_path / "m.onnx").write_bytes(raw)
+    loaded = load_onnx_file(tmp_path / "m.onnx")
+    given = onnx.ModelProto()
+    given.ParseFromString(loaded.data)
+    assert loaded.data != raw and not has_unknown_fields(given)
+    assert given == loaded.proto
+
+
+def test_a_file_without_unknown_fields_goes_to_onnx_runtime_as_it_is(tmp_path):
+    raw = relu_model(initializer=[numpy_helper.from_array(np.ones(2, np.float32), "w")])
+    (tmp_path / "m.onnx").write_bytes(raw.SerializeToString())
+    assert load_onnx_file(tmp_path / "m.onnx").data == raw.SerializeToString()
 
 
 # ---------------------------------------------------- item 2: no verdict without evidence --

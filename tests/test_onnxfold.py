@@ -319,6 +319,11 @@ def test_cli_fold_onnx_with_user_inputs_and_failure_writes_nothing(gemm_file, tm
     out.unlink()
     r = invoke("fold", gemm_file, "--out", out, "--tolerance", "0")
     assert r.exit_code == 1 and "nothing written" in r.output and not out.exists()
+    # the file is written while it is verified: a failure leaves no temp file, and no
+    # folder made for it
+    r = invoke("fold", gemm_file, "--out", tmp_path / "new" / "sub" / "o.onnx", "--tolerance", "0")
+    assert r.exit_code == 1 and "nothing written" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gemm.onnx", "in.npz"]
 
 
 def test_cli_verify_generic_pair_with_different_outputs_fails(gemm_file, tmp_path):

@@ -319,6 +319,8 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(full_disk, tmp_path):
         (["train", "--out", full_disk, "--steps", "3", "--batch-size", "32"], "bn.pt"),
         (["export", SHIPPED / "bn.pt", "--out", full_disk], "bn.onnx"),
         (["fold", SHIPPED / "bn.pt", "--out", full_disk / "folded.pt"], "folded.pt"),
+        # written while verified, in another thread: its error is still this one line
+        (["fold", SHIPPED / "bn.onnx", "--out", full_disk / "folded.onnx"], "folded.onnx"),
     ):
         r = run_cli(*args, cwd=tmp_path)
         assert_one_error_line(r, needle, "no space left on device")

@@ -74,8 +74,18 @@ def fold_into_preceding(
     if scale.size not in (out, 1):
         raise ValueError(f"BatchNorm has {scale.size} channels but the layer has {out} outputs")
     s = np.broadcast_to(scale, (out,))
-    new_w = as_f64(weight) * s.reshape(-1, *([1] * (weight.ndim - 1)))
+    new_w = _times(weight, s.reshape(-1, *([1] * (weight.ndim - 1))))
     return new_w, bias64(bias, out) * s + np.broadcast_to(shift, (out,))
+
+
+def _times(weight: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """``weight * factor`` in float64, without a float64 copy of ``weight`` first (numpy
+    converts it chunk by chunk inside the multiply: resnet50's weights are 200 MB as
+    doubles)."""
+    weight = np.asarray(weight)
+    if weight.dtype.kind != "f":  # bfloat16 (ml_dtypes) and the like: convert first
+        weight = as_f64(weight)
+    return np.multiply(weight, factor, dtype=F64)
 
 
 def _per_input(v: np.ndarray, out: int, in_per_group: int, groups: int) -> np.ndarray:
@@ -109,8 +119,7 @@ def fold_into_following(
     kernel = [1] * (weight.ndim - 2)
     s = _per_input(scale, out, in_per_group, groups).reshape(out, in_per_group, *kernel)
     t = _per_input(shift, out, in_per_group, groups).reshape(out, in_per_group, *kernel)
-    w = as_f64(weight)
-    return w * s, bias64(bias, out) + (w * t).reshape(out, -1).sum(axis=1)
+    return _times(weight, s), bias64(bias, out) + _times(weight, t).reshape(out, -1).sum(axis=1)
 
 
 def transposed_as_conv_weight(weight: np.ndarray, groups: int) -> np.ndarray:

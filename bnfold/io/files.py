@@ -15,6 +15,7 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -160,24 +161,9 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     that were killed are removed first. An ``OSError`` (full disk, no permission, a folder
     in the way) becomes one ``BnfoldError`` naming ``path``; nothing is left behind."""
     path = Path(path)
-    if path.is_dir():
-        raise BnfoldError(f"{path}: is a directory; cannot write a file there")
+    tmp, _ = _temp_beside(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_files(path)
-        # the writer's pid in the name tells a later writer whether this file is stale
-        fd, tmp = tempfile.mkstemp(
-            prefix=f"{_temp_prefix(path)}{os.getpid()}-", suffix=".tmp", dir=path.parent
-        )
-        os.close(fd)
-    except OSError as e:
-        raise BnfoldError(f"{path}: cannot write: {describe_os_error(e)}") from None
-    try:
-        # mkstemp's file is private (0600); the result is an ordinary, shareable file.
-        os.chmod(tmp, 0o666 & ~_umask())
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        _fill(tmp, write)
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
@@ -191,6 +177,77 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """:func:`atomic_write` of ``data``."""
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def _temp_beside(path: Path) -> tuple[str, Path | None]:
+    """A new empty temp file in ``path``'s folder (made if missing; stale temp files of
+    killed writers removed), and the first folder this made (``None``: none)."""
+    if path.is_dir():
+        raise BnfoldError(f"{path}: is a directory; cannot write a file there")
+    made = next((p for p in reversed(path.parents) if not p.exists()), None)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(path)
+        # the writer's pid in the name tells a later writer whether this file is stale
+        fd, tmp = tempfile.mkstemp(
+            prefix=f"{_temp_prefix(path)}{os.getpid()}-", suffix=".tmp", dir=path.parent
+        )
+        os.close(fd)
+        # mkstemp's file is private (0600); the result is an ordinary, shareable file.
+        os.chmod(tmp, 0o666 & ~_umask())
+    except OSError as e:
+        raise BnfoldError(f"{path}: cannot write: {describe_os_error(e)}") from None
+    return tmp, made
+
+
+def _fill(tmp: str, write: Callable[[str], None]) -> None:
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+
+
+class BackgroundWrite:
+    """:func:`atomic_write_bytes` in two steps, so that writing a large file overlaps other
+    work (verifying it): the bytes go to a temp file beside ``path``, and to disk (fsync),
+    in a thread started at once; :meth:`commit` waits for it and renames the temp file
+    over ``path``; :meth:`discard` waits and removes it, and the folders it made. Until
+    :meth:`commit`, nothing at ``path`` has changed."""
+
+    def __init__(self, path: str | Path, data: bytes):
+        self.path = Path(path)
+        self._tmp, self._made = _temp_beside(self.path)
+        self._error: OSError | None = None
+        self._thread = threading.Thread(
+            target=self._write, args=(data,), name="bnfold-write", daemon=True
+        )
+        self._thread.start()
+
+    def _write(self, data: bytes) -> None:
+        try:
+            _fill(self._tmp, lambda tmp: Path(tmp).write_bytes(data))
+        except OSError as e:  # reported by commit(), in the caller's thread
+            self._error = e
+
+    def commit(self) -> Path:
+        self._thread.join()
+        try:
+            if self._error is not None:
+                raise self._error
+            os.replace(self._tmp, self.path)
+        except OSError as e:
+            self.discard()
+            raise BnfoldError(f"{self.path}: cannot write: {describe_os_error(e)}") from None
+        return self.path
+
+    def discard(self) -> None:
+        self._thread.join()
+        Path(self._tmp).unlink(missing_ok=True)
+        if self._made is not None:  # the folders made for the file, innermost first
+            for folder in (self.path.parent, *self.path.parent.parents):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+                if folder == self._made:
+                    break
 
 
 def _umask() -> int:

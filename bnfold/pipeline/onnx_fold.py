@@ -16,13 +16,14 @@ import onnx
 
 from bnfold.errors import KEEP_BN_EXPORT, BnfoldError
 from bnfold.fold.onnx.folder import OnnxFoldReport, fold_onnx
-from bnfold.fold.onnx.graph import Graph, load_model
-from bnfold.io.files import atomic_write_bytes, check_output_file
-from bnfold.io.onnx_files import first_line, weightless_copy
+from bnfold.fold.onnx.graph import Graph, load_model, load_model_file
+from bnfold.io.files import BackgroundWrite, check_output_file
+from bnfold.io.onnx_files import OnnxFile, first_line, weightless_copy
 from bnfold.verify.domain import DEFAULT_MAX_EXHAUSTIVE
 from bnfold.verify.onnx import (
     DYNAMIC_DIM,
     Comparison,
+    Float64Truth,
     checked_session,
     compare,
     domain_feeds,
@@ -136,16 +137,17 @@ def full_check(model: onnx.ModelProto) -> None:
     onnx.checker.check_model(weightless_copy(model), full_check=True)
 
 
-def check_input_model(model: onnx.ModelProto, path: Path):
+def check_input_model(loaded: OnnxFile):
     """The model to fold passes the full onnx checker and ONNX Runtime can load it
     (unknown ops, a cycle, an opset without kernels are the input's fault, said in one
     line naming it, before any folding). Returns that ONNX Runtime session (the
     verification's reference: a session of resnet50 costs ~0.3 s)."""
+    model, path = loaded.proto, loaded.path
     try:
         full_check(model)
     except Exception as e:  # ValidationError, InferenceError, ...
         raise BnfoldError(f"{path}: not a valid ONNX model: {first_line(e, 300)}") from None
-    sess = check_runs(model, path)
+    sess = check_runs(loaded.data, path)
     check_batchnorm_parameters(model, path)
     return sess
 
@@ -174,8 +176,9 @@ def check_batchnorm_parameters(model: onnx.ModelProto, path: Path) -> None:
                 )
 
 
-def check_runs(model: onnx.ModelProto, path: Path):
-    """ONNX Runtime's session of ``model`` (read from ``path``), or one line naming the file."""
+def check_runs(model: onnx.ModelProto | bytes, path: Path):
+    """ONNX Runtime's session of ``model`` (read from ``path``; a model or its serialised
+    bytes), or one line naming the file."""
     try:
         return session(model)
     except Exception as e:  # ORT's own exception types
@@ -261,19 +264,56 @@ def fold_onnx_file(
     target = check_fold_output(path, out or default_output(path))
     stages = StageProgress(progress)
     stages.say(f"fold: reading {path}")
-    model = load_model(path)
+    loaded = load_model_file(path)
+    model = loaded.proto
     check_has_batchnorm(model, path)
-    reference_session = check_input_model(model, path)
-    stages.say("fold: folding BatchNormalization nodes")
+    reference_session = check_input_model(loaded)
+    chosen = choose_inputs(model, inputs, max_exhaustive, shapes=shapes)
+    # the float64 truth needs only the original and the inputs: it is computed while the
+    # model is folded, checked, written and run in ONNX Runtime
+    truth = Float64Truth(model, chosen[0]) if tolerance is None else None
+    pending = None
     try:
-        folded, report = fold_onnx(model)
-    except RecursionError:  # a chain of constant expressions deeper than Python's stack
-        raise BnfoldError(f"{path}: constants are chained too deeply to evaluate") from None
-    stages.say(f"fold: folded {len(report.folded)} of {report.batchnorms}; checking the graph")
-    check_contract(model, folded)
-    feeds, described, class_axis = choose_inputs(model, inputs, max_exhaustive, shapes=shapes)
-    folded_bytes = folded.SerializeToString()  # once: for the check's session and the file
-    candidate_session = checked_session(folded_bytes, "candidate")
+        stages.say("fold: folding BatchNormalization nodes")
+        try:
+            folded, report = fold_onnx(model)
+        except RecursionError:  # a chain of constant expressions deeper than Python's stack
+            raise BnfoldError(f"{path}: constants are chained too deeply to evaluate") from None
+        stages.say(f"fold: folded {len(report.folded)} of {report.batchnorms}; checking the graph")
+        check_contract(model, folded)
+        folded_bytes = folded.SerializeToString()  # once: for the check's session and the file
+        # written while it is verified, renamed into place only if the verification passes
+        pending = BackgroundWrite(target, folded_bytes)
+        candidate_session = checked_session(folded_bytes, "candidate")
+        sessions = (reference_session, candidate_session)
+        comparison = _verify_fold(model, folded, report, sessions, chosen, truth, tolerance, stages)
+    except BaseException:
+        if truth is not None:
+            truth.stop()
+        if pending is not None:
+            pending.discard()
+        raise
+    if not comparison.passed:
+        pending.discard()
+        return None, report, comparison
+    stages.say(f"fold: writing {target}")
+    return pending.commit(), report, comparison
+
+
+def _verify_fold(
+    model: onnx.ModelProto,
+    folded: onnx.ModelProto,
+    report: OnnxFoldReport,
+    sessions: tuple,
+    chosen: tuple[list[dict], str, int | None],
+    truth: Float64Truth | None,
+    tolerance: float | None,
+    stages: StageProgress,
+) -> Comparison:
+    """The folded model against the original on the ``chosen`` inputs (:func:`choose_inputs`),
+    in the ONNX Runtime ``sessions`` of both: bit for bit first when nothing was folded
+    (the same kernels), else (or if that fails: a kernel changed) the full comparison."""
+    feeds, described, class_axis = chosen
     checks = [True, False] if not report.folded and tolerance is None else [False]
     for identical in checks:
         comparison = compare(
@@ -284,17 +324,16 @@ def fold_onnx_file(
             tolerance,
             class_axis,
             identical=identical,
-            sessions=(reference_session, candidate_session),
+            sessions=sessions,
+            truth=None if identical else truth,
             say=stages.say,
             walk=stages.walk,
         )
-        if comparison.passed:  # not bit for bit (prune changed a kernel?): the full check
+        if comparison.passed:
             break
-    if not comparison.passed:
-        return None, report, comparison
-    stages.say(f"fold: writing {target}")
-    atomic_write_bytes(target, folded_bytes)
-    return target, report, comparison
+    if truth is not None:
+        truth.stop()  # not needed after all when the bit-for-bit check passed
+    return comparison
 
 
 def verify_onnx_files(
@@ -312,11 +351,20 @@ def verify_onnx_files(
     for :func:`fold_onnx_file`)."""
     stages = StageProgress(progress)
     stages.say(f"verify: reading {reference} and {candidate}")
-    ref, cand = load_model(reference), load_model(candidate)
-    for model, path in ((ref, reference), (cand, candidate)):
-        check_runs(model, path)
-        check_batchnorm_parameters(model, path)
+    files = load_model_file(reference), load_model_file(candidate)
+    sessions = tuple(check_runs(f.data, f.path) for f in files)
+    for f in files:
+        check_batchnorm_parameters(f.proto, f.path)
+    ref, cand = (f.proto for f in files)
     feeds, described, class_axis = choose_inputs(ref, inputs, max_exhaustive, seed, shapes)
     return compare(
-        ref, cand, feeds, described, tolerance, class_axis, say=stages.say, walk=stages.walk
+        ref,
+        cand,
+        feeds,
+        described,
+        tolerance,
+        class_axis,
+        sessions=sessions,
+        say=stages.say,
+        walk=stages.walk,
     )

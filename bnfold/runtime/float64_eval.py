@@ -638,11 +638,18 @@ def _subgraph_names(graph: onnx.GraphProto) -> set[str]:
     names = set()
     for node in graph.node:
         names.update(node.input)
-        for attr in node.attribute:
-            if attr.HasField("g"):
-                names |= _subgraph_names(attr.g)
-            for g in attr.graphs:
-                names |= _subgraph_names(g)
+        names |= _subgraph_reads(node)
+    return names
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Names the subgraphs of ``node`` (If/Loop/Scan bodies) read from the outer scope."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        if attr.HasField("g"):
+            names |= _subgraph_names(attr.g)
+        for g in attr.graphs:
+            names |= _subgraph_names(g)
     return names
 
 
@@ -667,7 +674,10 @@ def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
 
 class Float64Evaluator:
     """A model's outputs in float64 (see the module docstring). Build once, run on as
-    many input sets as needed; parameters are converted to double once."""
+    many input sets as needed. Parameters are kept as stored and converted to double as
+    each node reads them (the double copy lives while that node runs: resnet50's 100 MB of
+    float32 weights never become 200 MB of doubles at once), except those a subgraph
+    reads, converted once here."""
 
     def __init__(self, model: onnx.ModelProto):
         from onnx import TensorProto, helper, numpy_helper
@@ -677,8 +687,10 @@ class Float64Evaluator:
         g = skeleton.graph
         # parameters are kept as arrays, not in the proto the reference evaluator reads
         self.params: dict[str, np.ndarray] = {}
+        from_subgraphs = set().union(*(_subgraph_reads(n) for n in model.graph.node))
         for init in model.graph.initializer:
-            self.params[init.name] = to_double(numpy_helper.to_array(init))
+            value = numpy_helper.to_array(init)
+            self.params[init.name] = to_double(value) if init.name in from_subgraphs else value
         declared = {i.name for i in g.input}
         for init in model.graph.initializer:
             if init.name not in declared:
@@ -696,12 +708,7 @@ class Float64Evaluator:
         """Per node, the values no later node (nor a graph output) reads: freed after it."""
         last: dict[str, int] = {}
         for i, node in enumerate(g.node):
-            reads = set(node.input)
-            for attr in node.attribute:  # a subgraph may read outer values by name
-                if attr.HasField("g"):
-                    reads |= _subgraph_names(attr.g)
-                for sub in attr.graphs:
-                    reads |= _subgraph_names(sub)
+            reads = set(node.input) | _subgraph_reads(node)  # a subgraph reads outer names
             for name in list(reads) + list(node.output):
                 last[name] = i
         keep = set(self.outputs) | set(self.params)
@@ -720,9 +727,10 @@ class Float64Evaluator:
     def _walk(self, feeds: dict[str, np.ndarray], progress: Progress | None) -> dict:
         values: dict[str, object] = {"": None, **self.params}
         values.update({k: to_double(v) for k, v in feeds.items()})
+        params = self.params
         total = len(self.nodes)
         for i, node in enumerate(self.nodes):
-            inputs = [values[name] for name in node.input]
+            inputs = [to_double(params[n]) if n in params else values[n] for n in node.input]
             if node.need_context():
                 outputs = node.run(*inputs, context=values)
             else:
@@ -733,7 +741,7 @@ class Float64Evaluator:
                 values.pop(name, None)
             if progress is not None:
                 progress(i + 1, total)
-        return {name: np.asarray(values[name]) for name in self.outputs}
+        return {name: to_double(values[name]) for name in self.outputs}
 
 
 def float64_run(

@@ -23,7 +23,7 @@ import onnx
 
 from bnfold.errors import BnfoldError
 from bnfold.io.files import bytes_sha256
-from bnfold.io.onnx_files import load_onnx_file, non_finite_initializers, weight_count
+from bnfold.io.onnx_files import load_onnx_file, weight_count
 from bnfold.mlp.data import END, Vocab
 from bnfold.runtime.ort_session import cpu_session
 from bnfold.runtime.predictor import Predictor
@@ -113,7 +113,7 @@ class OnnxPredictor(Predictor):
             if self.path.is_dir():
                 raise BnfoldError(f"{self.path}: is a directory, not an ONNX file")
             onnx_file = load_onnx_file(self.path)  # bounded; never reads another file
-            bad = non_finite_initializers(onnx_file.proto)
+            bad = onnx_file.non_finite
             if bad:
                 raise BnfoldError(
                     f"{self.path}: the weights hold NaN or infinite values"

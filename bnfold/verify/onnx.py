@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import resource
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -46,6 +47,7 @@ SPATIAL_TRIES = 3  # guessed spatial dims are tried at 1x, 2x and 4x before givi
 # allocation. Beyond it the user passes --inputs or a --shape.
 MAX_RANDOM_ELEMENTS = 1 << 24
 SAMPLE_ROWS = 65_536  # contexts sampled when a bnfold model's domain is too large
+PROGRESS_SECONDS = 0.1  # how often a wait for the float64 walk reports its progress
 
 
 def session(model: onnx.ModelProto | bytes):
@@ -312,31 +314,75 @@ def peak_rss_mb() -> float:
     return round(kib / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
-class Float64Truth:
-    """The reference model's float64 outputs, from one evaluator built once (parameters
-    converted to double once) and run on every input set; ``problem`` says why there is
-    no truth when there is none (the evaluator could not be built, or a run failed)."""
+class _Stopped(Exception):
+    """Raised inside the float64 walk when its result is no longer wanted."""
 
-    def __init__(self, model: onnx.ModelProto):
+
+class Float64Truth:
+    """The reference model's float64 outputs on every input set, computed in a thread
+    that starts at construction: the walk needs only the reference model and the inputs,
+    so it runs beside whatever the caller does before it compares (folding, the onnx
+    checker, ONNX Runtime's sessions and float32 runs). One evaluator, built once
+    (parameters read once), runs every set. ``problem`` says why there is no truth when
+    there is none (the evaluator could not be built, or a run failed)."""
+
+    def __init__(self, model: onnx.ModelProto, sets: list[dict]):
+        self.problem: str | None = None
+        self._sets = sets
+        self._results: list[dict | None] = [None] * len(sets)
+        self._ready = [threading.Event() for _ in sets]
+        self._walked = (0, 0)  # (nodes done, nodes in all) of the set being walked
+        self._nodes = 0  # nodes of the graph, once the evaluator is built
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._walk_all, args=(model,), name="bnfold-float64", daemon=True
+        )
+        self._thread.start()
+
+    def _walk_all(self, model: onnx.ModelProto) -> None:
         from bnfold.runtime.float64_eval import Float64Evaluator
 
-        self.problem: str | None = None
-        self.evaluator = None
         try:
-            self.evaluator = Float64Evaluator(model)
-        except Exception as e:  # onnx.reference raises many types for ops it lacks
-            self.problem = f"the float64 evaluator cannot build the graph: {_short(e)}"
-
-    def outputs(self, feeds: dict, expected: dict | None = None, progress=None) -> dict | None:
-        """Float64 outputs on ``feeds`` (``None`` and :attr:`problem` set on failure);
-        ``expected``: ONNX Runtime's outputs, whose shapes the truth must have."""
-        if self.evaluator is None:
-            return None
-        try:
-            truth = self.evaluator.run(feeds, progress)
+            try:
+                evaluator = Float64Evaluator(model)
+            except Exception as e:  # onnx.reference raises many types for ops it lacks
+                self.problem = f"the float64 evaluator cannot build the graph: {_short(e)}"
+                return
+            self._nodes = len(evaluator.nodes)
+            for k, feeds in enumerate(self._sets):
+                self._results[k] = evaluator.run(feeds, self._step)
+                self._ready[k].set()
+        except _Stopped:
+            pass
         except Exception as e:  # a kernel's own error: the verdict reports it
             self.problem = f"the float64 evaluation failed: {_short(e)}"
+        finally:
+            for ready in self._ready:  # nothing more comes: no waiter waits for ever
+                ready.set()
+
+    def _step(self, done: int, total: int) -> None:
+        if self._stop.is_set():
+            raise _Stopped
+        self._walked = (done, total)
+
+    def stop(self) -> None:
+        """The result is not wanted: the walk ends after its current node."""
+        self._stop.set()
+
+    def outputs(self, k: int, expected: dict | None = None, progress=None) -> dict | None:
+        """Float64 outputs on input set ``k``, once computed (``progress(done, total)`` is
+        called from this thread while waiting). ``None`` and :attr:`problem` set on
+        failure; ``expected``: ONNX Runtime's outputs, whose shapes the truth must have."""
+        shown = None
+        while not self._ready[k].wait(PROGRESS_SECONDS):
+            if progress is not None and self._walked != shown and self._walked[1]:
+                shown = self._walked
+                progress(*shown)
+        truth = self._results[k]
+        if truth is None:
             return None
+        if progress is not None:
+            progress(self._nodes, self._nodes)  # this set's walk is complete
         for name, value in (expected or {}).items():
             got = truth.get(name)
             if got is None or got.shape != value.shape:
@@ -361,8 +407,8 @@ def _floating(dtype: np.dtype) -> bool:
 
 def float64_outputs(model: onnx.ModelProto, feeds: dict) -> tuple[dict | None, str]:
     """The model's outputs computed in float64, and how (or ``None`` and why not)."""
-    truth = Float64Truth(model)
-    out = truth.outputs(feeds)
+    truth = Float64Truth(model, [feeds])
+    out = truth.outputs(0)
     return (out, TRUTH_HOW) if out is not None else (None, f"none: {truth.problem}")
 
 
@@ -520,6 +566,7 @@ def compare(
     *,
     identical: bool = False,
     sessions: tuple = (None, None),
+    truth: Float64Truth | None = None,
     say: Say | None = None,
     walk=None,
 ) -> Comparison:
@@ -530,7 +577,9 @@ def compare(
     ``identical``: the candidate must compute exactly what the reference does (nothing was
     folded, so the graphs run the same kernels): outputs are compared bit for bit and no
     float64 truth is computed. ``sessions``: ONNX Runtime sessions of the reference and
-    the candidate the caller built with :func:`session` already (``None``: built here).
+    the candidate the caller built with :func:`session` already (``None``: built here);
+    ``truth``: the reference's :class:`Float64Truth` on these ``feeds``, if the caller
+    started it already (else started here, before the sessions, so they overlap).
     ``say`` gets one line per stage; ``walk(done, total)`` is called after every node of
     the float64 evaluation (progress)."""
     t0 = time.perf_counter()
@@ -546,22 +595,66 @@ def compare(
     else:
         how = TRUTH_HOW
     result = Comparison(inputs=inputs, float64=how)
+    truth_source = None
+    if not identical and tolerance is None:
+        if truth is None:
+            say("verify: starting the float64 evaluation of the reference")
+        truth_source = truth or Float64Truth(reference, sets)
+    elif truth is not None:
+        truth.stop()
+    try:
+        _judge_sets(
+            result,
+            sets,
+            sessions,
+            reference,
+            candidate,
+            truth_source,
+            class_axis,
+            identical=identical,
+            tolerance=tolerance,
+            say=say,
+            walk=walk,
+        )
+    except BaseException:
+        if truth_source is not None:
+            truth_source.stop()
+        raise
+    if truth_source is not None and truth_source.problem:
+        result.float64_problem = truth_source.problem
+        result.float64 = "none"  # the reason is in float64_problem (and the warning line)
+    result.seconds = round(time.perf_counter() - t0, 3)
+    result.peak_rss_mb = peak_rss_mb()
+    return result
+
+
+def _judge_sets(
+    result: Comparison,
+    sets: list[dict],
+    sessions: tuple,
+    reference: onnx.ModelProto,
+    candidate: onnx.ModelProto,
+    truth_source: Float64Truth | None,
+    class_axis: int | None,
+    *,
+    identical: bool,
+    tolerance: float | None,
+    say: Say,
+    walk,
+) -> None:
+    """Run both models on every input set and judge each output into ``result``."""
     say("verify: loading both models into ONNX Runtime")
     ref_sess = sessions[0] or checked_session(reference, "reference")
     cand_sess = sessions[1] or checked_session(candidate, "candidate")
-    truth_source = None
-    if not identical and tolerance is None:
-        say("verify: preparing the float64 evaluation of the reference")
-        truth_source = Float64Truth(reference)
-    for k, one in enumerate(sets, 1):
-        of = f" (input set {k} of {len(sets)})" if len(sets) > 1 else ""
+    for k, one in enumerate(sets):
+        of = f" (input set {k + 1} of {len(sets)})" if len(sets) > 1 else ""
         say(f"verify: running both models in float32{of}")
         ref = _run_session(ref_sess, one, "reference")
         cand = _run_session(cand_sess, one, "candidate")
         truth = None
         if truth_source is not None:
             say(f"verify: float64 truth{of}")
-            truth = truth_source.outputs(one, ref, walk)
+            truth = truth_source.outputs(k, ref, walk)
         for name, r in ref.items():
             c = cand[name]
             if identical or r.shape != c.shape or r.dtype.kind != "f":
@@ -571,9 +664,3 @@ def compare(
                 verdict = judge_outputs(r, c, t, tolerance=tolerance, class_axis=class_axis)
             verdict = _needs_evidence(verdict, r, None if truth is None else truth.get(name))
             result.outputs.append(OutputVerdict(name, list(r.shape), verdict))
-    if truth_source is not None and truth_source.problem:
-        result.float64_problem = truth_source.problem
-        result.float64 = "none"  # the reason is in float64_problem (and the warning line)
-    result.seconds = round(time.perf_counter() - t0, 3)
-    result.peak_rss_mb = peak_rss_mb()
-    return result

@@ -16,9 +16,9 @@ from onnx import helper, numpy_helper
 
 from bnfold.errors import BnfoldError
 from bnfold.io.onnx_files import (
+    OnnxFile,
     first_line,
     load_onnx_file,
-    non_finite_initializers,
     weightless_copy,
 )
 
@@ -58,20 +58,25 @@ CONSTANT_EXPRESSION_OPS = frozenset(
 DTYPE_ONLY_INPUTS = {"CastLike": 1}
 
 
-def load_model(path: str | Path) -> onnx.ModelProto:
+def load_model_file(path: str | Path) -> OnnxFile:
     """The one place onnxfold reads an ONNX file: through :func:`load_onnx_file`, so the
     read is bounded and external data is taken only from inside the model's own folder
     (inlined; ONNX Runtime never resolves a location itself), every tensor is checked,
     and weights holding NaN or infinity are refused (nothing computed from them proves
-    anything)."""
-    proto = load_onnx_file(path, allow_external_data=True).proto
-    bad = non_finite_initializers(proto)
+    anything). ``.data`` is the model for ONNX Runtime, ``.proto`` the parsed one."""
+    loaded = load_onnx_file(path, allow_external_data=True)
+    bad = loaded.non_finite
     if bad:
         raise BnfoldError(
             f"{path}: the weights hold NaN or infinite values ({', '.join(bad[:3])}"
             f"{', ...' if len(bad) > 3 else ''})"
         )
-    return proto
+    return loaded
+
+
+def load_model(path: str | Path) -> onnx.ModelProto:
+    """:func:`load_model_file`'s parsed model."""
+    return load_model_file(path).proto
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -111,6 +116,7 @@ class Graph:
     exact: dict[str, np.ndarray] = field(default_factory=dict)  # float64 values of new weights
     dtypes: dict[str, np.dtype] = field(default_factory=dict)  # ... and the dtype each gets
     _names: set[str] = field(default_factory=set)  # every name the graph has used
+    _last_read: tuple[str, np.ndarray | None] = ("", None)  # see constant()
     _issued: set[str] = field(default_factory=set)  # fresh names given since the last refresh
     # The main graph's nodes in order, as slots: slot i holds what became of original node
     # i (itself, nothing once removed, or the nodes that replaced it), so removing or
@@ -274,7 +280,11 @@ class Graph:
         if value in self.graph_inputs:
             return None, f"{value!r} is a graph input"
         if value in self.initializers:
-            return numpy_helper.to_array(self.initializers[value]), ""
+            # a rule's check reads a weight and its rewrite reads it again at once: the
+            # last array read is kept (converting resnet50's weights twice: ~0.06 s)
+            if self._last_read[0] != value:
+                self._last_read = (value, numpy_helper.to_array(self.initializers[value]))
+            return self._last_read[1], ""
         node = self.producer.get(value)
         if node is None:
             return None, f"{value!r} has no producer"
@@ -344,9 +354,11 @@ class Graph:
                 arr = v.astype(self.dtypes[name])
             if not np.isfinite(arr).all():
                 bad[name] = f"the folded weights overflow {arr.dtype}"
-            tensor = numpy_helper.from_array(arr, name)
-            self.g.initializer.append(tensor)
-            self.initializers[name] = self.g.initializer[-1]
+            # add() + CopyFrom: append() of a tensor built elsewhere costs 4x as much
+            # (resnet50's folded weights: 0.37 s against 0.10 s)
+            tensor = self.g.initializer.add()
+            tensor.CopyFrom(numpy_helper.from_array(arr, name))
+            self.initializers[name] = tensor
         self.exact.clear()
         return bad
 
