@@ -185,6 +185,75 @@ def test_the_evaluator_agrees_with_onnx_reference_where_it_is_right(case):
         np.testing.assert_allclose(got[name], value, rtol=1e-12, atol=1e-12, err_msg=name)
 
 
+def _resize_model(shape, mode, coord, scales=None, sizes=None, **attrs) -> onnx.ModelProto:
+    inits = [numpy_helper.from_array(np.array([], np.float32), "roi")]
+    names = ["x", "roi", "", ""]
+    if scales is not None:
+        inits.append(numpy_helper.from_array(np.array(scales, np.float32), "scales"))
+        names[2] = "scales"
+    else:
+        inits.append(numpy_helper.from_array(np.array(sizes, np.int64), "sizes"))
+        names[3] = "sizes"
+    node = helper.make_node(
+        "Resize", names, ["y"], mode=mode, coordinate_transformation_mode=coord, **attrs
+    )
+    g = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+RESIZES = {
+    "bilinear half_pixel x2": ((2, 3, 5, 4), "linear", "half_pixel", [1, 1, 2, 2], None),
+    "bilinear half_pixel down": ((1, 2, 9, 8), "linear", "half_pixel", [1, 1, 0.5, 0.75], None),
+    "bilinear half_pixel to 9x7": ((1, 2, 4, 5), "linear", "half_pixel", None, [1, 2, 9, 7]),
+    "align_corners to 9x7": ((1, 2, 4, 5), "linear", "align_corners", None, [1, 2, 9, 7]),
+    "align_corners x3": ((1, 1, 4, 3), "linear", "align_corners", [1, 1, 3, 3], None),
+    "pytorch_half_pixel to 1x6": ((1, 2, 4, 5), "linear", "pytorch_half_pixel", None, [1, 2, 1, 6]),
+    "asymmetric x2.5": ((1, 2, 4, 5), "linear", "asymmetric", [1, 1, 2.5, 2.5], None),
+    "linear 1-D": ((2, 3, 7), "linear", "half_pixel", [1, 1, 1.5], None),
+    "trilinear": ((1, 2, 3, 4, 5), "linear", "half_pixel", None, [1, 2, 5, 6, 4]),
+    "nearest floor x2": ((1, 2, 3, 4), "nearest", "asymmetric", [1, 1, 2, 2], None),
+    "nearest floor to 9x7": ((1, 2, 4, 5), "nearest", "asymmetric", None, [1, 2, 9, 7]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESIZES))
+def test_resize_agrees_with_onnx_reference_and_onnx_runtime(case):
+    """The numpy Resize against onnx.reference's (the spec's formulas) in double, and
+    against ONNX Runtime in float32 (its shapes too)."""
+    shape, mode, coord, scales, sizes = RESIZES[case]
+    attrs = {"nearest_mode": "floor"} if mode == "nearest" else {}
+    model = _resize_model(shape, mode, coord, scales, sizes, **attrs)
+    x = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+    assert float64_eval.resize(x.astype(np.float64), scales, sizes, {"mode": mode,
+        "coordinate_transformation_mode": coord, **attrs}) is not None  # fmt: skip
+    got = Float64Evaluator(model).run({"x": x})["y"]
+    ref = ReferenceEvaluator(double_graph(model))
+    want = ref.run(None, {"x": x.astype(np.float64)})[0]
+    assert got.dtype == np.float64 and got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13)
+    ort = run(model, {"x": x})["y"]
+    assert ort.shape == got.shape and np.abs(ort - got).max() < 1e-5
+
+
+def test_resize_modes_it_does_not_cover_are_left_to_onnx_reference():
+    x = np.ones((1, 1, 2, 2))
+    for mode, coord, extra in (
+        ("cubic", "half_pixel", {}),
+        ("nearest", "half_pixel", {"nearest_mode": "floor"}),
+        ("nearest", "asymmetric", {"nearest_mode": "round_prefer_floor"}),
+        ("linear", "tf_crop_and_resize", {}),
+        ("linear", "half_pixel", {"antialias": 1}),
+    ):
+        attrs = {"mode": mode, "coordinate_transformation_mode": coord, **extra}
+        assert float64_eval.resize(x, [1, 1, 2, 2], None, attrs) is None, attrs
+
+
 def test_ceil_mode_maxpool_has_onnx_runtime_shape():
     """googlenet's MaxPool(3, stride 2, ceil_mode) on 56x56 gives 28x28 (onnx.reference
     returned 30x30 there)."""
@@ -698,6 +767,7 @@ def _cnn_graph(extra: list[onnx.NodeProto]) -> onnx.ModelProto:
         *onnx_zoo.bn_params("bn", 4, 3),
         onnx_zoo._t("g", rng.standard_normal((5, 8)).astype(np.float32)),
         onnx_zoo._t("up_w", rng.standard_normal((8, 8, 2, 2)).astype(np.float32)),
+        onnx_zoo._t("up_scales", np.array([1, 1, 2, 2], np.float32)),
     ]
     nodes = [
         helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
@@ -717,16 +787,22 @@ def _cnn_graph(extra: list[onnx.NodeProto]) -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize("transposed", [False, True])
-def test_a_cnn_without_convtranspose_or_resize_never_imports_torch(tmp_path, transposed):
-    """In a fresh process: building and running the evaluator on common CNN ops imports
-    no torch (~2 s); a ConvTranspose imports it, when it runs."""
-    extra = [helper.make_node("ConvTranspose", ["z", "up_w"], ["u"], strides=[2, 2])]
-    extra += [helper.make_node("MaxPool", ["u"], ["z2"], kernel_shape=[2, 2], strides=[2, 2])]
-    model = _cnn_graph(extra if transposed else [])
+def test_a_cnn_without_convtranspose_never_imports_torch(tmp_path, transposed):
+    """In a fresh process: building and running the evaluator on common CNN ops (a
+    bilinear Resize among them) imports no torch (~2 s); a ConvTranspose imports it, when
+    it runs."""
     if transposed:
-        for node in model.graph.node:
-            if node.op_type == "GlobalAveragePool":
-                node.input[0] = "z2"
+        up = helper.make_node("ConvTranspose", ["z", "up_w"], ["u"], strides=[2, 2])
+    else:
+        up = helper.make_node(
+            "Resize", ["z", "", "up_scales"], ["u"], mode="linear",
+            coordinate_transformation_mode="half_pixel",
+        )  # fmt: skip
+    extra = [up, helper.make_node("MaxPool", ["u"], ["z2"], kernel_shape=[2, 2], strides=[2, 2])]
+    model = _cnn_graph(extra)
+    for node in model.graph.node:
+        if node.op_type == "GlobalAveragePool":
+            node.input[0] = "z2"
     path = tmp_path / "cnn.onnx"
     onnx.save(model, path)
     out = subprocess.run(

@@ -19,13 +19,13 @@ activations plus the parameters, in double.
   slices times per-channel weights), MaxPool and AveragePool (ceil_mode, asymmetric pads,
   count_include_pad, with ONNX Runtime's output sizes and divisors), BatchNormalization
   with the semantics ONNX Runtime implements at every opset, MatMul of a stack by a
-  matrix as one BLAS product, Erf in double (onnx.reference's rounds it to float32).
-- torch float64 kernels, imported only when such a node runs (``import torch`` costs
-  ~2 s): ConvTranspose, and Resize in the modes where torch's interpolate computes
-  exactly ONNX's.
+  matrix as one BLAS product, Erf in double (onnx.reference's rounds it to float32),
+  Resize (linear, and the nearest mode torch exports: :func:`resize`).
+- a torch float64 kernel, imported only when such a node runs (``import torch`` costs
+  ~2 s): ConvTranspose.
 - ``onnx.reference``'s own kernel: everything else, and what the above do not cover
-  (non-floating inputs, MaxPool's ``Indices`` output, dilated AveragePool, other Resize
-  modes).
+  (non-floating inputs, MaxPool's ``Indices`` output, dilated AveragePool, cubic or
+  antialiased Resize and its other nearest modes).
 
 The graph is first turned to double by :func:`double_nodes`: every floating tensor
 (float32, float16, bfloat16) becomes float64, so a float16 graph gets a float64 truth too.
@@ -428,57 +428,68 @@ def conv_transpose(X: np.ndarray, W: np.ndarray, B: np.ndarray | None, a: dict) 
     return y.numpy()
 
 
-def torch_resize(X: np.ndarray, scales, sizes, a: dict) -> np.ndarray | None:
-    """torch's interpolate where it computes exactly ONNX's Resize (nearest/floor with
-    asymmetric coordinates; linear with half_pixel, pytorch_half_pixel or
-    align_corners); ``None`` where it does not."""
+def resize(X: np.ndarray, scales, sizes, a: dict) -> np.ndarray | None:
+    """ONNX Resize in ``X``'s dtype, one spatial axis at a time: ``linear`` (1-3-D) with
+    ``half_pixel``, ``pytorch_half_pixel``, ``align_corners`` or ``asymmetric``
+    coordinates, and ``nearest`` with ``asymmetric`` coordinates and ``floor`` rounding
+    (torch's ``interpolate`` exports); ``None`` for anything else (onnx.reference's
+    kernel then: cubic, antialias, ``axes``, other coordinate or rounding modes)."""
     n = X.ndim - 2
     if X.dtype.kind != "f" or n not in (1, 2, 3) or a.get("axes") is not None:
         return None
-    if a.get("antialias") or _text(a.get("keep_aspect_ratio_policy")) not in (
-        "stretch",
-        "NOTSET",
-    ):
+    policy = _text(a.get("keep_aspect_ratio_policy"))
+    if a.get("antialias") or policy not in ("stretch", "NOTSET"):
         return None
     mode = _text(a.get("mode"))
     coord = _text(a.get("coordinate_transformation_mode"))
+    if coord == "NOTSET":
+        coord = "half_pixel"  # the ONNX default
+    nearest = mode == "nearest" and coord == "asymmetric"
+    if nearest and _text(a.get("nearest_mode")) != "floor":
+        return None
+    if not nearest and not (mode == "linear" and coord in _LINEAR_COORDINATES):
+        return None
     has_scales = scales is not None and len(scales)
     has_sizes = sizes is not None and len(sizes)
     if has_scales == has_sizes:
         return None
     if has_scales:
-        sc = [float(s) for s in scales]
-        if sc[:2] != [1.0, 1.0]:
+        factors = [float(f) for f in scales]
+        if factors[:2] != [1.0, 1.0] or len(factors) != X.ndim or min(factors) <= 0:
             return None
-        kw = {"scale_factor": sc[2:], "recompute_scale_factor": False}
+        outs = [int(math.floor(size * f)) for size, f in zip(X.shape, factors, strict=True)]
     else:
-        sz = [int(s) for s in sizes]
-        if sz[:2] != list(X.shape[:2]):
+        outs = [int(s) for s in sizes]
+        if outs[:2] != list(X.shape[:2]) or len(outs) != X.ndim or min(outs) <= 0:
             return None
-        kw = {"size": sz[2:]}
-    nearest = mode == "nearest" and coord == "asymmetric"
-    if nearest and _text(a.get("nearest_mode")) == "floor":
-        interpolate = {"mode": "nearest"}
-    elif mode == "linear" and coord in ("half_pixel", "pytorch_half_pixel", "align_corners"):
-        if coord == "pytorch_half_pixel" and 1 in _resized_sizes(X, kw):
-            return None  # pytorch_half_pixel differs from half_pixel at length 1
-        if coord == "align_corners" and has_scales:
-            return None  # torch ignores scale_factor's coordinates there
-        linear = {1: "linear", 2: "bilinear", 3: "trilinear"}[n]
-        interpolate = {"mode": linear, "align_corners": coord == "align_corners"}
-    else:
-        return None
-    import torch
-    import torch.nn.functional as F
-
-    with torch.inference_mode():
-        return F.interpolate(_torch(X), **interpolate, **kw).numpy()
+        factors = [o / size for o, size in zip(outs, X.shape, strict=True)]
+    y = X
+    for axis in range(2, X.ndim):
+        length, out, factor = X.shape[axis], outs[axis], factors[axis]
+        i = np.arange(out, dtype=np.float64)
+        if nearest:
+            y = np.take(y, np.clip(np.floor(i / factor), 0, length - 1).astype(np.intp), axis)
+            continue
+        x = _LINEAR_COORDINATES[coord](i, factor, length, out)
+        x = np.clip(x, 0, length - 1)
+        lo = np.floor(x).astype(np.intp)
+        hi = np.minimum(lo + 1, length - 1)
+        w = (x - lo).reshape(-1, *([1] * (X.ndim - 1 - axis)))
+        y = np.take(y, lo, axis) * (1 - w) + np.take(y, hi, axis) * w
+    return y
 
 
-def _resized_sizes(X: np.ndarray, kw: dict) -> list[int]:
-    if "size" in kw:
-        return kw["size"]
-    return [int(math.floor(i * s)) for i, s in zip(X.shape[2:], kw["scale_factor"], strict=True)]
+# input coordinate of output position i along an axis (ONNX's coordinate_transformation_mode)
+_LINEAR_COORDINATES = {
+    "half_pixel": lambda i, f, length, out: (i + 0.5) / f - 0.5,
+    "pytorch_half_pixel": lambda i, f, length, out: (
+        (i + 0.5) / f - 0.5 if out > 1 else np.zeros_like(i)
+    ),
+    "align_corners": lambda i, f, length, out: (
+        i * (length - 1) / (out - 1) if out > 1 else np.zeros_like(i)
+    ),
+    "asymmetric": lambda i, f, length, out: i / f,
+}
 
 
 # ---- the OpRun classes --------------------------------------------------------------------
@@ -493,7 +504,7 @@ def _reference_kernel(module: str, name: str):
 def _make_ops() -> list[type]:
     """The OpRun classes (class name = ONNX op type) that replace onnx.reference's; a
     node they do not cover (non-floating input, the MaxPool ``Indices`` output, a
-    dilated AveragePool, a Resize mode torch does not compute) runs onnx.reference's.
+    dilated AveragePool, a Resize mode :func:`resize` does not cover) runs onnx.reference's.
 
     Over 80 lines on purpose: eight small classes of a few lines each (the arithmetic is
     in the module-level kernels), defined in a function because their bases are
@@ -600,7 +611,7 @@ def _make_ops() -> list[type]:
         op_domain = ""
 
         def _run(self, X, roi=None, scales=None, sizes=None, **a):
-            y = torch_resize(X, scales, sizes, a)
+            y = resize(X, scales, sizes, a)
             if y is None:
                 return super()._run(X, roi, scales, sizes, **a)
             return (y,)
