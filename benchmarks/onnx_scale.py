@@ -158,12 +158,12 @@ def breakdown(path: Path, out: Path) -> list[tuple[str, float]]:
     loaded = onnx_fold.load_model_file(path)
     model = loaded.proto
     lap("load_model_file (bounded read, parse, every tensor checked)")
-    reference = onnx_fold.check_input_model(loaded)
+    reference, weights = onnx_fold.check_input_model(loaded)
     lap("check_input_model (onnx.checker, the reference's ORT session)")
     feeds, _, _ = onnx_fold.choose_inputs(model, None, 4_000_000)
     from bnfold.verify.onnx import Float64Truth, _run_session, session
 
-    truth = Float64Truth(model, feeds)  # here waited for at once: its stages apart
+    truth = Float64Truth(model, feeds, weights)  # here waited for at once: its stages apart
     truth.outputs(0)
     lap("float64 truth (a thread beside the stages below in a real fold)")
     folded, _ = onnx_fold.fold_onnx(model)

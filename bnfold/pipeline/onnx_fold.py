@@ -18,7 +18,7 @@ from bnfold.errors import KEEP_BN_EXPORT, BnfoldError
 from bnfold.fold.onnx.folder import OnnxFoldReport, fold_onnx
 from bnfold.fold.onnx.graph import Graph, load_model, load_model_file
 from bnfold.io.files import BackgroundWrite, check_output_file
-from bnfold.io.onnx_files import OnnxFile, first_line, weightless_copy
+from bnfold.io.onnx_files import OnnxFile, first_line, weightless_copy, weights_apart
 from bnfold.verify.domain import DEFAULT_MAX_EXHAUSTIVE
 from bnfold.verify.onnx import (
     DYNAMIC_DIM,
@@ -137,19 +137,21 @@ def full_check(model: onnx.ModelProto) -> None:
     onnx.checker.check_model(weightless_copy(model), full_check=True)
 
 
-def check_input_model(loaded: OnnxFile):
+def check_input_model(loaded: OnnxFile) -> tuple[object, dict[str, np.ndarray]]:
     """The model to fold passes the full onnx checker and ONNX Runtime can load it
     (unknown ops, a cycle, an opset without kernels are the input's fault, said in one
     line naming it, before any folding). Returns that ONNX Runtime session (the
-    verification's reference: a session of resnet50 costs ~0.3 s)."""
+    verification's reference), made from the model's weights read as arrays, and those
+    arrays (:func:`weights_apart`: the float64 evaluation shares them)."""
     model, path = loaded.proto, loaded.path
     try:
         full_check(model)
     except Exception as e:  # ValidationError, InferenceError, ...
         raise BnfoldError(f"{path}: not a valid ONNX model: {first_line(e, 300)}") from None
-    sess = check_runs(loaded.data, path)
+    structure, weights = weights_apart(model)
+    sess = check_runs(structure, path, weights)
     check_batchnorm_parameters(model, path)
-    return sess
+    return sess, weights
 
 
 def check_batchnorm_parameters(model: onnx.ModelProto, path: Path) -> None:
@@ -176,11 +178,11 @@ def check_batchnorm_parameters(model: onnx.ModelProto, path: Path) -> None:
                 )
 
 
-def check_runs(model: onnx.ModelProto | bytes, path: Path):
+def check_runs(model: onnx.ModelProto | bytes, path: Path, weights: dict | None = None):
     """ONNX Runtime's session of ``model`` (read from ``path``; a model or its serialised
-    bytes), or one line naming the file."""
+    bytes, without the ``weights`` given apart), or one line naming the file."""
     try:
-        return session(model)
+        return session(model, weights)
     except Exception as e:  # ORT's own exception types
         raise BnfoldError(f"{path}: ONNX Runtime cannot load it: {first_line(e, 300)}") from None
 
@@ -267,11 +269,11 @@ def fold_onnx_file(
     loaded = load_model_file(path)
     model = loaded.proto
     check_has_batchnorm(model, path)
-    reference_session = check_input_model(loaded)
+    reference_session, weights = check_input_model(loaded)
     chosen = choose_inputs(model, inputs, max_exhaustive, shapes=shapes)
     # the float64 truth needs only the original and the inputs: it is computed while the
     # model is folded, checked, written and run in ONNX Runtime
-    truth = Float64Truth(model, chosen[0]) if tolerance is None else None
+    truth = Float64Truth(model, chosen[0], weights) if tolerance is None else None
     pending = None
     try:
         stages.say("fold: folding BatchNormalization nodes")

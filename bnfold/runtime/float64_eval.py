@@ -664,25 +664,6 @@ def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
     return names
 
 
-def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` without its initializers (copying them first would cost as
-    much as the parameters: ~100 MB for resnet50)."""
-    import onnx
-
-    out = onnx.ModelProto()
-    graph = model.graph
-    kept = onnx.GraphProto()
-    for name in ("node", "input", "output", "value_info", "sparse_initializer"):
-        getattr(kept, name).extend(getattr(graph, name))
-    kept.name = graph.name
-    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
-        setattr(out, field, getattr(model, field))
-    out.opset_import.extend(model.opset_import)
-    out.functions.extend(model.functions)
-    out.graph.CopyFrom(kept)
-    return out
-
-
 class Float64Evaluator:
     """A model's outputs in float64 (see the module docstring). Build once, run on as
     many input sets as needed. Parameters are kept as stored and converted to double as
@@ -690,17 +671,24 @@ class Float64Evaluator:
     float32 weights never become 200 MB of doubles at once), except those a subgraph
     reads, converted once here."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, arrays: dict[str, np.ndarray] | None = None):
+        """``arrays``: initializers of ``model`` already read as arrays (by name), shared
+        rather than read again."""
         from onnx import TensorProto, helper, numpy_helper
         from onnx.reference import ReferenceEvaluator
 
-        skeleton = _without_initializers(model)
+        from bnfold.io.onnx_files import structure_copy
+
+        arrays = arrays or {}
+        skeleton = structure_copy(model)
         g = skeleton.graph
         # parameters are kept as arrays, not in the proto the reference evaluator reads
         self.params: dict[str, np.ndarray] = {}
         from_subgraphs = set().union(*(_subgraph_reads(n) for n in model.graph.node))
         for init in model.graph.initializer:
-            value = numpy_helper.to_array(init)
+            value = arrays.get(init.name)
+            if value is None:
+                value = numpy_helper.to_array(init)
             self.params[init.name] = to_double(value) if init.name in from_subgraphs else value
         declared = {i.name for i in g.input}
         for init in model.graph.initializer:

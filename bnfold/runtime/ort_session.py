@@ -34,10 +34,18 @@ def session_options(threads: int = 1, *, optimize: bool = True):
     return so
 
 
-def cpu_session(model_bytes: bytes, threads: int = 1, *, optimize: bool = True, plain=False):
+def cpu_session(
+    model_bytes: bytes,
+    threads: int = 1,
+    *,
+    optimize: bool = True,
+    plain=False,
+    weights: dict | None = None,
+):
     """An ``InferenceSession`` on ``model_bytes`` with :func:`session_options`, or with
     ``plain`` ORT's defaults but for ``threads`` intra-op threads (the way one would
-    write it by hand)."""
+    write it by hand). ``weights``: arrays for the initializers ``model_bytes`` leaves
+    out (:func:`bnfold.io.onnx_files.weights_apart`), copied in by ONNX Runtime."""
     import onnxruntime as ort
 
     if plain:
@@ -45,4 +53,7 @@ def cpu_session(model_bytes: bytes, threads: int = 1, *, optimize: bool = True, 
         options.intra_op_num_threads = threads
     else:
         options = session_options(threads, optimize=optimize)
+    if weights:
+        values = [ort.OrtValue.ortvalue_from_numpy(a) for a in weights.values()]
+        options.add_external_initializers(list(weights), values)
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])

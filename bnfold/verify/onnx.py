@@ -50,11 +50,12 @@ SAMPLE_ROWS = 65_536  # contexts sampled when a bnfold model's domain is too lar
 PROGRESS_SECONDS = 0.1  # how often a wait for the float64 walk reports its progress
 
 
-def session(model: onnx.ModelProto | bytes):
+def session(model: onnx.ModelProto | bytes, weights: dict | None = None):
     """An ORT CPU session with every graph optimisation off (one thread: reproducible), of a
-    model or its serialised bytes (a caller that writes the model serialises it once)."""
+    model or its serialised bytes (a caller that writes the model serialises it once);
+    ``weights``: the initializers those bytes leave out (:func:`weights_apart`)."""
     data = model if isinstance(model, bytes) else model.SerializeToString()
-    return cpu_session(data, optimize=False)
+    return cpu_session(data, optimize=False, weights=weights)
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], what: str = "model") -> dict:
@@ -323,10 +324,11 @@ class Float64Truth:
     that starts at construction: the walk needs only the reference model and the inputs,
     so it runs beside whatever the caller does before it compares (folding, the onnx
     checker, ONNX Runtime's sessions and float32 runs). One evaluator, built once
-    (parameters read once), runs every set. ``problem`` says why there is no truth when
-    there is none (the evaluator could not be built, or a run failed)."""
+    (parameters read once, or shared: ``arrays``), runs every set. ``problem`` says why
+    there is no truth when there is none (the evaluator could not be built, or a run
+    failed)."""
 
-    def __init__(self, model: onnx.ModelProto, sets: list[dict]):
+    def __init__(self, model: onnx.ModelProto, sets: list[dict], arrays: dict | None = None):
         self.problem: str | None = None
         self._sets = sets
         self._results: list[dict | None] = [None] * len(sets)
@@ -335,16 +337,16 @@ class Float64Truth:
         self._nodes = 0  # nodes of the graph, once the evaluator is built
         self._stop = threading.Event()
         self._thread = threading.Thread(
-            target=self._walk_all, args=(model,), name="bnfold-float64", daemon=True
+            target=self._walk_all, args=(model, arrays), name="bnfold-float64", daemon=True
         )
         self._thread.start()
 
-    def _walk_all(self, model: onnx.ModelProto) -> None:
+    def _walk_all(self, model: onnx.ModelProto, arrays: dict | None) -> None:
         from bnfold.runtime.float64_eval import Float64Evaluator
 
         try:
             try:
-                evaluator = Float64Evaluator(model)
+                evaluator = Float64Evaluator(model, arrays)
             except Exception as e:  # onnx.reference raises many types for ops it lacks
                 self.problem = f"the float64 evaluator cannot build the graph: {_short(e)}"
                 return
