@@ -345,6 +345,28 @@ def test_cli_fold_onnx_with_user_inputs_and_failure_writes_nothing(gemm_file, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gemm.onnx", "in.npz"]
 
 
+def test_an_interrupted_fold_leaves_nothing_and_no_thread(gemm_file, tmp_path, monkeypatch):
+    """Ctrl-C while both models run in ONNX Runtime: the file written beside verification
+    is removed with the folder made for it, and the float64 walk and the writer end."""
+    import threading
+
+    from bnfold.pipeline import onnx_fold
+    from bnfold.verify import onnx as verify_onnx
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(verify_onnx, "_run_session", interrupted)
+    out = tmp_path / "new" / "gemm.folded.onnx"
+    with pytest.raises(KeyboardInterrupt):
+        onnx_fold.fold_onnx_file(gemm_file, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gemm.onnx"]
+    for thread in threading.enumerate():
+        if thread.name in ("bnfold-float64", "bnfold-write"):
+            thread.join(timeout=60)
+            assert not thread.is_alive(), thread.name
+
+
 def test_cli_verify_generic_pair_with_different_outputs_fails(gemm_file, tmp_path):
     other = load_model(gemm_file)
     w = next(t for t in other.graph.initializer if t.name == "w2")
