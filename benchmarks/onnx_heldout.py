@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve()
 MEMORY_LIMIT = 10 * 2**30  # address space of each tool's process
 TIMEOUT = 600.0  # seconds per tool run
+NOTHING = "nothing to fold"  # bnfold's refusal of a graph without BatchNormalization
 
 TOOLS = (
     "bnfold",
@@ -362,6 +363,12 @@ def run_all(
                     cell.update(_judge(original, dst, feeds, reference, truth, run, judge_outputs))
                 if tool == "bnfold" and r["stdout"].strip().startswith("{"):
                     d = json.loads(r["stdout"])
+                    if "error" in d:  # refused: one line, no stages
+                        cell["why"] = d["error"][:160]
+                        if "no BatchNormalization node" in d["error"]:
+                            cell["status"] = NOTHING  # said at once, as it should
+                        results[name][tool] = cell
+                        continue
                     cell["fold_s"] = d["fold"]["seconds"]
                     cell["verify_s"] = d["verification"]["seconds"]
                 results[name][tool] = cell
@@ -429,10 +436,12 @@ def _format(results, manifest, truths, tools, load, seconds, onnx) -> str:
     ]
     for tool in tools:
         cells = [(case, results[case][tool]) for case in results if tool in results[case]]
-        full = sum(c.get("status") == "ok" and c.get("removed", 0) >= best[k] for k, c in cells)
+        full = sum(
+            c.get("status") in ("ok", NOTHING) and c.get("removed", 0) >= best[k] for k, c in cells
+        )
         removed = sum(c.get("removed", 0) for _, c in cells if c.get("status") == "ok")
         wrong = sum(c.get("status") == "WRONG" for _, c in cells)
-        errors = sum(c.get("status") not in ("ok", "WRONG") for _, c in cells)
+        errors = sum(c.get("status") not in ("ok", "WRONG", NOTHING) for _, c in cells)
         total = sum(c["seconds"] for _, c in cells)
         lines.append(
             f"| {tool} | {full}/{len(cells)} | {removed}/{sum(best.values())} | {wrong} |"
