@@ -298,23 +298,13 @@ def load_onnx_file(path: str | Path, *, allow_external_data: bool = False) -> On
     return OnnxFile(p, proto, data, tuple(non_finite))
 
 
-def _message_fields(desc) -> list[tuple[str, bool]]:
-    """``(name, repeated)`` of the message-typed fields of a message type."""
-    fields = _MESSAGE_FIELDS.get(desc.full_name)
-    if fields is None:
-        fields = _MESSAGE_FIELDS[desc.full_name] = [
-            (f.name, _repeated(f)) for f in desc.fields if f.message_type is not None
-        ]
-    return fields
+_MESSAGE_FIELDS: dict[str, list] = {}  # message type -> its message-typed fields
 
 
-_MESSAGE_FIELDS: dict[str, list[tuple[str, bool]]] = {}
-
-
-def _repeated(field) -> bool:
-    if hasattr(field, "is_repeated"):  # protobuf >= 5.29 (``label`` is gone in 7)
-        return bool(field.is_repeated)
-    return field.label == field.LABEL_REPEATED
+def _message_fields(desc) -> list:
+    if desc.full_name not in _MESSAGE_FIELDS:
+        _MESSAGE_FIELDS[desc.full_name] = [f for f in desc.fields if f.message_type is not None]
+    return _MESSAGE_FIELDS[desc.full_name]
 
 
 def has_unknown_fields(message) -> bool:
@@ -328,11 +318,11 @@ def has_unknown_fields(message) -> bool:
         m = stack.pop()
         if len(UnknownFieldSet(m)):
             return True
-        for name, repeated in _message_fields(m.DESCRIPTOR):
-            if repeated:
-                stack.extend(getattr(m, name))
-            elif m.HasField(name):
-                stack.append(getattr(m, name))
+        for f in _message_fields(m.DESCRIPTOR):
+            if f.is_repeated:
+                stack.extend(getattr(m, f.name))
+            elif m.HasField(f.name):
+                stack.append(getattr(m, f.name))
     return False
 
 
@@ -395,10 +385,10 @@ def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 # element types ONNX Runtime takes from numpy arrays without a conversion
-_ARRAY_TYPES = frozenset(
-    getattr(TensorProto, n) for n in ("FLOAT", "DOUBLE", "FLOAT16", "INT64", "INT32", "INT8",
-                                      "UINT8", "BOOL")
-)  # fmt: skip
+_ARRAY_TYPES = frozenset({
+    TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.INT64,
+    TensorProto.INT32, TensorProto.INT8, TensorProto.UINT8, TensorProto.BOOL,
+})  # fmt: skip
 # where a weight given apart "lives": ONNX Runtime replaces every such tensor with the
 # array given for it before it would read anything (it never opens this name)
 IN_MEMORY = "bnfold-in-memory"
