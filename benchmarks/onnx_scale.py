@@ -156,31 +156,32 @@ def breakdown(path: Path, out: Path) -> list[tuple[str, float]]:
 
     lap("import bnfold.pipeline.onnx_fold (onnx, onnxruntime)")
     loaded = onnx_fold.load_model_file(path)
-    model = loaded.proto
     lap("load_model_file (bounded read, parse, every tensor checked)")
-    reference, weights = onnx_fold.check_input_model(loaded)
-    lap("check_input_model (onnx.checker, the reference's ORT session)")
+    original = onnx_fold.check_input_model(loaded)
+    model = original.structure
+    del loaded
+    lap("check_input_model (onnx.checker, the weights read apart)")
     feeds, _, _ = onnx_fold.choose_inputs(model, None, 4_000_000)
     from bnfold.verify.onnx import Float64Truth, _run_session, session
 
-    truth = Float64Truth(model, feeds, weights)  # here waited for at once: its stages apart
+    truth = Float64Truth(model, feeds, original.arrays)  # waited for at once: stages apart
     truth.outputs(0)
     lap("float64 truth (a thread beside the stages below in a real fold)")
-    folded, _ = onnx_fold.fold_onnx(model)
-    lap("fold_onnx")
-    onnx_fold.check_contract(model, folded)
+    reference = onnx_fold.check_runs(original.structure_bytes(), path, original.arrays)
+    lap("the reference's ORT session (optimisations off)")
+    folded, _ = onnx_fold.fold_apart(original)
+    lap("fold_apart")
+    onnx_fold.check_contract(model, folded.structure)
     lap("check_contract (onnx.checker full_check)")
-    data = folded.SerializeToString()
-    lap("serialise the folded model")
-    candidate = session(data)
+    candidate = session(folded.structure_bytes(), folded.arrays)
     lap("the candidate's ORT session (optimisations off)")
     for sess, what in ((reference, "reference"), (candidate, "candidate")):
         _run_session(sess, feeds[0], what)
     lap("two float32 runs")
-    from bnfold.io.files import atomic_write_bytes
+    from bnfold.io.files import atomic_write
 
-    atomic_write_bytes(out, data)
-    lap("write the folded model (a thread beside verification in a real fold)")
+    atomic_write(out, folded.save)
+    lap("serialise and write the folded model (a thread beside verification in a real fold)")
     return stages
 
 

@@ -74,14 +74,57 @@ def test_a_session_given_its_weights_apart_computes_what_the_whole_file_does(cas
     from bnfold.verify.onnx import session
 
     model = built(next(c for c in onnx_zoo.CASES if c.name == case))
-    structure, weights = weights_apart(model)
-    assert weights and len(structure) < len(model.SerializeToString())
+    model.metadata_props.add(key="kept", value="with the structure")
+    model.doc_string = "kept too"
+    apart = weights_apart(model)
+    structure = apart.structure_bytes()
+    assert apart.arrays and len(structure) < len(model.SerializeToString())
     assert not Path(IN_MEMORY).exists()
     feeds = random_feeds(model, seed=3)
-    whole, apart = session(model), session(structure, weights)
+    whole, given = session(model), session(structure, apart.arrays)
     names = [o.name for o in whole.get_outputs()]
-    for a, b in zip(whole.run(names, feeds), apart.run(names, feeds), strict=True):
+    for a, b in zip(whole.run(names, feeds), given.run(names, feeds), strict=True):
         np.testing.assert_array_equal(a, b)
+    # and put back together, it is the very model it was taken from
+    assert apart.whole() == model
+
+
+def _with_every_field_around_its_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with fields set before and after each place a weight is spliced into:
+    the model's, the graph's and a large weight's own (doc strings, metadata, training
+    info), and a float16 and an int64 weight."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out.doc_string, out.graph.doc_string = "model", "graph"
+    out.metadata_props.add(key="a", value="b")
+    out.training_info.add().initialization.name = "init"
+    big = max(out.graph.initializer, key=lambda t: np.prod(t.dims))
+    big.doc_string = "a weight's own doc string"
+    big.metadata_props.add(key="c", value="d")
+    for name, value in (("half", np.arange(100, dtype=np.float16)), ("ints", np.arange(70))):
+        out.graph.initializer.append(numpy_helper.from_array(value, name))
+    return out
+
+
+@pytest.mark.parametrize("case", [c.name for c in onnx_zoo.CASES])
+def test_a_model_apart_is_saved_byte_for_byte_as_protobuf_writes_it(case, tmp_path):
+    """save() writes each weight straight from its array between the fields protobuf
+    writes around it: the file is exactly the whole model's protobuf serialisation (and
+    that is the model it was taken from), before and after folding."""
+    from bnfold.io.onnx_files import weights_apart
+    from bnfold.pipeline.onnx_fold import fold_apart
+
+    model = _with_every_field_around_its_weights(
+        built(next(c for c in onnx_zoo.CASES if c.name == case))
+    )
+    apart = weights_apart(model)
+    assert apart.arrays
+    apart.save(tmp_path / "apart.onnx")
+    assert (tmp_path / "apart.onnx").read_bytes() == model.SerializeToString()
+    folded, _ = fold_apart(apart)
+    folded.save(tmp_path / "folded.onnx")
+    assert (tmp_path / "folded.onnx").read_bytes() == folded.whole().SerializeToString()
+    assert onnx.load(tmp_path / "folded.onnx") == folded.whole()
 
 
 def test_reasons_are_deterministic():

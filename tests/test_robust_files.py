@@ -379,6 +379,22 @@ def test_ctrl_c_in_train_fold_saves_the_checkpoint_aside_and_leaves_out_alone(tm
     assert partial.meta["interrupted"] and 0 < partial.meta["steps_done"] < int(LONG_RUN)
 
 
+def test_a_background_write_that_fails_leaves_nothing(tmp_path):
+    """A file made in a thread (the folded model, serialised while it is verified) whose
+    making fails half-way: commit raises that error, and neither the half-written temp
+    file nor the folder made for it is left."""
+    from bnfold.io.files import BackgroundWrite
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_bytes(b"half of it")
+        raise ValueError("a message over 2 GiB cannot be serialised")
+
+    pending = BackgroundWrite(tmp_path / "new" / "model.onnx", write)
+    with pytest.raises(ValueError, match="2 GiB"):
+        pending.commit()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_stale_temp_files_are_removed_on_the_next_write(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -207,29 +207,33 @@ def _fill(tmp: str, write: Callable[[str], None]) -> None:
 
 
 class BackgroundWrite:
-    """:func:`atomic_write_bytes` in two steps, so that writing a large file overlaps other
-    work (verifying it): the bytes go to a temp file beside ``path``, and to disk (fsync),
-    in a thread started at once; :meth:`commit` waits for it and renames the temp file
-    over ``path``; :meth:`discard` waits and removes it, and the folders it made. Until
-    :meth:`commit`, nothing at ``path`` has changed."""
+    """:func:`atomic_write` in two steps, so that making and writing a large file overlaps
+    other work (verifying it): ``write(temp_path)`` fills a temp file beside ``path``, then
+    it goes to disk (fsync), in a thread started at once; :meth:`commit` waits for it and
+    renames the temp file over ``path`` (or raises what ``write`` raised); :meth:`discard`
+    waits and removes it, and the folders it made. Until :meth:`commit`, nothing at
+    ``path`` has changed."""
 
-    def __init__(self, path: str | Path, data: bytes):
+    def __init__(self, path: str | Path, write: Callable[[str], None]):
         self.path = Path(path)
         self._tmp, self._made = _temp_beside(self.path)
-        self._error: OSError | None = None
+        self._error: BaseException | None = None
         self._thread = threading.Thread(
-            target=self._write, args=(data,), name="bnfold-write", daemon=True
+            target=self._write, args=(write,), name="bnfold-write", daemon=True
         )
         self._thread.start()
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, write: Callable[[str], None]) -> None:
         try:
-            _fill(self._tmp, lambda tmp: Path(tmp).write_bytes(data))
-        except OSError as e:  # reported by commit(), in the caller's thread
+            _fill(self._tmp, write)
+        except BaseException as e:  # reported by commit(), in the caller's thread
             self._error = e
 
     def commit(self) -> Path:
         self._thread.join()
+        if self._error is not None and not isinstance(self._error, OSError):
+            self.discard()
+            raise self._error
         try:
             if self._error is not None:
                 raise self._error

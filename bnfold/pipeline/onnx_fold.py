@@ -15,10 +15,16 @@ import numpy as np
 import onnx
 
 from bnfold.errors import KEEP_BN_EXPORT, BnfoldError
-from bnfold.fold.onnx.folder import OnnxFoldReport, fold_onnx
+from bnfold.fold.onnx.folder import OnnxFoldReport, fold_apart, fold_onnx
 from bnfold.fold.onnx.graph import Graph, load_model, load_model_file
 from bnfold.io.files import BackgroundWrite, check_output_file
-from bnfold.io.onnx_files import OnnxFile, first_line, weightless_copy, weights_apart
+from bnfold.io.onnx_files import (
+    ModelApart,
+    OnnxFile,
+    first_line,
+    weightless_copy,
+    weights_apart,
+)
 from bnfold.verify.domain import DEFAULT_MAX_EXHAUSTIVE
 from bnfold.verify.onnx import (
     DYNAMIC_DIM,
@@ -34,6 +40,7 @@ from bnfold.verify.onnx import (
 
 __all__ = [
     "Comparison",
+    "fold_apart",
     "OnnxFoldReport",
     "default_output",
     "fold_onnx",
@@ -137,21 +144,18 @@ def full_check(model: onnx.ModelProto) -> None:
     onnx.checker.check_model(weightless_copy(model), full_check=True)
 
 
-def check_input_model(loaded: OnnxFile) -> tuple[object, dict[str, np.ndarray]]:
-    """The model to fold passes the full onnx checker and ONNX Runtime can load it
-    (unknown ops, a cycle, an opset without kernels are the input's fault, said in one
-    line naming it, before any folding). Returns that ONNX Runtime session (the
-    verification's reference), made from the model's weights read as arrays, and those
-    arrays (:func:`weights_apart`: the float64 evaluation shares them)."""
+def check_input_model(loaded: OnnxFile) -> ModelApart:
+    """The model to fold passes the full onnx checker and holds no NaN or infinite BN
+    parameter (the input's fault, said in one line naming it, before any folding).
+    Returns it with its weights apart (:func:`weights_apart`: ONNX Runtime's sessions, the
+    fold and the float64 evaluation share the arrays)."""
     model, path = loaded.proto, loaded.path
     try:
         full_check(model)
     except Exception as e:  # ValidationError, InferenceError, ...
         raise BnfoldError(f"{path}: not a valid ONNX model: {first_line(e, 300)}") from None
-    structure, weights = weights_apart(model)
-    sess = check_runs(structure, path, weights)
     check_batchnorm_parameters(model, path)
-    return sess, weights
+    return weights_apart(model)
 
 
 def check_batchnorm_parameters(model: onnx.ModelProto, path: Path) -> None:
@@ -180,7 +184,8 @@ def check_batchnorm_parameters(model: onnx.ModelProto, path: Path) -> None:
 
 def check_runs(model: onnx.ModelProto | bytes, path: Path, weights: dict | None = None):
     """ONNX Runtime's session of ``model`` (read from ``path``; a model or its serialised
-    bytes, without the ``weights`` given apart), or one line naming the file."""
+    bytes, without the ``weights`` given apart), or one line naming the file (unknown
+    ops, a cycle, an opset without kernels)."""
     try:
         return session(model, weights)
     except Exception as e:  # ORT's own exception types
@@ -267,29 +272,33 @@ def fold_onnx_file(
     stages = StageProgress(progress)
     stages.say(f"fold: reading {path}")
     loaded = load_model_file(path)
-    model = loaded.proto
-    check_has_batchnorm(model, path)
-    reference_session, weights = check_input_model(loaded)
-    del loaded  # the file's bytes (resnet50: 100 MB): ONNX Runtime has its weights now
+    check_has_batchnorm(loaded.proto, path)
+    original = check_input_model(loaded)
+    # the file's bytes and its parsed weights (resnet50: 200 MB): the arrays hold them now
+    del loaded
+    model = original.structure
     chosen = choose_inputs(model, inputs, max_exhaustive, shapes=shapes)
     # the float64 truth needs only the original and the inputs: it is computed while the
-    # model is folded, checked, written and run in ONNX Runtime
-    truth = Float64Truth(model, chosen[0], weights) if tolerance is None else None
+    # model is loaded into ONNX Runtime, folded, checked, written and run there
+    truth = Float64Truth(model, chosen[0], original.arrays) if tolerance is None else None
     pending = None
     try:
+        reference_session = check_runs(original.structure_bytes(), path, original.arrays)
         stages.say("fold: folding BatchNormalization nodes")
         try:
-            folded, report = fold_onnx(model)
+            folded, report = fold_apart(original)
         except RecursionError:  # a chain of constant expressions deeper than Python's stack
             raise BnfoldError(f"{path}: constants are chained too deeply to evaluate") from None
         stages.say(f"fold: folded {len(report.folded)} of {report.batchnorms}; checking the graph")
-        check_contract(model, folded)
-        folded_bytes = folded.SerializeToString()  # once: for the check's session and the file
-        # written while it is verified, renamed into place only if the verification passes
-        pending = BackgroundWrite(target, folded_bytes)
-        candidate_session = checked_session(folded_bytes, "candidate")
+        check_contract(model, folded.structure)
+        # serialised and written in a thread while it is verified, renamed into place only
+        # if the verification passes
+        pending = BackgroundWrite(target, folded.save)
+        candidate_session = checked_session(folded.structure_bytes(), "candidate", folded.arrays)
         sessions = (reference_session, candidate_session)
-        comparison = _verify_fold(model, folded, report, sessions, chosen, truth, tolerance, stages)
+        comparison = _verify_fold(
+            model, folded.structure, report, sessions, chosen, truth, tolerance, stages
+        )
     except BaseException:
         if truth is not None:
             truth.stop()
@@ -354,20 +363,34 @@ def verify_onnx_files(
     for :func:`fold_onnx_file`)."""
     stages = StageProgress(progress)
     stages.say(f"verify: reading {reference} and {candidate}")
-    files = load_model_file(reference), load_model_file(candidate)
-    sessions = tuple(check_runs(f.data, f.path) for f in files)
-    for f in files:
+    models, paths = [], []
+    for path in (reference, candidate):
+        f = load_model_file(path)
         check_batchnorm_parameters(f.proto, f.path)
-    ref, cand = (f.proto for f in files)
-    feeds, described, class_axis = choose_inputs(ref, inputs, max_exhaustive, seed, shapes)
-    return compare(
-        ref,
-        cand,
-        feeds,
-        described,
-        tolerance,
-        class_axis,
-        sessions=sessions,
-        say=stages.say,
-        walk=stages.walk,
+        models.append(weights_apart(f.proto))  # the sessions and the truth share the arrays
+        paths.append(f.path)
+        del f  # its bytes and parsed weights: the arrays hold them now
+    sessions = tuple(
+        check_runs(m.structure_bytes(), path, m.arrays)
+        for m, path in zip(models, paths, strict=True)
     )
+    ref, cand = (m.structure for m in models)
+    sets, described, class_axis = choose_inputs(ref, inputs, max_exhaustive, seed, shapes)
+    truth = Float64Truth(ref, sets, models[0].arrays) if tolerance is None else None
+    try:
+        return compare(
+            ref,
+            cand,
+            sets,
+            described,
+            tolerance,
+            class_axis,
+            sessions=sessions,
+            truth=truth,
+            say=stages.say,
+            walk=stages.walk,
+        )
+    except BaseException:
+        if truth is not None:
+            truth.stop()
+        raise

@@ -497,10 +497,10 @@ def _exact_verdict(r: np.ndarray, c: np.ndarray) -> RoundingVerdict:
     return RoundingVerdict(same, "exact", 0.0, bad, bad, 0, 0, reason, elements=int(r.size))
 
 
-def checked_session(model: onnx.ModelProto | bytes, what: str):
+def checked_session(model: onnx.ModelProto | bytes, what: str, weights: dict | None = None):
     """:func:`session`, or one line saying ONNX Runtime cannot run ``what``."""
     try:
-        return session(model)
+        return session(model, weights)
     except Exception as e:  # ORT raises its own exception types
         raise BnfoldError(f"{what}: ONNX Runtime cannot run it: {_ort_reason(e)}") from None
 

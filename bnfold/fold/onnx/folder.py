@@ -17,6 +17,7 @@ import onnx.inliner
 from bnfold.fold.algebra import INTO_FOLLOWING, INTO_PRECEDING
 from bnfold.fold.onnx.graph import Graph, default_opset, detach_dtype_reads, prune
 from bnfold.fold.onnx.rules import RULES, read_batchnorm
+from bnfold.io.onnx_files import ModelApart, weights_apart
 
 MIN_OPSET = 9  # BatchNormalization-9 dropped the `spatial` attribute; earlier ones differ
 
@@ -93,16 +94,17 @@ def _no_neighbour(graph: Graph, bn, direction: str) -> str:
 
 
 def _fold_once(
-    model: onnx.ModelProto, excluded: dict[str, str]
-) -> tuple[onnx.ModelProto, OnnxFoldReport, dict[str, str]]:
+    model: ModelApart, excluded: dict[str, str]
+) -> tuple[ModelApart, OnnxFoldReport, dict[str, str]]:
     work = onnx.ModelProto()
-    work.CopyFrom(model)
+    work.CopyFrom(model.structure)  # the weights stay apart: shared, never copied
+    arrays = dict(model.arrays)
     report = OnnxFoldReport()
-    report.notes.extend(canonicalize(work))
-    graph = Graph(work)
+    report.notes.extend(canonicalize(work, arrays))
+    graph = Graph(work, arrays)
     graph.infer_ranks()
     writes: dict[str, str] = {}  # new weight name -> BN label, to undo an overflowing fold
-    opset = default_opset(model)
+    opset = default_opset(work)
     for node in list(graph.nodes):
         if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
             continue
@@ -149,17 +151,18 @@ def _fold_once(
             report.left.append(LeftNode(name, "; ".join(reasons)))
     overflow = graph.materialize()
     graph.commit()
-    prune(work)
+    prune(work, arrays)
     bad = {writes[w]: why for w, why in overflow.items() if w in writes}
-    return work, report, bad
+    return ModelApart(work, arrays), report, bad
 
 
-def canonicalize(model: onnx.ModelProto) -> list[str]:
+def canonicalize(model: onnx.ModelProto, arrays: dict) -> list[str]:
     """Bring exporter variants to one form, in place, without changing the function:
     local functions called by the main graph are inlined (a BN inside a function is not
     reachable otherwise; the legacy exporter's ``export_modules_as_functions`` and
     function-based exporters write them), and parameters computed from an activation's
-    dtype become initializers (:func:`detach_dtype_reads`). Returns notes for the report."""
+    dtype become initializers (:func:`detach_dtype_reads`; ``arrays``: the weights held
+    apart). Returns notes for the report."""
     notes = []
     called = {(n.domain, n.op_type) for n in model.graph.node}
     local = [f for f in model.functions if (f.domain, f.name) in called]
@@ -167,7 +170,7 @@ def canonicalize(model: onnx.ModelProto) -> list[str]:
         inlined = onnx.inliner.inline_local_functions(model)
         model.CopyFrom(inlined)
         notes.append(f"inlined {len(local)} local function(s) to reach the BNs inside them")
-    detach_dtype_reads(model)  # no note: the same constants, stored instead of computed
+    detach_dtype_reads(model, arrays)  # no note: the same constants, stored instead of computed
     return notes
 
 
@@ -178,6 +181,13 @@ def fold_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, OnnxFoldReport]:
     outputs (names, dtypes, shapes), opset imports and metadata; only BN nodes, the
     weights they were folded into and constants nothing reads any more change.
     """
+    folded, report = fold_apart(weights_apart(model))
+    return folded.whole(), report
+
+
+def fold_apart(model: ModelApart) -> tuple[ModelApart, OnnxFoldReport]:
+    """:func:`fold_onnx` of a model whose weights are held apart; so is the result's (the
+    weights no BN touched are the very same arrays)."""
     t0 = time.perf_counter()
     excluded: dict[str, str] = {}
     while True:
@@ -187,7 +197,7 @@ def fold_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, OnnxFoldReport]:
         excluded.update(bad)
     if any(
         a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-        for n in model.graph.node
+        for n in model.structure.graph.node
         for a in n.attribute
     ):
         report.notes.append("BatchNorms inside subgraphs (If/Loop/Scan bodies) are not folded")
