@@ -89,6 +89,31 @@ def test_a_session_given_its_weights_apart_computes_what_the_whole_file_does(cas
     assert apart.whole() == model
 
 
+def test_a_stub_without_its_array_is_never_looked_up_as_a_file(tmp_path, monkeypatch):
+    """A weight held apart is a stub naming a location that is no file: a session, a run,
+    the float64 evaluator or the fold's constant reader given the structure without the
+    arrays raise at once, and never read a file of that name planted in the folder."""
+    from bnfold.fold.onnx.graph import Graph
+    from bnfold.io.onnx_files import IN_MEMORY, weights_apart
+    from bnfold.runtime.float64_eval import Float64Evaluator
+    from bnfold.verify.onnx import session
+
+    model = built(next(c for c in onnx_zoo.CASES if c.name == "bn_before_conv"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / IN_MEMORY).write_bytes(bytes(1 << 20))
+    apart = weights_apart(model)
+    stub = next(iter(apart.arrays))
+    uses = (
+        session,
+        lambda m: run(m, random_feeds(model)),
+        Float64Evaluator,
+        lambda m: Graph(m).constant(stub),
+    )
+    for use in uses:
+        with pytest.raises(ValueError, match="held apart"):
+            use(apart.structure)
+
+
 def _with_every_field_around_its_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with fields set before and after each place a weight is spliced into:
     the model's, the graph's and a large weight's own (doc strings, metadata, training
@@ -546,6 +571,19 @@ def test_dynamic_spatial_dims_get_an_image_size_and_batch_2():
     model = built(case_named("dynamic_hw"))
     assert random_feeds(model)["x"].shape == (2, 3, 224, 224)
     assert random_feeds(model, dynamic=3)["x"].shape == (3, 3, 224, 224)
+
+
+def test_fold_guesses_dynamic_spatial_dims_by_running_the_model(tmp_path):
+    """The CLI's fold and verify of a model with symbolic H and W: the guessed image size is
+    tried in ONNX Runtime with the model's weights (held apart as arrays), and used."""
+    path = tmp_path / "hw.onnx"
+    onnx.save(built(case_named("dynamic_hw")), path)
+    r = invoke("fold", path, "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert "x [2, 3, 224, 224]" in d["verification"]["checked"]
+    r = invoke("verify", path, d["path"])
+    assert r.exit_code == 0 and "x [2, 3, 224, 224]" in r.output, r.output
 
 
 def _valid_conv(kernel: int, dims) -> onnx.ModelProto:

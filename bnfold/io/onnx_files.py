@@ -523,6 +523,14 @@ def is_stub(t: TensorProto) -> bool:
     )
 
 
+def stored_array(t: TensorProto) -> np.ndarray:
+    """The values ``t`` stores in the model. Never a stub's: those are held apart, and
+    ``numpy_helper`` would look for a file of the stub's location (a bug: raised)."""
+    if is_stub(t):
+        raise ValueError(f"tensor {t.name!r} is held apart: its array was not given")
+    return onnx.numpy_helper.to_array(t)
+
+
 def _shared(value: np.ndarray) -> np.ndarray:
     """``value`` made read-only: a weight held apart is shared by the fold, both ONNX
     Runtime sessions and the float64 evaluation, so nothing may change it in place."""

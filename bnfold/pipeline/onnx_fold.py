@@ -100,12 +100,14 @@ def choose_inputs(
     max_exhaustive: int,
     seed: int = 0,
     shapes: dict[str, tuple[int, ...]] | None = None,
+    weights: dict | None = None,
 ) -> tuple[list[dict], str, int | None]:
     """The verification input sets, a description and the outputs' class axis (a bnfold
     model's logits: -1; otherwise unknown): the user's ``.npz``, the whole domain of a
     bnfold character model, or seeded random inputs of the ``shapes`` given (``--shape``)
     or else the declared shapes, with the batch-like dynamic dims at 2 and again at 3 (the
-    result must run at other batch sizes too) and spatial ones at a real input's size."""
+    result must run at other batch sizes too) and spatial ones at a real input's size
+    (tried in ONNX Runtime: ``weights``, those the model holds apart)."""
     if inputs is not None:
         if shapes:
             raise BnfoldError("--shape applies to random inputs: not with --inputs")
@@ -115,7 +117,8 @@ def choose_inputs(
         (x,) = feeds.values()
         return [feeds], f"{len(x):,} contexts of the model's input domain", -1
     sets = [
-        random_feeds(model, seed, dynamic=d, shapes=shapes) for d in (DYNAMIC_DIM, DYNAMIC_DIM + 1)
+        random_feeds(model, seed, dynamic=d, shapes=shapes, weights=weights)
+        for d in (DYNAMIC_DIM, DYNAMIC_DIM + 1)
     ]
     if all(a.shape == b.shape for a, b in zip(sets[0].values(), sets[1].values(), strict=True)):
         sets = sets[:1]  # no dynamic dims
@@ -277,7 +280,7 @@ def fold_onnx_file(
     # the file's bytes and its parsed weights (resnet50: 200 MB): the arrays hold them now
     del loaded
     model = original.structure
-    chosen = choose_inputs(model, inputs, max_exhaustive, shapes=shapes)
+    chosen = choose_inputs(model, inputs, max_exhaustive, shapes=shapes, weights=original.arrays)
     # the float64 truth needs only the original and the inputs: it is computed while the
     # model is loaded into ONNX Runtime, folded, checked, written and run there
     truth = Float64Truth(model, chosen[0], original.arrays) if tolerance is None else None
@@ -375,7 +378,9 @@ def verify_onnx_files(
         for m, path in zip(models, paths, strict=True)
     )
     ref, cand = (m.structure for m in models)
-    sets, described, class_axis = choose_inputs(ref, inputs, max_exhaustive, seed, shapes)
+    sets, described, class_axis = choose_inputs(
+        ref, inputs, max_exhaustive, seed, shapes, models[0].arrays
+    )
     truth = Float64Truth(ref, sets, models[0].arrays) if tolerance is None else None
     try:
         return compare(

@@ -674,10 +674,10 @@ class Float64Evaluator:
     def __init__(self, model: onnx.ModelProto, arrays: dict[str, np.ndarray] | None = None):
         """``arrays``: initializers of ``model`` already read as arrays (by name), shared
         rather than read again."""
-        from onnx import TensorProto, helper, numpy_helper
+        from onnx import TensorProto, helper
         from onnx.reference import ReferenceEvaluator
 
-        from bnfold.io.onnx_files import structure_copy
+        from bnfold.io.onnx_files import stored_array, structure_copy
 
         arrays = arrays or {}
         skeleton = structure_copy(model)
@@ -688,7 +688,7 @@ class Float64Evaluator:
         for init in model.graph.initializer:
             value = arrays.get(init.name)
             if value is None:
-                value = numpy_helper.to_array(init)
+                value = stored_array(init)
             self.params[init.name] = to_double(value) if init.name in from_subgraphs else value
         declared = {i.name for i in g.input}
         for init in model.graph.initializer:

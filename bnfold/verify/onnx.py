@@ -30,6 +30,7 @@ from onnx import helper
 
 from bnfold.errors import BnfoldError
 from bnfold.io.npz import read_npz
+from bnfold.io.onnx_files import is_stub
 from bnfold.runtime.onnx_runtime import INPUT_NAME, parse_metadata
 from bnfold.runtime.ort_session import cpu_session
 from bnfold.verify.domain import all_contexts
@@ -53,16 +54,35 @@ PROGRESS_SECONDS = 0.1  # how often a wait for the float64 walk reports its prog
 def session(model: onnx.ModelProto | bytes, weights: dict | None = None):
     """An ORT CPU session with every graph optimisation off (one thread: reproducible), of a
     model or its serialised bytes (a caller that writes the model serialises it once);
-    ``weights``: the initializers those bytes leave out (:func:`weights_apart`)."""
-    data = model if isinstance(model, bytes) else model.SerializeToString()
-    return cpu_session(data, optimize=False, weights=weights)
+    ``weights``: the initializers held apart (:class:`ModelApart`), of which the model has
+    stubs."""
+    return cpu_session(_serialised(model, weights), optimize=False, weights=weights)
 
 
-def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], what: str = "model") -> dict:
-    """Every output of ``model`` on ``feeds``; ``BnfoldError`` naming ``what`` if ORT
-    cannot load or run it."""
+def _serialised(model: onnx.ModelProto | bytes, weights: dict | None) -> bytes:
+    """``model``'s bytes, once every stub it has is checked to be among ``weights``: a
+    stub without its array would send ONNX Runtime looking for a file of that name (a
+    bug, not bad input: raised as it is)."""
+    if isinstance(model, bytes):
+        return model
+    given = weights or {}
+    missing = [t.name for t in model.graph.initializer if is_stub(t) and t.name not in given]
+    if missing:
+        raise ValueError(f"weights held apart but not given to the session: {missing[:3]}")
+    return model.SerializeToString()
+
+
+def run(
+    model: onnx.ModelProto,
+    feeds: dict[str, np.ndarray],
+    what: str = "model",
+    weights: dict | None = None,
+) -> dict:
+    """Every output of ``model`` (``weights``: those it holds apart) on ``feeds``;
+    ``BnfoldError`` naming ``what`` if ORT cannot load or run it."""
+    data = _serialised(model, weights)
     try:
-        sess = session(model)
+        sess = session(data, weights)
         names = [o.name for o in sess.get_outputs()]
         return dict(zip(names, sess.run(names, feeds), strict=True))
     except Exception as e:  # ORT raises its own exception types (Fail, InvalidArgument, ...)
@@ -205,11 +225,13 @@ def random_feeds(
     seed: int = 0,
     dynamic: int = DYNAMIC_DIM,
     shapes: dict[str, tuple[int, ...]] | None = None,
+    weights: dict | None = None,
 ) -> dict:
     """Seeded inputs of the shapes :func:`input_shapes` gives (batch-like dynamic dims
-    ``dynamic``). When spatial dims were guessed, the model is first run once in ONNX
-    Runtime: if it cannot run (a stem needing larger images), they are doubled, up to
-    ``SPATIAL_TRIES`` times, and the error says what ``--shape`` to pass.
+    ``dynamic``). When spatial dims were guessed, the model (``weights``: those it holds
+    apart) is first run once in ONNX Runtime: if it cannot run (a stem needing larger
+    images), they are doubled, up to ``SPATIAL_TRIES`` times, and the error says what
+    ``--shape`` to pass.
     Floats are standard normal, integers lie in [0, 2) (safe as indices), bools random."""
     shape_of = input_shapes(model, dynamic, shapes)
     if _has_guessed_spatial_dims(model, shapes):
@@ -217,7 +239,7 @@ def random_feeds(
         for k in range(SPATIAL_TRIES):
             shape_of = input_shapes(model, dynamic, shapes, spatial_scale=2**k)
             try:
-                run(model, _random_arrays(model, shape_of, seed), "model")
+                run(model, _random_arrays(model, shape_of, seed), "model", weights)
                 break
             except BnfoldError as e:
                 failure = str(e)

@@ -20,6 +20,7 @@ from bnfold.io.onnx_files import (
     add_weight,
     first_line,
     load_onnx_file,
+    stored_array,
     weightless_copy,
 )
 
@@ -285,7 +286,7 @@ class Graph:
         if value in self.graph_inputs:
             return None, f"{value!r} is a graph input"
         if value in self.initializers:  # a small one, stored in the graph
-            return numpy_helper.to_array(self.initializers[value]), ""
+            return stored_array(self.initializers[value]), ""
         node = self.producer.get(value)
         if node is None:
             return None, f"{value!r} has no producer"
