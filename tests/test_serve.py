@@ -372,7 +372,9 @@ def test_the_edge_and_the_fastapi_routes_answer_alike(live, serve_settings):
 @pytest.mark.slow
 def test_same_names_under_concurrent_load(server, reference):
     """64 requests at once, varied options and repeated seeds: every answer equals the one it
-    gets alone, and the CLI sampler's; the metrics show requests really shared steps."""
+    gets alone, and the first 16 (every prefix, temperature, top_p and seed among them)
+    the CLI sampler's, which builds its whole-domain table per call (all 64: 13 s); the
+    metrics show requests really shared steps."""
 
     def requests():
         for i in range(64):
@@ -395,10 +397,11 @@ def test_same_names_under_concurrent_load(server, reference):
     crowd = asyncio.run(fire())
     after = _batch_max(httpx.get(server + "/metrics").text)
     assert after[1] > before[1], "no forward step ran more than one request at once"
-    for body, got in zip(requests(), crowd, strict=True):
+    for i, (body, got) in enumerate(zip(requests(), crowd, strict=True)):
         alone = httpx.post(server + "/v1/names", json=body).json()
         assert got["names"] == alone["names"]
-        assert strip(got["names"]) == reference(**body)
+        if i < 16:
+            assert strip(got["names"]) == reference(**body)
 
 
 def _batch_max(text: str) -> tuple[float, float]:

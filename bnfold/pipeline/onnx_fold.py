@@ -294,8 +294,8 @@ def fold_onnx_file(
             raise BnfoldError(f"{path}: constants are chained too deeply to evaluate") from None
         stages.say(f"fold: folded {len(report.folded)} of {report.batchnorms}; checking the graph")
         check_contract(model, folded.structure)
-        # serialised and written in a thread while it is verified, renamed into place only
-        # if the verification passes
+        # written (straight from the arrays) in a thread while it is verified, renamed into
+        # place only if the verification passes
         pending = BackgroundWrite(target, folded.save)
         candidate_session = checked_session(folded.structure_bytes(), "candidate", folded.arrays)
         sessions = (reference_session, candidate_session)
