@@ -155,9 +155,9 @@ def breakdown(path: Path, out: Path) -> list[tuple[str, float]]:
     from bnfold.pipeline import onnx_fold
 
     lap("import bnfold.pipeline.onnx_fold (onnx, onnxruntime)")
-    loaded = onnx_fold.load_model_file(path)
-    lap("load_model_file (bounded read, parse, every tensor checked)")
-    original = onnx_fold.check_input_model(loaded)
+    loaded = onnx_fold.load_model(path)
+    lap("load_model (bounded read, parse, every tensor checked)")
+    original = onnx_fold.check_input_model(loaded, path)
     model = original.structure
     del loaded
     lap("check_input_model (onnx.checker, the weights read apart)")

@@ -22,6 +22,7 @@ import math
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path, PurePath
 from typing import NamedTuple
 
@@ -42,8 +43,15 @@ class OnnxFile:
 
     path: Path
     proto: onnx.ModelProto
-    data: bytes
+    file_bytes: bytes  # as read
+    rewritten: bool  # external data was inlined or unknown fields dropped from ``proto``
     non_finite: tuple[str, ...] = ()  # floating weights holding NaN or infinity
+
+    @cached_property
+    def data(self) -> bytes:
+        """The file's own bytes, or the model serialised again when it was rewritten: on
+        first use only (serialising resnet50 costs ~0.3 s; a fold never needs it)."""
+        return self.proto.SerializeToString() if self.rewritten else self.file_bytes
 
 
 # ------------------------------------------------------------------ every tensor --
@@ -289,13 +297,11 @@ def load_onnx_file(path: str | Path, *, allow_external_data: bool = False) -> On
             non_finite.append(t.name or path)
     # Fields this onnx release does not know are dropped: ONNX Runtime must not find in
     # them a tensor (and an external reference) that the walk above could not see. The
-    # file's own bytes go to ONNX Runtime when nothing was dropped or inlined (serialising
-    # resnet50 again would cost ~0.3 s).
-    data = raw
-    if external or has_unknown_fields(proto):
+    # file's own bytes go to ONNX Runtime when nothing was dropped or inlined.
+    unknown = has_unknown_fields(proto)
+    if unknown:
         proto.DiscardUnknownFields()
-        data = proto.SerializeToString()
-    return OnnxFile(p, proto, data, tuple(non_finite))
+    return OnnxFile(p, proto, raw, bool(external) or unknown, tuple(non_finite))
 
 
 _MESSAGE_FIELDS: dict[str, list] = {}  # message type -> its message-typed fields

@@ -16,15 +16,9 @@ import onnx
 
 from bnfold.errors import KEEP_BN_EXPORT, BnfoldError
 from bnfold.fold.onnx.folder import OnnxFoldReport, fold_apart, fold_onnx
-from bnfold.fold.onnx.graph import Graph, load_model, load_model_file
+from bnfold.fold.onnx.graph import Graph, load_model
 from bnfold.io.files import BackgroundWrite, check_output_file
-from bnfold.io.onnx_files import (
-    ModelApart,
-    OnnxFile,
-    first_line,
-    weightless_copy,
-    weights_apart,
-)
+from bnfold.io.onnx_files import ModelApart, first_line, weightless_copy, weights_apart
 from bnfold.verify.domain import DEFAULT_MAX_EXHAUSTIVE
 from bnfold.verify.onnx import (
     DYNAMIC_DIM,
@@ -147,12 +141,11 @@ def full_check(model: onnx.ModelProto) -> None:
     onnx.checker.check_model(weightless_copy(model), full_check=True)
 
 
-def check_input_model(loaded: OnnxFile) -> ModelApart:
+def check_input_model(model: onnx.ModelProto, path: Path) -> ModelApart:
     """The model to fold passes the full onnx checker and holds no NaN or infinite BN
     parameter (the input's fault, said in one line naming it, before any folding).
     Returns it with its weights apart (:func:`weights_apart`: ONNX Runtime's sessions, the
     fold and the float64 evaluation share the arrays)."""
-    model, path = loaded.proto, loaded.path
     try:
         full_check(model)
     except Exception as e:  # ValidationError, InferenceError, ...
@@ -274,11 +267,10 @@ def fold_onnx_file(
     target = check_fold_output(path, out or default_output(path))
     stages = StageProgress(progress)
     stages.say(f"fold: reading {path}")
-    loaded = load_model_file(path)
-    check_has_batchnorm(loaded.proto, path)
-    original = check_input_model(loaded)
-    # the file's bytes and its parsed weights (resnet50: 200 MB): the arrays hold them now
-    del loaded
+    loaded = load_model(path)
+    check_has_batchnorm(loaded, path)
+    original = check_input_model(loaded, path)
+    del loaded  # its parsed weights (resnet50: 100 MB): the arrays hold them now
     model = original.structure
     chosen = choose_inputs(model, inputs, max_exhaustive, shapes=shapes, weights=original.arrays)
     # the float64 truth needs only the original and the inputs: it is computed while the
@@ -366,13 +358,13 @@ def verify_onnx_files(
     for :func:`fold_onnx_file`)."""
     stages = StageProgress(progress)
     stages.say(f"verify: reading {reference} and {candidate}")
-    models, paths = [], []
-    for path in (reference, candidate):
-        f = load_model_file(path)
-        check_batchnorm_parameters(f.proto, f.path)
-        models.append(weights_apart(f.proto))  # the sessions and the truth share the arrays
-        paths.append(f.path)
-        del f  # its bytes and parsed weights: the arrays hold them now
+    paths = (reference, candidate)
+    models = []
+    for path in paths:
+        loaded = load_model(path)
+        check_batchnorm_parameters(loaded, path)
+        models.append(weights_apart(loaded))  # the sessions and the truth share the arrays
+        del loaded  # its parsed weights: the arrays hold them now
     sessions = tuple(
         check_runs(m.structure_bytes(), path, m.arrays)
         for m, path in zip(models, paths, strict=True)

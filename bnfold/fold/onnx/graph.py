@@ -16,7 +16,6 @@ from onnx import helper, numpy_helper
 
 from bnfold.errors import BnfoldError
 from bnfold.io.onnx_files import (
-    OnnxFile,
     add_weight,
     first_line,
     load_onnx_file,
@@ -60,12 +59,12 @@ CONSTANT_EXPRESSION_OPS = frozenset(
 DTYPE_ONLY_INPUTS = {"CastLike": 1}
 
 
-def load_model_file(path: str | Path) -> OnnxFile:
+def load_model(path: str | Path) -> onnx.ModelProto:
     """The one place onnxfold reads an ONNX file: through :func:`load_onnx_file`, so the
     read is bounded and external data is taken only from inside the model's own folder
     (inlined; ONNX Runtime never resolves a location itself), every tensor is checked,
     and weights holding NaN or infinity are refused (nothing computed from them proves
-    anything). ``.data`` is the model for ONNX Runtime, ``.proto`` the parsed one."""
+    anything)."""
     loaded = load_onnx_file(path, allow_external_data=True)
     bad = loaded.non_finite
     if bad:
@@ -73,12 +72,7 @@ def load_model_file(path: str | Path) -> OnnxFile:
             f"{path}: the weights hold NaN or infinite values ({', '.join(bad[:3])}"
             f"{', ...' if len(bad) > 3 else ''})"
         )
-    return loaded
-
-
-def load_model(path: str | Path) -> onnx.ModelProto:
-    """:func:`load_model_file`'s parsed model."""
-    return load_model_file(path).proto
+    return loaded.proto
 
 
 def default_opset(model: onnx.ModelProto) -> int:
