@@ -231,9 +231,6 @@ class BackgroundWrite:
 
     def commit(self) -> Path:
         self._thread.join()
-        if self._error is not None and not isinstance(self._error, OSError):
-            self.discard()
-            raise self._error
         try:
             if self._error is not None:
                 raise self._error
@@ -241,6 +238,9 @@ class BackgroundWrite:
         except OSError as e:
             self.discard()
             raise BnfoldError(f"{self.path}: cannot write: {describe_os_error(e)}") from None
+        except BaseException:
+            self.discard()
+            raise
         return self.path
 
     def discard(self) -> None:

@@ -45,7 +45,8 @@ def cpu_session(
     """An ``InferenceSession`` on ``model_bytes`` with :func:`session_options`, or with
     ``plain`` ORT's defaults but for ``threads`` intra-op threads (the way one would
     write it by hand). ``weights``: arrays for the initializers ``model_bytes`` leaves
-    out (:func:`bnfold.io.onnx_files.weights_apart`), copied in by ONNX Runtime."""
+    out (:func:`bnfold.io.onnx_files.weights_apart`), which ONNX Runtime takes as they are
+    instead of parsing them."""
     import onnxruntime as ort
 
     if plain:

@@ -80,15 +80,8 @@ def run(
 ) -> dict:
     """Every output of ``model`` (``weights``: those it holds apart) on ``feeds``;
     ``BnfoldError`` naming ``what`` if ORT cannot load or run it."""
-    data = _serialised(model, weights)
-    try:
-        sess = session(data, weights)
-        names = [o.name for o in sess.get_outputs()]
-        return dict(zip(names, sess.run(names, feeds), strict=True))
-    except Exception as e:  # ORT raises its own exception types (Fail, InvalidArgument, ...)
-        text = str(e).strip()
-        reason = text.splitlines()[0] if text else type(e).__name__
-        raise BnfoldError(f"{what}: ONNX Runtime cannot run it: {reason[:300]}") from None
+    sess = checked_session(_serialised(model, weights), what, weights)
+    return _run_session(sess, feeds, what)
 
 
 def _real_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
